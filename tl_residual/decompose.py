@@ -1,0 +1,368 @@
+"""Exact decomposition of a residual-stream vector into the parts that wrote it.
+
+A pre-norm transformer's residual stream is a sum (residual-stream paper Eq. 1-6; neuron-level paper Eq. 1,
+5, 7). At destination position ``i`` the vector ``resid_post`` of layer ``L`` is
+
+    embed[i] (+ pos_embed[i])
+    + sum_{l <= L} [ sum_{h, p <= i} pattern_l[h, i, p] * (v_l[p, kv(h)] @ W_O_l[h])  + b_O_l ]     (attention)
+    + sum_{l <= L} [ sum_k m_l[i, k] * W_out_l[k]                                      + b_out_l ]   (FFN)
+
+where ``v`` is the cached ``hook_v`` (it includes ``b_V`` unless ``fold_value_biases`` moved it into ``b_O``),
+``kv(h)`` maps a query head to its key/value head under grouped-query attention, and ``m`` is the cached
+``mlp.hook_post`` (``act(gate) * up`` for gated MLPs). ``resid_pre`` of layer ``L`` stops before layer ``L``;
+``resid_mid`` adds layer ``L``'s attention only.
+
+Every part is a *coefficient* times a *direction*: an attention subvalue is ``pattern[h, i, p]`` times
+``v[p, kv(h)] @ W_O[h]``; an FFN subvalue is ``m_k`` times the row ``W_out[k]``. Parts are produced layer by
+layer (:func:`iter_parts`), so no call holds every FFN subvalue of every layer at once.
+
+Component names: ``embed``, ``pos_embed``, ``L12.H3.p4`` (layer 12, head 3, source position 4),
+``L12.attn_bias``, ``L20.N1005`` (layer 20, FFN neuron 1005), ``L20.mlp_bias``; layer level ``L12.attn``,
+``L12.mlp``, heads ``L12.H3``; the stream ``Lin0, Lres0, Lout0, ...``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import einops
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from tl_residual import model as tlm
+from tl_residual.errors import InvalidInputError, UnsupportedArchitectureError
+
+Stream = Literal["resid_pre", "resid_mid", "resid_post"]
+STREAMS: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post")
+
+PartKind = Literal["embed", "pos_embed", "attn_subvalue", "attn_bias", "ffn_neuron", "ffn_bias"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Names
+# ----------------------------------------------------------------------------------------------
+
+
+def subvalue_name(layer: int, head: int, src_pos: int) -> str:
+    """``L{layer}.H{head}.p{src_pos}``: an attention head x source-position subvalue."""
+    return f"L{layer}.H{head}.p{src_pos}"
+
+
+def neuron_name(layer: int, neuron: int) -> str:
+    """``L{layer}.N{neuron}``: an FFN neuron (subvalue)."""
+    return f"L{layer}.N{neuron}"
+
+
+def head_name(layer: int, head: int) -> str:
+    """``L{layer}.H{head}``: a whole attention head."""
+    return f"L{layer}.H{head}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_position(position: int, n_pos: int) -> int:
+    """A non-negative position index; negative counts from the end (``-1`` is the last token).
+
+    Raises:
+        InvalidInputError: ``position`` is outside ``[-n_pos, n_pos)``.
+    """
+    if not isinstance(position, int) or isinstance(position, bool):
+        raise InvalidInputError(f"position must be an integer, got {position!r}")
+    if not -n_pos <= position < n_pos:
+        raise InvalidInputError(
+            f"position {position} is out of range for a sequence of {n_pos} tokens "
+            f"(use 0..{n_pos - 1}, or -1 for the last token)"
+        )
+    return position % n_pos
+
+
+def resolve_layer(layer: int, n_layers: int) -> int:
+    """A non-negative layer index (negative counts from the end).
+
+    Raises:
+        InvalidInputError: ``layer`` is outside ``[-n_layers, n_layers)``.
+    """
+    if not isinstance(layer, int) or isinstance(layer, bool) or not -n_layers <= layer < n_layers:
+        raise InvalidInputError(f"layer {layer!r} is out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+    return layer % n_layers
+
+
+def resolve_stream(stream: str) -> Stream:
+    """Check ``stream`` is one of ``resid_pre``, ``resid_mid``, ``resid_post``.
+
+    Raises:
+        InvalidInputError: any other value.
+    """
+    if stream not in STREAMS:
+        raise InvalidInputError(f"stream {stream!r} is not one of {', '.join(STREAMS)}")
+    return stream  # type: ignore[return-value]
+
+
+def n_positions(cache: Any) -> int:
+    """Sequence length of a cache (from ``blocks.0.hook_resid_pre``)."""
+    return int(tlm.cached(cache, "blocks.0.hook_resid_pre", batch=None).shape[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Parts
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PartGroup:
+    """A batch of parts of one kind from one layer: ``vector_j = coefficients[j] * directions[j]``.
+
+    Attributes:
+        kind: ``embed``, ``pos_embed``, ``attn_subvalue``, ``attn_bias``, ``ffn_neuron``, ``ffn_bias``, or the
+            kind of a user-registered source.
+        layer: the layer that wrote the parts (``None`` for embeddings).
+        coefficients: ``Float[Tensor, "n"]``: the scalar of each part (attention weight, FFN activation
+            ``m_k``; 1 for embeddings and biases).
+        directions: ``Float[Tensor, "n d_model"]``: the direction of each part (for FFN neurons a view of
+            ``W_out``, not a copy).
+        index: per-part integer labels, e.g. ``{"head": ..., "src_pos": ...}`` or ``{"neuron": ...}``.
+        names: readable component names, one per part.
+    """
+
+    kind: str
+    layer: int | None
+    coefficients: Float[Tensor, " n"]
+    directions: Float[Tensor, "n d_model"]
+    index: dict[str, Int[Tensor, " n"]] = field(default_factory=dict)
+    names: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.coefficients.shape[0])
+
+    @property
+    def vectors(self) -> Float[Tensor, "n d_model"]:
+        """The parts themselves, ``coefficients[:, None] * directions`` (materialised on access)."""
+        return self.coefficients[:, None] * self.directions
+
+    def total(self) -> Float[Tensor, " d_model"]:
+        """Sum of the parts, ``coefficients @ directions``."""
+        return self.coefficients @ self.directions
+
+
+def _single(kind: str, layer: int | None, name: str, vector: Tensor) -> PartGroup:
+    return PartGroup(kind, layer, torch.ones(1, device=vector.device), vector[None, :], {}, [name])
+
+
+def embedding_parts(model: Any, cache: Any, position: int, batch: int = 0) -> list[PartGroup]:
+    """Token embedding (and learned position embedding) at ``position``.
+
+    Raises:
+        UnsupportedArchitectureError: ``blocks.0.hook_resid_pre`` is not ``hook_embed (+ hook_pos_embed)``
+            (e.g. an embedding multiplier applied outside the hooks).
+    """
+    spec = tlm.model_spec(model)
+    parts = [_single("embed", None, "embed", tlm.cached(cache, "hook_embed", batch)[position])]
+    if spec.learned_pos:
+        parts.append(_single("pos_embed", None, "pos_embed", tlm.cached(cache, "hook_pos_embed", batch)[position]))
+    total = sum(p.total() for p in parts)
+    resid0 = tlm.cached(cache, "blocks.0.hook_resid_pre", batch)[position]
+    if not torch.allclose(total, resid0, rtol=1e-4, atol=1e-5 * float(resid0.abs().max()) + 1e-8):
+        raise UnsupportedArchitectureError(
+            "blocks.0.hook_resid_pre is not hook_embed + hook_pos_embed for this model (an embedding scale or "
+            "extra embedding is applied outside the hooks); the decomposition would not be exact"
+        )
+    return parts
+
+
+def attention_parts(
+    model: Any, cache: Any, layer: int, position: int, batch: int = 0
+) -> tuple[PartGroup, PartGroup]:
+    """Attention subvalues of ``layer`` at destination ``position``, one per (head, source position), and ``b_O``.
+
+    Subvalue ``(h, p)`` = ``pattern[h, position, p] * (v[p, kv(h)] @ W_O[h])`` (residual-stream paper Eq. 7;
+    neuron-level paper Eq. 7). Memory: ``n_heads * (position + 1) * d_model`` floats.
+
+    Returns:
+        ``(subvalues, bias)``: ``subvalues`` has ``n_heads * (position + 1)`` parts ordered head-major, with
+        ``index = {"head", "src_pos"}``; ``bias`` is the single part ``b_O``.
+    """
+    spec = tlm.model_spec(model)
+    pattern = tlm.cached(cache, f"blocks.{layer}.attn.hook_pattern", batch)[:, position, : position + 1]
+    v = tlm.cached(cache, f"blocks.{layer}.attn.hook_v", batch)[: position + 1]  # [src, kv_heads, d_head]
+    if v.shape[1] not in (spec.n_heads, spec.n_kv_heads):
+        raise UnsupportedArchitectureError(
+            f"blocks.{layer}.attn.hook_v has {v.shape[1]} heads; expected n_heads={spec.n_heads} or "
+            f"n_key_value_heads={spec.n_kv_heads}"
+        )
+    v = einops.repeat(v, "src kv d_head -> src (kv rep) d_head", rep=spec.n_heads // v.shape[1])
+    w_o = tlm.W_O(model, layer)
+    directions = einops.einsum(v, w_o, "src head d_head, head d_head d_model -> head src d_model")
+    n_src = position + 1
+    heads = einops.repeat(torch.arange(spec.n_heads), "head -> (head src)", src=n_src)
+    srcs = einops.repeat(torch.arange(n_src), "src -> (head src)", head=spec.n_heads)
+    subvalues = PartGroup(
+        "attn_subvalue",
+        layer,
+        einops.rearrange(pattern, "head src -> (head src)"),
+        einops.rearrange(directions, "head src d_model -> (head src) d_model"),
+        {"head": heads, "src_pos": srcs},
+        [subvalue_name(layer, int(h), int(p)) for h, p in zip(heads.tolist(), srcs.tolist())],
+    )
+    return subvalues, _single("attn_bias", layer, f"L{layer}.attn_bias", tlm.b_O(model, layer))
+
+
+def ffn_parts(model: Any, cache: Any, layer: int, position: int, batch: int = 0) -> tuple[PartGroup, PartGroup]:
+    """FFN subvalues of ``layer`` at ``position``, ``m_k * W_out[k]`` (residual-stream paper Eq. 10), and ``b_out``.
+
+    ``m`` is ``blocks.{layer}.mlp.hook_post`` (for gated MLPs ``act(gate) * up``). ``directions`` is a view of
+    ``W_out``: memory is ``d_mlp`` floats beyond the model's weights.
+
+    Returns:
+        ``(neurons, bias)`` with ``neurons.index = {"neuron"}``.
+    """
+    m = tlm.cached(cache, f"blocks.{layer}.mlp.hook_post", batch)[position]
+    neurons = torch.arange(m.shape[0])
+    group = PartGroup(
+        "ffn_neuron",
+        layer,
+        m,
+        tlm.W_out(model, layer),
+        {"neuron": neurons},
+        [neuron_name(layer, k) for k in range(m.shape[0])],
+    )
+    return group, _single("ffn_bias", layer, f"L{layer}.mlp_bias", tlm.b_out(model, layer))
+
+
+def iter_parts(
+    model: Any,
+    cache: Any,
+    layer: int = -1,
+    position: int = -1,
+    stream: Stream = "resid_post",
+    batch: int = 0,
+) -> Iterator[PartGroup]:
+    """Yield, layer by layer, every part of ``blocks.{layer}.hook_{stream}`` at ``position``.
+
+    Order: embeddings, then for each layer its attention subvalues, ``b_O``, FFN subvalues, ``b_out``. The parts
+    of all groups sum to the cached vector (see :func:`reconstruction_error`).
+
+    Memory: one layer at a time, at most ``max(n_heads * (position + 1), 1) * d_model`` new floats per group
+    (FFN directions are views of ``W_out``).
+
+    Raises:
+        InvalidInputError: bad ``layer``, ``position``, ``stream`` or ``batch``.
+        MissingHookError: the cache lacks a needed hook.
+        UnsupportedArchitectureError: the model is outside what the decomposition covers.
+    """
+    spec = tlm.model_spec(model)
+    stream = resolve_stream(stream)
+    layer = resolve_layer(layer, spec.n_layers)
+    position = resolve_position(position, n_positions(cache))
+    yield from embedding_parts(model, cache, position, batch)
+    for l in range(layer + 1):
+        if l == layer and stream == "resid_pre":
+            break
+        yield from attention_parts(model, cache, l, position, batch)
+        if l == layer and stream == "resid_mid":
+            break
+        yield from ffn_parts(model, cache, l, position, batch)
+
+
+def target_vector(cache: Any, layer: int, position: int, stream: Stream, batch: int = 0) -> Float[Tensor, " d_model"]:
+    """The cached ``blocks.{layer}.hook_{stream}[batch, position]``."""
+    return tlm.cached(cache, f"blocks.{layer}.hook_{stream}", batch)[position]
+
+
+def reconstruction_error(
+    model: Any, cache: Any, layer: int = -1, position: int = -1, stream: Stream = "resid_post", batch: int = 0
+) -> float:
+    """Relative error ``||sum(parts) - cached|| / ||cached||`` of the decomposition (float64 accumulation).
+
+    A value near float32 precision (about 1e-7 to 1e-6) means the decomposition is exact.
+    """
+    spec = tlm.model_spec(model)
+    layer_i = resolve_layer(layer, spec.n_layers)
+    pos_i = resolve_position(position, n_positions(cache))
+    total = None
+    for group in iter_parts(model, cache, layer_i, pos_i, stream, batch):
+        part = group.coefficients.double() @ group.directions.double()
+        total = part if total is None else total + part
+    target = target_vector(cache, layer_i, pos_i, stream, batch).double()
+    return float((total - target).norm() / target.norm().clamp_min(1e-30))
+
+
+def decompose(
+    model: Any, cache: Any, layer: int = -1, position: int = -1, stream: Stream = "resid_post", batch: int = 0
+) -> pd.DataFrame:
+    """One row per part of ``blocks.{layer}.hook_{stream}[batch, position]``: a browsable table.
+
+    Columns: ``name``, ``kind``, ``layer`` (-1 for embeddings), ``head``, ``src_pos``, ``neuron`` (-1 where not
+    applicable), ``coefficient``, ``norm`` (L2 norm of the part, in residual units). Vectors are not stored; use
+    :func:`iter_parts` for them. ``df.attrs["rel_error"]`` holds :func:`reconstruction_error`.
+    """
+    rows: list[pd.DataFrame] = []
+    total = None
+    for g in iter_parts(model, cache, layer, position, stream, batch):
+        norms = g.coefficients.abs() * g.directions.norm(dim=-1)
+        part = g.coefficients.double() @ g.directions.double()
+        total = part if total is None else total + part
+        n = len(g)
+        rows.append(
+            pd.DataFrame(
+                {
+                    "name": g.names,
+                    "kind": g.kind,
+                    "layer": -1 if g.layer is None else g.layer,
+                    "head": g.index["head"].numpy() if "head" in g.index else -1,
+                    "src_pos": g.index["src_pos"].numpy() if "src_pos" in g.index else -1,
+                    "neuron": g.index["neuron"].numpy() if "neuron" in g.index else -1,
+                    "coefficient": g.coefficients.cpu().numpy(),
+                    "norm": norms.cpu().numpy(),
+                },
+                index=range(n),
+            )
+        )
+    df = pd.concat(rows, ignore_index=True)
+    spec = tlm.model_spec(model)
+    target = target_vector(
+        cache, resolve_layer(layer, spec.n_layers), resolve_position(position, n_positions(cache)), stream, batch
+    ).double()
+    df.attrs["rel_error"] = float((total - target).norm() / target.norm().clamp_min(1e-30))
+    return df
+
+
+# ----------------------------------------------------------------------------------------------
+# Layer level
+# ----------------------------------------------------------------------------------------------
+
+
+def layer_outputs(model: Any, cache: Any, position: int = -1, batch: int = 0) -> list[tuple[str, int, str, Tensor]]:
+    """The layer-level parts of the final residual: ``[("embed", -1, "embed", v), ("L0.attn", 0, "attn", v),
+    ("L0.mlp", 0, "mlp", v), ...]``, each ``Float[Tensor, "d_model"]`` (``hook_attn_out`` / ``hook_mlp_out``).
+
+    ``embed`` includes the learned position embedding where the model has one.
+    """
+    spec = tlm.model_spec(model)
+    position = resolve_position(position, n_positions(cache))
+    out: list[tuple[str, int, str, Tensor]] = [
+        ("embed", -1, "embed", tlm.cached(cache, "blocks.0.hook_resid_pre", batch)[position])
+    ]
+    for l in range(spec.n_layers):
+        out.append((f"L{l}.attn", l, "attn", tlm.cached(cache, f"blocks.{l}.hook_attn_out", batch)[position]))
+        out.append((f"L{l}.mlp", l, "mlp", tlm.cached(cache, f"blocks.{l}.hook_mlp_out", batch)[position]))
+    return out
+
+
+def residual_stream(model: Any, cache: Any, position: int = -1, batch: int = 0) -> list[tuple[str, Tensor]]:
+    """The residual stream of the residual-stream paper, Eq. 1: ``[("Lin0", resid_pre_0), ("Lres0", resid_mid_0),
+    ("Lout0", resid_post_0), ("Lres1", ...), ...]``; ``Lin_{l+1} = Lout_l`` so only ``Lin0`` is listed.
+    """
+    spec = tlm.model_spec(model)
+    position = resolve_position(position, n_positions(cache))
+    out = [("Lin0", tlm.cached(cache, "blocks.0.hook_resid_pre", batch)[position])]
+    for l in range(spec.n_layers):
+        out.append((f"Lres{l}", tlm.cached(cache, f"blocks.{l}.hook_resid_mid", batch)[position]))
+        out.append((f"Lout{l}", tlm.cached(cache, f"blocks.{l}.hook_resid_post", batch)[position]))
+    return out

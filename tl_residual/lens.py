@@ -1,0 +1,167 @@
+"""Vocabulary projection (logit lens): a vector's bs-values (before-softmax values) over the vocabulary.
+
+Three conventions, chosen by name (REFERENCE.md, "Log-probability increase"):
+
+``"frozen"`` (default, the authors' code)
+    The final norm's scale is frozen at the value it had on the final residual at the chosen position
+    (``ln_final.hook_scale``); LayerNorm models also subtract the vector's own mean; the norm's weight gamma is
+    applied; the final norm's bias and ``b_U`` are not added; then ``W_U``. This is linear:
+    ``z(x + v) = z(x) + z(v)`` (residual-stream paper Eq. 15; neuron-level paper Eq. 12).
+``"recomputed"``
+    The model's own head applied to each vector as a whole: the final norm recomputed from the vector
+    (with its bias), ``W_U`` and ``b_U``. Applied to the final residual it gives the model's logits. Not linear.
+``"none"``
+    ``W_U`` as TransformerLens exposes it, no scale, no centring, no bias (residual-stream paper Eq. 11). With
+    ``fold_ln=True`` TransformerLens has folded gamma into ``W_U``; without it, ``W_U`` is the raw unembedding.
+
+Units: logits (nats before softmax). Probabilities from :func:`torch.softmax` over them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from tl_residual import model as tlm
+from tl_residual.decompose import n_positions, resolve_position
+from tl_residual.errors import InvalidInputError
+
+Convention = Literal["frozen", "recomputed", "none"]
+CONVENTIONS: tuple[str, ...] = ("frozen", "recomputed", "none")
+
+
+class Lens:
+    """The vocabulary projection at one position of one cached prompt.
+
+    Args:
+        model: a ``HookedTransformer`` or ``TransformerBridge``.
+        cache: its ``ActivationCache`` (needs ``ln_final.hook_scale`` for ``"frozen"``).
+        position: the position whose final-norm scale is frozen (default: last).
+        batch: which prompt of a batched cache.
+        convention: ``"frozen"``, ``"recomputed"`` or ``"none"``.
+
+    Raises:
+        InvalidInputError: an unknown convention or a bad position.
+        MissingHookError: the cache lacks ``ln_final.hook_scale``.
+    """
+
+    def __init__(
+        self, model: Any, cache: Any, position: int = -1, batch: int = 0, convention: Convention = "frozen"
+    ) -> None:
+        if convention not in CONVENTIONS:
+            raise InvalidInputError(f"lens convention {convention!r} is not one of {', '.join(CONVENTIONS)}")
+        spec = tlm.model_spec(model)
+        self.convention: Convention = convention
+        self.position = resolve_position(position, n_positions(cache))
+        self.center = spec.norm == "LN"
+        self.W_U: Float[Tensor, "d_model d_vocab"] = tlm.W_U(model)
+        self.b_U: Float[Tensor, " d_vocab"] = tlm.b_U(model)
+        self.gamma: Float[Tensor, " d_model"] = tlm.norm_weight(model, "final")
+        self.beta: Float[Tensor, " d_model"] = tlm.norm_bias(model, "final")
+        self.eps = float(getattr(model.cfg, "eps", 1e-5))
+        self.scale = float(tlm.cached(cache, "ln_final.hook_scale", batch)[self.position].reshape(-1)[0])
+        self.tokenizer = getattr(model, "tokenizer", None)
+
+    @property
+    def linear(self) -> bool:
+        """True for the linear conventions (``frozen``, ``none``), where ``z(x + v) = z(x) + z(v)``."""
+        return self.convention != "recomputed"
+
+    def transform(self, v: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        """The linear map applied before ``W_U`` (``frozen``: centre for LayerNorm, times gamma / scale).
+
+        Raises:
+            InvalidInputError: for ``"recomputed"``, which is not linear.
+        """
+        if self.convention == "none":
+            return v
+        if self.convention == "recomputed":
+            raise InvalidInputError("the 'recomputed' lens is not linear; use logits() on whole vectors")
+        if self.center:
+            v = v - v.mean(dim=-1, keepdim=True)
+        return v * (self.gamma / self.scale)
+
+    def transform_transpose(self, g: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        """Adjoint of :meth:`transform`: ``transform(v) . g == v . transform_transpose(g)``."""
+        if self.convention == "none":
+            return g
+        g = g * (self.gamma / self.scale)
+        if self.center:
+            g = g - g.mean(dim=-1, keepdim=True)
+        return g
+
+    def normalize(self, v: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        """The final norm recomputed on ``v`` itself (with gamma and beta)."""
+        if self.center:
+            v = v - v.mean(dim=-1, keepdim=True)
+        scale = (v.pow(2).mean(dim=-1, keepdim=True) + self.eps).sqrt()
+        return v / scale * self.gamma + self.beta
+
+    def logits(self, v: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
+        """bs-values of ``v`` over the vocabulary under this lens's convention (logits)."""
+        v = v.float()
+        if self.convention == "recomputed":
+            return self.normalize(v) @ self.W_U + self.b_U
+        return self.transform(v) @ self.W_U
+
+    def log_probs(self, v: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
+        """``log softmax(logits(v))`` (nats)."""
+        return torch.log_softmax(self.logits(v), dim=-1)
+
+    def token_str(self, token: int) -> str:
+        """A token id as text (``repr``-free; the raw decoded string)."""
+        if self.tokenizer is None:
+            return f"<{token}>"
+        return self.tokenizer.decode([int(token)])
+
+    def top_tokens(self, v: Float[Tensor, " d_model"], k: int = 5, largest: bool = True) -> list[str]:
+        """The ``k`` tokens with the largest (or smallest) bs-values of ``v``."""
+        ids = torch.topk(self.logits(v), k, largest=largest).indices.tolist()
+        return [self.token_str(t) for t in ids]
+
+
+def model_logits(model: Any, cache: Any, position: int = -1, batch: int = 0) -> Float[Tensor, " d_vocab"]:
+    """The model's own next-token logits at ``position``, recomputed from the cached final residual.
+
+    Equal to the model's forward output (to float precision) for the architectures :func:`model_spec` accepts.
+    """
+    spec = tlm.model_spec(model)
+    lens = Lens(model, cache, position, batch, "recomputed")
+    resid = tlm.cached(cache, f"blocks.{spec.n_layers - 1}.hook_resid_post", batch)[lens.position]
+    return lens.logits(resid)
+
+
+def resolve_target(model: Any, target: int | str | None, logits: Float[Tensor, " d_vocab"] | None = None) -> int:
+    """A target token id from an id, a one-token string, or ``None`` (the top-1 of ``logits``).
+
+    Raises:
+        InvalidInputError: a string that is not exactly one token (the message lists its tokens), an id out of
+            range, or ``None`` without logits.
+    """
+    d_vocab = int(getattr(model.cfg, "d_vocab_out", None) or model.cfg.d_vocab)
+    if target is None:
+        if logits is None:
+            raise InvalidInputError("no target given and no logits to take the top-1 prediction from")
+        return int(logits.argmax())
+    if isinstance(target, bool):
+        raise InvalidInputError(f"target must be a token id or a string, got {target!r}")
+    if isinstance(target, int):
+        if not 0 <= target < d_vocab:
+            raise InvalidInputError(f"target token id {target} is out of range (0..{d_vocab - 1})")
+        return target
+    if not isinstance(target, str) or target == "":
+        raise InvalidInputError(f"target must be a non-empty string or a token id, got {target!r}")
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise InvalidInputError("the model has no tokenizer: give the target as a token id")
+    ids = tokenizer.encode(target, add_special_tokens=False)
+    if len(ids) != 1:
+        pieces = [tokenizer.decode([i]) for i in ids]
+        raise InvalidInputError(
+            f"target {target!r} is {len(ids)} tokens {pieces!r}, not one; give a single token "
+            f"(mind the leading space, e.g. ' Paris') or a token id"
+        )
+    return int(ids[0])

