@@ -1,0 +1,169 @@
+"""One-call answer to "which parts of the model produced this next token?".
+
+:func:`explain` runs the model on a prompt, checks the decomposition is exact, and scores the layer-level
+outputs, the attention head x position subvalues and the FFN neurons by log-probability increase (or any
+registered method) for the target token. The result, :class:`Explanation`, holds pandas tables, renders as
+HTML in a notebook, and serialises to the JSON that ``tl-residual explain --json`` writes.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import torch
+
+from tl_residual import model as tlm
+from tl_residual.decompose import reconstruction_error
+from tl_residual.errors import InvalidInputError
+from tl_residual.lens import Convention, model_logits
+from tl_residual.scorers import (
+    make_context,
+    score_attention_subvalues,
+    score_ffn_neurons,
+    score_layers,
+)
+
+
+@dataclass
+class Explanation:
+    """What :func:`explain` found. Tables are sorted by score, highest first (``layers`` too).
+
+    Attributes:
+        model: model name.
+        prompt: the prompt text.
+        tokens: the prompt's tokens as strings (with BOS where the model prepends one).
+        position: destination position (non-negative).
+        target: target token id; ``target_token`` its text; ``target_prob`` the model's probability of it.
+        predictions: the model's top-5 next tokens as ``(token, probability)``.
+        decomposition_rel_error: relative error of the decomposition of the final ``resid_post``.
+        method, convention: scoring method and lens convention.
+        layers, attention_subvalues, ffn_neurons: score tables (columns of :mod:`tl_residual.scorers`).
+    """
+
+    model: str
+    prompt: str
+    tokens: list[str]
+    position: int
+    target: int
+    target_token: str
+    target_prob: float
+    predictions: list[tuple[str, float]]
+    decomposition_rel_error: float
+    method: str
+    convention: str
+    layers: pd.DataFrame
+    attention_subvalues: pd.DataFrame
+    ffn_neurons: pd.DataFrame
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (the schema of ``tl-residual explain --json``)."""
+
+        def records(df: pd.DataFrame, keys: list[str]) -> list[dict[str, Any]]:
+            out = []
+            for row in df.sort_values("score", ascending=False, kind="stable").itertuples(index=False):
+                rec = {k: getattr(row, k) for k in keys}
+                rec = {k: (int(v) if k in ("layer", "head", "src_pos", "neuron") else v) for k, v in rec.items()}
+                rec["score"] = float(row.score)
+                if "coefficient" in keys:
+                    rec["coefficient"] = float(row.coefficient)
+                rec["top_tokens"] = list(row.top_tokens)
+                out.append(rec)
+            return out
+
+        return {
+            "model": self.model,
+            "prompt": self.prompt,
+            "tokens": self.tokens,
+            "position": self.position,
+            "target_token": self.target_token,
+            "target_id": self.target,
+            "target_prob": self.target_prob,
+            "predictions": [{"token": t, "prob": p} for t, p in self.predictions],
+            "decomposition_rel_error": self.decomposition_rel_error,
+            "method": self.method,
+            "convention": self.convention,
+            "units": {"score": "nats (log-probability increase)" if self.method == "log_prob_increase" else self.method},
+            "layers": records(self.layers, ["name", "layer", "kind", "score"]),
+            "attention_subvalues": records(
+                self.attention_subvalues, ["name", "layer", "head", "src_pos", "score", "coefficient"]
+            ),
+            "ffn_neurons": records(self.ffn_neurons, ["name", "layer", "neuron", "score", "coefficient"]),
+        }
+
+    def _repr_html_(self) -> str:
+        head = (
+            f"<p><b>{html.escape(self.model)}</b>: {html.escape(repr(self.prompt))} &rarr; "
+            f"<b>{html.escape(repr(self.target_token))}</b> (p = {self.target_prob:.3f}); decomposition relative "
+            f"error {self.decomposition_rel_error:.1e}; scores: {html.escape(self.method)}, "
+            f"{html.escape(self.convention)} lens</p>"
+        )
+        parts = [head]
+        for title, df in (
+            ("Layers", self.layers.head(10)),
+            ("Attention subvalues (head x source position)", self.attention_subvalues),
+            ("FFN neurons", self.ffn_neurons),
+        ):
+            parts.append(f"<h4>{title}</h4>" + df.to_html(index=False, float_format=lambda x: f"{x:.4f}"))
+        return "\n".join(parts)
+
+
+def explain(
+    model: Any,
+    prompt: str,
+    target: int | str | None = None,
+    position: int = -1,
+    top_k: int = 20,
+    method: str = "log_prob_increase",
+    convention: Convention = "frozen",
+    model_name: str | None = None,
+) -> Explanation:
+    """Run ``model`` on ``prompt`` and attribute the prediction at ``position`` to layers, subvalues and neurons.
+
+    Args:
+        model: a ``TransformerBridge`` or ``HookedTransformer`` with a tokenizer.
+        prompt: the text (non-empty).
+        target: the token to explain (one token: ``" Paris"`` or an id); default the model's top-1.
+        position: destination position (default ``-1``, the last token).
+        top_k: rows in the subvalue and neuron tables.
+        method: a registered scorer (:data:`tl_residual.scorers.SCORERS`).
+        convention: lens convention (``frozen``, ``recomputed``, ``none``).
+        model_name: label for the output (default ``model.cfg.model_name``).
+
+    Raises:
+        InvalidInputError: empty prompt, a target that is not one token, a position out of range, bad top_k.
+    """
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InvalidInputError("the prompt is empty: give some text, e.g. 'The capital of France is'")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise InvalidInputError(f"top_k must be a positive integer, got {top_k!r}")
+    tlm.model_spec(model)
+    with torch.no_grad():
+        tokens = model.to_tokens(prompt)
+        _, cache = model.run_with_cache(tokens)
+    ctx = make_context(model, cache, target, position, convention=convention)
+    logits = model_logits(model, cache, ctx.position)
+    probs = torch.softmax(logits, -1)
+    top = torch.topk(probs, 5)
+    n_layers = int(model.cfg.n_layers)
+    explanation = Explanation(
+        model=model_name or str(getattr(model.cfg, "model_name", type(model).__name__)),
+        prompt=prompt,
+        tokens=[ctx.lens.token_str(t) for t in tokens[0].tolist()],
+        position=ctx.position,
+        target=ctx.target,
+        target_token=ctx.lens.token_str(ctx.target),
+        target_prob=float(probs[ctx.target]),
+        predictions=[(ctx.lens.token_str(t), float(p)) for p, t in zip(top.values.tolist(), top.indices.tolist())],
+        decomposition_rel_error=reconstruction_error(model, cache, n_layers - 1, ctx.position, "resid_post"),
+        method=method,
+        convention=convention,
+        layers=score_layers(ctx).sort_values("score", ascending=False, kind="stable").reset_index(drop=True),
+        attention_subvalues=score_attention_subvalues(ctx, method, top_k),
+        ffn_neurons=score_ffn_neurons(ctx, method, top_k),
+    )
+    explanation.extra["cache"] = cache
+    return explanation
