@@ -214,6 +214,78 @@ def _log_prob_increase(ctx: ScoringContext, group: PartGroup, base: Tensor) -> T
     return log_prob_increase(ctx.lens, base, group.vectors, ctx.target, ctx.chunk_size)
 
 
+def _chunked(
+    ctx: ScoringContext, rows: Tensor, fn: Callable[[Tensor], Tensor]
+) -> Tensor:
+    """Apply ``fn`` to ``lens.logits(rows[chunk])`` chunk by chunk (peak ``chunk_size * d_vocab`` floats)."""
+    out = [fn(ctx.lens.logits(rows[s : s + ctx.chunk_size])) for s in range(0, rows.shape[0], ctx.chunk_size)]
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def target_rank(logits: Float[Tensor, "n d_vocab"], target: int) -> Float[Tensor, " n"]:
+    """Rank of ``target`` in each row of ``logits`` (1 = largest), as float."""
+    return 1.0 + (logits > logits[:, target : target + 1]).sum(-1).float()
+
+
+# The seven baselines of the neuron-level paper, section 4.1 (REFERENCE.md rows b-h), for a part m * v.
+# ``v`` is the part's direction (an FFN neuron's W_out row; an attention subvalue's v @ W_O), ``m`` its coefficient.
+
+
+@register_scorer("log_prob", "log p(t | m v): the part's own log-probability of the target, nats (method b)")
+def _log_prob(ctx: ScoringContext, group: PartGroup, base: Tensor) -> Tensor:
+    return _chunked(ctx, group.vectors, lambda z: torch.log_softmax(z, -1)[:, ctx.target])
+
+
+@register_scorer("prob_increase", "p(t | x + m v) - p(t | x), probability (method c)")
+def _prob_increase(ctx: ScoringContext, group: PartGroup, base: Tensor) -> Tensor:
+    base_logits = ctx.lens.logits(base)
+    p0 = torch.softmax(base_logits, -1)[ctx.target]
+    if ctx.lens.linear:
+        return _chunked(ctx, group.vectors, lambda z: torch.softmax(base_logits + z, -1)[:, ctx.target] - p0)
+    vecs = group.vectors
+    out = [torch.softmax(ctx.lens.logits(base + vecs[s : s + ctx.chunk_size]), -1)[:, ctx.target] - p0
+           for s in range(0, vecs.shape[0], ctx.chunk_size)]
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+@register_scorer("norm", "||v||: L2 norm of the part's direction, residual units (method d)")
+def _norm(ctx: ScoringContext, group: PartGroup, base: Tensor) -> Tensor:
+    return group.directions.norm(dim=-1)
+
+
+@register_scorer("coefficient", "|m|: absolute coefficient (method e)")
+def _coefficient(ctx: ScoringContext, group: PartGroup, base: Tensor) -> Tensor:
+    return group.coefficients.abs()
+
+
+@register_scorer("inverse_rank", "1 / rank of t in the vocabulary projection of v (method f)")
+def _inverse_rank(ctx: ScoringContext, group: PartGroup, base: Tensor) -> Tensor:
+    return 1.0 / _chunked(ctx, group.directions, lambda z: target_rank(z, ctx.target))
+
+
+@register_scorer("coefficient_norm", "|m| * ||v|| (method g)")
+def _coefficient_norm(ctx: ScoringContext, group: PartGroup, base: Tensor) -> Tensor:
+    return group.coefficients.abs() * group.directions.norm(dim=-1)
+
+
+@register_scorer("coefficient_inverse_rank", "|m| / rank of t in the projection of v (method h)")
+def _coefficient_inverse_rank(ctx: ScoringContext, group: PartGroup, base: Tensor) -> Tensor:
+    return group.coefficients.abs() / _chunked(ctx, group.directions, lambda z: target_rank(z, ctx.target))
+
+
+#: The neuron-level paper's methods a-h in its Table 2 order.
+PAPER_METHODS: tuple[str, ...] = (
+    "log_prob_increase",
+    "log_prob",
+    "prob_increase",
+    "norm",
+    "coefficient",
+    "inverse_rank",
+    "coefficient_norm",
+    "coefficient_inverse_rank",
+)
+
+
 # ----------------------------------------------------------------------------------------------
 # Tables
 # ----------------------------------------------------------------------------------------------
