@@ -1,0 +1,189 @@
+"""Log-probability increase and the scorer tables, checked against independent dense computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import TOKENS, run_cache
+from tl_residual import scorers as S
+from tl_residual.errors import InvalidInputError
+from tl_residual.lens import Lens, model_logits
+
+
+def _gamma_beta(model):
+    """Final-norm weight and bias read straight from the module (ones / zeros where folded away)."""
+    ln = model.ln_final
+    d = model.cfg.d_model
+    w = next((getattr(ln, a) for a in ("w", "weight") if isinstance(getattr(ln, a, None), torch.Tensor)), None)
+    b = next((getattr(ln, a) for a in ("b", "bias") if isinstance(getattr(ln, a, None), torch.Tensor)), None)
+    w = torch.ones(d) if w is None else w.detach().float()
+    b = torch.zeros(d) if b is None else b.detach().float()
+    return w, b
+
+
+def _dense_frozen_imp(model, cache, layer, target, pos=-1):
+    """Independent dense log-prob increase of every FFN neuron of ``layer`` (frozen-scale convention)."""
+    x = cache[f"blocks.{layer}.hook_resid_mid"][0, pos].float()
+    m = cache[f"blocks.{layer}.mlp.hook_post"][0, pos].float()
+    w_out = model.blocks[layer].mlp.W_out.detach().float()
+    scale = cache["ln_final.hook_scale"][0, pos].float().squeeze()
+    gamma, _ = _gamma_beta(model)
+    centre = model.cfg.normalization_type in ("LN", "LNPre")
+    W_U = model.W_U.detach().float()
+
+    def logp(y):
+        if centre:
+            y = y - y.mean()
+        return torch.log_softmax((y / scale * gamma) @ W_U, -1)[target]
+
+    base = logp(x)
+    return torch.stack([logp(x + m[k] * w_out[k]) - base for k in range(m.shape[0])])
+
+
+def test_frozen_lens_plus_bias_is_model_logits(variant_model):
+    logits, cache = run_cache(variant_model)
+    lens = Lens(variant_model, cache, -1)
+    r = cache[f"blocks.{variant_model.cfg.n_layers - 1}.hook_resid_post"][0, -1]
+    _, beta = _gamma_beta(variant_model)
+    b_U = getattr(variant_model, "b_U", None)
+    b_U = torch.zeros(logits.shape[-1]) if not isinstance(b_U, torch.Tensor) else b_U.detach()
+    torch.testing.assert_close(lens.logits(r) + beta @ variant_model.W_U.detach() + b_U, logits[0, -1],
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model_logits(variant_model, cache), logits[0, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_ffn_log_prob_increase_matches_dense(variant_model):
+    _, cache = run_cache(variant_model)
+    ctx = S.make_context(variant_model, cache)
+    df = S.score_ffn_neurons(ctx, n_top_tokens=0)
+    for layer in range(variant_model.cfg.n_layers):
+        expected = _dense_frozen_imp(variant_model, cache, layer, ctx.target)
+        got = df[df.layer == layer].sort_values("neuron")["score"].to_numpy()
+        torch.testing.assert_close(torch.tensor(got), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_pruned_top_k_equals_dense(variant_model):
+    _, cache = run_cache(variant_model)
+    ctx = S.make_context(variant_model, cache)
+    dense = S.score_ffn_neurons(ctx, n_top_tokens=0)
+    for k in (1, 5, 40):
+        pruned = S.score_ffn_neurons(ctx, top_k=k, n_top_tokens=0)
+        assert list(pruned["name"]) == list(dense["name"].head(k))
+        torch.testing.assert_close(torch.tensor(pruned["score"].to_numpy()),
+                                   torch.tensor(dense["score"].head(k).to_numpy()), rtol=1e-5, atol=1e-5)
+    sub_dense = S.score_attention_subvalues(ctx, n_top_tokens=0)
+    sub_pruned = S.score_attention_subvalues(ctx, top_k=6, n_top_tokens=0)
+    assert list(sub_pruned["name"]) == list(sub_dense["name"].head(6))
+
+
+def test_layer_scores_telescope(variant_model):
+    """Embedding log-prob plus every layer's log-prob increase = frozen-lens log-prob of the final residual."""
+    _, cache = run_cache(variant_model)
+    ctx = S.make_context(variant_model, cache)
+    df = S.score_layers(ctx)
+    r = cache[f"blocks.{variant_model.cfg.n_layers - 1}.hook_resid_post"][0, -1]
+    final = float(ctx.lens.log_probs(r)[ctx.target])
+    assert math.isclose(df.attrs["embed_log_prob"] + df["score"].sum(), final, rel_tol=1e-4, abs_tol=1e-4)
+
+
+def test_recomputed_last_mlp_is_true_log_prob_change(variant_model):
+    """Under the recomputed lens, the last FFN's score is log p_model(t) - log p(t | head(resid_mid))."""
+    logits, cache = run_cache(variant_model)
+    ctx = S.make_context(variant_model, cache, convention="recomputed")
+    last = variant_model.cfg.n_layers - 1
+    score = S.score_layers(ctx).set_index("name").loc[f"L{last}.mlp", "score"]
+    mid = cache[f"blocks.{last}.hook_resid_mid"][0, -1]
+    expected = torch.log_softmax(logits[0, -1], -1)[ctx.target] - ctx.lens.log_probs(mid)[ctx.target]
+    assert math.isclose(score, float(expected), rel_tol=1e-4, abs_tol=1e-4)
+
+
+@pytest.mark.parametrize("method", S.PAPER_METHODS)
+def test_every_paper_method_runs_and_tops_agree(variant_model, method):
+    _, cache = run_cache(variant_model)
+    ctx = S.make_context(variant_model, cache)
+    full = S.score_ffn_neurons(ctx, method, n_top_tokens=0)
+    top = S.score_ffn_neurons(ctx, method, top_k=7, n_top_tokens=0)
+    assert len(full) == variant_model.cfg.n_layers * variant_model.cfg.d_mlp
+    torch.testing.assert_close(torch.tensor(top["score"].to_numpy()),
+                               torch.tensor(full["score"].head(7).to_numpy()), rtol=1e-5, atol=1e-6)
+
+
+def test_baselines_match_definitions(variant_model):
+    """Methods b-h on one layer, against their definitions computed here."""
+    _, cache = run_cache(variant_model)
+    ctx = S.make_context(variant_model, cache)
+    layer, t = 0, ctx.target
+    m = cache[f"blocks.{layer}.mlp.hook_post"][0, -1].float()
+    w_out = variant_model.blocks[layer].mlp.W_out.detach().float()
+    z_dir = ctx.lens.logits(w_out)
+    z_vec = ctx.lens.logits(m[:, None] * w_out)
+    rank = 1 + (z_dir > z_dir[:, t : t + 1]).sum(-1).float()
+    x = cache[f"blocks.{layer}.hook_resid_mid"][0, -1]
+    zx = ctx.lens.logits(x)
+    expected = {
+        "log_prob": torch.log_softmax(z_vec, -1)[:, t],
+        "prob_increase": torch.softmax(zx + z_vec, -1)[:, t] - torch.softmax(zx, -1)[t],
+        "norm": w_out.norm(dim=-1),
+        "coefficient": m.abs(),
+        "inverse_rank": 1 / rank,
+        "coefficient_norm": m.abs() * w_out.norm(dim=-1),
+        "coefficient_inverse_rank": m.abs() / rank,
+    }
+    for method, want in expected.items():
+        df = S.score_ffn_neurons(ctx, method, layers=[layer], n_top_tokens=0).sort_values("neuron")
+        torch.testing.assert_close(torch.tensor(df["score"].to_numpy()), want, rtol=1e-4, atol=1e-6,
+                                   msg=lambda s: f"{method}: {s}")
+
+
+def test_smollm2_known_answers(paris):
+    model, cache, _ = paris
+    ctx = S.make_context(model, cache)
+    assert model.tokenizer.decode([ctx.target]) == " Paris"
+    assert 0.6 < math.exp(ctx.target_log_prob()) < 0.9
+    neurons = S.score_ffn_neurons(ctx, top_k=10)
+    assert neurons["name"].iloc[0] == "L24.N1005"
+    assert neurons.attrs["n_scored"] < 2000
+    subvalues = S.score_attention_subvalues(ctx, top_k=5)
+    top = subvalues.iloc[0]
+    assert (top["layer"], top["src_pos"]) == (23, 4)  # source position 4 is the ' France' token
+    assert " France" in top["top_tokens"]
+
+
+def test_dense_equals_pruned_on_smollm2_last_layers(paris):
+    model, cache, _ = paris
+    ctx = S.make_context(model, cache)
+    dense = S.score_ffn_neurons(ctx, layers=[27, 28, 29], pruned=False, top_k=20, n_top_tokens=0)
+    pruned = S.score_ffn_neurons(ctx, layers=[27, 28, 29], top_k=20, n_top_tokens=0)
+    assert list(dense["name"]) == list(pruned["name"])
+    torch.testing.assert_close(torch.tensor(pruned["score"].to_numpy()), torch.tensor(dense["score"].to_numpy()),
+                               rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_target_must_be_one_token(paris):
+    model, cache, _ = paris
+    with pytest.raises(InvalidInputError, match="not one"):
+        S.make_context(model, cache, target=" Parisianism")
+    with pytest.raises(InvalidInputError, match="out of range"):
+        S.make_context(model, cache, target=10**7)
+    assert S.make_context(model, cache, target=" London").target == model.tokenizer.encode(" London")[0]
+
+
+def test_bad_arguments(variant_model):
+    _, cache = run_cache(variant_model)
+    with pytest.raises(InvalidInputError, match="position 99"):
+        S.make_context(variant_model, cache, position=99)
+    with pytest.raises(InvalidInputError, match="lens convention"):
+        S.make_context(variant_model, cache, convention="final")  # type: ignore[arg-type]
+    ctx = S.make_context(variant_model, cache)
+    with pytest.raises(InvalidInputError, match="unknown scoring method 'magic'"):
+        S.score_ffn_neurons(ctx, "magic")
+    with pytest.raises(InvalidInputError, match="top_k"):
+        S.score_ffn_neurons(ctx, top_k=0)
+    with pytest.raises(InvalidInputError, match="layer 9"):
+        S.score_ffn_neurons(ctx, layers=[9])
