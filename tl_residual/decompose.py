@@ -39,7 +39,7 @@ from tl_residual.errors import InvalidInputError, UnsupportedArchitectureError
 Stream = Literal["resid_pre", "resid_mid", "resid_post"]
 STREAMS: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post")
 
-PartKind = Literal["embed", "pos_embed", "attn_subvalue", "attn_bias", "ffn_neuron", "ffn_bias"]
+PartKind = Literal["embed", "pos_embed", "attn_subvalue", "attn_bias", "attn_neuron", "ffn_neuron", "ffn_bias"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,6 +233,122 @@ def ffn_parts(model: Any, cache: Any, layer: int, position: int, batch: int = 0)
         [neuron_name(layer, k) for k in range(m.shape[0])],
     )
     return group, _single("ffn_bias", layer, f"L{layer}.mlp_bias", tlm.b_out(model, layer))
+
+
+def attention_neuron_name(layer: int, head: int, dim: int, src_pos: int) -> str:
+    """``L{layer}.H{head}.d{dim}.p{src_pos}``: an attention neuron (head dimension ``dim`` at source ``src_pos``)."""
+    return f"L{layer}.H{head}.d{dim}.p{src_pos}"
+
+
+def attention_neuron_parts(model: Any, cache: Any, layer: int, position: int, batch: int = 0) -> PartGroup:
+    """Attention neurons of ``layer`` at destination ``position``: one part per (head h, source p, head dim d).
+
+    Neuron-level paper, section 3.2 (Eq. 7 split over the head dimension; REFERENCE.md "Attention subvalues and
+    attention neurons"):
+
+        coefficient[h, p, d] = pattern[h, position, p] * v[p, kv(h), d]        (v = cached ``attn.hook_v``)
+        direction[h, p, d]   = W_O[h, d, :]
+
+    Summing over ``d`` gives the head x source-position subvalue of :func:`attention_parts` exactly
+    (``sum_d pattern * v[d] * W_O[h, d] = pattern * (v @ W_O[h])``); summing over ``h`` and ``p`` too and adding
+    ``b_O`` gives ``hook_attn_out[position]``. Under grouped-query attention ``kv(h) = h // (n_heads / n_kv_heads)``.
+
+    Value biases: ``hook_v`` includes ``b_V`` unless TransformerLens' ``fold_value_biases=True`` moved
+    ``sum_h b_V[h] @ W_O[h]`` into ``b_O``. Folding therefore changes the *coefficients* (each loses its
+    ``pattern * b_V[d]`` share, which reappears in the ``L{layer}.attn_bias`` part, as the attention weights of a
+    row sum to 1), while every sum stays exact. Scores of single attention neurons are thus not invariant to
+    ``fold_value_biases``; the authors' definition (v includes b_V) is the unfolded one.
+
+    Memory: ``directions`` is a contiguous copy of the ``W_O`` rows repeated per source position,
+    ``n_heads * (position + 1) * d_head * d_model`` floats (SmolLM2-135M, 6 tokens: 2.0M floats, 8 MB per layer);
+    the coefficients are ``n_heads * (position + 1) * d_head`` floats.
+
+    Returns:
+        A :class:`PartGroup` of kind ``"attn_neuron"`` with ``n_heads * (position + 1) * d_head`` parts ordered
+        (head, src_pos, dim), ``index = {"head", "dim", "src_pos"}``, names ``L{l}.H{h}.d{d}.p{p}``. ``b_O`` is
+        not included (it is the ``attn_bias`` part of :func:`attention_parts`).
+
+    Raises:
+        InvalidInputError: bad ``layer``, ``position`` or ``batch``.
+        MissingHookError: the cache lacks ``hook_pattern`` or ``hook_v`` of ``layer``.
+        UnsupportedArchitectureError: ``hook_v`` has neither ``n_heads`` nor ``n_key_value_heads`` heads.
+    """
+    spec = tlm.model_spec(model)
+    layer = resolve_layer(layer, spec.n_layers)
+    position = resolve_position(position, n_positions(cache))
+    pattern = tlm.cached(cache, f"blocks.{layer}.attn.hook_pattern", batch)[:, position, : position + 1]
+    v = tlm.cached(cache, f"blocks.{layer}.attn.hook_v", batch)[: position + 1]  # [src, kv_heads, d_head]
+    if v.shape[1] not in (spec.n_heads, spec.n_kv_heads):
+        raise UnsupportedArchitectureError(
+            f"blocks.{layer}.attn.hook_v has {v.shape[1]} heads; expected n_heads={spec.n_heads} or "
+            f"n_key_value_heads={spec.n_kv_heads}"
+        )
+    v = einops.repeat(v, "src kv d_head -> src (kv rep) d_head", rep=spec.n_heads // v.shape[1])
+    n_src = position + 1
+    coefficients = einops.einsum(pattern, v, "head src, src head d_head -> head src d_head")
+    directions = einops.repeat(
+        tlm.W_O(model, layer), "head d_head d_model -> (head src d_head) d_model", src=n_src
+    )
+    heads, srcs, dims = (
+        t.reshape(-1)
+        for t in torch.meshgrid(
+            torch.arange(spec.n_heads), torch.arange(n_src), torch.arange(spec.d_head), indexing="ij"
+        )
+    )
+    return PartGroup(
+        "attn_neuron",
+        layer,
+        einops.rearrange(coefficients, "head src d_head -> (head src d_head)"),
+        directions,
+        {"head": heads, "dim": dims, "src_pos": srcs},
+        [
+            attention_neuron_name(layer, h, d, p)
+            for h, p, d in zip(heads.tolist(), srcs.tolist(), dims.tolist())
+        ],
+    )
+
+
+def aggregate_attention_neurons(
+    group: PartGroup, level: Literal["subvalue", "head", "layer"] = "subvalue"
+) -> PartGroup:
+    """Sum the attention neurons of :func:`attention_neuron_parts` to head x position subvalues, heads or the layer.
+
+    ``level="subvalue"`` sums over the head dimension ``d`` and reproduces :func:`attention_parts`' subvalues
+    (``pattern[h, i, p] * v[p, kv(h)] @ W_O[h]``, same order, names ``L{l}.H{h}.p{p}``); ``"head"`` also sums over
+    source positions (names ``L{l}.H{h}``: the head's output at ``i`` without ``b_O``); ``"layer"`` sums everything
+    (name ``L{l}.attn_heads``: ``hook_attn_out[i] - b_O``). The returned parts have coefficient 1 and the summed
+    vector as direction, ``Float[Tensor, "n d_model"]``.
+
+    Raises:
+        InvalidInputError: ``group`` is not of kind ``"attn_neuron"`` or ``level`` is unknown.
+    """
+    if group.kind != "attn_neuron":
+        raise InvalidInputError(f"aggregate_attention_neurons needs an 'attn_neuron' group, got {group.kind!r}")
+    heads, srcs, dims = group.index["head"], group.index["src_pos"], group.index["dim"]
+    n_heads, n_src, d_head = int(heads.max()) + 1, int(srcs.max()) + 1, int(dims.max()) + 1
+    coef = einops.rearrange(group.coefficients, "(head src d_head) -> head src d_head", head=n_heads, src=n_src)
+    dirs = einops.rearrange(
+        group.directions, "(head src d_head) d_model -> head src d_head d_model", head=n_heads, src=n_src
+    )
+    sub = einops.einsum(coef, dirs, "head src d_head, head src d_head d_model -> head src d_model")
+    l = group.layer
+    if level == "subvalue":
+        h_idx = einops.repeat(torch.arange(n_heads), "head -> (head src)", src=n_src)
+        p_idx = einops.repeat(torch.arange(n_src), "src -> (head src)", head=n_heads)
+        return PartGroup(
+            "attn_subvalue", l, torch.ones(n_heads * n_src), einops.rearrange(sub, "head src d -> (head src) d"),
+            {"head": h_idx, "src_pos": p_idx},
+            [subvalue_name(l, h, p) for h, p in zip(h_idx.tolist(), p_idx.tolist())],  # type: ignore[arg-type]
+        )
+    if level == "head":
+        return PartGroup(
+            "head", l, torch.ones(n_heads), einops.reduce(sub, "head src d -> head d", "sum"),
+            {"head": torch.arange(n_heads)}, [head_name(l, h) for h in range(n_heads)],  # type: ignore[arg-type]
+        )
+    if level == "layer":
+        return PartGroup("attn_heads", l, torch.ones(1), einops.reduce(sub, "head src d -> 1 d", "sum"), {},
+                         [f"L{l}.attn_heads"])
+    raise InvalidInputError(f"level {level!r} is not one of 'subvalue', 'head', 'layer'")
 
 
 def iter_parts(
