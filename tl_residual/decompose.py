@@ -23,9 +23,10 @@ Component names: ``embed``, ``pos_embed``, ``L12.H3.p4`` (layer 12, head 3, sour
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import einops
 import pandas as pd
@@ -129,6 +130,8 @@ class PartGroup:
             ``W_out``, not a copy).
         index: per-part integer labels, e.g. ``{"head": ..., "src_pos": ...}`` or ``{"neuron": ...}``.
         names: readable component names, one per part.
+        base: the residual ``x`` the parts are added to, where it is not the default for the kind (scorers use
+            it for registered sources: the stream at the source's hook minus the source itself); ``None`` else.
     """
 
     kind: str
@@ -137,6 +140,7 @@ class PartGroup:
     directions: Float[Tensor, "n d_model"]
     index: dict[str, Int[Tensor, " n"]] = field(default_factory=dict)
     names: list[str] = field(default_factory=list)
+    base: Float[Tensor, " d_model"] | None = None
 
     def __len__(self) -> int:
         return int(self.coefficients.shape[0])
@@ -155,6 +159,139 @@ def _single(kind: str, layer: int | None, name: str, vector: Tensor) -> PartGrou
     return PartGroup(kind, layer, torch.ones(1, device=vector.device), vector[None, :], {}, [name])
 
 
+# ----------------------------------------------------------------------------------------------
+# Custom sources: vectors a user's own hook writes into the residual stream
+# ----------------------------------------------------------------------------------------------
+
+SourceVector = Callable[[Any, Any, int, int], Tensor]
+_RESID_HOOK = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_mid|resid_post)$")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A registered extra writer to the residual stream (see :func:`register_source`).
+
+    Attributes:
+        name: part name (e.g. ``"steer"``), unique in the registry.
+        at: the residual hook at which the vector enters, ``blocks.{layer}.hook_resid_{pre|mid|post}``.
+        layer, stream: ``at`` parsed.
+        vector: a cache hook name whose ``[batch, position]`` entry is the vector added, or a callable
+            ``(model, cache, position, batch) -> Float[Tensor, "d_model"]``.
+        kind: the ``PartGroup.kind`` of its part (default ``"source"``).
+        model: restrict to this model object (``None``: every model).
+    """
+
+    name: str
+    at: str
+    layer: int
+    stream: str
+    vector: str | SourceVector
+    kind: str = "source"
+    model: Any = None
+
+    def applies_to(self, model: Any) -> bool:
+        return self.model is None or self.model is model
+
+    def value(self, model: Any, cache: Any, position: int, batch: int = 0) -> Float[Tensor, " d_model"]:
+        """The vector this source added at ``position`` (float32).
+
+        Raises:
+            MissingHookError: ``vector`` names a hook the cache lacks.
+            InvalidInputError: the vector does not have ``d_model`` entries.
+        """
+        if isinstance(self.vector, str):
+            vec = tlm.cached(cache, self.vector, batch)[position]
+        else:
+            vec = torch.as_tensor(self.vector(model, cache, position, batch)).detach().float()
+        d_model = int(model.cfg.d_model)
+        if tuple(vec.shape) != (d_model,):
+            raise InvalidInputError(
+                f"source {self.name!r} gave a vector of shape {tuple(vec.shape)} at position {position}; "
+                f"it must be ({d_model},) (d_model)"
+            )
+        return vec
+
+
+SOURCES: dict[str, Source] = {}
+
+
+def register_source(
+    name: str, at: str, vector: str | SourceVector, kind: str = "source", model: Any = None
+) -> Source:
+    """Register a vector that a user's hook adds to the residual stream, so decompositions stay exact.
+
+    A hook such as ``model.hooks(fwd_hooks=[("blocks.3.hook_resid_post", lambda x, hook: x + steer)])`` adds a
+    vector the model's own components did not write; without registration :func:`reconstruction_error` reports
+    the mismatch (and :func:`embedding_parts` refuses a modified ``blocks.0.hook_resid_pre``). Registered, the
+    vector is one more part: :func:`iter_parts` yields it (as a :class:`PartGroup` of kind ``kind``, layer
+    ``layer``, coefficient 1, name ``name``) at ``at`` and in every later stream, so :func:`reconstruction_error`,
+    :func:`decompose`, the query splits of :mod:`tl_residual.query`, the bs-value tables and every scorer
+    (through :func:`~tl_residual.scorers.score_groups`) include it. Its scoring base ``x`` is the stream at ``at``
+    minus the vector itself.
+
+    Args:
+        name: part name (unique; re-registering a name replaces it).
+        at: ``blocks.{layer}.hook_resid_pre`` / ``hook_resid_mid`` / ``hook_resid_post``: the cached stream that
+            already includes the vector (the hook point it was added at, with the cache hook running after it,
+            as in ``with model.hooks(...): model.run_with_cache(...)``).
+        vector: a cache hook whose ``[batch, position]`` value is the added vector (e.g. a ``HookPoint`` of the
+            user's own module), or ``fn(model, cache, position, batch) -> Float[Tensor, "d_model"]``.
+        kind: the part kind shown in tables.
+        model: apply only to this model object (default: every model).
+
+    Raises:
+        InvalidInputError: an empty name, ``at`` not a residual hook name, ``vector`` neither a string nor callable,
+            or ``kind`` one of the built-in kinds.
+    """
+    if not isinstance(name, str) or not name:
+        raise InvalidInputError("a source needs a non-empty name")
+    m = _RESID_HOOK.match(at) if isinstance(at, str) else None
+    if m is None:
+        raise InvalidInputError(
+            f"at={at!r} is not a residual hook; use blocks.{{layer}}.hook_resid_pre, hook_resid_mid or hook_resid_post"
+        )
+    if not (isinstance(vector, str) or callable(vector)):
+        raise InvalidInputError("vector must be a cache hook name or a callable (model, cache, position, batch) -> vector")
+    if kind in get_args(PartKind):
+        raise InvalidInputError(f"kind {kind!r} is a built-in part kind; choose another (e.g. 'source')")
+    src = Source(name, at, int(m.group(1)), m.group(2), vector, kind, model)
+    SOURCES[name] = src
+    return src
+
+
+def unregister_source(name: str) -> None:
+    """Remove a registered source.
+
+    Raises:
+        InvalidInputError: no source of that name (the message lists the registered ones).
+    """
+    if name not in SOURCES:
+        raise InvalidInputError(f"no source named {name!r}; registered: {', '.join(sorted(SOURCES)) or 'none'}")
+    del SOURCES[name]
+
+
+def source_parts(
+    model: Any, cache: Any, layer: int, stream: str, position: int, batch: int = 0
+) -> list[PartGroup]:
+    """The registered sources entering at ``blocks.{layer}.hook_{stream}`` for ``model``, as single-part groups.
+
+    Raises:
+        InvalidInputError: a source's layer is beyond the model, or its vector has the wrong shape.
+        MissingHookError: a source's hook is not in the cache.
+    """
+    out = []
+    for src in SOURCES.values():
+        if not src.applies_to(model) or src.layer != layer or src.stream != stream:
+            continue
+        if src.layer >= int(model.cfg.n_layers):
+            raise InvalidInputError(f"source {src.name!r} is at {src.at}, beyond the model's {model.cfg.n_layers} layers")
+        vec = src.value(model, cache, position, batch)
+        group = _single(src.kind, layer, src.name, vec)
+        group.base = tlm.cached(cache, src.at, batch)[position] - vec
+        out.append(group)
+    return out
+
+
 def embedding_parts(model: Any, cache: Any, position: int, batch: int = 0) -> list[PartGroup]:
     """Token embedding (and learned position embedding) at ``position``.
 
@@ -166,7 +303,7 @@ def embedding_parts(model: Any, cache: Any, position: int, batch: int = 0) -> li
     parts = [_single("embed", None, "embed", tlm.cached(cache, "hook_embed", batch)[position])]
     if spec.learned_pos:
         parts.append(_single("pos_embed", None, "pos_embed", tlm.cached(cache, "hook_pos_embed", batch)[position]))
-    total = sum(p.total() for p in parts)
+    total = sum(p.total() for p in parts) + sum(g.total() for g in source_parts(model, cache, 0, "resid_pre", position, batch))
     resid0 = tlm.cached(cache, "blocks.0.hook_resid_pre", batch)[position]
     if not torch.allclose(total, resid0, rtol=1e-4, atol=1e-5 * float(resid0.abs().max()) + 1e-8):
         raise UnsupportedArchitectureError(
@@ -361,8 +498,9 @@ def iter_parts(
 ) -> Iterator[PartGroup]:
     """Yield, layer by layer, every part of ``blocks.{layer}.hook_{stream}`` at ``position``.
 
-    Order: embeddings, then for each layer its attention subvalues, ``b_O``, FFN subvalues, ``b_out``. The parts
-    of all groups sum to the cached vector (see :func:`reconstruction_error`).
+    Order: embeddings, then for each layer its attention subvalues, ``b_O``, FFN subvalues, ``b_out``; registered
+    sources (:func:`register_source`) where they enter (after the stream hook they were added at). The parts of
+    all groups sum to the cached vector (see :func:`reconstruction_error`).
 
     Memory: one layer at a time, at most ``max(n_heads * (position + 1), 1) * d_model`` new floats per group
     (FFN directions are views of ``W_out``).
@@ -378,12 +516,15 @@ def iter_parts(
     position = resolve_position(position, n_positions(cache))
     yield from embedding_parts(model, cache, position, batch)
     for l in range(layer + 1):
+        yield from source_parts(model, cache, l, "resid_pre", position, batch)
         if l == layer and stream == "resid_pre":
             break
         yield from attention_parts(model, cache, l, position, batch)
+        yield from source_parts(model, cache, l, "resid_mid", position, batch)
         if l == layer and stream == "resid_mid":
             break
         yield from ffn_parts(model, cache, l, position, batch)
+        yield from source_parts(model, cache, l, "resid_post", position, batch)
 
 
 def target_vector(cache: Any, layer: int, position: int, stream: Stream, batch: int = 0) -> Float[Tensor, " d_model"]:

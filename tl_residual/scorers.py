@@ -80,7 +80,10 @@ class ScoringContext:
         return tlm.cached(self.cache, hook, self.batch)[self.position]
 
     def base_for(self, group: PartGroup) -> Float[Tensor, " d_model"]:
-        """The residual ``x`` a part of ``group`` is added to (REFERENCE.md "Which x")."""
+        """The residual ``x`` a part of ``group`` is added to (REFERENCE.md "Which x"; ``group.base`` if set, as
+        for registered sources)."""
+        if group.base is not None:
+            return group.base
         if group.layer is None:
             return torch.zeros_like(self.resid("blocks.0.hook_resid_pre"))
         if group.kind.startswith("ffn") or group.kind == "mlp":
