@@ -185,3 +185,13 @@ def test_smollm2_attention_neurons(paris):
     top = S.score_attention_neurons(ctx, "log_prob_increase", top_k=5, layers=[20, 21, 22], n_top_tokens=0)
     dense = S.score_attention_neurons(ctx, "log_prob_increase", layers=[20, 21, 22], n_top_tokens=0, pruned=False)
     assert list(top["name"]) == list(dense["name"].head(5))
+
+
+def test_explain_accepts_every_registered_method():
+    from tl_residual.explain import explain
+
+    model = _variant("bridge-gpt2")
+    for method in S.SCORERS:
+        result = explain(model, "t5 t17 t33 t8", method=method, top_k=3)
+        assert len(result.ffn_neurons) == 3 and len(result.attention_subvalues) == 3, method
+        assert result.ffn_neurons["score"].is_monotonic_decreasing

@@ -179,3 +179,42 @@ def test_smollm2_query_split(paris):
     assert Q.top_query_parts(df, "gate", 1)["name"][0] == "L22.N916"
     v = Q.split_neuron(model, cache, "L23.H4.d55.p4")
     assert v["value"].sum() == pytest.approx(float(cache["blocks.23.attn.hook_v"][0, 4, 4 // 3, 55]), abs=1e-4)
+
+
+def _invoke(args):
+    from typer.testing import CliRunner
+
+    from tl_residual.cli import app
+
+    result = CliRunner().invoke(app, args)
+    text = result.output + (getattr(result, "stderr", "") if getattr(result, "stderr_bytes", None) else "")
+    return result, text
+
+
+def test_cli_query(paris, tmp_path):
+    import json
+
+    path = tmp_path / "q.json"
+    result, text = _invoke(["query", "--prompt", "The capital of France is", "--neuron", "L24.N1005", "--top-k", "3",
+                            "--json", str(path)])
+    assert result.exit_code == 0, text
+    data = json.loads(path.read_text())
+    assert data["neuron"] == "L24.N1005" and set(data["inputs"]) == {"gate", "up"}
+    assert data["inputs"]["gate"]["top"][0]["name"] == "L22.N916"
+    assert data["inputs"]["gate"]["abs_error"] < 1e-4 and len(data["inputs"]["up"]["top"]) == 3
+    result, text = _invoke(["query", "--prompt", "The capital of France is", "--neuron", "L23.H4.d55.p4"])
+    assert result.exit_code == 0 and "value" in text
+
+
+@pytest.mark.parametrize("neuron,message", [
+    ("L24.Nx", "not understood"),
+    ("L24.N1536", "neuron 1536"),
+    ("L30.N1", "layer 30"),
+    ("L23.H9.d0.p4", "head 9"),
+    ("L23.H1.d64.p4", "head dimension 64"),
+    ("L23.H1.d0.p6", "source position 6"),
+])
+def test_cli_query_bad_neuron(paris, neuron, message):
+    result, text = _invoke(["query", "--prompt", "The capital of France is", "--neuron", neuron])
+    assert result.exit_code == 2, text
+    assert "error:" in text and message in text and "Traceback" not in text

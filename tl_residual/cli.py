@@ -151,6 +151,72 @@ def explain(
 
 
 @app.command()
+def query(
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt text."),
+    neuron: str = typer.Option(..., "--neuron", "-n", help="FFN neuron L{layer}.N{index} (e.g. L24.N1005) or attention "
+                               "value neuron L{layer}.H{head}.d{dim}.p{source position} (e.g. L23.H4.d55.p4)."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model name; default: the embedded SmolLM2-135M."),
+    position: int = typer.Option(-1, "--position", help="Position of the FFN neuron (default -1, the last token)."),
+    top_k: int = typer.Option(20, "--top-k", "-k", help="Query parts listed per input (largest |contribution|)."),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Write the result as one JSON object to this path."),
+) -> None:
+    """Which upstream parts switched NEURON on: the exact split of its input(s) at one position.
+
+    Each part's contribution is its dot product with the neuron's read weights, with the cached LayerNorm/RMSNorm
+    scale and centring folded in (residual-stream paper Eq. 20-23); the contributions plus the key bias B sum to
+    the cached pre-activation (gate and up separately for gated MLPs).
+    """
+    from tl_residual.query import split_neuron, top_query_parts
+
+    if not prompt.strip():
+        fail("the prompt is empty: give some text, e.g. --prompt 'The capital of France is'")
+    if top_k < 1:
+        fail(f"--top-k must be a positive integer, got {top_k}")
+    m = load(model)
+    try:
+        with console.status("running and splitting ..."):
+            tokens = m.to_tokens(prompt)
+            import torch
+
+            with torch.no_grad():
+                _, cache = m.run_with_cache(tokens)
+            split = split_neuron(m, cache, neuron, position)
+            tops = {col: top_query_parts(split, col, top_k) for col in split.attrs["inputs"]}
+    except TLResidualError as exc:
+        fail(str(exc))
+    token_strs = [m.tokenizer.decode([t]) for t in tokens[0].tolist()] if getattr(m, "tokenizer", None) else []
+    pos = split.attrs["position"]
+    console.print(
+        f"[bold]{model}[/bold]  prompt {prompt!r}  neuron [bold]{split.attrs['neuron']}[/bold] at position {pos}"
+        + (f" (token {token_strs[pos]!r})" if token_strs else "")
+    )
+    bias_rows = split[split["kind"] == "key_bias"]
+    out: dict[str, Any] = {"model": model, "prompt": prompt, "tokens": token_strs, "neuron": split.attrs["neuron"],
+                           "position": pos, "norm": split.attrs["norm"], "stream": split.attrs["stream"], "inputs": {}}
+    for col, top in tops.items():
+        cached, err = split.attrs["cached"][col], split.attrs["abs_error"][col]
+        bias = float(bias_rows[col].sum())
+        console.print(f"input [bold]{col}[/bold] ({split.attrs['hooks'][col]}) = {cached:.4f}: key bias B = {bias:.4f}, "
+                      f"parts sum = {cached - bias:.4f}, |split - cached| = {err:.1e}")
+        shown = top.rename(columns={col: "contribution"})
+        console.print(table(f"Top {top_k} query parts by |contribution| to {col}", shown,
+                            ["name", "kind", "layer", "head", "src_pos", "neuron", "contribution"]))
+        out["inputs"][col] = {
+            "hook": split.attrs["hooks"][col], "cached": cached, "key_bias": bias, "abs_error": err,
+            "top": [{"name": r.name, "kind": r.kind, "layer": int(r.layer), "head": int(r.head),
+                     "src_pos": int(r.src_pos), "neuron": int(r.neuron), "contribution": float(getattr(r, col))}
+                    for r in top.itertuples(index=False)],
+        }
+    if json_path:
+        try:
+            with open(json_path, "w", encoding="utf-8") as f:
+                json.dump(out, f, indent=2, ensure_ascii=False)
+        except OSError as exc:
+            fail(f"cannot write --json {json_path!r}: {exc}")
+        console.print(f"wrote {json_path}")
+
+
+@app.command()
 def methods() -> None:
     """List the registered scoring methods."""
     from tl_residual.scorers import SCORERS
