@@ -3,6 +3,16 @@
 # Extra arguments go to pytest (e.g. -k decompose).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# tests/test_browser.py needs headless Chromium and its driver (Debian packages). As root (CI) install them quietly
+# and make the browser tests required (TLR_REQUIRE_BROWSER=1: a missing browser fails instead of skipping).
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  export TLR_REQUIRE_BROWSER=1
+  if ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
+    echo "installing chromium and chromium-driver for tests/test_browser.py"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } \
+      >/dev/null 2>&1 || echo "warning: could not install chromium and chromium-driver" >&2
+  fi
+fi
 bash scripts/setup.sh tl4
 bash scripts/setup.sh tl3
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false

@@ -144,9 +144,12 @@ def explain(
         except ImportError:
             fail("--html needs tl_residual.visualize, which this version does not have")
         try:
-            write_report(m, result, html_path)
+            with console.status("drawing the flow graph and plots ..."):
+                write_report(m, result, html_path)
         except OSError as exc:
             fail(f"cannot write --html {html_path!r}: {exc}")
+        except TLResidualError as exc:
+            fail(str(exc))
         console.print(f"wrote {html_path}")
 
 
