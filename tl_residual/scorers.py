@@ -21,7 +21,7 @@ return a :class:`pandas.DataFrame` sorted by score, highest first, with columns 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -42,7 +42,7 @@ from tl_residual.decompose import (
 )
 from tl_residual.errors import InvalidInputError
 from tl_residual.lens import Convention, Lens, model_logits, resolve_target
-from tl_residual.topk import certified_top_k, jensen_direction
+from tl_residual.topk import DEFAULT_HEAD, BoundProbes, bound_probes, certified_top_k, head_tail_bound
 
 #: Rows scored per matmul against the unembedding; peak extra memory is ``chunk_size * d_vocab`` floats.
 DEFAULT_CHUNK_SIZE = 256
@@ -70,10 +70,66 @@ class ScoringContext:
     batch: int
     target: int
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    n_head: int = DEFAULT_HEAD
+    _memo: dict[bytes, tuple[Tensor, BoundProbes]] = field(default_factory=dict, repr=False)
 
     @property
     def n_layers(self) -> int:
         return int(self.model.cfg.n_layers)
+
+    # -- per-base quantities, memoised per distinct base residual (one gemm for many bases) --------------
+
+    @staticmethod
+    def _keys(bases: Float[Tensor, "n d_model"]) -> list[bytes]:
+        rows = bases.detach().float().cpu().contiguous().numpy()
+        return [r.tobytes() for r in rows]
+
+    def prime(self, bases: Float[Tensor, "n d_model"]) -> None:
+        """Compute and memoise the lens logits and bound probes (:func:`~tl_residual.topk.bound_probes`) of
+        the distinct rows of ``bases`` not seen yet, in one matmul against ``W_U`` each way.
+
+        Memory: ``d_vocab + (n_head + 3) * d_model`` floats kept per distinct base (SmolLM2: 60 bases, 12 MB).
+        """
+        if bases.dim() == 1:
+            bases = bases[None]
+        new: dict[bytes, Tensor] = {}
+        for key, row in zip(self._keys(bases), bases):
+            if key not in self._memo and key not in new:
+                new[key] = row
+        if not new:
+            return
+        rows = torch.stack(list(new.values())).float()
+        logits = self.lens.logits(rows)
+        probes = bound_probes(self.lens.W_U, logits, self.target, self.n_head)
+        pr = probes.probes.transpose(1, 2)  # [B, m+1, d_model]
+        if self.lens.linear:  # move the probes to residual coordinates: u . probe = v . T^T(probe)
+            pr = self.lens.transform_transpose(pr)
+        for i, key in enumerate(new):
+            self._memo[key] = (
+                logits[i],
+                BoundProbes(pr[i].T.contiguous(), probes.log_weights[i], probes.base_log_prob[i]),
+            )
+
+    def _lookup(self, base: Tensor) -> list[tuple[Tensor, BoundProbes]]:
+        rows = base[None] if base.dim() == 1 else base
+        keys = self._keys(rows)
+        if any(k not in self._memo for k in keys):
+            self.prime(rows)
+        return [self._memo[k] for k in keys]
+
+    def base_logits(
+        self, base: Float[Tensor, " d_model"] | Float[Tensor, "n d_model"]
+    ) -> Float[Tensor, " d_vocab"] | Float[Tensor, "n d_vocab"]:
+        """``lens.logits(base)`` (logits), memoised per distinct base; one row per row of a 2-D ``base``."""
+        found = self._lookup(base)
+        if base.dim() == 1:
+            return found[0][0]
+        return torch.stack([f[0] for f in found])
+
+    def base_probes(self, base: Float[Tensor, " d_model"]) -> BoundProbes:
+        """The probes of bound (1) of :mod:`tl_residual.topk` at ``base``, memoised. For a linear lens they are
+        in residual coordinates (``T^T`` applied): a part's projections are ``v @ probes``."""
+        return self._lookup(base)[0][1]
 
     def resid(self, hook: str) -> Float[Tensor, " d_model"]:
         """``cache[hook][batch, position]`` as float32."""
@@ -125,22 +181,35 @@ def make_context(
 
 def log_prob_increase(
     lens: Lens,
-    base: Float[Tensor, " d_model"],
+    base: Float[Tensor, " d_model"] | Float[Tensor, "n d_model"],
     vectors: Float[Tensor, "n d_model"],
     target: int,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    base_logits: Float[Tensor, " d_vocab"] | Float[Tensor, "n d_vocab"] | None = None,
 ) -> Float[Tensor, " n"]:
     """``log p(t | x + v_j) - log p(t | x)`` for each row ``v_j`` of ``vectors`` (nats; Eq. 13 / Eq. 19).
 
-    Chunked over rows: peak extra memory ``chunk_size * d_vocab`` floats.
+    Args:
+        lens: the vocabulary projection.
+        base: the residual ``x`` every part is added to, or one base per part (``[n, d_model]``).
+        vectors: the parts.
+        target: target token id.
+        chunk_size: rows per matmul against ``W_U``.
+        base_logits: ``lens.logits(base)`` if already known (same leading shape as ``base``).
+
+    Chunked over rows: peak extra memory about ``3 * chunk_size * d_vocab`` floats.
     """
-    base_logits = lens.logits(base)
-    base_lp = torch.log_softmax(base_logits, -1)[target]
+    if base_logits is None:
+        base_logits = lens.logits(base)
+    base_lp = torch.log_softmax(base_logits, -1)[..., target]
+    per_row = base.dim() == 2
     out = []
     for start in range(0, vectors.shape[0], chunk_size):
-        chunk = vectors[start : start + chunk_size].float()
-        z = base_logits + lens.logits(chunk) if lens.linear else lens.logits(base + chunk)
-        out.append(z[:, target] - torch.logsumexp(z, dim=-1) - base_lp)
+        sl = slice(start, start + chunk_size)
+        chunk = vectors[sl].float()
+        b, bl, blp = (base[sl], base_logits[sl], base_lp[sl]) if per_row else (base, base_logits, base_lp)
+        z = bl + lens.logits(chunk) if lens.linear else lens.logits(b + chunk)
+        out.append(z[:, target] - torch.logsumexp(z, dim=-1) - blp)
     if not out:
         return torch.zeros(0, device=vectors.device)
     return torch.cat(out)
@@ -151,6 +220,8 @@ def log_prob_increase(
 # ----------------------------------------------------------------------------------------------
 
 ScorerFn = Callable[[ScoringContext, PartGroup, Tensor], Tensor]
+#: ``(ctx, group, base) -> Float[Tensor, "n"]``: an upper bound of a scorer's score for every part of ``group``.
+BoundFn = Callable[[ScoringContext, PartGroup, Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -160,24 +231,42 @@ class Scorer:
     Attributes:
         name: registry key (e.g. ``"log_prob_increase"``).
         fn: ``(ctx, group, base) -> Float[Tensor, "n"]``, one score per part of ``group`` (higher = more
-            important for the target).
+            important for the target). ``base`` is ``Float[Tensor, "d_model"]``, or, when the scorer has a
+            ``bound``, possibly ``Float[Tensor, "n d_model"]`` (one base per part: the pruned search scores parts
+            of many layers in one call).
         description: one line, with units.
-        uses_log_prob_bound: the certified top-k pruning of :mod:`tl_residual.topk` is valid for it.
+        uses_log_prob_bound: the score never exceeds the log-probability increase bound (1) of
+            :mod:`tl_residual.topk` (used as ``bound`` when none is given).
+        bound: ``(ctx, group, base) -> Float[Tensor, "n"]``, a certified upper bound of ``fn`` for every part,
+            cheap (no ``d_vocab`` work per part). With it, :func:`score_groups` finds the exact top-k by the
+            pruned search of :func:`~tl_residual.topk.certified_top_k` instead of scoring every part.
     """
 
     name: str
     fn: ScorerFn
     description: str
     uses_log_prob_bound: bool = False
+    bound: BoundFn | None = None
+
+    @property
+    def bound_fn(self) -> BoundFn | None:
+        """The bound the pruned search uses (``bound``, else the log-prob increase bound if flagged), or None."""
+        if self.bound is not None:
+            return self.bound
+        return log_prob_increase_bound if self.uses_log_prob_bound else None
 
 
 SCORERS: dict[str, Scorer] = {}
 
 
 def register_scorer(
-    name: str, description: str = "", *, uses_log_prob_bound: bool = False
+    name: str, description: str = "", *, uses_log_prob_bound: bool = False, bound: BoundFn | None = None
 ) -> Callable[[ScorerFn], ScorerFn]:
     """Decorator: register ``fn(ctx, group, base) -> scores`` under ``name``.
+
+    ``bound`` (optional) is a certified upper bound of the score per part; with it the top-k is found by the
+    pruned search (see :class:`Scorer`; ``fn`` must then accept one base per part, ``base`` of shape
+    ``[n, d_model]``). A wrong bound gives a wrong top-k: test it densely (``bound >= score`` on every part).
 
     Example::
 
@@ -192,7 +281,9 @@ def register_scorer(
         raise InvalidInputError("a scorer needs a non-empty name")
 
     def decorate(fn: ScorerFn) -> ScorerFn:
-        SCORERS[name] = Scorer(name, fn, description or (fn.__doc__ or "").strip().split("\n")[0], uses_log_prob_bound)
+        SCORERS[name] = Scorer(
+            name, fn, description or (fn.__doc__ or "").strip().split("\n")[0], uses_log_prob_bound, bound
+        )
         return fn
 
     return decorate
@@ -215,7 +306,38 @@ def get_scorer(name: str) -> Scorer:
     uses_log_prob_bound=True,
 )
 def _log_prob_increase(ctx: ScoringContext, group: PartGroup, base: Tensor) -> Tensor:
-    return log_prob_increase(ctx.lens, base, group.vectors, ctx.target, ctx.chunk_size)
+    return log_prob_increase(ctx.lens, base, group.vectors, ctx.target, ctx.chunk_size, ctx.base_logits(base))
+
+
+#: Rows per block when computing bounds (peak ``BOUND_ROWS * (d_model + n_head + 3)`` float64 values).
+BOUND_ROWS = 4096
+
+
+def log_prob_increase_bound(
+    ctx: ScoringContext, group: PartGroup, base: Float[Tensor, " d_model"]
+) -> Float[Tensor, " n"]:
+    """Certified upper bound (nats) of ``log p(t | x + v) - log p(t | x)`` for every part ``v`` of ``group``.
+
+    Bound (1) of :mod:`tl_residual.topk` (Jensen on the tail of ``p(x)``, the ``ctx.n_head`` most probable tokens
+    and the target exact). Linear lens: ``coefficient * (direction @ probes)``, ``(n_head + 2) * d_model``
+    multiply-adds per part, directions never copied beyond a block of :data:`BOUND_ROWS` rows. ``recomputed``
+    lens: the final norm is recomputed on ``x + v`` per part (``u = N(x + v) - N(x)``), ``O(d_model)`` per part;
+    the bound is equally valid there.
+    """
+    pr = ctx.base_probes(base)
+    probes = pr.probes  # [d_model, m+1], float64
+    out = []
+    for s in range(0, len(group), BOUND_ROWS):
+        coef = group.coefficients[s : s + BOUND_ROWS]
+        dirs = group.directions[s : s + BOUND_ROWS]
+        if ctx.lens.linear:
+            proj = coef.double()[:, None] * (dirs.double() @ probes.to(dirs.device))
+        else:
+            vec = coef.float()[:, None] * dirs.float()
+            u = ctx.lens.normalize(base + vec).double() - ctx.lens.normalize(base[None]).double()
+            proj = u @ probes.to(u.device)
+        out.append(head_tail_bound(proj, pr.log_weights.to(proj.device)))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
 def _chunked(
@@ -235,20 +357,48 @@ def target_rank(logits: Float[Tensor, "n d_vocab"], target: int) -> Float[Tensor
 # ``v`` is the part's direction (an FFN neuron's W_out row; an attention subvalue's v @ W_O), ``m`` its coefficient.
 
 
-@register_scorer("log_prob", "log p(t | m v): the part's own log-probability of the target, nats (method b)")
+def log_prob_bound(ctx: ScoringContext, group: PartGroup, base: Tensor) -> Float[Tensor, " n"]:
+    """Certified upper bound (nats) of method b, ``log p(t | v)``, for every part ``v`` of ``group``.
+
+    ``log p(t | v) = Imp(v | 0) + log p(t | 0)``: the log-probability increase over the zero residual (where the
+    frozen and ``none`` lenses give the uniform distribution, so this is Jensen's ``log p_t(v) <= z_t(v) -
+    mean_w z_w(v) - log V``, tightened by treating the target exactly). ``base`` is not used. Clamped at 0.
+    """
+    zero = torch.zeros(ctx.lens.W_U.shape[0], device=ctx.lens.W_U.device)
+    b = log_prob_increase_bound(ctx, group, zero) + ctx.base_probes(zero).base_log_prob.double()
+    return b.clamp_max(0.0)
+
+
+@register_scorer(
+    "log_prob",
+    "log p(t | m v): the part's own log-probability of the target, nats (method b)",
+    bound=log_prob_bound,
+)
 def _log_prob(ctx: ScoringContext, group: PartGroup, base: Tensor) -> Tensor:
     return _chunked(ctx, group.vectors, lambda z: torch.log_softmax(z, -1)[:, ctx.target])
 
 
-@register_scorer("prob_increase", "p(t | x + m v) - p(t | x), probability (method c)")
+def prob_increase_bound(ctx: ScoringContext, group: PartGroup, base: Tensor) -> Float[Tensor, " n"]:
+    """Certified upper bound (probability) of method c, ``p(t | x + v) - p(t | x) = p0 (exp Imp - 1)``.
+
+    Increasing in ``Imp``, so ``p0 * expm1(B)`` with ``B`` the :func:`log_prob_increase_bound` at the same base.
+    """
+    p0 = ctx.base_probes(base).base_log_prob.double().exp()
+    return p0 * torch.expm1(log_prob_increase_bound(ctx, group, base))
+
+
+@register_scorer("prob_increase", "p(t | x + m v) - p(t | x), probability (method c)", bound=prob_increase_bound)
 def _prob_increase(ctx: ScoringContext, group: PartGroup, base: Tensor) -> Tensor:
-    base_logits = ctx.lens.logits(base)
-    p0 = torch.softmax(base_logits, -1)[ctx.target]
-    if ctx.lens.linear:
-        return _chunked(ctx, group.vectors, lambda z: torch.softmax(base_logits + z, -1)[:, ctx.target] - p0)
+    base_logits = ctx.base_logits(base)
+    p0 = torch.softmax(base_logits, -1)[..., ctx.target]
+    per_row = base.dim() == 2
     vecs = group.vectors
-    out = [torch.softmax(ctx.lens.logits(base + vecs[s : s + ctx.chunk_size]), -1)[:, ctx.target] - p0
-           for s in range(0, vecs.shape[0], ctx.chunk_size)]
+    out = []
+    for s in range(0, vecs.shape[0], ctx.chunk_size):
+        sl = slice(s, s + ctx.chunk_size)
+        bl, b, p = (base_logits[sl], base[sl], p0[sl]) if per_row else (base_logits, base, p0)
+        z = bl + ctx.lens.logits(vecs[sl]) if ctx.lens.linear else ctx.lens.logits(b + vecs[sl])
+        out.append(torch.softmax(z, -1)[:, ctx.target] - p)
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -360,14 +510,23 @@ def score_groups(
 ) -> pd.DataFrame:
     """Score every part of ``groups`` with ``method`` and return the table, best first.
 
-    With ``top_k`` set, a method whose registry entry allows it (``log_prob_increase``) under a linear lens
-    uses the certified pruned search of :mod:`tl_residual.topk` (exact, same result as dense); others are
-    scored densely and cut. Groups are consumed one at a time (dense) or their coefficients and direction
-    references kept (pruned: directions of FFN groups are views of the weights, no copy).
+    With ``top_k`` set and a method that carries a certified upper bound in the registry (``log_prob_increase``,
+    ``log_prob``, ``prob_increase``; :attr:`Scorer.bound`), the exact top-k is found by the pruned search of
+    :func:`~tl_residual.topk.certified_top_k`, under every lens convention: the same parts and scores as dense
+    scoring (ties at the k-th score broken by order of appearance, as in the dense path), after scoring only the
+    parts whose bound beats the running k-th score. ``df.attrs`` then holds ``n_scored`` and ``n_candidates``.
+    ``pruned=False`` forces dense scoring (the reference path); methods without a bound are always dense.
+
+    Memory: dense consumes the groups one at a time; pruned keeps every group (FFN directions are views of
+    ``W_out``, no copy) plus one bound per part, and scores ``max(ctx.chunk_size, top_k)`` parts per matmul
+    against ``W_U`` (peak extra about ``3 * max(chunk_size, top_k) * d_vocab`` floats).
+
+    Raises:
+        InvalidInputError: unknown method or bad ``top_k``.
     """
     _check_top_k(top_k)
     scorer = get_scorer(method)
-    if top_k is not None and pruned and scorer.uses_log_prob_bound and ctx.lens.linear:
+    if top_k is not None and pruned and scorer.bound_fn is not None:
         return _pruned(ctx, list(groups), top_k, n_top_tokens, method)
     frames = []
     for g in groups:
@@ -376,8 +535,9 @@ def score_groups(
         scores = scorer.fn(ctx, g, ctx.base_for(g))
         picks = torch.arange(len(g))
         if top_k is not None and len(g) > top_k:
-            top = torch.topk(scores, top_k)
-            picks, scores = top.indices, top.values
+            # stable: ties keep the lower index, like the pruned search
+            picks = torch.argsort(scores.cpu(), descending=True, stable=True)[:top_k]
+            scores = scores[picks.to(scores.device)]
         frames.append(_rows(ctx, g, picks, scores, n_top_tokens))
     return _finish(frames, top_k, method, ctx)
 
@@ -385,35 +545,42 @@ def score_groups(
 def _pruned(
     ctx: ScoringContext, groups: list[PartGroup], top_k: int, n_top_tokens: int, method: str
 ) -> pd.DataFrame:
+    """The certified top-k over all parts of ``groups`` (see :func:`score_groups`)."""
+    scorer = get_scorer(method)
+    bound_fn = scorer.bound_fn
+    assert bound_fn is not None
     groups = [g for g in groups if len(g)]
-    bounds, owner, local = [], [], []
-    bases = []
-    for gi, g in enumerate(groups):
-        base = ctx.base_for(g)
-        bases.append(base)
-        direction = ctx.lens.transform_transpose(jensen_direction(ctx.lens.W_U, ctx.lens.logits(base), ctx.target))
-        bounds.append(g.coefficients.double() * (g.directions.double() @ direction.double()))
-        owner.append(torch.full((len(g),), gi, dtype=torch.long))
-        local.append(torch.arange(len(g)))
     if not groups:
         return _finish([], top_k, method, ctx)
-    all_bounds, all_owner, all_local = torch.cat(bounds), torch.cat(owner), torch.cat(local)
+    bases = [ctx.base_for(g) for g in groups]
+    ctx.prime(torch.stack(bases + [torch.zeros_like(bases[0])]))  # one matmul for every distinct base
+    bounds = [bound_fn(ctx, g, b).double().cpu() for g, b in zip(groups, bases)]
+    owner = torch.cat([torch.full((len(g),), gi, dtype=torch.long) for gi, g in enumerate(groups)])
+    local = torch.cat([torch.arange(len(g)) for g in groups])
+    all_bounds = torch.cat(bounds)
 
     def exact(idx: Tensor) -> Tensor:
+        # Parts of many layers in one call: one base per part, one matmul against W_U per chunk.
+        own, rows = owner[idx], local[idx]
+        coefs, dirs, base_rows = [], [], []
+        for gi in own.unique().tolist():
+            sel = (own == gi).nonzero().squeeze(-1)
+            g, r = groups[gi], rows[sel].to(groups[gi].coefficients.device)
+            coefs.append((sel, g.coefficients[r]))
+            dirs.append(g.directions[r])
+            base_rows.append(bases[gi].expand(len(sel), -1))
+        order = torch.cat([c[0] for c in coefs])
+        chunk = PartGroup("mixed", None, torch.cat([c[1] for c in coefs]), torch.cat(dirs))
+        scores = scorer.fn(ctx, chunk, torch.cat(base_rows)).double().cpu()
         out = torch.empty(len(idx), dtype=torch.float64)
-        for gi in all_owner[idx].unique().tolist():
-            sel = (all_owner[idx] == gi).nonzero().squeeze(-1)
-            rows = all_local[idx[sel]]
-            g = groups[gi]
-            vectors = g.coefficients[rows, None] * g.directions[rows]
-            out[sel] = log_prob_increase(ctx.lens, bases[gi], vectors, ctx.target, ctx.chunk_size).double()
+        out[order] = scores
         return out
 
     result = certified_top_k(all_bounds, exact, top_k, chunk_size=ctx.chunk_size)
     frames = []
-    for gi in all_owner[result.indices].unique().tolist():
-        sel = (all_owner[result.indices] == gi).nonzero().squeeze(-1)
-        frames.append(_rows(ctx, groups[gi], all_local[result.indices[sel]], result.scores[sel], n_top_tokens))
+    for gi in owner[result.indices].unique().tolist():
+        sel = (owner[result.indices] == gi).nonzero().squeeze(-1)
+        frames.append(_rows(ctx, groups[gi], local[result.indices[sel]], result.scores[sel], n_top_tokens))
     df = _finish(frames, top_k, method, ctx)
     df.attrs["n_scored"] = result.n_scored
     df.attrs["n_candidates"] = int(all_bounds.shape[0])
