@@ -118,8 +118,9 @@ def test_cross_layer_scores_exact_and_dense(variant_model):
     df = Q.cross_layer_scores(ctx)
     n_layers = variant_model.cfg.n_layers
     assert len(df) == sum(1 + 2 * lv + 1 for lv in range(n_layers))
-    col = "up" if variant_model.cfg.gated_mlp else "pre"
-    hook = "hook_pre_linear" if col == "up" else "hook_pre"
+    col = "gate" if variant_model.cfg.gated_mlp else "pre"
+    hook = "hook_pre"
+    assert df.attrs["which"] == col
     for lv in range(n_layers):
         sub = df[df["value_layer"] == lv]
         neurons = S.score_ffn_neurons(ctx, layers=[lv], n_top_tokens=0)

@@ -506,7 +506,9 @@ def cross_layer_scores(
     Exactness: for each ``Lv``, summing ``helpful_eq24 + unhelpful_eq24`` over all query rows plus
     ``df.attrs["key_bias"][Lv]`` gives the sum of ``Lv``'s cached inputs over neurons with ``C != 0``.
 
-    Input: ``"pre"`` for GELU MLPs, ``"up"`` by default for gated MLPs (``which="gate"`` for the gate).
+    Input: ``"pre"`` for GELU MLPs; for gated MLPs ``"gate"`` by default, the input of the activation function
+    (the analogue of GPT-2's pre-activation: it decides whether the neuron is switched on); ``which="up"`` takes the
+    linear input instead (whose effect on ``m = act(gate) * up`` changes sign with ``act(gate)``).
 
     Cost: scores all ``d_mlp`` neurons of each value layer by log-probability increase (``d_mlp`` vocabulary
     projections per layer).
@@ -526,7 +528,7 @@ def cross_layer_scores(
     spec = tlm.model_spec(model)
     layers = range(spec.n_layers) if value_layers is None else [resolve_layer(l, spec.n_layers) for l in value_layers]
     if which is None:
-        which = "up" if spec.gated_mlp else "pre"
+        which = "gate" if spec.gated_mlp else "pre"
     queries = layer_outputs(model, cache, pos, batch)
     scorer = get_scorer("log_prob_increase")
     rows, biases = [], {}
