@@ -2,8 +2,7 @@
 
 Each test loads a file:// page, waits for plotly to render, and asserts: the flow graph shows the expected number
 of nodes (plotly's ``gd._fullData`` and the SVG points in the DOM), no JavaScript error was logged, and no network
-request was made (Chrome DevTools performance log: every request must be the file:// page itself or a data:/blob:
-URL). A screenshot of each page is saved under test-artifacts/ (git-ignored).
+request was made (Chrome DevTools performance log: no http(s)/ws(s)/ftp request; the file:// page itself is fine). A screenshot of each page is saved under test-artifacts/ (git-ignored).
 
 Skipped with a reason when chromium, chromedriver or selenium is missing; scripts/test.sh installs them in CI and sets
 TLR_REQUIRE_BROWSER=1 there, which turns the skip into a failure.
@@ -26,6 +25,7 @@ from tl_residual import visualize as V
 CHROMIUM = os.environ.get("TLR_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("TLR_CHROMEDRIVER", "/usr/bin/chromedriver")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+NETWORK_SCHEMES = {"http", "https", "ws", "wss", "ftp"}
 
 pytestmark = pytest.mark.browser
 
@@ -90,14 +90,17 @@ def _rendered_nodes(driver: Any, div: str) -> tuple[int, int, int]:
 
 
 def _problems(driver: Any, page: Path) -> tuple[list[str], list[str]]:
-    """(JavaScript errors from the console, URLs of network requests other than the page and data:/blob:)."""
+    """(JavaScript errors from the console, URLs of every request that would leave the machine).
+
+    file:// (the page), data:, blob: and the browser's own chrome:// resources are not network requests.
+    """
     errors = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     requests = []
     for entry in driver.get_log("performance"):
         msg = json.loads(entry["message"])["message"]
         if msg["method"] in ("Network.requestWillBeSent", "Network.webSocketCreated"):
             url = msg["params"].get("request", {}).get("url") or msg["params"].get("url", "")
-            if url != page.resolve().as_uri() and not url.startswith(("data:", "blob:", "about:")):
+            if url.split(":", 1)[0].lower() in NETWORK_SCHEMES:
                 requests.append(url)
     return errors, requests
 
@@ -111,6 +114,18 @@ def _screenshot(driver: Any, name: str) -> Path:
     driver.save_screenshot(str(out))
     driver.set_window_size(1600, 1200)
     return out
+
+
+def test_the_checks_see_errors_and_requests(browser, tmp_path):
+    """The two detectors work: a page that throws and loads a remote image is caught by both."""
+    page = tmp_path / "bad.html"
+    page.write_text("<html><body><img src='http://127.0.0.1:9/x.png'><script>notDefined();</script>"
+                    "<div class='js-plotly-plot'></div></body></html>", encoding="utf-8")
+    browser.get_log("browser"), browser.get_log("performance")
+    browser.get(page.resolve().as_uri())
+    errors, requests = _problems(browser, page)
+    assert any("notDefined" in e for e in errors)
+    assert requests == ["http://127.0.0.1:9/x.png"]
 
 
 def test_random_model_flow_graph_renders_offline(browser, tmp_path):

@@ -98,7 +98,7 @@ def test_pruning_and_scores_match_dense(gpt2, prune):
     imp = _raw_imp(model, x_pre, sub.reshape(-1, sub.shape[-1]), target).reshape(sub.shape[:2])
     pattern = cache[f"blocks.{layer}.attn.hook_pattern"][0, :, pos, : pos + 1]
     for h in range(model.cfg.n_heads):
-        key = pattern[h] if prune == "activation" else imp[h]
+        key = pattern[h] if prune == "activation" else imp[h].abs()
         expected = set(torch.topk(key, 2).indices.tolist())
         drawn = nodes[(nodes["kind"] == "memory_value") & (nodes["head"] == h)]
         assert set(drawn["src_pos"]) == expected

@@ -19,10 +19,11 @@ Flow graph (Katz & Belinkov, "VISIT", section 4 and appendix A; REFERENCE.md "VI
 
     Edge widths carry the quantity of the edge (VISIT A.4): the attention weight (query -> memory value), the
     coefficient ``|m|`` (norm -> neuron, memory value -> attention neuron), or the L2 norm of the vector that is
-    summed (everything else). Pruning is selectable: ``prune="log_prob_increase"`` (default: the memory values,
-    heads and neurons with the highest -- and for neurons also the lowest -- log-probability increase) or
-    ``prune="activation"`` (VISIT's rule: highest attention weight, largest head norm, highest and lowest
-    coefficients), with the counts as parameters.
+    summed (everything else). Pruning is selectable, with the counts as parameters:
+    ``prune="log_prob_increase"`` (default) keeps, per head, the memory values with the largest ``|log-prob
+    increase|`` (helpful or harmful), the heads with the largest ``|log-prob increase|``, and the neurons with the
+    highest and the lowest log-prob increase; ``prune="activation"`` is VISIT's rule (appendix A.5): the highest
+    attention weights, the largest head norms, the highest and lowest coefficients.
 
 Plots (plotly figures)
     :func:`layer_contributions_figure` (attention vs FFN log-probability increase per layer, from
@@ -290,9 +291,10 @@ def flow_graph(
         position: destination position (default ``-1``, the last token).
         batch: prompt index in a batched cache.
         prune: ``"log_prob_increase"`` (default) or ``"activation"`` (VISIT's rule); see the module doc.
-        n_heads: heads drawn per layer (default all), the top ones by the pruning rule (log-probability increase
+        n_heads: heads drawn per layer (default all), the top ones by the pruning rule (``|log-prob increase|``
             of the head's output, or its norm as in VISIT).
-        n_memory: memory values (head x source-position subvalues) per drawn head.
+        n_memory: memory values (head x source-position subvalues) per drawn head: the largest
+            ``|log-prob increase|``, or the highest attention weights under ``prune="activation"``.
         n_attn_neurons: attention neurons drawn per layer from the top and as many from the bottom (0: none),
             chosen among the neurons of the drawn memory values (``n_memory * d_head`` per head).
         n_neurons: FFN neurons drawn per layer from the top and as many from the bottom.
@@ -354,7 +356,7 @@ def flow_graph(
         head_vecs = einops.reduce(sub.vectors, "(head src) d_model -> head d_model", "sum", src=n_src)
         head_group = _group("head", l, head_vecs, [D.head_name(l, h) for h in range(spec.n_heads)])
         head_lpi = _lpi(ctx, head_group)
-        head_rank = head_vecs.norm(dim=-1) if activation else head_lpi
+        head_rank = head_vecs.norm(dim=-1) if activation else head_lpi.abs()
         heads = sorted(_pick(head_rank, n_heads if n_heads is not None else spec.n_heads, largest=True))
         q = tlm.cached(cache, f"blocks.{l}.attn.hook_q", batch)[pos]
         if q.shape[0] != spec.n_heads:
@@ -370,7 +372,7 @@ def flow_graph(
             b.edge(ln1, qn, "norm", float(q[h].norm()))
             hn = b.node(D.head_name(l, h), "head", l, head_vecs[h], lpi=float(head_lpi[h]), head=h, order=rank_h)
             b.edge(hn, attn_out, "norm", float(head_vecs[h].norm()))
-            mem_scores = pattern[h] if activation else sub_lpi_hs[h]
+            mem_scores = pattern[h] if activation else sub_lpi_hs[h].abs()
             for j, p in enumerate(_pick(mem_scores, n_memory, largest=True)):
                 i = h * n_src + p
                 mv = b.node(D.subvalue_name(l, h, p), "memory_value", l, sub.vectors[i], lpi=float(sub_lpi[i]),
@@ -464,7 +466,7 @@ def _project(b: _Builder, model: Any, cache: Any, ctx: ScoringContext, projectio
         if isinstance(lab, str):
             labels.append(lab)
         elif kind == "memory_value":  # the source token the value was created from, then what it says
-            labels.append(f"{_short(src, 8)} ▸ {_short(t[0], 9)}")
+            labels.append(f"{_short(src.strip() or src, 8)} ▸ {_short(t[0].strip() or t[0], 9)}")
         else:
             labels.append(_short(t[0]) if t else "")
     nodes["label"] = labels
@@ -612,10 +614,10 @@ def _draw(graph: FlowGraph) -> go.Figure:
         title=dict(text=title, font=dict(size=15), x=0.01),
         width=max(900, 105 * n_cols + 220), height=max(520, 34 * tallest + 260),
         plot_bgcolor="white", paper_bgcolor="white", hovermode="closest",
-        margin=dict(l=20, r=20, t=70, b=20),
+        margin=dict(l=20, r=20, t=70, b=60),
         xaxis=dict(visible=False, range=[float(nodes["x"].min()) - 0.7, float(nodes["x"].max()) + 0.7]),
         yaxis=dict(visible=False, range=[y_bottom - 0.3, y_top + 1.3]),
-        legend=dict(orientation="h", x=0.0, y=-0.02, yanchor="top"),
+        legend=dict(orientation="h", x=0.0, y=0.0, yanchor="top"),
         hoverlabel=dict(align="left", font=dict(size=12)),
     )
     return fig
