@@ -121,6 +121,30 @@ def test_pruning_and_scores_match_dense(gpt2, prune):
         assert math.isclose(lpi, float(ffn_imp[k]), rel_tol=1e-3, abs_tol=1e-5)
 
 
+def test_n_heads_keeps_the_heads_with_largest_abs_log_prob_increase(gpt2):
+    model, cache = gpt2
+    pos, layer, target = N_POS - 1, 1, 11
+    g = V.flow_graph(model, cache, target=target, layers=[layer], n_heads=2, n_memory=1, n_attn_neurons=0,
+                     n_neurons=0, convention="none")
+    sub = _subvalues(model, cache, layer, pos)
+    x_pre = cache[f"blocks.{layer}.hook_resid_pre"][0, pos].float()
+    imp = _raw_imp(model, x_pre, sub.sum(1), target)
+    assert set(g.nodes[g.nodes["kind"] == "head"]["head"]) == set(torch.topk(imp.abs(), 2).indices.tolist())
+    assert (g.nodes["kind"] == "query").sum() == 2 and (g.nodes["kind"] == "memory_value").sum() == 2
+
+
+def test_earlier_position_and_prompt_text(gpt2):
+    model, cache = gpt2
+    logits, _ = run_cache(model)
+    g = V.flow_graph(model, cache, layers=[2], position=3, n_attn_neurons=1)
+    assert g.meta["position"] == 3 and (g.nodes["src_pos"] <= 3).all()
+    probs = torch.softmax(logits[0, 3].float(), -1)
+    final = g.nodes.set_index("id").loc["L2.resid_post"]
+    assert final["target_rank"] == 1 and math.isclose(final["target_prob"], float(probs.max()), rel_tol=1e-4)
+    from_text = V.flow_graph(model, "t5 t33 t42", layers=[2], n_attn_neurons=0)
+    assert set(from_text.nodes["src_token"]) - {""} <= {"t1", "t5", "t33", "t42"}
+
+
 def test_head_nodes_sum_their_subvalues(gpt2):
     model, cache = gpt2
     pos, layer = N_POS - 1, 1
