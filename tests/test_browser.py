@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,17 @@ def _rendered_nodes(driver: Any, div: str) -> tuple[int, int, int]:
         "        idx.reduce((a, i) => a + layers[i].querySelectorAll('g.textpoint').length, 0)];", div))
 
 
+def _hover(driver: Any, meta: str, point: int) -> str:
+    """Hover point ``point`` of the first trace whose ``meta`` is ``meta``; the hover label's text."""
+    driver.execute_script(
+        "const gd = document.querySelector('.js-plotly-plot');"
+        "Plotly.Fx.hover(gd, [{curveNumber: gd._fullData.findIndex(t => t.meta === arguments[0]),"
+        "                      pointNumber: arguments[1]}]);", meta, point)
+    time.sleep(0.4)  # plotly throttles hover events
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll('.hoverlayer .hovertext')).map(e => e.textContent).join('|');")
+
+
 def _problems(driver: Any, page: Path) -> tuple[list[str], list[str]]:
     """(JavaScript errors from the console, URLs of every request that would leave the machine).
 
@@ -137,6 +149,12 @@ def test_random_model_flow_graph_renders_offline(browser, tmp_path):
     _open(browser, page, 1)
     data_points, svg_points, labels = _rendered_nodes(browser, "")
     assert data_points == svg_points == labels == len(graph.nodes)
+    # hovering a node shows its name, the target's probability/rank and its log-prob increase; an edge its value
+    nodes = graph.nodes[graph.nodes["kind"] != "query"].reset_index(drop=True)
+    k = int(nodes.index[nodes["kind"] == "memory_value"][0])
+    text = _hover(browser, "node", k)
+    assert nodes.loc[k, "id"] in text and "target 't" in text and "log-prob increase" in text
+    assert "→" in _hover(browser, "edge-hover", 0)
     errors, requests = _problems(browser, page)
     assert errors == [] and requests == []
     assert _screenshot(browser, "browser-random-flow-graph.png").stat().st_size > 10_000

@@ -576,7 +576,7 @@ def _draw(graph: FlowGraph) -> go.Figure:
             fig.add_trace(go.Scatter(x=ex, y=ey, mode="lines", line=dict(color=colour, width=float(w)),
                                      hoverinfo="skip", name=legend, legendgroup=quantity, showlegend=k == 0,
                                      meta="edge"))
-    fig.add_trace(go.Scatter(x=mids_x, y=mids_y, mode="markers", marker=dict(size=8, opacity=0),
+    fig.add_trace(go.Scatter(x=mids_x, y=mids_y, mode="markers", marker=dict(size=9, color="rgba(0,0,0,0)"),
                              hovertext=mids_text, hoverinfo="text", showlegend=False, meta="edge-hover"))
     # nodes: projected (coloured by the target's rank) and queries (grey)
     d_vocab = meta.get("d_vocab", 50000)
