@@ -98,7 +98,10 @@ def parse_component(model: Any, name: str) -> Component:
         InvalidInputError: a malformed name (the message lists the accepted forms) or an index out of range
             (layer >= n_layers, neuron >= d_mlp, head >= n_heads, dim >= d_head).
     """
-    spec = tlm.model_spec(model)
+    return _parse(tlm.model_spec(model), name)
+
+
+def _parse(spec: tlm.ModelSpec, name: str) -> Component:
     if not isinstance(name, str):
         raise InvalidInputError(f"a component name must be a string, got {name!r}")
     text = name.strip()
@@ -134,9 +137,10 @@ def parse_components(model: Any, names: str | Iterable[str]) -> list[Component]:
     """
     if isinstance(names, str):
         names = [n for n in names.split(",") if n.strip()]
+    spec = tlm.model_spec(model)
     out: dict[str, Component] = {}
     for n in names:
-        c = parse_component(model, n)
+        c = _parse(spec, n)
         out.setdefault(c.name, c)
     if not out:
         raise InvalidInputError(f"no components given; name at least one, e.g. {NAME_FORMS}")
@@ -215,6 +219,12 @@ class PromptBatch:
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    def select(self, rows: Sequence[int]) -> PromptBatch:
+        """The sub-batch of ``rows`` (repeats allowed: run several interventions of one prompt in one pass)."""
+        idx = torch.as_tensor(list(rows), dtype=torch.long)
+        return PromptBatch([self.prompts[i] for i in idx.tolist()], self.tokens[idx], self.attention_mask[idx],
+                           self.lengths[idx], self.offsets[idx], self.padding_side)
 
 
 def tokenize_batch(model: Any, prompts: Sequence[str], padding_side: PaddingSide = "right") -> PromptBatch:

@@ -1,0 +1,105 @@
+"""The factual-prompt dataset, the paper's filter, and a reduced faithfulness benchmark on SmolLM2-135M."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from tl_residual import datasets as DS
+from tl_residual.decompose import ffn_parts
+from tl_residual.errors import InvalidInputError
+from tl_residual.scorers import SCORERS, make_context
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _benchmark_module():
+    spec = importlib.util.spec_from_file_location("faithfulness_benchmark", ROOT / "benchmarks" / "faithfulness.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dataset_loads_with_header():
+    df = DS.load_factual_prompts()
+    assert len(df) == 442 and list(df.columns) == ["type", "prompt", "answer"]
+    assert set(df["type"]) == set(DS.KNOWLEDGE_TYPES)
+    assert all(a.startswith(" ") for a in df["answer"])
+    header = DS.dataset_header()
+    for t in DS.KNOWLEDGE_TYPES:
+        assert header["types"][t]["source"] and " " + "x" not in header["types"][t]["candidates"]
+        # every answer of a type is one of its candidates (the filter compares against them)
+        assert set(df.loc[df["type"] == t, "answer"]) <= set(header["types"][t]["candidates"])
+    assert len(DS.load_factual_prompts("month")) == 72
+    with pytest.raises(InvalidInputError, match="unknown knowledge type"):
+        DS.load_factual_prompts(["planets"])
+
+
+def test_filter_known_answers(smollm2):
+    prompts = pd.DataFrame(
+        {
+            "type": ["capital", "capital", "capital", "month"],
+            "prompt": ["The capital of France is", "The capital of France is", "The capital of France is",
+                       "The capital of France is"],
+            "answer": [" Paris", " Rome", " Parisian", " May"],
+        }
+    )
+    df = DS.filter_prompts(smollm2, prompts)
+    assert df["keep"].tolist() == [True, False, False, False]
+    assert df.loc[0, "answer_rank"] == 1 and 0.6 < df.loc[0, "answer_prob"] < 0.9
+    assert bool(df.loc[0, "beats_candidates"]) and not bool(df.loc[1, "beats_candidates"])
+    assert df["single_token"].tolist() == [True, True, False, True]
+    assert df.loc[3, "answer_rank"] > 10
+    assert df.attrs["survivors"]["capital"] == 1 and df.attrs["survivors"]["total"] == 1
+    with pytest.raises(InvalidInputError, match="lacks column"):
+        DS.filter_prompts(smollm2, prompts.drop(columns=["answer"]))
+
+
+def test_rank_table_matches_registry_inverse_rank(paris):
+    """The per-target rank table (computed once for all prompts) gives the registry's 1/rank scores."""
+    F = _benchmark_module()
+    model, cache, _ = paris
+    ctx = make_context(model, cache, " Paris")
+    table = F.target_rank_table(model, ctx.lens, [ctx.target], layers=[29])[ctx.target]
+    group = ffn_parts(model, cache, 29, ctx.position)[0]
+    expected = SCORERS["inverse_rank"].fn(ctx, group, ctx.base_for(group))
+    torch.testing.assert_close(1.0 / table[29 * 1536 :].double(), expected.double())
+    coefs = F.ffn_coefficients(model, cache, ctx.position, 0)
+    only_29 = table.clone()
+    only_29[: 29 * 1536] = 10**9  # layers not computed: rank "infinity", score 0
+    names = F.rank_method_top_k(model, coefs, only_29, "coefficient_inverse_rank", 5)
+    dense = SCORERS["coefficient_inverse_rank"].fn(ctx, group, ctx.base_for(group))
+    assert names == [f"L29.N{int(i)}" for i in torch.argsort(dense, descending=True, stable=True)[:5]]
+
+
+def test_reduced_benchmark_lowers_probability_more_than_random(smollm2):
+    """CI version of Table 2: zeroing log_prob_increase's top-10 FFN neurons lowers the target's probability on
+    every prompt, and by more than zeroing 10 random neurons."""
+    F = _benchmark_module()
+    tok = smollm2.tokenizer
+    prompts = pd.DataFrame(
+        {
+            "type": ["capital", "language", "country"],
+            "prompt": ["The capital of France is", "In Spain, most people speak",
+                       "The Eiffel Tower is located in the country of"],
+            "answer_id": [tok.encode(w, add_special_tokens=False)[0] for w in (" Paris", " Spanish", " France")],
+        }
+    )
+    res = F.run_benchmark(smollm2, prompts, methods=("log_prob_increase",), ks=(10,), attention=False,
+                          batch_size=3, progress=False)
+    df = res.frame()
+    lpi = df[df.method == "log_prob_increase"].set_index("prompt_index")
+    rnd = df[df.method == "random"].set_index("prompt_index")
+    assert len(lpi) == 3 and (lpi["k"] == 10).all()
+    assert (lpi["prob"] < lpi["prob_before"]).all()
+    assert (lpi["prob_before"] - lpi["prob"]).mean() > (rnd["prob_before"] - rnd["prob"]).mean() + 0.05
+    assert (lpi["logp"] < rnd["logp"]).all()
+    summary = F.summarise(df, ["method", "k"]).set_index("method")
+    assert summary.loc["log_prob_increase", "mrr"] <= summary.loc["none", "mrr"]
+    assert "a) log-prob increase" in F.markdown(res)
