@@ -241,6 +241,25 @@ def test_layer_contributions_figure_shows_score_layers(gpt2):
         V.layer_contributions_figure(table.drop(columns=["kind"]))
 
 
+@pytest.mark.parametrize("convention", ["frozen", "recomputed"])
+def test_write_report_random_model(gpt2, tmp_path, convention):
+    from tl_residual.explain import explain
+
+    model, _ = gpt2
+    result = explain(model, "t5 t33 t42 t8", top_k=3, convention=convention)
+    path = V.write_report(model, result, str(tmp_path / "r.html"), layers=[1, 2], n_neurons=2)
+    page = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert path == str(tmp_path / "r.html")
+    for div in ("flow-graph", "layer-contributions", "bs-trajectories", "bs-minus", "parts-table", "nodes-table"):
+        assert f'id="{div}"' in page
+    assert page.count("Plotly.newPlot(") == 5 and not re.search(r"<(script|link)[^>]*(src|href)=", page)
+    result.extra.pop("cache")  # without the cache the report reruns the model: same flow graph
+    again = V.report_html(model, result, layers=[1, 2], n_neurons=2)
+    assert again.count("<tr>") == page.count("<tr>")
+    with pytest.raises(InvalidInputError, match="prune"):
+        V.write_report(model, result, str(tmp_path / "bad.html"), prune="size")
+
+
 @pytest.mark.real_model
 def test_smollm2_paris_flow_graph(paris):
     model, cache, tokens = paris

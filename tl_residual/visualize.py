@@ -791,6 +791,9 @@ def report_html(model: Any, explanation: Any, *, layers: int | Sequence[int] | N
         trajectory_tokens: tokens of the bs-value trajectory plot (default: the target and the model's next
             top-4 predictions).
         graph_kwargs: passed to :func:`flow_graph` (``prune``, ``n_memory``, ``n_neurons``, ...).
+
+    Raises:
+        InvalidInputError: bad flow-graph arguments or tokens (see :func:`flow_graph`).
     """
     cache = explanation.extra.get("cache")
     with torch.no_grad():
@@ -824,11 +827,9 @@ def report_html(model: Any, explanation: Any, *, layers: int | Sequence[int] | N
         "<h2>Layer-level contributions</h2>",
         _fig_div(layer_contributions_figure(layers_df), "layer-contributions"),
         "<h2>bs-values along the residual stream</h2>",
-        _fig_div(bs_value_trajectory_figure(model, cache, traj, pos, convention=conv if conv != "recomputed"
-                                            else "frozen"), "bs-trajectories"),
+        _fig_div(bs_value_trajectory_figure(model, cache, traj, pos, convention=conv), "bs-trajectories"),
         "<h2>bs-value minus score per layer</h2>",
-        _fig_div(bs_value_minus_figure(model, cache, target, other, pos, convention=conv if conv != "recomputed"
-                                       else "frozen"), "bs-minus"),
+        _fig_div(bs_value_minus_figure(model, cache, target, other, pos, convention=conv), "bs-minus"),
         "<h2>Top parts</h2>",
         _fig_div(parts_table_figure(pd.concat([explanation.attention_subvalues, explanation.ffn_neurons])
                                     .sort_values("score", ascending=False), "Top parts by score"), "parts-table"),
