@@ -107,7 +107,11 @@ class Explanation:
             ("Attention subvalues (head x source position)", self.attention_subvalues),
             ("FFN neurons", self.ffn_neurons),
         ):
+            if "top_tokens" in df:  # one readable cell per row instead of a Python list
+                df = df.assign(top_tokens=[" ".join(repr(t) for t in tt) for tt in df["top_tokens"]])
             parts.append(f"<h4>{title}</h4>" + df.to_html(index=False, float_format=lambda x: f"{x:.4f}"))
+        parts.append("<p><i>Flow graph and plots: <code>tl_residual.visualize.write_report(model, explanation, "
+                     "'report.html')</code> or <code>flow_graph(model, explanation.extra['cache'])</code>.</i></p>")
         return "\n".join(parts)
 
 
