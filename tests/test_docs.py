@@ -4,13 +4,15 @@
   generated from them), and every public module has an API page;
 * ``mkdocs build --strict`` passes (broken links, missing pages and broken API references fail it);
 * the unsupported-architecture errors listed in ``docs/architectures.md`` are the ones ``model_spec`` raises;
-* the custom-scorer example of ``docs/extending.md`` runs as written, in tables, ``explain`` and the CLI.
+* the custom-scorer example of ``docs/extending.md`` runs as written: tables, top-k, ``explain``, the
+  faithfulness benchmark and the CLI ``--method``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import inspect
 import pkgutil
 import re
@@ -19,6 +21,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 
 import tl_residual
@@ -155,7 +158,7 @@ def textwrap_dedent(block: str) -> str:
 
 @pytest.mark.real_model
 def test_extending_custom_scorer_example_runs(paris, monkeypatch, tmp_path):
-    """The worked example of docs/extending.md: tables, top-k, explain and the CLI --method."""
+    """The worked example of docs/extending.md: tables, top-k, explain, the faithfulness benchmark and the CLI."""
     import torch
 
     from tl_residual import scorers
@@ -195,6 +198,19 @@ def test_extending_custom_scorer_example_runs(paris, monkeypatch, tmp_path):
             recomputed = scorers.make_context(model, cache, target=" Paris", convention="recomputed")
             scorers.score_ffn_neurons(recomputed, method="target_logit", layers=[0])
 
+        # The faithfulness benchmark accepts the registered name (one prompt, top-10, no attention part).
+        bench_path = ROOT / "benchmarks" / "faithfulness.py"
+        spec = importlib.util.spec_from_file_location("faithfulness_benchmark_docs", bench_path)
+        bench = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = bench
+        spec.loader.exec_module(bench)
+        prompts = pd.DataFrame({"type": ["capital"], "prompt": ["The capital of France is"],
+                                "answer_id": [ctx.target]})
+        frame = bench.run_benchmark(model, prompts, methods=("target_logit",), ks=(10,), attention=False,
+                                    batch_size=1, progress=False).frame()
+        row = frame[frame.method == "target_logit"].iloc[0]
+        assert row["k"] == 10 and row["prob"] < row["prob_before"]
+
         # The command line, through the launcher's import order (in-process: the model is cached).
         from typer.testing import CliRunner
 
@@ -208,3 +224,4 @@ def test_extending_custom_scorer_example_runs(paris, monkeypatch, tmp_path):
     finally:
         scorers.SCORERS.pop("target_logit", None)
         sys.modules.pop("my_scorers", None)
+        sys.modules.pop("faithfulness_benchmark_docs", None)
