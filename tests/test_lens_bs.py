@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TOKENS, run_cache
+from conftest import TOKENS, _variant, run_cache
 from tl_residual import decompose as D
 from tl_residual import lens as L
 from tl_residual import model as tlm
@@ -63,7 +63,9 @@ def test_minus_scores_are_additive(variant_model):
     assert got == pytest.approx(float(zb[7] - zb[9]), rel=1e-4, abs=1e-5)
 
 
-def test_recomputed_minus_parts_match_dense(variant_model):
+@pytest.mark.parametrize("name", ["hooked-gpt2", "hooked-llama-gqa", "bridge-gpt2-compat-nofoldln", "bridge-llama-gqa"])
+def test_recomputed_minus_parts_match_dense(name):
+    variant_model = _variant(name)
     _, cache = run_cache(variant_model)
     parts = L.bs_minus_parts(variant_model, cache, 7, 9, layer=0, stream="resid_mid", convention="recomputed")
     lens = L.Lens(variant_model, cache, POS, convention="recomputed")
@@ -96,7 +98,9 @@ def test_trajectory(variant_model):
     assert prob.iloc[-1, 2] == pytest.approx(float(torch.softmax(logits, -1)[7]), rel=1e-4)
 
 
-def test_bad_input(variant_model):
+@pytest.mark.parametrize("name", ["hooked-gpt2", "bridge-llama-gqa"])
+def test_bad_input(name):
+    variant_model = _variant(name)
     _, cache = run_cache(variant_model)
     with pytest.raises(InvalidInputError, match="out of range"):
         L.bs_minus_layers(variant_model, cache, 7, 999)

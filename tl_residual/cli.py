@@ -169,7 +169,7 @@ def query(
     scale and centring folded in (residual-stream paper Eq. 20-23); the contributions plus the key bias B sum to
     the cached pre-activation (gate and up separately for gated MLPs).
     """
-    from tl_residual.query import split_neuron, top_query_parts
+    from tl_residual.query import parse_neuron, split_neuron, top_query_parts
 
     if not prompt.strip():
         fail("the prompt is empty: give some text, e.g. --prompt 'The capital of France is'")
@@ -177,8 +177,9 @@ def query(
         fail(f"--top-k must be a positive integer, got {top_k}")
     m = load(model)
     try:
+        tokens = m.to_tokens(prompt)
+        parse_neuron(m, neuron, int(tokens.shape[1]))  # a bad name fails before the forward pass
         with console.status("running and splitting ..."):
-            tokens = m.to_tokens(prompt)
             import torch
 
             with torch.no_grad():
