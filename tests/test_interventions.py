@@ -191,3 +191,31 @@ def test_bad_input(smollm2):
         I.intervene(smollm2, "The capital of France is", "L3.N2", targets=" Parisian city")
     with pytest.raises(InvalidInputError, match="padding_side"):
         I.intervene(smollm2, "The capital of France is", "L3.N2", padding_side="middle")
+
+
+def test_cli_ablate(smollm2, tmp_path):
+    from typer.testing import CliRunner
+
+    from tl_residual.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "ablate.json"
+    res = runner.invoke(app, ["ablate", "--prompt", "The capital of France is", "--neurons", "L24.N1005,L27.N1392",
+                              "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "' Paris'" in res.output and "before" in res.output and "after" in res.output
+    import json
+
+    data = json.loads(out.read_text())
+    assert data["components"] == ["L24.N1005", "L27.N1392"] and data["before"]["rank"] == 1
+    assert data["after"]["prob"] < data["before"]["prob"]
+    for args, fragment in (
+        (["--neurons", "L24.Q5"], "cannot parse component name"),
+        (["--neurons", "L24.N99999"], "out of range"),
+        (["--neurons", "L24.N5", "--mode", "scale"], "needs --factor"),
+        (["--neurons", "L24.N5", "--mode", "melt"], "not one of"),
+        (["--neurons", "L24.N5", "--target", " Parisian city"], "not one"),
+    ):
+        res = runner.invoke(app, ["ablate", "--prompt", "The capital of France is", *args])
+        assert res.exit_code == 2, (args, res.output)
+        assert "error:" in res.output and "Traceback" not in res.output and fragment in res.output, res.output

@@ -221,6 +221,69 @@ def query(
 
 
 @app.command()
+def ablate(
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt text."),
+    neurons: str = typer.Option(..., "--neurons", "-n", help="Comma-separated components: FFN neurons L24.N1005, "
+                                "attention neurons L12.H3.d7 (or L12.H3.d7.p4), subvalues L12.H3.p4, heads L12.H3."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model name; default: the embedded SmolLM2-135M."),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="Target token (one token, e.g. ' Paris'); "
+                                         "default: the top-1 before the intervention."),
+    mode: str = typer.Option("zero", "--mode", help="zero (default), scale (needs --factor) or replace (needs --value)."),
+    factor: Optional[float] = typer.Option(None, "--factor", help="Multiplier for --mode scale."),
+    value: Optional[float] = typer.Option(None, "--value", help="New coefficient for --mode replace."),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Write the result as one JSON object to this path."),
+) -> None:
+    """Zero (or scale, or replace) components at every position, rerun, and compare the target before and after.
+
+    The neuron-level paper's intervention (section 4.1): the target's rank, probability and log-probability (nats).
+    """
+    from tl_residual.interventions import MODES, intervene
+
+    if not prompt.strip():
+        fail("the prompt is empty: give some text, e.g. --prompt 'The capital of France is'")
+    if not [n for n in neurons.split(",") if n.strip()]:
+        fail("--neurons is empty: name at least one component, e.g. --neurons L24.N1005,L27.N1392")
+    if mode not in MODES:
+        fail(f"--mode {mode!r} is not one of {', '.join(MODES)}")
+    if mode == "scale" and factor is None:
+        fail("--mode scale needs --factor (e.g. --factor 0.5)")
+    if mode == "replace" and value is None:
+        fail("--mode replace needs --value (the new coefficient)")
+    if mode != "scale" and factor is not None:
+        fail(f"--factor only applies to --mode scale (got --mode {mode})")
+    if mode != "replace" and value is not None:
+        fail(f"--value only applies to --mode replace (got --mode {mode})")
+    m = load(model)
+    try:
+        with console.status("running with and without the intervention ..."):
+            result = intervene(m, prompt, neurons, target, mode=mode, factor=factor, value=value)  # type: ignore[arg-type]
+    except TLResidualError as exc:
+        fail(str(exc))
+    row = result.to_dataframe().iloc[0]
+    comps = result.components[0]
+    how = {"zero": "zeroed", "scale": f"scaled by {factor}", "replace": f"replaced by {value}"}[mode]
+    console.print(f"[bold]{model}[/bold]  prompt {prompt!r}  target [bold]{row.target_token!r}[/bold] "
+                  f"(id {int(row.target)}); {len(comps)} component(s) {how} at every position: {', '.join(comps)}")
+    t = Table(header_style="bold")
+    for c in ("", "rank", "prob", "logp (nats)"):
+        t.add_column(c, justify="right" if c else "left")
+    t.add_row("before", str(int(row.rank_before)), f"{row.prob_before:.4f}", f"{row.logp_before:.4f}")
+    t.add_row("after", str(int(row.rank_after)), f"{row.prob_after:.4f}", f"{row.logp_after:.4f}")
+    console.print(t)
+    if json_path:
+        out = {"model": model, "prompt": prompt, "target_token": row.target_token, "target_id": int(row.target),
+               "mode": mode, "factor": factor, "value": value, "components": comps,
+               "before": {"rank": int(row.rank_before), "prob": float(row.prob_before), "logp": float(row.logp_before)},
+               "after": {"rank": int(row.rank_after), "prob": float(row.prob_after), "logp": float(row.logp_after)}}
+        try:
+            with open(json_path, "w", encoding="utf-8") as f:
+                json.dump(out, f, indent=2, ensure_ascii=False)
+        except OSError as exc:
+            fail(f"cannot write --json {json_path!r}: {exc}")
+        console.print(f"wrote {json_path}")
+
+
+@app.command()
 def methods() -> None:
     """List the registered scoring methods."""
     from tl_residual.scorers import SCORERS
