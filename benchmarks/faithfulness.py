@@ -99,7 +99,8 @@ def target_rank_table(
 
     Neuron-level paper section 4.1, methods f and h. Under the ``frozen`` lens the projection is
     ``(centre(v) * gamma / scale) @ W_U`` with a positive per-prompt ``scale``, so the ranks do not depend on the
-    prompt and one table serves every prompt with the same target. Streams ``chunk_rows x d_vocab`` logits.
+    prompt and one table serves every prompt with the same target. Streams ``chunk_rows x d_vocab`` logits; each
+    row is sorted once and every target's count of strictly larger bs-values found by binary search.
     ``layers`` restricts the work to those layers (the other entries are left at 0, which no rank takes).
 
     Raises:
@@ -114,10 +115,11 @@ def target_rank_table(
         W = tlm.W_out(model, layer)
         for s in range(0, spec.d_mlp, chunk_rows):
             z = lens.logits(W[s : s + chunk_rows])  # [rows, d_vocab]
-            zt = z[:, t]
+            zt = z[:, t].contiguous()
             rows = slice(layer * spec.d_mlp + s, layer * spec.d_mlp + s + z.shape[0])
-            for j in range(len(t)):
-                out[rows, j] = 1 + (z > zt[:, j : j + 1]).sum(-1)
+            # count of bs-values strictly above the target's: one sort per row serves every target
+            above = z.shape[1] - torch.searchsorted(torch.sort(z, dim=1).values, zt, right=True)
+            out[rows] = 1 + above
     return {int(tok): out[:, j].clone() for j, tok in enumerate(t.tolist())}
 
 
