@@ -5,8 +5,8 @@ from __future__ import annotations
 import einops
 import pytest
 import torch
-
 from conftest import TOKENS, _variant, run_cache
+
 from tl_residual import decompose as D
 from tl_residual import model as tlm
 from tl_residual import scorers as S
@@ -34,7 +34,7 @@ def test_attention_neurons_exact(variant_model):
             assert g.kind == "attn_neuron" and len(g) == n_heads * (pos + 1) * d_head
             coef, w_o = _dense_neurons(variant_model, cache, layer, pos)
             torch.testing.assert_close(g.coefficients, coef.reshape(-1), **TOL)
-            h, p, d = g.index["head"], g.index["src_pos"], g.index["dim"]
+            h, d = g.index["head"], g.index["dim"]
             torch.testing.assert_close(g.directions, w_o[h, d], **TOL)
             assert g.names[0] == f"L{layer}.H0.d0.p0" and g.names[-1] == f"L{layer}.H{n_heads - 1}.d{d_head - 1}.p{pos}"
             # sum over d == attention_parts' subvalue; over everything + b_O == hook_attn_out
@@ -93,7 +93,7 @@ def _dense_scores(model, cache, method, layer, pos, target):
 
     x = cache[f"blocks.{layer}.hook_resid_pre"][0, pos]
     zx = z(x)
-    rank = lambda zz: 1.0 + (zz > zz[:, target : target + 1]).sum(-1).float()  # noqa: E731
+    rank = lambda zz: 1.0 + (zz > zz[:, target : target + 1]).sum(-1).float()
     if method == "log_prob_increase":
         return torch.log_softmax(zx + z(vecs), -1)[:, target] - torch.log_softmax(zx, -1)[target]
     if method == "log_prob":

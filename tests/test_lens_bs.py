@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import TOKENS, _variant, run_cache
+
 from tl_residual import decompose as D
 from tl_residual import lens as L
 from tl_residual import model as tlm
@@ -73,8 +73,8 @@ def test_recomputed_minus_parts_match_dense(name):
     z = lens.logits(g.vectors)
     want = dict(zip(g.names, (z[:, 7] - z[:, 9]).tolist()))
     got = parts.set_index("name")["minus"]
-    for name, value in want.items():
-        assert got[name] == pytest.approx(value, rel=1e-4, abs=1e-5)
+    for part, value in want.items():
+        assert got[part] == pytest.approx(value, rel=1e-4, abs=1e-5)
 
 
 def test_trajectory(variant_model):

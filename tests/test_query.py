@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import TOKENS, _variant, run_cache
+
 from tl_residual import model as tlm
 from tl_residual import query as Q
 from tl_residual import scorers as S
@@ -172,7 +172,7 @@ def test_bad_input(name):
 
 
 def test_smollm2_query_split(paris):
-    model, cache, tokens = paris
+    model, cache, _ = paris
     df = Q.split_neuron(model, cache, "L24.N1005")
     assert df.attrs["inputs"] == ["gate", "up"]
     for col, hook in (("gate", "hook_pre"), ("up", "hook_pre_linear")):

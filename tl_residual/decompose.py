@@ -463,9 +463,11 @@ def aggregate_attention_neurons(
         raise InvalidInputError(f"aggregate_attention_neurons needs an 'attn_neuron' group, got {group.kind!r}")
     heads, srcs, dims = group.index["head"], group.index["src_pos"], group.index["dim"]
     n_heads, n_src, d_head = int(heads.max()) + 1, int(srcs.max()) + 1, int(dims.max()) + 1
-    coef = einops.rearrange(group.coefficients, "(head src d_head) -> head src d_head", head=n_heads, src=n_src)
+    coef = einops.rearrange(
+        group.coefficients, "(head src d_head) -> head src d_head", head=n_heads, src=n_src, d_head=d_head
+    )
     dirs = einops.rearrange(
-        group.directions, "(head src d_head) d_model -> head src d_head d_model", head=n_heads, src=n_src
+        group.directions, "(head src d_head) d_model -> head src d_head d_model", head=n_heads, src=n_src, d_head=d_head
     )
     sub = einops.einsum(coef, dirs, "head src d_head, head src d_head d_model -> head src d_model")
     l = group.layer

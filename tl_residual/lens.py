@@ -351,12 +351,10 @@ def bs_minus_parts(
         else:
             bs = _token_bs(lens, g.vectors, ids)
 
-        def col(key: str) -> Any:
-            return g.index[key].numpy() if key in g.index else -1
-
+        index = {key: g.index[key].numpy() if key in g.index else -1 for key in ("head", "src_pos", "neuron")}
         frames.append(pd.DataFrame({
-            "name": g.names, "kind": g.kind, "layer": -1 if g.layer is None else g.layer, "head": col("head"),
-            "src_pos": col("src_pos"), "neuron": col("neuron"), "coefficient": g.coefficients.numpy(),
+            "name": g.names, "kind": g.kind, "layer": -1 if g.layer is None else g.layer, **index,
+            "coefficient": g.coefficients.numpy(),
             "bs_a": bs[:, 0].numpy(), "bs_b": bs[:, 1].numpy(), "minus": (bs[:, 0] - bs[:, 1]).numpy(),
         }, index=range(len(g))))
     df = pd.concat(frames, ignore_index=True).sort_values("minus", ascending=False, kind="stable")
