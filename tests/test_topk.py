@@ -10,13 +10,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TOKENS, run_cache
+from conftest import TOKENS, VARIANTS, _variant, run_cache
 from tl_residual import decompose as D
 from tl_residual import scorers as S
 from tl_residual import topk as K
 from tl_residual.decompose import PartGroup
 
 METHODS = ("log_prob_increase", "log_prob", "prob_increase")
+#: A representative subset of conftest.VARIANTS (LayerNorm unfolded and folded, RMSNorm with GQA, both APIs),
+#: to keep this file's run time small; absent APIs skip.
+SUBSET = ("hooked-gpt2", "hooked-llama-gqa", "bridge-gpt2", "bridge-gpt2-compat-nofoldln", "bridge-llama-gqa")
+assert set(SUBSET) <= {name for name, _ in VARIANTS}
+
+
+@pytest.fixture(params=SUBSET)
+def model(request):
+    return _variant(request.param)
 CONVENTIONS = ("frozen", "recomputed", "none")
 TOL = 1e-5
 
@@ -104,30 +113,30 @@ def _assert_same_top(df, ref_names, ref_scores, all_scores, atol=TOL):
 # ---------------------------------------------------------------------------------------------- bounds
 
 
-@pytest.mark.parametrize("convention", CONVENTIONS)
-def test_bounds_hold_for_every_part(variant_model, convention):
+def test_bounds_hold_for_every_part(model):
     """bound >= exact for every FFN neuron, subvalue and attention neuron, methods a/b/c, every lens."""
-    _, cache = run_cache(variant_model)
+    _, cache = run_cache(model)
     pos = TOKENS.shape[1] - 1
-    ctx = S.make_context(variant_model, cache, target=7, convention=convention)
-    for g, base in _groups_with_bases(variant_model, cache, pos):
-        for method in METHODS:
+    groups = _groups_with_bases(model, cache, pos)
+    for convention in CONVENTIONS:
+        ctx = S.make_context(model, cache, target=7, convention=convention)
+        for (g, base), method in ((gb, m) for gb in groups for m in METHODS):
             bound = S.get_scorer(method).bound_fn(ctx, g, base)
-            exact = _ref_scores(variant_model, cache, convention, method, base, g.vectors, 7, pos)
+            exact = _ref_scores(model, cache, convention, method, base, g.vectors, 7, pos)
             slack = TOL * (1 + exact.abs())
             assert bool((bound + slack >= exact).all()), (method, g.kind, g.layer, float((exact - bound).max()))
 
 
-def test_bound_is_exact_with_the_whole_vocabulary_in_the_head(variant_model):
+def test_bound_is_exact_with_the_whole_vocabulary_in_the_head(model):
     """With every token in the head there is no tail and no Jensen step: bound (1) equals Imp exactly."""
-    _, cache = run_cache(variant_model)
+    _, cache = run_cache(model)
     pos = TOKENS.shape[1] - 1
     for convention in ("frozen", "recomputed"):
-        ctx = S.make_context(variant_model, cache, target=3, convention=convention)
-        ctx.n_head = variant_model.cfg.d_vocab
-        for g, base in _groups_with_bases(variant_model, cache, pos)[:3]:
+        ctx = S.make_context(model, cache, target=3, convention=convention)
+        ctx.n_head = model.cfg.d_vocab
+        for g, base in _groups_with_bases(model, cache, pos)[:3]:
             bound = S.log_prob_increase_bound(ctx, g, base)
-            exact = _ref_scores(variant_model, cache, convention, "log_prob_increase", base, g.vectors, 3, pos)
+            exact = _ref_scores(model, cache, convention, "log_prob_increase", base, g.vectors, 3, pos)
             torch.testing.assert_close(bound, exact, rtol=1e-4, atol=1e-5)
 
 
@@ -155,27 +164,30 @@ def test_plain_jensen_is_looser_than_head_tail():
 # ---------------------------------------------------------------------------------------------- pruned == dense
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_pruned_equals_dense_on_random_models(variant_model, method):
-    _, cache = run_cache(variant_model)
+def test_pruned_equals_dense_on_random_models(model):
+    _, cache = run_cache(model)
     pos = TOKENS.shape[1] - 1
-    groups = _groups_with_bases(variant_model, cache, pos)
+    groups = _groups_with_bases(model, cache, pos)
     n = sum(len(g) for g, _ in groups)
-    for convention, ks in (("frozen", (1, 7, 50, n - 3, n + 10)), ("recomputed", (1, 50))):
-        ctx = S.make_context(variant_model, cache, target=9, convention=convention, chunk_size=64)
-        ref_names, ref_scores, all_scores = _ref_top(variant_model, cache, convention, method, groups, 9, pos, n)
+    for method, convention, ks in (
+        ("log_prob_increase", "frozen", (1, 7, 50, n - 3, n + 10)), ("log_prob_increase", "recomputed", (1, 50)),
+        ("log_prob", "frozen", (1, 50)), ("log_prob", "recomputed", (7,)),
+        ("prob_increase", "frozen", (1, 50)), ("prob_increase", "recomputed", (7,)),
+    ):
+        ctx = S.make_context(model, cache, target=9, convention=convention, chunk_size=64)
+        ref_names, ref_scores, all_scores = _ref_top(model, cache, convention, method, groups, 9, pos, n)
         for k in ks:
             df = S.score_groups(ctx, [g for g, _ in groups], method, top_k=k, n_top_tokens=0)
             assert df.attrs["n_candidates"] == n and df.attrs["n_scored"] <= n
             _assert_same_top(df, ref_names[:k], ref_scores[:k], all_scores)
 
 
-def test_ties_from_duplicated_parts(variant_model):
+def test_ties_from_duplicated_parts(model):
     """Duplicated neurons tie exactly; the pruned search still returns the dense top-k (lower index first)."""
-    _, cache = run_cache(variant_model)
+    _, cache = run_cache(model)
     pos = TOKENS.shape[1] - 1
-    ctx = S.make_context(variant_model, cache, chunk_size=8)
-    ffn = D.ffn_parts(variant_model, cache, variant_model.cfg.n_layers - 1, pos)[0]
+    ctx = S.make_context(model, cache, chunk_size=8)
+    ffn = D.ffn_parts(model, cache, model.cfg.n_layers - 1, pos)[0]
     dup = PartGroup("ffn_neuron", ffn.layer, torch.cat([ffn.coefficients] * 3), torch.cat([ffn.directions] * 3),
                     {"neuron": torch.arange(3 * len(ffn))}, [f"{n}#{c}" for c in range(3) for n in ffn.names])
     dense = S.score_groups(ctx, [dup], top_k=None, n_top_tokens=0)
@@ -214,13 +226,13 @@ def test_certified_top_k_contract():
 # ---------------------------------------------------------------------------------------------- dtype
 
 
-def test_bf16_cache_is_scored_in_float32(variant_model):
+def test_bf16_cache_is_scored_in_float32(model):
     """A bfloat16 cache gives exactly the float32 result on the same (bf16-rounded) activations."""
-    _, cache = run_cache(variant_model)
+    _, cache = run_cache(model)
     c16 = {k: v.to(torch.bfloat16) for k, v in cache.items()}
     c32 = {k: v.to(torch.bfloat16).float() for k, v in cache.items()}
-    ctx16 = S.make_context(variant_model, c16, target=4)
-    ctx32 = S.make_context(variant_model, c32, target=4)
+    ctx16 = S.make_context(model, c16, target=4)
+    ctx32 = S.make_context(model, c32, target=4)
     a = S.score_ffn_neurons(ctx16, top_k=5, n_top_tokens=0)
     b = S.score_ffn_neurons(ctx32, top_k=5, n_top_tokens=0, pruned=False)
     assert list(a["name"]) == list(b["name"])
@@ -231,15 +243,17 @@ def test_bf16_cache_is_scored_in_float32(variant_model):
 
 
 def test_smollm2_pruned_equals_dense(paris):
-    """Top-10 and top-100 over FFN neurons of layers 24-29 and every head x position subvalue."""
+    """Top-10 and top-100 over FFN neurons of layers 24, 28, 29, layer 29's attention neurons and every head x
+    position subvalue, against a dense reference written out here."""
     model, cache, tokens = paris
     pos = tokens.shape[1] - 1
     ctx = S.make_context(model, cache)
     assert ctx.lens.token_str(ctx.target) == " Paris"
     groups = [(D.ffn_parts(model, cache, l, pos)[0], cache[f"blocks.{l}.hook_resid_mid"][0, pos]) for l in
-              range(24, 30)]
+              (24, 28, 29)]
     groups += [(D.attention_parts(model, cache, l, pos)[0], cache[f"blocks.{l}.hook_resid_pre"][0, pos]) for l in
                range(30)]
+    groups += [(g, cache["blocks.29.hook_resid_pre"][0, pos]) for g in D.attention_neuron_groups(model, cache, 29, pos)]
     W_U = model.W_U.detach()
     # dense reference in float32 using the frozen lens written out, one layer at a time
     scale = cache["ln_final.hook_scale"][0, pos].squeeze()
@@ -261,3 +275,57 @@ def test_smollm2_pruned_equals_dense(paris):
         _assert_same_top(df, [names[i] for i in order.tolist()], all_scores[order], all_scores)
         assert df.attrs["n_scored"] <= 1024, df.attrs["n_scored"]
     assert "L24.N1005" in set(df["name"].head(5))  # the neuron-level paper's kind of "Paris" value neuron
+
+
+def test_fused_bounds_equal_per_group_bounds(model):
+    """The pruned search's blocked evaluation of the built-in bounds gives the per-group functions' values."""
+    _, cache = run_cache(model)
+    pos = TOKENS.shape[1] - 1
+    ctx = S.make_context(model, cache, target=5)
+    groups, bases = zip(*_groups_with_bases(model, cache, pos))
+    zero = torch.zeros_like(bases[0])
+    for fn, (at_zero, post) in S._FUSED_BOUNDS.items():
+        fused = S._fused_linear_bounds(ctx, list(groups), [zero] * len(groups) if at_zero else list(bases), post)
+        for g, b, f in zip(groups, bases, fused):
+            torch.testing.assert_close(f, fn(ctx, g, b).double().cpu(), rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------- batches
+
+
+def test_batched_cache_one_top_k_per_prompt(model):
+    """Each prompt of a batched cache gets the top-k of its own single-prompt cache, at its own position."""
+    tokens = torch.cat([TOKENS, TOKENS.flip(-1)])
+    _, cache = run_cache(model, tokens)
+    df = S.score_neurons_batch(model, cache, top_k=5, positions=[7, 4], targets=[3, None], n_top_tokens=0)
+    assert list(df["prompt"].unique()) == [0, 1] and list(df.groupby("prompt")["position"].first()) == [7, 4]
+    for b, pos in ((0, 7), (1, 4)):
+        _, single = run_cache(model, tokens[b : b + 1])
+        tgt = 3 if b == 0 else None
+        ref = S.score_neurons(S.make_context(model, single, tgt, pos), top_k=5, n_top_tokens=0,
+                              pruned=False)
+        got = df[df.prompt == b]
+        assert set(got["name"]) == set(ref["name"])
+        torch.testing.assert_close(torch.tensor(got["score"].to_numpy()), torch.tensor(ref["score"].to_numpy()),
+                                   rtol=1e-4, atol=1e-5)
+    with pytest.raises(S.InvalidInputError, match="positions has 3 entries but the cache holds 2 prompts"):
+        S.score_neurons_batch(model, cache, positions=[1, 2, 3])
+    with pytest.raises(S.InvalidInputError, match="kinds"):
+        S.score_neurons(S.make_context(model, cache), kinds=["mlp"])
+
+
+def test_attention_neuron_groups_match_attention_neuron_parts(model):
+    """The per-source-position groups hold exactly the parts (names, coefficients, directions) of
+    attention_neuron_parts, with directions shared views of W_O."""
+    _, cache = run_cache(model)
+    for layer in range(model.cfg.n_layers):
+        ref = D.attention_neuron_parts(model, cache, layer, 6)
+        groups = D.attention_neuron_groups(model, cache, layer, 6)
+        assert len(groups) == 7 and all(g.directions is groups[0].directions for g in groups)
+        by_name = {n: i for i, n in enumerate(ref.names)}
+        for g in groups:
+            idx = torch.tensor([by_name[g.names[j]] for j in range(len(g))])
+            torch.testing.assert_close(g.coefficients, ref.coefficients[idx])
+            torch.testing.assert_close(g.directions, ref.directions[idx])
+            for key in ("head", "dim", "src_pos"):
+                assert g.index[key].tolist() == ref.index[key][idx].tolist()

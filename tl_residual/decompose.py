@@ -24,7 +24,7 @@ Component names: ``embed``, ``pos_embed``, ``L12.H3.p4`` (layer 12, head 3, sour
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -413,16 +413,8 @@ def attention_neuron_parts(model: Any, cache: Any, layer: int, position: int, ba
     spec = tlm.model_spec(model)
     layer = resolve_layer(layer, spec.n_layers)
     position = resolve_position(position, n_positions(cache))
-    pattern = tlm.cached(cache, f"blocks.{layer}.attn.hook_pattern", batch)[:, position, : position + 1]
-    v = tlm.cached(cache, f"blocks.{layer}.attn.hook_v", batch)[: position + 1]  # [src, kv_heads, d_head]
-    if v.shape[1] not in (spec.n_heads, spec.n_kv_heads):
-        raise UnsupportedArchitectureError(
-            f"blocks.{layer}.attn.hook_v has {v.shape[1]} heads; expected n_heads={spec.n_heads} or "
-            f"n_key_value_heads={spec.n_kv_heads}"
-        )
-    v = einops.repeat(v, "src kv d_head -> src (kv rep) d_head", rep=spec.n_heads // v.shape[1])
+    coefficients = attention_neuron_coefficients(model, cache, layer, position, batch)
     n_src = position + 1
-    coefficients = einops.einsum(pattern, v, "head src, src head d_head -> head src d_head")
     directions = einops.repeat(
         tlm.W_O(model, layer), "head d_head d_model -> (head src d_head) d_model", src=n_src
     )
@@ -443,6 +435,86 @@ def attention_neuron_parts(model: Any, cache: Any, layer: int, position: int, ba
             for h, p, d in zip(heads.tolist(), srcs.tolist(), dims.tolist())
         ],
     )
+
+
+def attention_neuron_coefficients(
+    model: Any, cache: Any, layer: int, position: int, batch: int = 0
+) -> Float[Tensor, "head src d_head"]:
+    """``pattern[h, position, p] * v[p, kv(h), d]`` for every head, source ``p <= position`` and head dimension:
+    the attention-neuron coefficients of :func:`attention_neuron_parts` (neuron-level paper section 3.2).
+
+    Raises:
+        InvalidInputError: bad ``layer``, ``position`` or ``batch``.
+        MissingHookError: the cache lacks ``hook_pattern`` or ``hook_v`` of ``layer``.
+        UnsupportedArchitectureError: ``hook_v`` has neither ``n_heads`` nor ``n_key_value_heads`` heads.
+    """
+    spec = tlm.model_spec(model)
+    layer = resolve_layer(layer, spec.n_layers)
+    position = resolve_position(position, n_positions(cache))
+    pattern = tlm.cached(cache, f"blocks.{layer}.attn.hook_pattern", batch)[:, position, : position + 1]
+    v = tlm.cached(cache, f"blocks.{layer}.attn.hook_v", batch)[: position + 1]  # [src, kv_heads, d_head]
+    if v.shape[1] not in (spec.n_heads, spec.n_kv_heads):
+        raise UnsupportedArchitectureError(
+            f"blocks.{layer}.attn.hook_v has {v.shape[1]} heads; expected n_heads={spec.n_heads} or "
+            f"n_key_value_heads={spec.n_kv_heads}"
+        )
+    v = einops.repeat(v, "src kv d_head -> src (kv rep) d_head", rep=spec.n_heads // v.shape[1])
+    return einops.einsum(pattern, v, "head src, src head d_head -> head src d_head")
+
+
+class LazyNames(Sequence):
+    """Component names computed on access (``names[i]``), for groups too large to name up front."""
+
+    def __init__(self, n: int, name: Callable[[int], str]) -> None:
+        self._n, self._name = n, name
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self._name(j) for j in range(*i.indices(self._n))]
+        i = int(i)
+        if not -self._n <= i < self._n:
+            raise IndexError(i)
+        return self._name(i % self._n)
+
+
+def attention_neuron_groups(model: Any, cache: Any, layer: int, position: int, batch: int = 0) -> list[PartGroup]:
+    """The attention neurons of :func:`attention_neuron_parts`, one :class:`PartGroup` per source position ``p``.
+
+    Group ``p`` holds the ``n_heads * d_head`` parts ``(h, d)`` ordered head-major, coefficient
+    ``pattern[h, position, p] * v[p, kv(h), d]``, direction ``W_O[h, d, :]``: ``directions`` is a *view* of
+    ``W_O`` shared by every group of the layer (no copy; the same tensor object), names are computed on access.
+    Same parts, names and values as :func:`attention_neuron_parts`; memory ``3 * n_heads * d_head`` integers and
+    ``n_heads * d_head`` floats per group, independent of ``d_model``, so long prompts stay cheap.
+
+    Raises:
+        As :func:`attention_neuron_coefficients`.
+    """
+    spec = tlm.model_spec(model)
+    layer = resolve_layer(layer, spec.n_layers)
+    position = resolve_position(position, n_positions(cache))
+    coefficients = attention_neuron_coefficients(model, cache, layer, position, batch)
+    w_o = einops.rearrange(tlm.W_O(model, layer), "head d_head d_model -> (head d_head) d_model")
+    heads = einops.repeat(torch.arange(spec.n_heads), "head -> (head d_head)", d_head=spec.d_head)
+    dims = einops.repeat(torch.arange(spec.d_head), "d_head -> (head d_head)", head=spec.n_heads)
+    d_head = spec.d_head
+    groups = []
+    for p in range(position + 1):
+        groups.append(
+            PartGroup(
+                "attn_neuron",
+                layer,
+                einops.rearrange(coefficients[:, p], "head d_head -> (head d_head)"),
+                w_o,
+                {"head": heads, "dim": dims, "src_pos": torch.full_like(heads, p)},
+                LazyNames(  # type: ignore[arg-type]
+                    len(heads), lambda j, p=p: attention_neuron_name(layer, j // d_head, j % d_head, p)
+                ),
+            )
+        )
+    return groups
 
 
 def aggregate_attention_neurons(

@@ -32,7 +32,7 @@ from torch import Tensor
 from tl_residual import model as tlm
 from tl_residual.decompose import (
     PartGroup,
-    attention_neuron_parts,
+    attention_neuron_groups,
     attention_parts,
     ffn_parts,
     head_name,
@@ -72,6 +72,9 @@ class ScoringContext:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     n_head: int = DEFAULT_HEAD
     _memo: dict[bytes, tuple[Tensor, BoundProbes]] = field(default_factory=dict, repr=False)
+    #: while a pruned search runs: ``direction @ probes`` per (directions tensor object, base), reused by groups
+    #: that share their directions (FFN ``W_out``, attention neurons' ``W_O``).
+    _proj_memo: dict[tuple[int, bytes], tuple[Tensor, Tensor]] | None = field(default=None, repr=False)
 
     @property
     def n_layers(self) -> int:
@@ -124,7 +127,10 @@ class ScoringContext:
         found = self._lookup(base)
         if base.dim() == 1:
             return found[0][0]
-        return torch.stack([f[0] for f in found])
+        distinct = {id(f[0]): (i, f[0]) for i, f in reversed(list(enumerate(found)))}
+        slot = {key: j for j, key in enumerate(distinct)}
+        table = torch.stack([row for _, row in distinct.values()])  # one row per distinct base
+        return table[torch.tensor([slot[id(f[0])] for f in found], device=table.device)]
 
     def base_probes(self, base: Float[Tensor, " d_model"]) -> BoundProbes:
         """The probes of bound (1) of :mod:`tl_residual.topk` at ``base``, memoised. For a linear lens they are
@@ -209,7 +215,7 @@ def log_prob_increase(
         chunk = vectors[sl].float()
         b, bl, blp = (base[sl], base_logits[sl], base_lp[sl]) if per_row else (base, base_logits, base_lp)
         z = bl + lens.logits(chunk) if lens.linear else lens.logits(b + chunk)
-        out.append(z[:, target] - torch.logsumexp(z, dim=-1) - blp)
+        out.append(torch.log_softmax(z, dim=-1)[:, target] - blp)  # (log_softmax is faster than logsumexp on CPU)
     if not out:
         return torch.zeros(0, device=vectors.device)
     return torch.cat(out)
@@ -325,19 +331,56 @@ def log_prob_increase_bound(
     the bound is equally valid there.
     """
     pr = ctx.base_probes(base)
+    if ctx.lens.linear:
+        proj = group.coefficients.double()[:, None] * _direction_projections(ctx, group.directions, base)
+        return head_tail_bound(proj, pr.log_weights.to(proj.device))
     probes = pr.probes  # [d_model, m+1], float64
     out = []
     for s in range(0, len(group), BOUND_ROWS):
-        coef = group.coefficients[s : s + BOUND_ROWS]
-        dirs = group.directions[s : s + BOUND_ROWS]
-        if ctx.lens.linear:
-            proj = coef.double()[:, None] * (dirs.double() @ probes.to(dirs.device))
-        else:
-            vec = coef.float()[:, None] * dirs.float()
-            u = ctx.lens.normalize(base + vec).double() - ctx.lens.normalize(base[None]).double()
-            proj = u @ probes.to(u.device)
+        vec = group.coefficients[s : s + BOUND_ROWS].float()[:, None] * group.directions[s : s + BOUND_ROWS].float()
+        u = ctx.lens.normalize(base + vec).double() - ctx.lens.normalize(base[None]).double()
+        proj = u @ probes.to(u.device)
         out.append(head_tail_bound(proj, pr.log_weights.to(proj.device)))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def _direction_projections(
+    ctx: ScoringContext, directions: Float[Tensor, "n d_model"], base: Float[Tensor, " d_model"]
+) -> Float[Tensor, "n m1"]:
+    """``directions @ probes(base)`` in float64 (linear lens), in blocks of :data:`BOUND_ROWS` rows; memoised per
+    directions tensor object while a pruned search runs (FFN ``W_out`` and attention ``W_O`` views are shared)."""
+    key = (id(directions), ctx._keys(base[None])[0])
+    memo = ctx._proj_memo
+    if memo is not None and key in memo and memo[key][0] is directions:
+        return memo[key][1]
+    probes = ctx.base_probes(base).probes.to(directions.device)
+    proj = torch.cat([directions[s : s + BOUND_ROWS].double() @ probes for s in range(0, len(directions), BOUND_ROWS)])
+    if memo is not None:
+        memo[key] = (directions, proj)
+    return proj
+
+
+def _fused_linear_bounds(
+    ctx: ScoringContext, groups: list[PartGroup], bases: list[Tensor], post: Callable[[Tensor, BoundProbes], Tensor]
+) -> list[Tensor]:
+    """The built-in bounds for many groups under a linear lens, evaluated in blocks of consecutive groups that
+    share a base (few large tensor operations instead of one small one per group). ``post`` maps bound (1) at
+    the base to the method's bound. Same values as calling the per-group bound functions."""
+    keys = [ctx._keys(b[None])[0] for b in bases]
+    out: list[Tensor] = []
+    i = 0
+    while i < len(groups):
+        j, rows = i + 1, len(groups[i])
+        while j < len(groups) and keys[j] == keys[i] and rows + len(groups[j]) <= 16 * BOUND_ROWS:
+            rows += len(groups[j])
+            j += 1
+        pr = ctx.base_probes(bases[i])
+        proj = torch.cat([g.coefficients.double()[:, None] * _direction_projections(ctx, g.directions, bases[i])
+                          for g in groups[i:j]])
+        bound = post(head_tail_bound(proj, pr.log_weights.to(proj.device)), pr).cpu()
+        out += list(torch.split(bound, [len(g) for g in groups[i:j]]))
+        i = j
+    return out
 
 
 def _chunked(
@@ -500,6 +543,15 @@ def _check_top_k(top_k: int | None) -> None:
         raise InvalidInputError(f"top_k must be a positive integer or None, got {top_k!r}")
 
 
+#: Built-in bounds the pruned search evaluates for many groups at once (linear lens): bound function ->
+#: (evaluated at the zero residual?, map from bound (1) and the base's probes to the method's bound).
+_FUSED_BOUNDS: dict[Any, tuple[bool, Callable[[Tensor, BoundProbes], Tensor]]] = {
+    log_prob_increase_bound: (False, lambda b, pr: b),
+    prob_increase_bound: (False, lambda b, pr: pr.base_log_prob.double().exp() * torch.expm1(b)),
+    log_prob_bound: (True, lambda b, pr: (b + pr.base_log_prob.double()).clamp_max(0.0)),
+}
+
+
 def score_groups(
     ctx: ScoringContext,
     groups: Iterable[PartGroup],
@@ -554,34 +606,52 @@ def _pruned(
         return _finish([], top_k, method, ctx)
     bases = [ctx.base_for(g) for g in groups]
     ctx.prime(torch.stack(bases + [torch.zeros_like(bases[0])]))  # one matmul for every distinct base
-    bounds = [bound_fn(ctx, g, b).double().cpu() for g, b in zip(groups, bases)]
+    ctx._proj_memo = {}
+    try:
+        fused = _FUSED_BOUNDS.get(bound_fn) if ctx.lens.linear else None
+        if fused is not None:
+            at_zero, post = fused
+            bound_bases = [torch.zeros_like(bases[0])] * len(groups) if at_zero else bases
+            bounds = _fused_linear_bounds(ctx, groups, bound_bases, post)
+        else:
+            bounds = [bound_fn(ctx, g, b).double().cpu() for g, b in zip(groups, bases)]
+    finally:
+        ctx._proj_memo = None
     owner = torch.cat([torch.full((len(g),), gi, dtype=torch.long) for gi, g in enumerate(groups)])
     local = torch.cat([torch.arange(len(g)) for g in groups])
     all_bounds = torch.cat(bounds)
 
-    def exact(idx: Tensor) -> Tensor:
-        # Parts of many layers in one call: one base per part, one matmul against W_U per chunk.
+    def gather(idx: Tensor) -> tuple[PartGroup, Tensor]:
+        """The parts ``idx`` (of many groups) as one group, in ``idx`` order, and one base row per part."""
         own, rows = owner[idx], local[idx]
-        coefs, dirs, base_rows = [], [], []
+        sels, coefs, dirs, base_rows = [], [], [], []
         for gi in own.unique().tolist():
             sel = (own == gi).nonzero().squeeze(-1)
             g, r = groups[gi], rows[sel].to(groups[gi].coefficients.device)
-            coefs.append((sel, g.coefficients[r]))
+            sels.append(sel)
+            coefs.append(g.coefficients[r])
             dirs.append(g.directions[r])
             base_rows.append(bases[gi].expand(len(sel), -1))
-        order = torch.cat([c[0] for c in coefs])
-        chunk = PartGroup("mixed", None, torch.cat([c[1] for c in coefs]), torch.cat(dirs))
-        scores = scorer.fn(ctx, chunk, torch.cat(base_rows)).double().cpu()
-        out = torch.empty(len(idx), dtype=torch.float64)
-        out[order] = scores
-        return out
+        back = torch.argsort(torch.cat(sels))
+        chunk = PartGroup("mixed", None, torch.cat(coefs)[back], torch.cat(dirs)[back])
+        return chunk, torch.cat(base_rows)[back]
+
+    def exact(idx: Tensor) -> Tensor:
+        # Parts of many layers in one call: one base per part, one matmul against W_U per chunk.
+        return scorer.fn(ctx, *gather(idx)).double().cpu()
 
     result = certified_top_k(all_bounds, exact, top_k, chunk_size=ctx.chunk_size)
     frames = []
     for gi in owner[result.indices].unique().tolist():
         sel = (owner[result.indices] == gi).nonzero().squeeze(-1)
-        frames.append(_rows(ctx, groups[gi], local[result.indices[sel]], result.scores[sel], n_top_tokens))
+        frames.append(_rows(ctx, groups[gi], local[result.indices[sel]], result.scores[sel], 0))
     df = _finish(frames, top_k, method, ctx)
+    if n_top_tokens > 0 and len(result.indices):
+        # every row's logit-lens tokens from one matmul against W_U
+        names = [groups[int(owner[i])].names[int(local[i])] for i in result.indices]
+        ids = torch.topk(ctx.lens.logits(gather(result.indices)[0].vectors), n_top_tokens, dim=-1).indices.tolist()
+        by_name = {n: [ctx.lens.token_str(t) for t in row] for n, row in zip(names, ids)}
+        df["top_tokens"] = [by_name[n] for n in df["name"]]
     df.attrs["n_scored"] = result.n_scored
     df.attrs["n_candidates"] = int(all_bounds.shape[0])
     return df
@@ -643,23 +713,126 @@ def score_attention_neurons(
     """Score every attention neuron ``pattern[h,i,p] v[p,kv(h),d] * W_O[h,d]`` of ``layers`` against ``resid_pre``.
 
     Neuron-level paper section 3.2 (attention neurons), scored with any registered ``method`` (Eq. 13 for
-    ``log_prob_increase``, nats). Parts come from :func:`~tl_residual.decompose.attention_neuron_parts`;
-    ``coefficient`` is ``pattern * v[d]``, the extra column ``dim`` the head dimension ``d``; names
-    ``L{l}.H{h}.d{d}.p{p}``. With ``top_k`` and ``log_prob_increase`` under a linear lens the certified pruned
-    search is used (same result as dense).
+    ``log_prob_increase``, nats). Parts are those of :func:`~tl_residual.decompose.attention_neuron_parts`, taken
+    one source position at a time (:func:`~tl_residual.decompose.attention_neuron_groups`: directions are views of
+    ``W_O``, never copied); ``coefficient`` is ``pattern * v[d]``, the extra column ``dim`` the head dimension
+    ``d``; names ``L{l}.H{h}.d{d}.p{p}``. With ``top_k`` and a method with a bound (``log_prob_increase``,
+    ``log_prob``, ``prob_increase``) the certified pruned search is used (same result as dense).
 
     Cost: ``n_heads * d_head * (position + 1)`` parts per layer. Dense scoring projects each part on the vocabulary
     (SmolLM2-135M, 6 tokens, all 30 layers: 103,680 projections against the 49,152-token unembedding);
-    restrict ``layers`` or use the pruned top-k. The pruned search keeps every layer's group (directions
-    ``n_heads * d_head * (position + 1) * d_model`` floats per layer) until it finishes.
+    restrict ``layers`` or use the pruned top-k. The pruned search keeps ``n_heads * d_head`` coefficients and
+    bounds per layer and source position until it finishes.
 
     Raises:
         InvalidInputError: unknown ``method``, a layer out of range, bad ``top_k``.
     """
     layer_list = _layers(ctx, layers)
     get_scorer(method)
-    groups = (attention_neuron_parts(ctx.model, ctx.cache, l, ctx.position, ctx.batch) for l in layer_list)
+    groups = (g for l in layer_list for g in attention_neuron_groups(ctx.model, ctx.cache, l, ctx.position, ctx.batch))
     return score_groups(ctx, groups, method, top_k, n_top_tokens, pruned)
+
+
+NEURON_KINDS: tuple[str, ...] = ("ffn_neuron", "attn_neuron", "attn_subvalue")
+
+
+def score_neurons(
+    ctx: ScoringContext,
+    method: str = "log_prob_increase",
+    top_k: int | None = 100,
+    layers: Iterable[int] | None = None,
+    kinds: Iterable[str] = ("ffn_neuron", "attn_neuron"),
+    n_top_tokens: int = 5,
+    pruned: bool = True,
+) -> pd.DataFrame:
+    """One ranking over every FFN neuron and attention neuron (and, if asked, head x position subvalue) of
+    ``layers``: the neuron-level paper's question "which neurons matter most for this token", at the finest grain.
+
+    FFN neurons are scored against ``resid_mid``, attention neurons and subvalues against ``resid_pre`` of their
+    layer (REFERENCE.md "Which x"). With ``top_k`` (default 100) and a method with a bound the exact top-k comes
+    from the certified pruned search (:func:`score_groups`); SmolLM2-135M, 6 tokens: 149,760 candidates, typically
+    a few hundred scored against the unembedding (docs/performance.md). ``top_k=None`` scores everything densely.
+
+    Args:
+        kinds: any of ``"ffn_neuron"``, ``"attn_neuron"``, ``"attn_subvalue"``.
+
+    Raises:
+        InvalidInputError: unknown ``method`` or kind, a layer out of range, bad ``top_k``.
+    """
+    kinds = tuple(kinds)
+    bad = [k for k in kinds if k not in NEURON_KINDS]
+    if bad or not kinds:
+        raise InvalidInputError(f"kinds {bad or kinds!r} are not a non-empty subset of {', '.join(NEURON_KINDS)}")
+    layer_list = _layers(ctx, layers)
+    get_scorer(method)
+
+    def groups() -> Iterable[PartGroup]:
+        for l in layer_list:
+            if "attn_subvalue" in kinds:
+                yield attention_parts(ctx.model, ctx.cache, l, ctx.position, ctx.batch)[0]
+            if "attn_neuron" in kinds:
+                yield from attention_neuron_groups(ctx.model, ctx.cache, l, ctx.position, ctx.batch)
+            if "ffn_neuron" in kinds:
+                yield ffn_parts(ctx.model, ctx.cache, l, ctx.position, ctx.batch)[0]
+
+    return score_groups(ctx, groups(), method, top_k, n_top_tokens, pruned)
+
+
+def score_neurons_batch(
+    model: Any,
+    cache: Any,
+    top_k: int = 100,
+    positions: int | Iterable[int] = -1,
+    targets: int | str | None | Iterable[int | str | None] = None,
+    method: str = "log_prob_increase",
+    convention: Convention = "frozen",
+    kinds: Iterable[str] = ("ffn_neuron", "attn_neuron"),
+    layers: Iterable[int] | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    n_top_tokens: int = 5,
+) -> pd.DataFrame:
+    """:func:`score_neurons` for every prompt of a batched cache: one exact top-k per prompt, each at its own
+    destination position and for its own target.
+
+    Args:
+        model: the ``HookedTransformer`` or ``TransformerBridge``.
+        cache: the ``ActivationCache`` of ``model.run_with_cache(tokens)`` with ``tokens`` of shape
+            ``[batch, pos]`` (any device; float16/bfloat16 caches are scored in float32).
+        top_k: parts per prompt.
+        positions: one destination position for all prompts or one per prompt (e.g. the last non-padding token
+            of each prompt of a right-padded batch; ``-1`` is the last position).
+        targets: one target for all, or one per prompt (token id, one-token string, or ``None`` for the model's
+            top-1 at that prompt's position).
+        chunk_size: parts scored per matmul against ``W_U``; peak extra memory about
+            ``3 * max(chunk_size, top_k) * d_vocab`` floats (plus the search's per-part bounds, 8 bytes each).
+
+    Returns:
+        The tables of :func:`score_neurons` stacked, with leading columns ``prompt`` (batch index), ``position``
+        and ``target``; sorted by prompt, then score. ``df.attrs["per_prompt"]`` holds each prompt's ``n_scored``
+        and ``n_candidates``.
+
+    Raises:
+        InvalidInputError: ``positions`` or ``targets`` of the wrong length, or any error of :func:`score_neurons`.
+    """
+    n_batch = int(tlm.cached(cache, "blocks.0.hook_resid_pre", batch=None).shape[0])
+    pos_list = [positions] * n_batch if isinstance(positions, int) else list(positions)
+    tgt_list = [targets] * n_batch if targets is None or isinstance(targets, (int, str)) else list(targets)
+    for label, given in (("positions", pos_list), ("targets", tgt_list)):
+        if len(given) != n_batch:
+            raise InvalidInputError(f"{label} has {len(given)} entries but the cache holds {n_batch} prompts; "
+                                    f"give one per prompt or a single value for all")
+    frames, per_prompt = [], []
+    for b in range(n_batch):
+        ctx = make_context(model, cache, tgt_list[b], pos_list[b], b, convention, chunk_size)
+        df = score_neurons(ctx, method, top_k, layers, kinds, n_top_tokens)
+        df.insert(0, "target", ctx.target)
+        df.insert(0, "position", ctx.position)
+        df.insert(0, "prompt", b)
+        frames.append(df)
+        per_prompt.append({k: df.attrs.get(k) for k in ("n_scored", "n_candidates")})
+    out = pd.concat(frames, ignore_index=True)
+    out.attrs.update(method=method, convention=convention, per_prompt=per_prompt)
+    return out
 
 
 def score_heads(

@@ -49,7 +49,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 #: Default size of the head ``S`` of the bound (1): probable tokens of ``p(x)`` treated exactly.
-DEFAULT_HEAD = 32
+DEFAULT_HEAD = 8
 
 
 @dataclass
@@ -146,7 +146,9 @@ def head_tail_bound(
         ``s_t - logsumexp(log_weights + s_atoms)`` (nats), float64: an upper bound of ``Imp(v | x)``.
     """
     projections = projections.double()
-    return projections[:, 0] - torch.logsumexp(projections[:, 1:] + log_weights.double(), dim=-1)
+    y = projections[:, 1:] + log_weights.double()
+    m = y.amax(dim=-1, keepdim=True)  # finite: the head's atoms have finite weights
+    return projections[:, 0] - (y.sub_(m).exp_().sum(dim=-1).log_() + m[:, 0])  # logsumexp, fewer passes
 
 
 def certified_top_k(
@@ -155,14 +157,21 @@ def certified_top_k(
     k: int,
     chunk_size: int = 256,
     tol: float = 1e-5,
+    min_chunk: int = 32,
 ) -> TopK:
     """Exact top-``k`` of a score that never exceeds ``bounds``.
+
+    The first call scores the ``max(k, min_chunk)`` best-bounded candidates; later calls grow geometrically
+    (a quarter of those already scored, at least ``min_chunk``, at most ``chunk_size``), so the work is at most
+    about 1.25 times the least possible plus one chunk.
 
     Args:
         bounds: an upper bound of every candidate's score (same units as the score).
         exact: scores a batch of candidate indices exactly (called with at most ``max(chunk_size, k)`` indices).
         k: how many to return (fewer if there are fewer candidates).
-        chunk_size: candidates scored per call of ``exact`` (bounds the peak extra memory of the scorer).
+        chunk_size: most candidates scored per call of ``exact`` after the first (bounds the peak extra memory
+            of the scorer, together with ``k``).
+        min_chunk: fewest candidates scored per call.
         tol: slack added to the stopping test (relative to ``max(1, |bound|)``) against float rounding in bound
             and exact score; the search only stops once the k-th score beats the next bound by this margin.
 
@@ -187,8 +196,9 @@ def certified_top_k(
     best_score = torch.zeros(0, dtype=torch.float64)
     start = 0
     while start < n:
-        # Grow the first chunk to at least k so the k-th best is known after one round.
-        stop = min(n, start + max(chunk_size, k if start == 0 else 0))
+        # The first chunk holds at least k so the k-th best is known after one round; then grow geometrically.
+        step = max(k, min_chunk) if start == 0 else min(chunk_size, max(min_chunk, start // 4))
+        stop = min(n, start + step)
         idx = order[start:stop]
         scores = exact(idx).detach().double().cpu()
         best_idx = torch.cat([best_idx, idx])
