@@ -310,8 +310,11 @@ def markdown(res: BenchmarkResult) -> str:
     df = res.frame()
     info = res.info
     lines = [f"# Faithfulness benchmark: {info.get('model', '?')}", ""]
-    lines.append(f"Prompts: {info.get('n_prompts')} of {info.get('n_dataset')} survive the filter "
-                 f"({', '.join(f'{k} {v}' for k, v in info.get('survivors', {}).items())}). "
+    n_done = int((df["method"] == "none").sum()) if len(df) else 0
+    head = (f"Prompts run: {n_done} (a seeded random sample) of the {info.get('n_prompts')} prompts that survive the "
+            f"filter out of {info.get('n_dataset')}" if n_done != info.get("n_prompts")
+            else f"Prompts: {info.get('n_prompts')} of {info.get('n_dataset')} survive the filter")
+    lines.append(f"{head} ({', '.join(f'{k} {v}' for k, v in info.get('survivors', {}).items())}). "
                  f"Runtime {info.get('runtime_s', 0):.0f} s on this machine"
                  f"{'' if info.get('complete', True) else ' (INCOMPLETE: partial run)'}.")
     lines += ["", "## Table 2: zero the top-10 FFN neurons of each method", "",
@@ -402,7 +405,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "faithfulness"))
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--rewrite", action="store_true", help="only rewrite {out}.md from an existing {out}.json")
     a = p.parse_args(argv)
+    if a.rewrite:
+        with open(a.out + ".json", encoding="utf-8") as f:
+            saved = json.load(f)
+        write(BenchmarkResult(saved["records"], saved["timings_s"], saved["info"]), a.out)
+        return 0
     t_start = time.perf_counter()
     model = tlm.load_model(a.model)
     prompts = load_factual_prompts(a.types.split(",") if a.types else None)

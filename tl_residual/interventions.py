@@ -18,6 +18,10 @@ Components are named as everywhere else in tl-residual and are acted on with Tra
                    destination position (the source position's whole contribution to head ``h``).
 ``L12.H3``         a whole head: ``blocks.{l}.attn.hook_z[..., h, :]`` at every position.
 
+Value biases: ``hook_z`` includes ``b_V`` unless TransformerLens' ``fold_value_biases=True`` moved it into
+``b_O``; zeroing a head or an attention neuron then leaves its ``b_V`` share in ``b_O`` (the decomposition's
+``L{l}.attn_bias`` part), exactly as its coefficient in :func:`tl_residual.decompose.attention_neuron_parts`.
+
 "Zero the neuron's parameters" (the paper) acts at every position of the prompt, not only the scored one;
 so do all modes here. Modes: ``zero`` (coefficient -> 0), ``scale`` (coefficient -> factor * coefficient),
 ``replace`` (coefficient -> a given value). Source positions ``p`` count the prompt's own tokens (BOS is 0),
