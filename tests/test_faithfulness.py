@@ -61,6 +61,7 @@ def test_filter_known_answers(smollm2):
         DS.filter_prompts(smollm2, prompts.drop(columns=["answer"]))
 
 
+@pytest.mark.slow
 def test_rank_table_matches_registry_inverse_rank(paris):
     """The per-target rank table (computed once for all prompts) gives the registry's 1/rank scores."""
     F = _benchmark_module()
@@ -78,6 +79,7 @@ def test_rank_table_matches_registry_inverse_rank(paris):
     assert names == [f"L29.N{int(i)}" for i in torch.argsort(dense, descending=True, stable=True)[:5]]
 
 
+@pytest.mark.slow
 def test_reduced_benchmark_lowers_probability_more_than_random(smollm2):
     """CI version of Table 2: zeroing log_prob_increase's top-10 FFN neurons lowers the target's probability on
     every prompt, and by more than zeroing 10 random neurons."""
