@@ -157,6 +157,7 @@ def textwrap_dedent(block: str) -> str:
 
 
 @pytest.mark.real_model
+@pytest.mark.slow
 def test_extending_custom_scorer_example_runs(paris, monkeypatch, tmp_path):
     """The worked example of docs/extending.md: tables, top-k, explain, the faithfulness benchmark and the CLI."""
     import torch
