@@ -61,6 +61,16 @@ def load(model_name: str) -> Any:
             fail(f"could not load model {model_name!r}: {type(exc).__name__}: {exc}")
 
 
+def write_json(path: str, obj: Any) -> None:
+    """Write ``obj`` as indented UTF-8 JSON to ``path`` (the ``--json`` option), failing cleanly on an I/O error."""
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False)
+    except OSError as exc:
+        fail(f"cannot write --json {path!r}: {exc}")
+    console.print(f"wrote {path}")
+
+
 def table(title: str, df: pd.DataFrame, columns: list[str], n: int | None = None) -> Table:
     """A rich table of ``df``'s ``columns`` (scores with 4 decimals, token lists joined)."""
     t = Table(title=title, title_justify="left", header_style="bold")
@@ -132,12 +142,7 @@ def explain(
     console.print(table(f"Top {top_k} FFN neurons", result.ffn_neurons,
                         ["name", "layer", "neuron", "score", "coefficient", "top_tokens"]))
     if json_path:
-        try:
-            with open(json_path, "w", encoding="utf-8") as f:
-                json.dump(result.to_dict(), f, indent=2, ensure_ascii=False)
-        except OSError as exc:
-            fail(f"cannot write --json {json_path!r}: {exc}")
-        console.print(f"wrote {json_path}")
+        write_json(json_path, result.to_dict())
     if html_path:
         try:
             from tl_residual.visualize import write_report
@@ -212,12 +217,7 @@ def query(
                     for r in top.itertuples(index=False)],
         }
     if json_path:
-        try:
-            with open(json_path, "w", encoding="utf-8") as f:
-                json.dump(out, f, indent=2, ensure_ascii=False)
-        except OSError as exc:
-            fail(f"cannot write --json {json_path!r}: {exc}")
-        console.print(f"wrote {json_path}")
+        write_json(json_path, out)
 
 
 @app.command()
@@ -275,12 +275,7 @@ def ablate(
                "mode": mode, "factor": factor, "value": value, "components": comps,
                "before": {"rank": int(row.rank_before), "prob": float(row.prob_before), "logp": float(row.logp_before)},
                "after": {"rank": int(row.rank_after), "prob": float(row.prob_after), "logp": float(row.logp_after)}}
-        try:
-            with open(json_path, "w", encoding="utf-8") as f:
-                json.dump(out, f, indent=2, ensure_ascii=False)
-        except OSError as exc:
-            fail(f"cannot write --json {json_path!r}: {exc}")
-        console.print(f"wrote {json_path}")
+        write_json(json_path, out)
 
 
 @app.command()

@@ -313,6 +313,29 @@ def embedding_parts(model: Any, cache: Any, position: int, batch: int = 0) -> li
     return parts
 
 
+def pattern_and_values(
+    model: Any, cache: Any, layer: int, position: int, batch: int = 0
+) -> tuple[Float[Tensor, "head src"], Float[Tensor, "src head d_head"]]:
+    """The attention weights of destination ``position`` and the values of sources ``0..position``, per query head.
+
+    ``pattern[h, p]`` is ``attn.hook_pattern[h, position, p]``; ``v[p, h]`` is ``attn.hook_v[p, kv(h)]`` with the
+    key/value heads of grouped-query attention repeated to the query heads (``kv(h) = h // (n_heads / n_kv)``).
+
+    Raises:
+        MissingHookError: the cache lacks ``hook_pattern`` or ``hook_v`` of ``layer``.
+        UnsupportedArchitectureError: ``hook_v`` has neither ``n_heads`` nor ``n_key_value_heads`` heads.
+    """
+    spec = tlm.model_spec(model)
+    pattern = tlm.cached(cache, f"blocks.{layer}.attn.hook_pattern", batch)[:, position, : position + 1]
+    v = tlm.cached(cache, f"blocks.{layer}.attn.hook_v", batch)[: position + 1]  # [src, kv_heads, d_head]
+    if v.shape[1] not in (spec.n_heads, spec.n_kv_heads):
+        raise UnsupportedArchitectureError(
+            f"blocks.{layer}.attn.hook_v has {v.shape[1]} heads; expected n_heads={spec.n_heads} or "
+            f"n_key_value_heads={spec.n_kv_heads}"
+        )
+    return pattern, einops.repeat(v, "src kv d_head -> src (kv rep) d_head", rep=spec.n_heads // v.shape[1])
+
+
 def attention_parts(
     model: Any, cache: Any, layer: int, position: int, batch: int = 0
 ) -> tuple[PartGroup, PartGroup]:
@@ -326,14 +349,7 @@ def attention_parts(
         ``index = {"head", "src_pos"}``; ``bias`` is the single part ``b_O``.
     """
     spec = tlm.model_spec(model)
-    pattern = tlm.cached(cache, f"blocks.{layer}.attn.hook_pattern", batch)[:, position, : position + 1]
-    v = tlm.cached(cache, f"blocks.{layer}.attn.hook_v", batch)[: position + 1]  # [src, kv_heads, d_head]
-    if v.shape[1] not in (spec.n_heads, spec.n_kv_heads):
-        raise UnsupportedArchitectureError(
-            f"blocks.{layer}.attn.hook_v has {v.shape[1]} heads; expected n_heads={spec.n_heads} or "
-            f"n_key_value_heads={spec.n_kv_heads}"
-        )
-    v = einops.repeat(v, "src kv d_head -> src (kv rep) d_head", rep=spec.n_heads // v.shape[1])
+    pattern, v = pattern_and_values(model, cache, layer, position, batch)
     w_o = tlm.W_O(model, layer)
     directions = einops.einsum(v, w_o, "src head d_head, head d_head d_model -> head src d_model")
     n_src = position + 1
@@ -451,14 +467,7 @@ def attention_neuron_coefficients(
     spec = tlm.model_spec(model)
     layer = resolve_layer(layer, spec.n_layers)
     position = resolve_position(position, n_positions(cache))
-    pattern = tlm.cached(cache, f"blocks.{layer}.attn.hook_pattern", batch)[:, position, : position + 1]
-    v = tlm.cached(cache, f"blocks.{layer}.attn.hook_v", batch)[: position + 1]  # [src, kv_heads, d_head]
-    if v.shape[1] not in (spec.n_heads, spec.n_kv_heads):
-        raise UnsupportedArchitectureError(
-            f"blocks.{layer}.attn.hook_v has {v.shape[1]} heads; expected n_heads={spec.n_heads} or "
-            f"n_key_value_heads={spec.n_kv_heads}"
-        )
-    v = einops.repeat(v, "src kv d_head -> src (kv rep) d_head", rep=spec.n_heads // v.shape[1])
+    pattern, v = pattern_and_values(model, cache, layer, position, batch)
     return einops.einsum(pattern, v, "head src, src head d_head -> head src d_head")
 
 
