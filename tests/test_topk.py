@@ -121,7 +121,7 @@ def test_bounds_hold_for_every_part(model):
     for convention in CONVENTIONS:
         ctx = S.make_context(model, cache, target=7, convention=convention)
         for (g, base), method in ((gb, m) for gb in groups for m in METHODS):
-            bound = S.get_scorer(method).bound_fn(ctx, g, base)
+            bound = S.get_scorer(method).bound(ctx, g, base)
             exact = _ref_scores(model, cache, convention, method, base, g.vectors, 7, pos)
             slack = TOL * (1 + exact.abs())
             assert bool((bound + slack >= exact).all()), (method, g.kind, g.layer, float((exact - bound).max()))

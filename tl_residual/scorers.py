@@ -241,8 +241,6 @@ class Scorer:
             ``bound``, possibly ``Float[Tensor, "n d_model"]`` (one base per part: the pruned search scores parts
             of many layers in one call).
         description: one line, with units.
-        uses_log_prob_bound: the score never exceeds the log-probability increase bound (1) of
-            :mod:`tl_residual.topk` (used as ``bound`` when none is given).
         bound: ``(ctx, group, base) -> Float[Tensor, "n"]``, a certified upper bound of ``fn`` for every part,
             cheap (no ``d_vocab`` work per part). With it, :func:`score_groups` finds the exact top-k by the
             pruned search of :func:`~tl_residual.topk.certified_top_k` instead of scoring every part.
@@ -251,22 +249,14 @@ class Scorer:
     name: str
     fn: ScorerFn
     description: str
-    uses_log_prob_bound: bool = False
     bound: BoundFn | None = None
-
-    @property
-    def bound_fn(self) -> BoundFn | None:
-        """The bound the pruned search uses (``bound``, else the log-prob increase bound if flagged), or None."""
-        if self.bound is not None:
-            return self.bound
-        return log_prob_increase_bound if self.uses_log_prob_bound else None
 
 
 SCORERS: dict[str, Scorer] = {}
 
 
 def register_scorer(
-    name: str, description: str = "", *, uses_log_prob_bound: bool = False, bound: BoundFn | None = None
+    name: str, description: str = "", *, bound: BoundFn | None = None
 ) -> Callable[[ScorerFn], ScorerFn]:
     """Decorator: register ``fn(ctx, group, base) -> scores`` under ``name``.
 
@@ -288,7 +278,7 @@ def register_scorer(
 
     def decorate(fn: ScorerFn) -> ScorerFn:
         SCORERS[name] = Scorer(
-            name, fn, description or (fn.__doc__ or "").strip().split("\n")[0], uses_log_prob_bound, bound
+            name, fn, description or (fn.__doc__ or "").strip().split("\n")[0], bound
         )
         return fn
 
@@ -304,15 +294,6 @@ def get_scorer(name: str) -> Scorer:
     if name not in SCORERS:
         raise InvalidInputError(f"unknown scoring method {name!r}; registered: {', '.join(sorted(SCORERS))}")
     return SCORERS[name]
-
-
-@register_scorer(
-    "log_prob_increase",
-    "log p(t | x + v) - log p(t | x), nats (neuron-level paper Eq. 13, method a)",
-    uses_log_prob_bound=True,
-)
-def _log_prob_increase(ctx: ScoringContext, group: PartGroup, base: Tensor) -> Tensor:
-    return log_prob_increase(ctx.lens, base, group.vectors, ctx.target, ctx.chunk_size, ctx.base_logits(base))
 
 
 #: Rows per block when computing bounds (peak ``BOUND_ROWS * (d_model + n_head + 3)`` float64 values).
@@ -410,6 +391,15 @@ def log_prob_bound(ctx: ScoringContext, group: PartGroup, base: Tensor) -> Float
     zero = torch.zeros(ctx.lens.W_U.shape[0], device=ctx.lens.W_U.device)
     b = log_prob_increase_bound(ctx, group, zero) + ctx.base_probes(zero).base_log_prob.double()
     return b.clamp_max(0.0)
+
+
+@register_scorer(
+    "log_prob_increase",
+    "log p(t | x + v) - log p(t | x), nats (neuron-level paper Eq. 13, method a)",
+    bound=log_prob_increase_bound,
+)
+def _log_prob_increase(ctx: ScoringContext, group: PartGroup, base: Tensor) -> Tensor:
+    return log_prob_increase(ctx.lens, base, group.vectors, ctx.target, ctx.chunk_size, ctx.base_logits(base))
 
 
 @register_scorer(
@@ -578,7 +568,7 @@ def score_groups(
     """
     _check_top_k(top_k)
     scorer = get_scorer(method)
-    if top_k is not None and pruned and scorer.bound_fn is not None:
+    if top_k is not None and pruned and scorer.bound is not None:
         return _pruned(ctx, list(groups), top_k, n_top_tokens, method)
     frames = []
     for g in groups:
@@ -599,7 +589,7 @@ def _pruned(
 ) -> pd.DataFrame:
     """The certified top-k over all parts of ``groups`` (see :func:`score_groups`)."""
     scorer = get_scorer(method)
-    bound_fn = scorer.bound_fn
+    bound_fn = scorer.bound
     assert bound_fn is not None
     groups = [g for g in groups if len(g)]
     if not groups:
