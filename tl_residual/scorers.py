@@ -38,6 +38,7 @@ from tl_residual.decompose import (
     head_name,
     layer_outputs,
     n_positions,
+    resolve_layer,
     resolve_position,
 )
 from tl_residual.errors import InvalidInputError
@@ -650,12 +651,7 @@ def _pruned(
 def _layers(ctx: ScoringContext, layers: Iterable[int] | None) -> list[int]:
     if layers is None:
         return list(range(ctx.n_layers))
-    out = []
-    for l in layers:
-        if not isinstance(l, int) or not -ctx.n_layers <= l < ctx.n_layers:
-            raise InvalidInputError(f"layer {l!r} is out of range: the model has {ctx.n_layers} layers")
-        out.append(l % ctx.n_layers)
-    return out
+    return [resolve_layer(l, ctx.n_layers) for l in layers]
 
 
 def score_ffn_neurons(
