@@ -121,7 +121,7 @@ def test_score_attention_neurons_matches_dense(name):
     pos = TOKENS.shape[1] - 1
     names = D.attention_neuron_parts(model, cache, 1, pos).names
     for method in S.PAPER_METHODS:
-        df = S.score_attention_neurons(ctx, method, layers=[1], n_top_tokens=0)
+        df = S.score_attention_neurons(ctx, method, top_k=None, layers=[1], n_top_tokens=0)
         assert len(df) == model.cfg.n_heads * model.cfg.d_head * (pos + 1)
         assert {"dim", "head", "src_pos"} <= set(df.columns) and (df["kind"] == "attn_neuron").all()
         by_name = dict(zip(names, _dense_scores(model, cache, method, 1, pos, 7).tolist()))
@@ -134,7 +134,7 @@ def test_score_attention_neurons_matches_dense(name):
 def test_pruned_top_k_equals_dense(variant_model):
     _, cache = run_cache(variant_model)
     ctx = S.make_context(variant_model, cache, target=11)
-    dense = S.score_attention_neurons(ctx, "log_prob_increase", n_top_tokens=0)
+    dense = S.score_attention_neurons(ctx, "log_prob_increase", top_k=None, n_top_tokens=0)
     pruned = S.score_attention_neurons(ctx, "log_prob_increase", top_k=10, n_top_tokens=0)
     assert pruned.attrs["n_scored"] <= pruned.attrs["n_candidates"]
     assert list(pruned["name"]) == list(dense["name"].head(10))

@@ -176,7 +176,7 @@ def test_extending_custom_scorer_example_runs(paris, monkeypatch, tmp_path):
         ctx = scorers.make_context(model, cache, target=" Paris")
 
         # The scorer against an independent dense computation: z_t of each FFN subvalue of layer 24.
-        table = scorers.score_ffn_neurons(ctx, method="target_logit", layers=[24], n_top_tokens=0)
+        table = scorers.score_ffn_neurons(ctx, method="target_logit", top_k=None, layers=[24], n_top_tokens=0)
         lens = ctx.lens
         m = cache["blocks.24.mlp.hook_post"][0, -1].float()
         w_out = model.blocks[24].mlp.W_out.detach().float()

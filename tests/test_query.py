@@ -123,7 +123,7 @@ def test_cross_layer_scores_exact_and_dense(variant_model):
     assert df.attrs["which"] == col
     for lv in range(n_layers):
         sub = df[df["value_layer"] == lv]
-        neurons = S.score_ffn_neurons(ctx, layers=[lv], n_top_tokens=0)
+        neurons = S.score_ffn_neurons(ctx, top_k=None, layers=[lv], n_top_tokens=0)
         c = torch.zeros(variant_model.cfg.d_mlp, dtype=torch.float64)
         c[torch.tensor(neurons["neuron"].tolist())] = torch.tensor(neurons["score"].tolist(), dtype=torch.float64)
         pre = cache[f"blocks.{lv}.mlp.{hook}"][0, POS].double()

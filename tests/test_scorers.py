@@ -58,7 +58,7 @@ def test_frozen_lens_plus_bias_is_model_logits(variant_model):
 def test_ffn_log_prob_increase_matches_dense(variant_model):
     _, cache = run_cache(variant_model)
     ctx = S.make_context(variant_model, cache)
-    df = S.score_ffn_neurons(ctx, n_top_tokens=0)
+    df = S.score_ffn_neurons(ctx, top_k=None, n_top_tokens=0)
     for layer in range(variant_model.cfg.n_layers):
         expected = _dense_frozen_imp(variant_model, cache, layer, ctx.target)
         got = df[df.layer == layer].sort_values("neuron")["score"].to_numpy()
@@ -68,13 +68,13 @@ def test_ffn_log_prob_increase_matches_dense(variant_model):
 def test_pruned_top_k_equals_dense(variant_model):
     _, cache = run_cache(variant_model)
     ctx = S.make_context(variant_model, cache)
-    dense = S.score_ffn_neurons(ctx, n_top_tokens=0)
+    dense = S.score_ffn_neurons(ctx, top_k=None, n_top_tokens=0)
     for k in (1, 5, 40):
         pruned = S.score_ffn_neurons(ctx, top_k=k, n_top_tokens=0)
         assert list(pruned["name"]) == list(dense["name"].head(k))
         torch.testing.assert_close(torch.tensor(pruned["score"].to_numpy()),
                                    torch.tensor(dense["score"].head(k).to_numpy()), rtol=1e-5, atol=1e-5)
-    sub_dense = S.score_attention_subvalues(ctx, n_top_tokens=0)
+    sub_dense = S.score_attention_subvalues(ctx, top_k=None, n_top_tokens=0)
     sub_pruned = S.score_attention_subvalues(ctx, top_k=6, n_top_tokens=0)
     assert list(sub_pruned["name"]) == list(sub_dense["name"].head(6))
 
@@ -104,7 +104,7 @@ def test_recomputed_last_mlp_is_true_log_prob_change(variant_model):
 def test_every_paper_method_runs_and_tops_agree(variant_model, method):
     _, cache = run_cache(variant_model)
     ctx = S.make_context(variant_model, cache)
-    full = S.score_ffn_neurons(ctx, method, n_top_tokens=0)
+    full = S.score_ffn_neurons(ctx, method, top_k=None, n_top_tokens=0)
     top = S.score_ffn_neurons(ctx, method, top_k=7, n_top_tokens=0)
     assert len(full) == variant_model.cfg.n_layers * variant_model.cfg.d_mlp
     torch.testing.assert_close(torch.tensor(top["score"].to_numpy()),
@@ -133,7 +133,7 @@ def test_baselines_match_definitions(variant_model):
         "coefficient_inverse_rank": m.abs() / rank,
     }
     for method, want in expected.items():
-        df = S.score_ffn_neurons(ctx, method, layers=[layer], n_top_tokens=0).sort_values("neuron")
+        df = S.score_ffn_neurons(ctx, method, top_k=None, layers=[layer], n_top_tokens=0).sort_values("neuron")
         torch.testing.assert_close(torch.tensor(df["score"].to_numpy()), want, rtol=1e-4, atol=1e-6,
                                    msg=lambda s: f"{method}: {s}")
 

@@ -278,16 +278,36 @@ def test_smollm2_pruned_equals_dense(paris):
 
 
 def test_fused_bounds_equal_per_group_bounds(model):
-    """The pruned search's blocked evaluation of the built-in bounds gives the per-group functions' values."""
+    """The pruned search's blocked evaluation of every registered IncreaseBound gives the per-group values."""
     _, cache = run_cache(model)
     pos = TOKENS.shape[1] - 1
     ctx = S.make_context(model, cache, target=5)
     groups, bases = zip(*_groups_with_bases(model, cache, pos))
-    zero = torch.zeros_like(bases[0])
-    for fn, (at_zero, post) in S._FUSED_BOUNDS.items():
-        fused = S._fused_linear_bounds(ctx, list(groups), [zero] * len(groups) if at_zero else list(bases), post)
+    declared = [s for s in S.SCORERS.values() if isinstance(s.bound, S.IncreaseBound)]
+    assert {s.name for s in declared} >= {"log_prob_increase", "log_prob", "prob_increase"}
+    for scorer in declared:
+        fused = S._fused_bounds(ctx, list(groups), list(bases), scorer.bound, S.ProjectionCache())
         for g, b, f in zip(groups, bases, fused):
-            torch.testing.assert_close(f, fn(ctx, g, b).double().cpu(), rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(f, scorer.bound(ctx, g, b).double().cpu(), rtol=1e-12, atol=1e-12)
+
+
+def test_custom_scorer_with_increase_bound_gets_the_fast_path(model, monkeypatch):
+    """A custom scorer declaring an IncreaseBound is pruned through the fused path and equals dense scoring."""
+    _, cache = run_cache(model)
+    ctx = S.make_context(model, cache, target=5)
+    calls = []
+    real = S._fused_bounds
+    monkeypatch.setattr(S, "_fused_bounds", lambda *a: calls.append(1) or real(*a))
+    S.register_scorer("twice_lpi", "2 x log-prob increase", bound=S.IncreaseBound(post=lambda b, pr: 2 * b),
+                      units="nats")(lambda c, g, base: 2 * S.SCORERS["log_prob_increase"].fn(c, g, base))
+    try:
+        pruned = S.score_ffn_neurons(ctx, "twice_lpi", top_k=5, n_top_tokens=0)
+        dense = S.score_ffn_neurons(ctx, "twice_lpi", top_k=5, n_top_tokens=0, pruned=False)
+    finally:
+        S.unregister_scorer("twice_lpi")
+    assert calls and list(pruned["name"]) == list(dense["name"])
+    torch.testing.assert_close(torch.tensor(pruned["score"].values), torch.tensor(dense["score"].values))
+    assert pruned.attrs["units"] == "nats" and pruned.attrs["n_scored"] <= pruned.attrs["n_candidates"]
 
 
 # ---------------------------------------------------------------------------------------------- batches

@@ -35,6 +35,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_residual import model as tlm
+from tl_residual import names, tables
 from tl_residual.errors import InvalidInputError, UnsupportedArchitectureError
 
 Stream = Literal["resid_pre", "resid_mid", "resid_post"]
@@ -49,18 +50,40 @@ PartKind = Literal["embed", "pos_embed", "attn_subvalue", "attn_bias", "attn_neu
 
 
 def subvalue_name(layer: int, head: int, src_pos: int) -> str:
-    """``L{layer}.H{head}.p{src_pos}``: an attention head x source-position subvalue."""
-    return f"L{layer}.H{head}.p{src_pos}"
+    """``L{layer}.H{head}.p{src_pos}``: an attention head x source-position subvalue (:func:`names.attn_subvalue`)."""
+    return names.attn_subvalue(layer, head, src_pos)
 
 
 def neuron_name(layer: int, neuron: int) -> str:
-    """``L{layer}.N{neuron}``: an FFN neuron (subvalue)."""
-    return f"L{layer}.N{neuron}"
+    """``L{layer}.N{neuron}``: an FFN neuron (:func:`names.ffn_neuron`)."""
+    return names.ffn_neuron(layer, neuron)
 
 
 def head_name(layer: int, head: int) -> str:
-    """``L{layer}.H{head}``: a whole attention head."""
-    return f"L{layer}.H{head}"
+    """``L{layer}.H{head}``: a whole attention head (:func:`names.head`)."""
+    return names.head(layer, head)
+
+
+def base_stream(kind: str) -> Stream | None:
+    """The residual stream a part of ``kind`` is added to, the ``x`` of the log-probability increase
+    ``log p(t | x + v) - log p(t | x)``: the stream its sublayer reads (residual-stream paper section 3.2, Eq. 19;
+    neuron-level paper section 3.1, Eq. 13): ``resid_pre`` of the part's layer for attention parts (``attn``,
+    ``attn_bias``, ``head``, ``attn_subvalue``, ``head_dim``, ``attn_neuron``), ``resid_mid`` for FFN parts
+    (``mlp``, ``ffn_bias``, ``ffn_neuron``, experts), ``None`` (the zero vector) for the embeddings.
+
+    The one place this rule lives (scorers, query splits and the flow graph use it).
+
+    Raises:
+        InvalidInputError: a kind outside :data:`tl_residual.names.KINDS` (a registered source carries its own
+            base, ``PartGroup.base``).
+    """
+    if kind in ("embed", "pos_embed"):
+        return None
+    if kind in ("mlp", "ffn_bias", "ffn_neuron", "expert", "expert_neuron", "shared_neuron"):
+        return "resid_mid"
+    if kind in ("attn", "attn_bias", "head", "attn_subvalue", "head_dim", "attn_neuron", "attn_heads"):
+        return "resid_pre"
+    raise InvalidInputError(f"no base stream for part kind {kind!r}; kinds are {', '.join(names.KINDS)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,7 +386,22 @@ def attention_parts(
         {"head": heads, "src_pos": srcs},
         [subvalue_name(layer, int(h), int(p)) for h, p in zip(heads.tolist(), srcs.tolist())],
     )
-    return subvalues, _single("attn_bias", layer, f"L{layer}.attn_bias", tlm.b_O(model, layer))
+    bias_name = names.format(names.ComponentRef("attn_bias", layer))
+    return subvalues, _single("attn_bias", layer, bias_name, tlm.b_O(model, layer))
+
+
+def head_outputs(model: Any, cache: Any, layer: int, position: int, batch: int = 0) -> Float[Tensor, "head d_model"]:
+    """Each head's output at destination ``position`` without ``b_O``: ``sum_p pattern[h, position, p] *
+    (v[p, kv(h)] @ W_O[h])``, the sum of its subvalues over source positions (residual-stream paper Eq. 7).
+
+    The one head-output computation (score tables and the flow graph use it). Memory: ``n_heads * d_model`` floats.
+
+    Raises:
+        As :func:`pattern_and_values`.
+    """
+    pattern, v = pattern_and_values(model, cache, layer, position, batch)
+    z = einops.einsum(pattern, v, "head src, src head d_head -> head d_head")
+    return einops.einsum(z, tlm.W_O(model, layer), "head d_head, head d_head d_model -> head d_model")
 
 
 def ffn_parts(model: Any, cache: Any, layer: int, position: int, batch: int = 0) -> tuple[PartGroup, PartGroup]:
@@ -385,12 +423,13 @@ def ffn_parts(model: Any, cache: Any, layer: int, position: int, batch: int = 0)
         {"neuron": neurons},
         [neuron_name(layer, k) for k in range(m.shape[0])],
     )
-    return group, _single("ffn_bias", layer, f"L{layer}.mlp_bias", tlm.b_out(model, layer))
+    bias_name = names.format(names.ComponentRef("ffn_bias", layer))
+    return group, _single("ffn_bias", layer, bias_name, tlm.b_out(model, layer))
 
 
 def attention_neuron_name(layer: int, head: int, dim: int, src_pos: int) -> str:
-    """``L{layer}.H{head}.d{dim}.p{src_pos}``: an attention neuron (head dimension ``dim`` at source ``src_pos``)."""
-    return f"L{layer}.H{head}.d{dim}.p{src_pos}"
+    """``L{layer}.H{head}.d{dim}.p{src_pos}``: an attention neuron (:func:`names.attn_neuron`)."""
+    return names.attn_neuron(layer, head, dim, src_pos)
 
 
 def attention_neuron_parts(model: Any, cache: Any, layer: int, position: int, batch: int = 0) -> PartGroup:
@@ -638,33 +677,22 @@ def decompose(
 ) -> pd.DataFrame:
     """One row per part of ``blocks.{layer}.hook_{stream}[batch, position]``: a browsable table.
 
-    Columns: ``name``, ``kind``, ``layer`` (-1 for embeddings), ``head``, ``src_pos``, ``neuron`` (-1 where not
-    applicable), ``coefficient``, ``norm`` (L2 norm of the part, in residual units). Vectors are not stored; use
+    Columns: the identifying columns of :mod:`tl_residual.tables` (``name``, ``kind``, ``layer`` (-1 for
+    embeddings), ``head``, ``src_pos``, ``src_token``, ``neuron``; -1 where a row's kind lacks the index), then
+    ``coefficient``, ``norm`` (L2 norm of the part, in residual units). Vectors are not stored; use
     :func:`iter_parts` for them. ``df.attrs["rel_error"]`` holds :func:`reconstruction_error`.
     """
     rows: list[pd.DataFrame] = []
     total = None
+    tokens = tables.src_token_texts(model, cache, batch)
     for g in iter_parts(model, cache, layer, position, stream, batch):
         norms = g.coefficients.abs() * g.directions.norm(dim=-1)
         part = g.coefficients.double() @ g.directions.double()
         total = part if total is None else total + part
-        n = len(g)
         rows.append(
-            pd.DataFrame(
-                {
-                    "name": g.names,
-                    "kind": g.kind,
-                    "layer": -1 if g.layer is None else g.layer,
-                    "head": g.index["head"].numpy() if "head" in g.index else -1,
-                    "src_pos": g.index["src_pos"].numpy() if "src_pos" in g.index else -1,
-                    "neuron": g.index["neuron"].numpy() if "neuron" in g.index else -1,
-                    "coefficient": g.coefficients.cpu().numpy(),
-                    "norm": norms.cpu().numpy(),
-                },
-                index=range(n),
-            )
+            tables.part_frame(g, src_tokens=tokens, coefficient=g.coefficients.cpu().numpy(), norm=norms.cpu().numpy())
         )
-    df = pd.concat(rows, ignore_index=True)
+    df = tables.concat(rows, ["coefficient", "norm"])
     spec = tlm.model_spec(model)
     target = target_vector(
         cache, resolve_layer(layer, spec.n_layers), resolve_position(position, n_positions(cache)), stream, batch
@@ -690,8 +718,8 @@ def layer_outputs(model: Any, cache: Any, position: int = -1, batch: int = 0) ->
         ("embed", -1, "embed", tlm.cached(cache, "blocks.0.hook_resid_pre", batch)[position])
     ]
     for l in range(spec.n_layers):
-        out.append((f"L{l}.attn", l, "attn", tlm.cached(cache, f"blocks.{l}.hook_attn_out", batch)[position]))
-        out.append((f"L{l}.mlp", l, "mlp", tlm.cached(cache, f"blocks.{l}.hook_mlp_out", batch)[position]))
+        out.append((names.layer_output(l, "attn"), l, "attn", tlm.cached(cache, f"blocks.{l}.hook_attn_out", batch)[position]))
+        out.append((names.layer_output(l, "mlp"), l, "mlp", tlm.cached(cache, f"blocks.{l}.hook_mlp_out", batch)[position]))
     return out
 
 

@@ -103,7 +103,7 @@ class ComponentRef:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise InvalidInputError(f"unknown component kind {self.kind!r}; kinds are {', '.join(KINDS)}")
-        need = _FIELDS[self.kind]
+        need = FIELDS[self.kind]
         for f in ("layer", "head", "dim", "src_pos", "neuron", "expert"):
             value = getattr(self, f)
             if f in need:
@@ -162,7 +162,9 @@ class ComponentRef:
         return self
 
 
-_FIELDS: dict[str, tuple[str, ...]] = {
+#: The indices each kind uses (besides ``kind``); also the index columns of its rows in every part table
+#: (:mod:`tl_residual.tables`).
+FIELDS: dict[str, tuple[str, ...]] = {
     "embed": (),
     "pos_embed": (),
     "attn": ("layer",),

@@ -5,22 +5,32 @@ neuron-level paper Eq. 13):
 
     Imp(v | x) = log p(t | x + v) - log p(t | x)        (nats)
 
-with ``x`` the residual the part is added to (REFERENCE.md): ``resid_pre`` of layer ``l`` for layer ``l``'s
-attention output, heads, head x position subvalues and attention neurons; ``resid_mid`` of layer ``l`` for
-its FFN output and FFN neurons; zero for the embeddings. Probabilities come from a :class:`~tl_residual.lens.Lens`
-(default: the authors' frozen-scale final norm).
+with ``x`` the residual the part is added to, :func:`tl_residual.decompose.base_stream` (the stream its sublayer
+reads: ``resid_pre`` of layer ``l`` for layer ``l``'s attention output, heads, head x position subvalues and
+attention neurons; ``resid_mid`` of layer ``l`` for its FFN output and FFN neurons; zero for the embeddings;
+``docs/quantities.md``). Probabilities come from a :class:`~tl_residual.lens.Lens` (default: the authors'
+frozen-scale final norm).
 
 Scorers live in a registry (:data:`SCORERS`): a scorer is a function ``(ctx, group, base) -> scores`` over one
 :class:`~tl_residual.decompose.PartGroup`; :func:`register_scorer` adds one, and it then works everywhere a
-built-in one does. The table functions (:func:`score_layers`, :func:`score_heads`,
-:func:`score_attention_subvalues`, :func:`score_ffn_neurons`) take the model and an ``ActivationCache`` and
-return a :class:`pandas.DataFrame` sorted by score, highest first, with columns ``name``, ``layer``, ``kind``,
-``head``, ``src_pos``, ``neuron``, ``score``, ``coefficient``, ``top_tokens``.
+built-in one does. A scorer may declare a certified upper bound; the bound is what lets the exact top-k be found
+by pruning (:mod:`tl_residual.topk`), and is declared nowhere else.
+
+One entry point scores any kinds of parts: :func:`score` (``kinds`` from :data:`SCORABLE_KINDS`); the other
+table functions (:func:`score_layers`, :func:`score_heads`, :func:`score_ffn_neurons`,
+:func:`score_attention_subvalues`, :func:`score_attention_neurons`, :func:`score_neurons`) are thin aliases with
+the same arguments in the same order: ``ctx, method, top_k, layers, n_top_tokens``. Part tables default to the
+top :data:`DEFAULT_TOP_K` rows; the layer and head tables (at most ``2 * n_layers`` and ``n_layers * n_heads``
+rows) to every row. Every table is a :class:`pandas.DataFrame` sorted by score, highest first: the identifying
+columns of :mod:`tl_residual.tables` its kinds use (``name``, ``kind``, ``layer``, then ``head``, ``dim``,
+``src_pos``, ``src_token``, ``neuron`` where they apply), then ``score``, ``coefficient`` (parts only) and
+``top_tokens``; ``df.attrs`` holds ``method``, ``units`` (of the score, from the scorer), ``target``,
+``position`` and ``convention``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,23 +40,35 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_residual import model as tlm
+from tl_residual import names, tables
 from tl_residual.decompose import (
     PartGroup,
     attention_neuron_groups,
     attention_parts,
+    base_stream,
     ffn_parts,
-    head_name,
+    head_outputs,
     layer_outputs,
     n_positions,
     resolve_layer,
     resolve_position,
 )
 from tl_residual.errors import InvalidInputError
-from tl_residual.lens import Convention, Lens, model_logits, resolve_target
+from tl_residual.lens import (
+    DEFAULT_CHUNK_SIZE,
+    Convention,
+    Lens,
+    map_chunks,
+    model_logits,
+    resolve_target,
+    target_rank,
+)
 from tl_residual.topk import DEFAULT_HEAD, BoundProbes, bound_probes, certified_top_k, head_tail_bound
 
-#: Rows scored per matmul against the unembedding; peak extra memory is ``chunk_size * d_vocab`` floats.
-DEFAULT_CHUNK_SIZE = 256
+__all__ = ["DEFAULT_CHUNK_SIZE", "target_rank"]  # re-exported from tl_residual.lens; the rest below
+
+#: Rows of a part table by default (``top_k``); the layer and head tables list every row.
+DEFAULT_TOP_K = 20
 
 
 @dataclass
@@ -62,6 +84,9 @@ class ScoringContext:
         batch: prompt index in a batched cache.
         target: target token id.
         chunk_size: rows per matmul against ``W_U``.
+        n_head: size of the head of the pruning bound (:mod:`tl_residual.topk`).
+        tokens: the prompt's token texts (for the ``src_token`` column); recovered from the cache on first use
+            when not given (:func:`tl_residual.tables.src_token_texts`).
     """
 
     model: Any
@@ -72,13 +97,12 @@ class ScoringContext:
     target: int
     chunk_size: int = DEFAULT_CHUNK_SIZE
     n_head: int = DEFAULT_HEAD
+    tokens: list[str] | None = None
     _memo: dict[bytes, tuple[Tensor, BoundProbes]] = field(default_factory=dict, repr=False)
-    #: while a pruned search runs: ``direction @ probes`` per (directions tensor object, base), reused by groups
-    #: that share their directions (FFN ``W_out``, attention neurons' ``W_O``).
-    _proj_memo: dict[tuple[int, bytes], tuple[Tensor, Tensor]] | None = field(default=None, repr=False)
 
     @property
     def n_layers(self) -> int:
+        """Number of layers of the model."""
         return int(self.model.cfg.n_layers)
 
     # -- per-base quantities, memoised per distinct base residual (one gemm for many bases) --------------
@@ -143,20 +167,25 @@ class ScoringContext:
         return tlm.cached(self.cache, hook, self.batch)[self.position]
 
     def base_for(self, group: PartGroup) -> Float[Tensor, " d_model"]:
-        """The residual ``x`` a part of ``group`` is added to (REFERENCE.md "Which x"; ``group.base`` if set, as
-        for registered sources)."""
+        """The residual ``x`` a part of ``group`` is added to: ``group.base`` if set (registered sources), else
+        the stream :func:`~tl_residual.decompose.base_stream` names for its kind (zero for the embeddings)."""
         if group.base is not None:
             return group.base
-        if group.layer is None:
+        stream = base_stream(group.kind)
+        if stream is None or group.layer is None:
             return torch.zeros_like(self.resid("blocks.0.hook_resid_pre"))
-        if group.kind.startswith("ffn") or group.kind == "mlp":
-            return self.resid(f"blocks.{group.layer}.hook_resid_mid")
-        return self.resid(f"blocks.{group.layer}.hook_resid_pre")
+        return self.resid(f"blocks.{group.layer}.hook_{stream}")
 
     def target_log_prob(self) -> float:
         """The model's own log-probability of the target at this position (nats)."""
         logits = model_logits(self.model, self.cache, self.position, self.batch)
         return float(torch.log_softmax(logits, -1)[self.target])
+
+    def src_tokens(self) -> list[str]:
+        """The prompt's token texts up to ``position`` (``tokens``, recovered from the cache if not given)."""
+        if self.tokens is None:
+            self.tokens = tables.src_token_texts(self.model, self.cache, self.batch, self.position + 1)
+        return self.tokens
 
 
 def make_context(
@@ -167,23 +196,42 @@ def make_context(
     batch: int = 0,
     convention: Convention = "frozen",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    tokens: Sequence[str] | None = None,
 ) -> ScoringContext:
     """Resolve position and target (default: the model's top-1 at ``position``) and build the lens.
 
+    Args:
+        tokens: the prompt's token texts, if known (else recovered from the cache when a table needs them).
+
     Raises:
-        InvalidInputError: bad position, target (not exactly one token), batch or convention.
+        InvalidInputError: bad position, target (not exactly one token), batch, convention or chunk size.
     """
     pos = resolve_position(position, n_positions(cache))
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise InvalidInputError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     logits = model_logits(model, cache, pos, batch)
     t = resolve_target(model, target, logits)
-    return ScoringContext(model, cache, Lens(model, cache, pos, batch, convention), pos, batch, t, chunk_size)
+    lens = Lens(model, cache, pos, batch, convention)
+    return ScoringContext(
+        model, cache, lens, pos, batch, t, chunk_size, tokens=None if tokens is None else [str(x) for x in tokens]
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # The maths
 # ----------------------------------------------------------------------------------------------
+
+
+def _logits_after(
+    lens: Lens, base: Tensor, base_logits: Tensor, vectors: Tensor, rows: slice
+) -> Float[Tensor, "chunk d_vocab"]:
+    """``lens.logits(x + v)`` for the parts ``vectors[rows]`` (one shared base, or one base per part); under a
+    linear lens ``z(x) + z(v)`` from the known ``z(x)``."""
+    per_row = base.dim() == 2
+    chunk = vectors[rows].float()
+    if lens.linear:
+        return (base_logits[rows] if per_row else base_logits) + lens.logits(chunk)
+    return lens.logits((base[rows] if per_row else base) + chunk)
 
 
 def log_prob_increase(
@@ -194,7 +242,8 @@ def log_prob_increase(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     base_logits: Float[Tensor, " d_vocab"] | Float[Tensor, "n d_vocab"] | None = None,
 ) -> Float[Tensor, " n"]:
-    """``log p(t | x + v_j) - log p(t | x)`` for each row ``v_j`` of ``vectors`` (nats; Eq. 13 / Eq. 19).
+    """``log p(t | x + v_j) - log p(t | x)`` for each row ``v_j`` of ``vectors`` (nats; neuron-level paper Eq. 13,
+    residual-stream paper Eq. 19).
 
     Args:
         lens: the vocabulary projection.
@@ -204,31 +253,62 @@ def log_prob_increase(
         chunk_size: rows per matmul against ``W_U``.
         base_logits: ``lens.logits(base)`` if already known (same leading shape as ``base``).
 
-    Chunked over rows: peak extra memory about ``3 * chunk_size * d_vocab`` floats.
+    Chunked over rows (:func:`~tl_residual.lens.map_chunks`): peak extra memory about
+    ``3 * chunk_size * d_vocab`` floats.
     """
-    if base_logits is None:
-        base_logits = lens.logits(base)
-    base_lp = torch.log_softmax(base_logits, -1)[..., target]
+    bl = lens.logits(base) if base_logits is None else base_logits
+    base_lp = torch.log_softmax(bl, -1)[..., target]
     per_row = base.dim() == 2
-    out = []
-    for start in range(0, vectors.shape[0], chunk_size):
-        sl = slice(start, start + chunk_size)
-        chunk = vectors[sl].float()
-        b, bl, blp = (base[sl], base_logits[sl], base_lp[sl]) if per_row else (base, base_logits, base_lp)
-        z = bl + lens.logits(chunk) if lens.linear else lens.logits(b + chunk)
-        out.append(torch.log_softmax(z, dim=-1)[:, target] - blp)  # (log_softmax is faster than logsumexp on CPU)
-    if not out:
-        return torch.zeros(0, device=vectors.device)
-    return torch.cat(out)
+
+    def chunk(rows: slice) -> Tensor:
+        z = _logits_after(lens, base, bl, vectors, rows)
+        # (log_softmax is faster than logsumexp on CPU)
+        return torch.log_softmax(z, dim=-1)[:, target] - (base_lp[rows] if per_row else base_lp)
+
+    return map_chunks(chunk, vectors.shape[0], chunk_size).to(vectors.device)  # type: ignore[union-attr]
 
 
 # ----------------------------------------------------------------------------------------------
 # Registry
 # ----------------------------------------------------------------------------------------------
 
-ScorerFn = Callable[[ScoringContext, PartGroup, Tensor], Tensor]
+ScorerFn = Callable[["ScoringContext", PartGroup, Tensor], Tensor]
 #: ``(ctx, group, base) -> Float[Tensor, "n"]``: an upper bound of a scorer's score for every part of ``group``.
-BoundFn = Callable[[ScoringContext, PartGroup, Tensor], Tensor]
+BoundFn = Callable[["ScoringContext", PartGroup, Tensor], Tensor]
+
+#: Rows per block when computing bounds (peak ``BOUND_ROWS * (d_model + n_head + 3)`` float64 values).
+BOUND_ROWS = 4096
+
+
+@dataclass(frozen=True)
+class IncreaseBound:
+    """A bound declared through the bound (1) of :mod:`tl_residual.topk` on the log-probability increase: the
+    scorer's score is at most ``post(B(v | x0), probes(x0))`` with ``x0`` the part's base (or the zero residual
+    when ``at_zero``) and ``post`` non-decreasing in ``B``.
+
+    Declared this way, a bound gets the fast path of the pruned search (many groups' bounds in a few large matrix
+    products under a linear lens, projections shared by groups with the same directions); any other
+    ``(ctx, group, base) -> bound`` function is evaluated group by group. Calling the object evaluates it.
+
+    Attributes:
+        at_zero: evaluate (1) at the zero residual (scores that ignore the base, e.g. ``log p(t | v)``).
+        post: ``(bound (1), probes of x0) -> bound``; ``None`` is the identity.
+    """
+
+    at_zero: bool = False
+    post: Callable[[Tensor, BoundProbes], Tensor] | None = None
+
+    def base(self, ctx: ScoringContext, base: Tensor) -> Tensor:
+        """The residual ``x0`` at which (1) is evaluated."""
+        return torch.zeros_like(base) if self.at_zero else base
+
+    def finish(self, bound: Tensor, probes: BoundProbes) -> Tensor:
+        """``post(bound, probes)``."""
+        return bound if self.post is None else self.post(bound, probes)
+
+    def __call__(self, ctx: ScoringContext, group: PartGroup, base: Tensor) -> Float[Tensor, " n"]:
+        x0 = self.base(ctx, base)
+        return self.finish(log_prob_increase_bound(ctx, group, x0), ctx.base_probes(x0))
 
 
 @dataclass(frozen=True)
@@ -241,64 +321,102 @@ class Scorer:
             important for the target). ``base`` is ``Float[Tensor, "d_model"]``, or, when the scorer has a
             ``bound``, possibly ``Float[Tensor, "n d_model"]`` (one base per part: the pruned search scores parts
             of many layers in one call).
-        description: one line, with units.
-        bound: ``(ctx, group, base) -> Float[Tensor, "n"]``, a certified upper bound of ``fn`` for every part,
-            cheap (no ``d_vocab`` work per part). With it, :func:`score_groups` finds the exact top-k by the
-            pruned search of :func:`~tl_residual.topk.certified_top_k` instead of scoring every part.
+        description: one line.
+        bound: a certified upper bound of ``fn`` for every part: an :class:`IncreaseBound` (fast path) or any
+            ``(ctx, group, base) -> Float[Tensor, "n"]``. With it, :func:`score_groups` finds the exact top-k by
+            the pruned search of :func:`~tl_residual.topk.certified_top_k` instead of scoring every part.
+        units: units of the score (``"nats"``, ``"probability"``, ...), copied to ``df.attrs["units"]``.
     """
 
     name: str
     fn: ScorerFn
     description: str
     bound: BoundFn | None = None
+    units: str = ""
+
+    def __call__(self, ctx: ScoringContext, group: PartGroup, base: Tensor) -> Float[Tensor, " n"]:
+        """``fn(ctx, group, base)``, checked: one finite float per part.
+
+        Raises:
+            InvalidInputError: the scorer returned something else (the message names the function).
+        """
+        out = self.fn(ctx, group, base)
+        n = len(group)
+        problem = None
+        if not isinstance(out, Tensor):
+            problem = f"a {type(out).__name__}, not a tensor"
+        elif tuple(out.shape) != (n,):
+            problem = f"shape {tuple(out.shape)}, not ({n},)"
+        elif not out.is_floating_point():
+            problem = f"dtype {out.dtype}, not a floating-point dtype"
+        elif not bool(torch.isfinite(out).all()):
+            problem = f"{int((~torch.isfinite(out)).sum())} non-finite values (NaN or inf)"
+        if problem is not None:
+            fn_name = getattr(self.fn, "__qualname__", repr(self.fn))
+            raise InvalidInputError(
+                f"scorer {self.name!r} ({fn_name}) returned {problem} for a group of {n} {group.kind} parts; "
+                f"it must return Float[Tensor, 'n'] with one finite score per part"
+            )
+        return out
 
 
 SCORERS: dict[str, Scorer] = {}
 
 
 def register_scorer(
-    name: str, description: str = "", *, bound: BoundFn | None = None
+    name: str, description: str = "", *, bound: BoundFn | None = None, units: str = "", overwrite: bool = False
 ) -> Callable[[ScorerFn], ScorerFn]:
     """Decorator: register ``fn(ctx, group, base) -> scores`` under ``name``.
 
-    ``bound`` (optional) is a certified upper bound of the score per part; with it the top-k is found by the
-    pruned search (see :class:`Scorer`; ``fn`` must then accept one base per part, ``base`` of shape
-    ``[n, d_model]``). A wrong bound gives a wrong top-k: test it densely (``bound >= score`` on every part).
+    ``bound`` (optional) is a certified upper bound of the score per part (see :class:`Scorer`; ``fn`` must then
+    accept one base per part, ``base`` of shape ``[n, d_model]``); declare it as an :class:`IncreaseBound` where
+    the score is a non-decreasing function of the log-probability increase, to get the fast path. A wrong bound
+    gives a wrong top-k: test it densely (``bound >= score`` on every part).
 
     Example::
 
-        @register_scorer("target_logit", "the part's bs-value on the target (logits)")
+        @register_scorer("target_logit", "the part's bs-value on the target", units="logits")
         def target_logit(ctx, group, base):
             return ctx.lens.logits(group.vectors)[:, ctx.target]
 
     Raises:
-        InvalidInputError: ``name`` is empty.
+        InvalidInputError: ``name`` is empty, or already registered and ``overwrite`` is not set.
     """
-    if not name:
+    if not isinstance(name, str) or not name:
         raise InvalidInputError("a scorer needs a non-empty name")
+    if name in SCORERS and not overwrite:
+        raise InvalidInputError(
+            f"a scorer named {name!r} is already registered; pass overwrite=True to replace it, or choose another name"
+        )
 
     def decorate(fn: ScorerFn) -> ScorerFn:
-        SCORERS[name] = Scorer(
-            name, fn, description or (fn.__doc__ or "").strip().split("\n")[0], bound
-        )
+        SCORERS[name] = Scorer(name, fn, description or (fn.__doc__ or "").strip().split("\n")[0], bound, units)
         return fn
 
     return decorate
 
 
-def get_scorer(name: str) -> Scorer:
-    """The registered scorer ``name``.
+def unregister_scorer(name: str) -> None:
+    """Remove a registered scorer.
+
+    Raises:
+        InvalidInputError: no scorer of that name.
+    """
+    get_scorer(name)
+    del SCORERS[name]
+
+
+def get_scorer(name: str | Scorer) -> Scorer:
+    """The registered scorer ``name`` (a :class:`Scorer` is returned as is).
 
     Raises:
         InvalidInputError: unknown name (the message lists the registered ones).
     """
+    if isinstance(name, Scorer):
+        return name
     if name not in SCORERS:
         raise InvalidInputError(f"unknown scoring method {name!r}; registered: {', '.join(sorted(SCORERS))}")
     return SCORERS[name]
-
-
-#: Rows per block when computing bounds (peak ``BOUND_ROWS * (d_model + n_head + 3)`` float64 values).
-BOUND_ROWS = 4096
 
 
 def log_prob_increase_bound(
@@ -317,38 +435,62 @@ def log_prob_increase_bound(
         proj = group.coefficients.double()[:, None] * _direction_projections(ctx, group.directions, base)
         return head_tail_bound(proj, pr.log_weights.to(proj.device))
     probes = pr.probes  # [d_model, m+1], float64
-    out = []
-    for s in range(0, len(group), BOUND_ROWS):
-        vec = group.coefficients[s : s + BOUND_ROWS].float()[:, None] * group.directions[s : s + BOUND_ROWS].float()
-        u = ctx.lens.normalize(base + vec).double() - ctx.lens.normalize(base[None]).double()
+    base_norm = ctx.lens.normalize(base[None]).double()
+
+    def block(rows: slice) -> Tensor:
+        vec = group.coefficients[rows].float()[:, None] * group.directions[rows].float()
+        u = ctx.lens.normalize(base + vec).double() - base_norm
         proj = u @ probes.to(u.device)
-        out.append(head_tail_bound(proj, pr.log_weights.to(proj.device)))
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+        return head_tail_bound(proj, pr.log_weights.to(proj.device))
+
+    return map_chunks(block, len(group), BOUND_ROWS).double()  # type: ignore[union-attr]
+
+
+class ProjectionCache:
+    """``directions @ probes(base)`` per (directions tensor object, base), kept for the duration of one pruned
+    search: groups that share their directions (FFN ``W_out``, the attention neurons' ``W_O`` view shared by every
+    source position of a layer) are projected once. Memory: ``n * (n_head + 2)`` float64 per distinct
+    (directions, base) pair."""
+
+    def __init__(self) -> None:
+        self._memo: dict[tuple[int, bytes], tuple[Tensor, Tensor]] = {}
+
+    def get(self, key: tuple[int, bytes], directions: Tensor) -> Tensor | None:
+        """The projections stored under ``key`` if they were computed from this very ``directions`` tensor."""
+        hit = self._memo.get(key)
+        return hit[1] if hit is not None and hit[0] is directions else None
+
+    def put(self, key: tuple[int, bytes], directions: Tensor, proj: Tensor) -> None:
+        """Store ``proj``, keeping ``directions`` alive so that its ``id`` cannot be reused."""
+        self._memo[key] = (directions, proj)
 
 
 def _direction_projections(
-    ctx: ScoringContext, directions: Float[Tensor, "n d_model"], base: Float[Tensor, " d_model"]
+    ctx: ScoringContext,
+    directions: Float[Tensor, "n d_model"],
+    base: Float[Tensor, " d_model"],
+    cache: ProjectionCache | None = None,
 ) -> Float[Tensor, "n m1"]:
-    """``directions @ probes(base)`` in float64 (linear lens), in blocks of :data:`BOUND_ROWS` rows; memoised per
-    directions tensor object while a pruned search runs (FFN ``W_out`` and attention ``W_O`` views are shared)."""
+    """``directions @ probes(base)`` in float64 (linear lens), in blocks of :data:`BOUND_ROWS` rows; memoised in
+    ``cache`` when given."""
     key = (id(directions), ctx._keys(base[None])[0])
-    memo = ctx._proj_memo
-    if memo is not None and key in memo and memo[key][0] is directions:
-        return memo[key][1]
+    if cache is not None and (hit := cache.get(key, directions)) is not None:
+        return hit
     probes = ctx.base_probes(base).probes.to(directions.device)
-    proj = torch.cat([directions[s : s + BOUND_ROWS].double() @ probes for s in range(0, len(directions), BOUND_ROWS)])
-    if memo is not None:
-        memo[key] = (directions, proj)
-    return proj
+    proj = map_chunks(lambda rows: directions[rows].double() @ probes, len(directions), BOUND_ROWS)
+    if cache is not None:
+        cache.put(key, directions, proj)  # type: ignore[arg-type]
+    return proj  # type: ignore[return-value]
 
 
-def _fused_linear_bounds(
-    ctx: ScoringContext, groups: list[PartGroup], bases: list[Tensor], post: Callable[[Tensor, BoundProbes], Tensor]
+def _fused_bounds(
+    ctx: ScoringContext, groups: list[PartGroup], bases: list[Tensor], bound: IncreaseBound, cache: ProjectionCache
 ) -> list[Tensor]:
-    """The built-in bounds for many groups under a linear lens, evaluated in blocks of consecutive groups that
-    share a base (few large tensor operations instead of one small one per group). ``post`` maps bound (1) at
-    the base to the method's bound. Same values as calling the per-group bound functions."""
-    keys = [ctx._keys(b[None])[0] for b in bases]
+    """An :class:`IncreaseBound` for many groups under a linear lens, evaluated in blocks of consecutive groups
+    that share a base (few large tensor operations instead of one small one per group). Same values as calling
+    ``bound`` per group."""
+    x0s = [bound.base(ctx, b) for b in bases]
+    keys = [ctx._keys(b[None])[0] for b in x0s]
     out: list[Tensor] = []
     i = 0
     while i < len(groups):
@@ -356,107 +498,104 @@ def _fused_linear_bounds(
         while j < len(groups) and keys[j] == keys[i] and rows + len(groups[j]) <= 16 * BOUND_ROWS:
             rows += len(groups[j])
             j += 1
-        pr = ctx.base_probes(bases[i])
-        proj = torch.cat([g.coefficients.double()[:, None] * _direction_projections(ctx, g.directions, bases[i])
-                          for g in groups[i:j]])
-        bound = post(head_tail_bound(proj, pr.log_weights.to(proj.device)), pr).cpu()
-        out += list(torch.split(bound, [len(g) for g in groups[i:j]]))
+        pr = ctx.base_probes(x0s[i])
+        proj = torch.cat(
+            [g.coefficients.double()[:, None] * _direction_projections(ctx, g.directions, x0s[i], cache)
+             for g in groups[i:j]]
+        )
+        values = bound.finish(head_tail_bound(proj, pr.log_weights.to(proj.device)), pr).cpu()
+        out += list(torch.split(values, [len(g) for g in groups[i:j]]))
         i = j
     return out
 
 
-def _chunked(
-    ctx: ScoringContext, rows: Tensor, fn: Callable[[Tensor], Tensor]
-) -> Tensor:
-    """Apply ``fn`` to ``lens.logits(rows[chunk])`` chunk by chunk (peak ``chunk_size * d_vocab`` floats)."""
-    out = [fn(ctx.lens.logits(rows[s : s + ctx.chunk_size])) for s in range(0, rows.shape[0], ctx.chunk_size)]
-    return torch.cat(out) if out else torch.zeros(0)
+def _prob_increase_post(b: Tensor, probes: BoundProbes) -> Tensor:
+    """Method c is ``p(t | x) * expm1(Imp)``, increasing in ``Imp``: bounded by ``p(t | x) * expm1(B)``."""
+    return probes.base_log_prob.double().exp() * torch.expm1(b)
 
 
-def target_rank(logits: Float[Tensor, "n d_vocab"], target: int) -> Float[Tensor, " n"]:
-    """Rank of ``target`` in each row of ``logits`` (1 = largest), as float."""
-    return 1.0 + (logits > logits[:, target : target + 1]).sum(-1).float()
+def _log_prob_post(b: Tensor, probes: BoundProbes) -> Tensor:
+    """Method b is ``Imp(v | 0) + log p(t | 0)``: bounded by ``B(v | 0) + log p(t | 0)``, clamped at 0."""
+    return (b + probes.base_log_prob.double()).clamp_max(0.0)
 
 
-# The seven baselines of the neuron-level paper, section 4.1 (REFERENCE.md rows b-h), for a part m * v.
-# ``v`` is the part's direction (an FFN neuron's W_out row; an attention subvalue's v @ W_O), ``m`` its coefficient.
+#: Certified upper bound (probability) of method c, ``p(t | x + v) - p(t | x) = p0 * expm1(Imp)``:
+#: ``p0 * expm1(B)`` with ``B`` the :func:`log_prob_increase_bound` at the same base.
+prob_increase_bound = IncreaseBound(post=_prob_increase_post)
+#: Certified upper bound (nats) of method b, ``log p(t | v) = Imp(v | 0) + log p(t | 0)``: bound (1) at the zero
+#: residual (where the frozen and ``none`` lenses give the uniform distribution) plus ``log p(t | 0)``, clamped
+#: at 0; ``base`` is not used.
+log_prob_bound = IncreaseBound(at_zero=True, post=_log_prob_post)
 
 
-def log_prob_bound(ctx: ScoringContext, group: PartGroup, base: Tensor) -> Float[Tensor, " n"]:
-    """Certified upper bound (nats) of method b, ``log p(t | v)``, for every part ``v`` of ``group``.
+# ----------------------------------------------------------------------------------------------
+# The neuron-level paper's methods a-h (section 4.1, Table 2), for a part m * v: ``v`` is the part's direction
+# (an FFN neuron's W_out row; an attention subvalue's v @ W_O), ``m`` its coefficient.
+# ----------------------------------------------------------------------------------------------
 
-    ``log p(t | v) = Imp(v | 0) + log p(t | 0)``: the log-probability increase over the zero residual (where the
-    frozen and ``none`` lenses give the uniform distribution, so this is Jensen's ``log p_t(v) <= z_t(v) -
-    mean_w z_w(v) - log V``, tightened by treating the target exactly). ``base`` is not used. Clamped at 0.
-    """
-    zero = torch.zeros(ctx.lens.W_U.shape[0], device=ctx.lens.W_U.device)
-    b = log_prob_increase_bound(ctx, group, zero) + ctx.base_probes(zero).base_log_prob.double()
-    return b.clamp_max(0.0)
+
+def _chunked(ctx: ScoringContext, rows: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """``fn(lens.logits(rows[chunk]))`` chunk by chunk (peak ``chunk_size * d_vocab`` floats)."""
+    return map_chunks(lambda sl: fn(ctx.lens.logits(rows[sl])), rows.shape[0], ctx.chunk_size)  # type: ignore[return-value]
 
 
 @register_scorer(
     "log_prob_increase",
-    "log p(t | x + v) - log p(t | x), nats (neuron-level paper Eq. 13, method a)",
-    bound=log_prob_increase_bound,
+    "log p(t | x + v) - log p(t | x) (neuron-level paper Eq. 13, method a)",
+    bound=IncreaseBound(),
+    units="nats",
 )
 def _log_prob_increase(ctx: ScoringContext, group: PartGroup, base: Tensor) -> Tensor:
     return log_prob_increase(ctx.lens, base, group.vectors, ctx.target, ctx.chunk_size, ctx.base_logits(base))
 
 
 @register_scorer(
-    "log_prob",
-    "log p(t | m v): the part's own log-probability of the target, nats (method b)",
-    bound=log_prob_bound,
+    "log_prob", "log p(t | m v): the part's own log-probability of the target (method b)", bound=log_prob_bound,
+    units="nats",
 )
 def _log_prob(ctx: ScoringContext, group: PartGroup, base: Tensor) -> Tensor:
     return _chunked(ctx, group.vectors, lambda z: torch.log_softmax(z, -1)[:, ctx.target])
 
 
-def prob_increase_bound(ctx: ScoringContext, group: PartGroup, base: Tensor) -> Float[Tensor, " n"]:
-    """Certified upper bound (probability) of method c, ``p(t | x + v) - p(t | x) = p0 (exp Imp - 1)``.
-
-    Increasing in ``Imp``, so ``p0 * expm1(B)`` with ``B`` the :func:`log_prob_increase_bound` at the same base.
-    """
-    p0 = ctx.base_probes(base).base_log_prob.double().exp()
-    return p0 * torch.expm1(log_prob_increase_bound(ctx, group, base))
-
-
-@register_scorer("prob_increase", "p(t | x + m v) - p(t | x), probability (method c)", bound=prob_increase_bound)
+@register_scorer(
+    "prob_increase", "p(t | x + m v) - p(t | x) (method c)", bound=prob_increase_bound, units="probability"
+)
 def _prob_increase(ctx: ScoringContext, group: PartGroup, base: Tensor) -> Tensor:
     base_logits = ctx.base_logits(base)
     p0 = torch.softmax(base_logits, -1)[..., ctx.target]
     per_row = base.dim() == 2
     vecs = group.vectors
-    out = []
-    for s in range(0, vecs.shape[0], ctx.chunk_size):
-        sl = slice(s, s + ctx.chunk_size)
-        bl, b, p = (base_logits[sl], base[sl], p0[sl]) if per_row else (base_logits, base, p0)
-        z = bl + ctx.lens.logits(vecs[sl]) if ctx.lens.linear else ctx.lens.logits(b + vecs[sl])
-        out.append(torch.softmax(z, -1)[:, ctx.target] - p)
-    return torch.cat(out) if out else torch.zeros(0)
+
+    def chunk(rows: slice) -> Tensor:
+        z = _logits_after(ctx.lens, base, base_logits, vecs, rows)
+        return torch.softmax(z, -1)[:, ctx.target] - (p0[rows] if per_row else p0)
+
+    return map_chunks(chunk, vecs.shape[0], ctx.chunk_size)  # type: ignore[return-value]
 
 
-@register_scorer("norm", "||v||: L2 norm of the part's direction, residual units (method d)")
+@register_scorer("norm", "||v||: L2 norm of the part's direction (method d)", units="residual norm")
 def _norm(ctx: ScoringContext, group: PartGroup, base: Tensor) -> Tensor:
     return group.directions.norm(dim=-1)
 
 
-@register_scorer("coefficient", "|m|: absolute coefficient (method e)")
+@register_scorer("coefficient", "|m|: absolute coefficient (method e)", units="coefficient")
 def _coefficient(ctx: ScoringContext, group: PartGroup, base: Tensor) -> Tensor:
-    return group.coefficients.abs()
+    return group.coefficients.abs().float()
 
 
-@register_scorer("inverse_rank", "1 / rank of t in the vocabulary projection of v (method f)")
+@register_scorer("inverse_rank", "1 / rank of t in the vocabulary projection of v (method f)", units="1 / rank")
 def _inverse_rank(ctx: ScoringContext, group: PartGroup, base: Tensor) -> Tensor:
     return 1.0 / _chunked(ctx, group.directions, lambda z: target_rank(z, ctx.target))
 
 
-@register_scorer("coefficient_norm", "|m| * ||v|| (method g)")
+@register_scorer("coefficient_norm", "|m| * ||v|| (method g)", units="residual norm")
 def _coefficient_norm(ctx: ScoringContext, group: PartGroup, base: Tensor) -> Tensor:
     return group.coefficients.abs() * group.directions.norm(dim=-1)
 
 
-@register_scorer("coefficient_inverse_rank", "|m| / rank of t in the projection of v (method h)")
+@register_scorer(
+    "coefficient_inverse_rank", "|m| / rank of t in the projection of v (method h)", units="coefficient / rank"
+)
 def _coefficient_inverse_rank(ctx: ScoringContext, group: PartGroup, base: Tensor) -> Tensor:
     return group.coefficients.abs() / _chunked(ctx, group.directions, lambda z: target_rank(z, ctx.target))
 
@@ -478,54 +617,44 @@ PAPER_METHODS: tuple[str, ...] = (
 # Tables
 # ----------------------------------------------------------------------------------------------
 
-TABLE_COLUMNS = ["name", "layer", "kind", "head", "src_pos", "neuron", "score", "coefficient", "top_tokens"]
+#: Value columns of a score table, after the identifying columns of :mod:`tl_residual.tables`
+#: (``coefficient`` only for parts; a layer output or a head is not a coefficient times a direction).
+VALUE_COLUMNS: tuple[str, ...] = ("score", "coefficient", "top_tokens")
+#: Every column a score table can have, in order (a table keeps those its kinds use).
+TABLE_COLUMNS: list[str] = [*tables.ID_COLUMNS, *VALUE_COLUMNS]
+#: Kinds that are whole components (no ``coefficient`` column).
+_WHOLE_KINDS = ("attn", "mlp", "head")
 
 
-def _rows(
-    ctx: ScoringContext,
-    group: PartGroup,
-    picks: Tensor,
-    scores: Tensor,
-    n_top_tokens: int,
-) -> pd.DataFrame:
-    picks = picks.long()
-    vectors = group.coefficients[picks, None] * group.directions[picks]
+def _rows(ctx: ScoringContext, group: PartGroup, picks: Tensor, scores: Tensor, n_top_tokens: int) -> pd.DataFrame:
+    picks = picks.long().cpu()
+    dev = group.coefficients.device
     if n_top_tokens > 0 and len(picks) > 0:
+        vectors = group.coefficients[picks.to(dev), None] * group.directions[picks.to(group.directions.device)]
         ids = torch.topk(ctx.lens.logits(vectors), n_top_tokens, dim=-1).indices.tolist()
         tokens = [[ctx.lens.token_str(t) for t in row] for row in ids]
     else:
         tokens = [[] for _ in range(len(picks))]
-
-    def col(key: str) -> Any:
-        return group.index[key][picks].tolist() if key in group.index else -1
-
-    # Index keys beyond the standard columns (e.g. an attention neuron's head dimension ``dim``) become extra
-    # columns after TABLE_COLUMNS.
-    extra = [k for k in group.index if k not in TABLE_COLUMNS]
-    return pd.DataFrame(
-        {
-            "name": [group.names[i] for i in picks.tolist()],
-            "layer": -1 if group.layer is None else group.layer,
-            "kind": group.kind,
-            "head": col("head"),
-            "src_pos": col("src_pos"),
-            "neuron": col("neuron"),
-            "score": scores.float().cpu().numpy(),
-            "coefficient": group.coefficients[picks].cpu().numpy(),
-            "top_tokens": tokens,
-            **{k: col(k) for k in extra},
-        },
-        columns=TABLE_COLUMNS + extra,
-    )
+    values: dict[str, Any] = {"score": scores.float().cpu().numpy()}
+    if group.kind not in _WHOLE_KINDS:
+        values["coefficient"] = group.coefficients[picks.to(dev)].float().cpu().numpy()
+    values["top_tokens"] = tokens
+    src = ctx.src_tokens() if "src_pos" in group.index else None
+    return tables.part_frame(group, picks, src, **values)
 
 
-def _finish(frames: list[pd.DataFrame], top_k: int | None, method: str, ctx: ScoringContext) -> pd.DataFrame:
-    frames = [f for f in frames if len(f)]
-    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=TABLE_COLUMNS)
+def _finish(frames: list[pd.DataFrame], top_k: int | None, scorer: Scorer, ctx: ScoringContext) -> pd.DataFrame:
+    df = tables.concat(frames, ["score", "top_tokens"])
     df = df.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
     if top_k is not None:
         df = df.head(top_k).reset_index(drop=True)
-    df.attrs.update(method=method, target=ctx.target, position=ctx.position, convention=ctx.lens.convention)
+    df.attrs.update(
+        method=scorer.name,
+        units=scorer.units,
+        target=ctx.target,
+        position=ctx.position,
+        convention=ctx.lens.convention,
+    )
     return df
 
 
@@ -534,257 +663,328 @@ def _check_top_k(top_k: int | None) -> None:
         raise InvalidInputError(f"top_k must be a positive integer or None, got {top_k!r}")
 
 
-#: Built-in bounds the pruned search evaluates for many groups at once (linear lens): bound function ->
-#: (evaluated at the zero residual?, map from bound (1) and the base's probes to the method's bound).
-_FUSED_BOUNDS: dict[Any, tuple[bool, Callable[[Tensor, BoundProbes], Tensor]]] = {
-    log_prob_increase_bound: (False, lambda b, pr: b),
-    prob_increase_bound: (False, lambda b, pr: pr.base_log_prob.double().exp() * torch.expm1(b)),
-    log_prob_bound: (True, lambda b, pr: (b + pr.base_log_prob.double()).clamp_max(0.0)),
-}
-
-
 def score_groups(
     ctx: ScoringContext,
     groups: Iterable[PartGroup],
-    method: str = "log_prob_increase",
-    top_k: int | None = None,
+    method: str | Scorer = "log_prob_increase",
+    top_k: int | None = DEFAULT_TOP_K,
     n_top_tokens: int = 5,
     pruned: bool = True,
 ) -> pd.DataFrame:
     """Score every part of ``groups`` with ``method`` and return the table, best first.
 
     With ``top_k`` set and a method that carries a certified upper bound in the registry (``log_prob_increase``,
-    ``log_prob``, ``prob_increase``; :attr:`Scorer.bound`), the exact top-k is found by the pruned search of
-    :func:`~tl_residual.topk.certified_top_k`, under every lens convention: the same parts and scores as dense
-    scoring (ties at the k-th score broken by order of appearance, as in the dense path), after scoring only the
-    parts whose bound beats the running k-th score. ``df.attrs`` then holds ``n_scored`` and ``n_candidates``.
-    ``pruned=False`` forces dense scoring (the reference path); methods without a bound are always dense.
+    ``log_prob``, ``prob_increase``, or a custom scorer's :attr:`Scorer.bound`), the exact top-k is found by the
+    pruned search of :func:`~tl_residual.topk.certified_top_k`, under every lens convention: the same parts and
+    scores as dense scoring (ties at the k-th score broken by order of appearance, as in the dense path), after
+    scoring only the parts whose bound beats the running k-th score. ``df.attrs`` then holds ``n_scored`` and
+    ``n_candidates``. ``pruned=False`` forces dense scoring (the reference path); methods without a bound are
+    always dense. ``top_k=None`` keeps every row.
 
     Memory: dense consumes the groups one at a time; pruned keeps every group (FFN directions are views of
     ``W_out``, no copy) plus one bound per part, and scores ``max(ctx.chunk_size, top_k)`` parts per matmul
     against ``W_U`` (peak extra about ``3 * max(chunk_size, top_k) * d_vocab`` floats).
 
     Raises:
-        InvalidInputError: unknown method or bad ``top_k``.
+        InvalidInputError: unknown method, bad ``top_k``, or a scorer returning anything but one finite score per
+            part.
     """
     _check_top_k(top_k)
     scorer = get_scorer(method)
     if top_k is not None and pruned and scorer.bound is not None:
-        return _pruned(ctx, list(groups), top_k, n_top_tokens, method)
+        return _pruned(ctx, list(groups), top_k, n_top_tokens, scorer)
     frames = []
     for g in groups:
         if len(g) == 0:
             continue
-        scores = scorer.fn(ctx, g, ctx.base_for(g))
+        scores = scorer(ctx, g, ctx.base_for(g))
         picks = torch.arange(len(g))
         if top_k is not None and len(g) > top_k:
             # stable: ties keep the lower index, like the pruned search
             picks = torch.argsort(scores.cpu(), descending=True, stable=True)[:top_k]
             scores = scores[picks.to(scores.device)]
         frames.append(_rows(ctx, g, picks, scores, n_top_tokens))
-    return _finish(frames, top_k, method, ctx)
+    return _finish(frames, top_k, scorer, ctx)
+
+
+def _bounds(ctx: ScoringContext, groups: list[PartGroup], bases: list[Tensor], scorer: Scorer) -> list[Tensor]:
+    """Every part's bound, through the fast path where the scorer declares an :class:`IncreaseBound` and the
+    lens is linear."""
+    bound = scorer.bound
+    assert bound is not None
+    if isinstance(bound, IncreaseBound) and ctx.lens.linear:
+        return _fused_bounds(ctx, groups, bases, bound, ProjectionCache())
+    return [bound(ctx, g, b).double().cpu() for g, b in zip(groups, bases)]
+
+
+def _gather(groups: list[PartGroup], bases: list[Tensor], owner: Tensor, local: Tensor, idx: Tensor) -> tuple[PartGroup, Tensor]:
+    """The parts ``idx`` (of many groups) as one group, in ``idx`` order, and one base row per part."""
+    own, rows = owner[idx], local[idx]
+    sels, coefs, dirs, base_rows = [], [], [], []
+    for gi in own.unique().tolist():
+        sel = (own == gi).nonzero().squeeze(-1)
+        g, r = groups[gi], rows[sel].to(groups[gi].coefficients.device)
+        sels.append(sel)
+        coefs.append(g.coefficients[r])
+        dirs.append(g.directions[r])
+        base_rows.append(bases[gi].expand(len(sel), -1))
+    back = torch.argsort(torch.cat(sels))
+    chunk = PartGroup("mixed", None, torch.cat(coefs)[back], torch.cat(dirs)[back])
+    return chunk, torch.cat(base_rows)[back]
 
 
 def _pruned(
-    ctx: ScoringContext, groups: list[PartGroup], top_k: int, n_top_tokens: int, method: str
+    ctx: ScoringContext, groups: list[PartGroup], top_k: int, n_top_tokens: int, scorer: Scorer
 ) -> pd.DataFrame:
     """The certified top-k over all parts of ``groups`` (see :func:`score_groups`)."""
-    scorer = get_scorer(method)
-    bound_fn = scorer.bound
-    assert bound_fn is not None
     groups = [g for g in groups if len(g)]
     if not groups:
-        return _finish([], top_k, method, ctx)
+        return _finish([], top_k, scorer, ctx)
     bases = [ctx.base_for(g) for g in groups]
     ctx.prime(torch.stack(bases + [torch.zeros_like(bases[0])]))  # one matmul for every distinct base
-    ctx._proj_memo = {}
-    try:
-        fused = _FUSED_BOUNDS.get(bound_fn) if ctx.lens.linear else None
-        if fused is not None:
-            at_zero, post = fused
-            bound_bases = [torch.zeros_like(bases[0])] * len(groups) if at_zero else bases
-            bounds = _fused_linear_bounds(ctx, groups, bound_bases, post)
-        else:
-            bounds = [bound_fn(ctx, g, b).double().cpu() for g, b in zip(groups, bases)]
-    finally:
-        ctx._proj_memo = None
+    all_bounds = torch.cat(_bounds(ctx, groups, bases, scorer))
     owner = torch.cat([torch.full((len(g),), gi, dtype=torch.long) for gi, g in enumerate(groups)])
     local = torch.cat([torch.arange(len(g)) for g in groups])
-    all_bounds = torch.cat(bounds)
-
-    def gather(idx: Tensor) -> tuple[PartGroup, Tensor]:
-        """The parts ``idx`` (of many groups) as one group, in ``idx`` order, and one base row per part."""
-        own, rows = owner[idx], local[idx]
-        sels, coefs, dirs, base_rows = [], [], [], []
-        for gi in own.unique().tolist():
-            sel = (own == gi).nonzero().squeeze(-1)
-            g, r = groups[gi], rows[sel].to(groups[gi].coefficients.device)
-            sels.append(sel)
-            coefs.append(g.coefficients[r])
-            dirs.append(g.directions[r])
-            base_rows.append(bases[gi].expand(len(sel), -1))
-        back = torch.argsort(torch.cat(sels))
-        chunk = PartGroup("mixed", None, torch.cat(coefs)[back], torch.cat(dirs)[back])
-        return chunk, torch.cat(base_rows)[back]
+    k = min(top_k, int(all_bounds.shape[0]))  # never allocate for more rows than there are candidates
 
     def exact(idx: Tensor) -> Tensor:
         # Parts of many layers in one call: one base per part, one matmul against W_U per chunk.
-        return scorer.fn(ctx, *gather(idx)).double().cpu()
+        return scorer(ctx, *_gather(groups, bases, owner, local, idx)).double().cpu()
 
-    result = certified_top_k(all_bounds, exact, top_k, chunk_size=ctx.chunk_size)
+    result = certified_top_k(all_bounds, exact, k, chunk_size=ctx.chunk_size)
     frames = []
     for gi in owner[result.indices].unique().tolist():
         sel = (owner[result.indices] == gi).nonzero().squeeze(-1)
         frames.append(_rows(ctx, groups[gi], local[result.indices[sel]], result.scores[sel], 0))
-    df = _finish(frames, top_k, method, ctx)
+    df = _finish(frames, top_k, scorer, ctx)
     if n_top_tokens > 0 and len(result.indices):
         # every row's logit-lens tokens from one matmul against W_U
-        names = [groups[int(owner[i])].names[int(local[i])] for i in result.indices]
-        ids = torch.topk(ctx.lens.logits(gather(result.indices)[0].vectors), n_top_tokens, dim=-1).indices.tolist()
-        by_name = {n: [ctx.lens.token_str(t) for t in row] for n, row in zip(names, ids)}
+        row_names = [groups[int(owner[i])].names[int(local[i])] for i in result.indices]
+        vectors = _gather(groups, bases, owner, local, result.indices)[0].vectors
+        ids = torch.topk(ctx.lens.logits(vectors), n_top_tokens, dim=-1).indices.tolist()
+        by_name = {n: [ctx.lens.token_str(t) for t in row] for n, row in zip(row_names, ids)}
         df["top_tokens"] = [by_name[n] for n in df["name"]]
     df.attrs["n_scored"] = result.n_scored
     df.attrs["n_candidates"] = int(all_bounds.shape[0])
     return df
 
 
+# ----------------------------------------------------------------------------------------------
+# The one entry point and its aliases
+# ----------------------------------------------------------------------------------------------
+
+#: Kinds :func:`score` scores (:mod:`tl_residual.names` vocabulary).
+SCORABLE_KINDS: tuple[str, ...] = ("attn", "mlp", "head", "attn_subvalue", "attn_neuron", "ffn_neuron")
+#: The neuron-grain kinds of :func:`score_neurons`.
+NEURON_KINDS: tuple[str, ...] = ("ffn_neuron", "attn_neuron", "attn_subvalue")
+
+
 def _layers(ctx: ScoringContext, layers: Iterable[int] | None) -> list[int]:
     if layers is None:
         return list(range(ctx.n_layers))
-    return [resolve_layer(l, ctx.n_layers) for l in layers]
+    return [resolve_layer(layer, ctx.n_layers) for layer in layers]
+
+
+def _kinds(kinds: str | Iterable[str], allowed: tuple[str, ...] = SCORABLE_KINDS) -> tuple[str, ...]:
+    out = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    bad = [k for k in out if k not in allowed]
+    if bad or not out:
+        raise InvalidInputError(f"kinds {bad or list(out)!r} are not a non-empty subset of {', '.join(allowed)}")
+    return out
+
+
+def _single_group(kind: str, layer: int, vector: Tensor) -> PartGroup:
+    """A layer output (``attn``/``mlp``) as a one-part group of coefficient 1."""
+    name = names.layer_output(layer, "attn" if kind == "attn" else "mlp")
+    return PartGroup(kind, layer, torch.ones(1, device=vector.device), vector[None, :], {}, [name])
+
+
+def head_group(ctx: ScoringContext, layer: int) -> PartGroup:
+    """Every head's output at ``ctx.position`` (:func:`~tl_residual.decompose.head_outputs`, without ``b_O``) as a
+    group of kind ``head``, coefficient 1, names ``L{l}.H{h}``."""
+    vecs = head_outputs(ctx.model, ctx.cache, layer, ctx.position, ctx.batch)
+    n_heads = vecs.shape[0]
+    return PartGroup(
+        "head", layer, torch.ones(n_heads), vecs, {"head": torch.arange(n_heads)},
+        [names.head(layer, h) for h in range(n_heads)],
+    )
+
+
+def iter_groups(ctx: ScoringContext, kinds: Iterable[str], layers: Iterable[int] | None = None) -> Iterator[PartGroup]:
+    """The groups of parts of ``kinds`` in ``layers`` at ``ctx.position``, layer by layer in stream order
+    (attention kinds, then FFN kinds). Lazily: one layer's groups at a time.
+
+    Raises:
+        InvalidInputError: a kind outside :data:`SCORABLE_KINDS` or a layer out of range.
+    """
+    kinds = _kinds(kinds)
+    layer_list = _layers(ctx, layers)
+    m, c, p, b = ctx.model, ctx.cache, ctx.position, ctx.batch
+    outputs = {(layer, kind): vec for _, layer, kind, vec in layer_outputs(m, c, p, b)} if {"attn", "mlp"} & set(kinds) else {}
+    for layer in layer_list:
+        if "attn" in kinds:
+            yield _single_group("attn", layer, outputs[(layer, "attn")])
+        if "head" in kinds:
+            yield head_group(ctx, layer)
+        if "attn_subvalue" in kinds:
+            yield attention_parts(m, c, layer, p, b)[0]
+        if "attn_neuron" in kinds:
+            yield from attention_neuron_groups(m, c, layer, p, b)
+        if "mlp" in kinds:
+            yield _single_group("mlp", layer, outputs[(layer, "mlp")])
+        if "ffn_neuron" in kinds:
+            yield ffn_parts(m, c, layer, p, b)[0]
+
+
+def score(
+    ctx: ScoringContext,
+    kinds: str | Iterable[str] = ("ffn_neuron", "attn_neuron"),
+    method: str | Scorer = "log_prob_increase",
+    top_k: int | None = DEFAULT_TOP_K,
+    layers: Iterable[int] | None = None,
+    n_top_tokens: int = 5,
+    pruned: bool = True,
+) -> pd.DataFrame:
+    """Score every part of ``kinds`` in ``layers`` (default: all) for ``ctx.target`` with ``method``: one table.
+
+    Kinds (:data:`SCORABLE_KINDS`): ``attn`` / ``mlp`` (a layer's whole attention / FFN output, residual-stream
+    paper Eq. 19), ``head`` (a head's output summed over source positions, without ``b_O``), ``attn_subvalue``
+    (head x source position, ``pattern[h, i, p] * v[p] @ W_O[h]``; coefficient the attention weight),
+    ``attn_neuron`` (head, head dimension, source position; neuron-level paper section 3.2; coefficient
+    ``pattern * v[d]``) and ``ffn_neuron`` (``m_k * W_out[k]``; coefficient ``m_k``). Each part is scored against
+    the residual :func:`~tl_residual.decompose.base_stream` names for its kind.
+
+    With ``top_k`` (default :data:`DEFAULT_TOP_K`) and a method with a bound, the exact top-k comes from the
+    certified pruned search (:func:`score_groups`; SmolLM2-135M, 6 tokens, FFN and attention neurons: 149,760
+    candidates, typically a few hundred scored against the unembedding, ``docs/performance.md``). ``top_k=None``
+    scores and lists everything (dense: ``n * d_model * d_vocab`` multiply-adds for ``n`` parts).
+
+    Returns:
+        The table of the module docstring; ``df.attrs["units"]`` the scorer's units.
+
+    Raises:
+        InvalidInputError: unknown ``method`` or kind, a layer out of range, bad ``top_k``.
+    """
+    scorer = get_scorer(method)
+    groups = iter_groups(ctx, _kinds(kinds), _layers(ctx, layers))
+    return score_groups(ctx, groups, scorer, top_k, n_top_tokens, pruned)
 
 
 def score_ffn_neurons(
     ctx: ScoringContext,
-    method: str = "log_prob_increase",
-    top_k: int | None = None,
+    method: str | Scorer = "log_prob_increase",
+    top_k: int | None = DEFAULT_TOP_K,
     layers: Iterable[int] | None = None,
     n_top_tokens: int = 5,
     pruned: bool = True,
 ) -> pd.DataFrame:
-    """Score every FFN neuron ``m_k W_out[k]`` of ``layers`` (default: all) against ``resid_mid``.
-
-    ``top_k=None`` scores all ``n_layers * d_mlp`` neurons densely (``n * d_model * d_vocab`` MACs); with
-    ``top_k`` the certified pruned search is used where valid. Columns as in the module doc; ``neuron`` is the
-    index in ``d_mlp``; ``coefficient`` is ``m_k``.
-    """
-    groups = [ffn_parts(ctx.model, ctx.cache, l, ctx.position, ctx.batch)[0] for l in _layers(ctx, layers)]
-    return score_groups(ctx, groups, method, top_k, n_top_tokens, pruned)
+    """:func:`score` of the FFN neurons ``m_k W_out[k]`` (against ``resid_mid``; ``coefficient`` is ``m_k``)."""
+    return score(ctx, ("ffn_neuron",), method, top_k, layers, n_top_tokens, pruned)
 
 
 def score_attention_subvalues(
     ctx: ScoringContext,
-    method: str = "log_prob_increase",
-    top_k: int | None = None,
+    method: str | Scorer = "log_prob_increase",
+    top_k: int | None = DEFAULT_TOP_K,
     layers: Iterable[int] | None = None,
     n_top_tokens: int = 5,
     pruned: bool = True,
 ) -> pd.DataFrame:
-    """Score every head x source-position subvalue ``pattern[h,i,p] v[p] W_O[h]`` against ``resid_pre``.
-
-    ``coefficient`` is the attention weight ``pattern[h, position, p]``.
-    """
-    groups = [attention_parts(ctx.model, ctx.cache, l, ctx.position, ctx.batch)[0] for l in _layers(ctx, layers)]
-    return score_groups(ctx, groups, method, top_k, n_top_tokens, pruned)
+    """:func:`score` of the head x source-position subvalues ``pattern[h,i,p] v[p] W_O[h]`` (against
+    ``resid_pre``; ``coefficient`` is the attention weight)."""
+    return score(ctx, ("attn_subvalue",), method, top_k, layers, n_top_tokens, pruned)
 
 
 def score_attention_neurons(
     ctx: ScoringContext,
-    method: str = "log_prob_increase",
-    top_k: int | None = None,
+    method: str | Scorer = "log_prob_increase",
+    top_k: int | None = DEFAULT_TOP_K,
     layers: Iterable[int] | None = None,
     n_top_tokens: int = 5,
     pruned: bool = True,
 ) -> pd.DataFrame:
-    """Score every attention neuron ``pattern[h,i,p] v[p,kv(h),d] * W_O[h,d]`` of ``layers`` against ``resid_pre``.
+    """:func:`score` of the attention neurons ``pattern[h,i,p] v[p,kv(h),d] * W_O[h,d]`` (neuron-level paper
+    section 3.2; against ``resid_pre``; names ``L{l}.H{h}.d{d}.p{p}``, ``coefficient`` ``pattern * v[d]``).
 
-    Neuron-level paper section 3.2 (attention neurons), scored with any registered ``method`` (Eq. 13 for
-    ``log_prob_increase``, nats). Parts are those of :func:`~tl_residual.decompose.attention_neuron_parts`, taken
-    one source position at a time (:func:`~tl_residual.decompose.attention_neuron_groups`: directions are views of
-    ``W_O``, never copied); ``coefficient`` is ``pattern * v[d]``, the extra column ``dim`` the head dimension
-    ``d``; names ``L{l}.H{h}.d{d}.p{p}``. With ``top_k`` and a method with a bound (``log_prob_increase``,
-    ``log_prob``, ``prob_increase``) the certified pruned search is used (same result as dense).
-
-    Cost: ``n_heads * d_head * (position + 1)`` parts per layer. Dense scoring projects each part on the vocabulary
-    (SmolLM2-135M, 6 tokens, all 30 layers: 103,680 projections against the 49,152-token unembedding);
-    restrict ``layers`` or use the pruned top-k. The pruned search keeps ``n_heads * d_head`` coefficients and
-    bounds per layer and source position until it finishes.
-
-    Raises:
-        InvalidInputError: unknown ``method``, a layer out of range, bad ``top_k``.
+    Parts come one source position at a time (:func:`~tl_residual.decompose.attention_neuron_groups`: directions
+    are views of ``W_O``, never copied). Cost: ``n_heads * d_head * (position + 1)`` parts per layer; dense scoring
+    projects each on the vocabulary, so restrict ``layers`` or keep ``top_k`` (the pruned search keeps
+    ``n_heads * d_head`` coefficients and bounds per layer and source position until it finishes).
     """
-    layer_list = _layers(ctx, layers)
-    get_scorer(method)
-    groups = (g for l in layer_list for g in attention_neuron_groups(ctx.model, ctx.cache, l, ctx.position, ctx.batch))
-    return score_groups(ctx, groups, method, top_k, n_top_tokens, pruned)
-
-
-NEURON_KINDS: tuple[str, ...] = ("ffn_neuron", "attn_neuron", "attn_subvalue")
+    return score(ctx, ("attn_neuron",), method, top_k, layers, n_top_tokens, pruned)
 
 
 def score_neurons(
     ctx: ScoringContext,
-    method: str = "log_prob_increase",
-    top_k: int | None = 100,
+    method: str | Scorer = "log_prob_increase",
+    top_k: int | None = DEFAULT_TOP_K,
     layers: Iterable[int] | None = None,
     kinds: Iterable[str] = ("ffn_neuron", "attn_neuron"),
     n_top_tokens: int = 5,
     pruned: bool = True,
 ) -> pd.DataFrame:
-    """One ranking over every FFN neuron and attention neuron (and, if asked, head x position subvalue) of
-    ``layers``: the neuron-level paper's question "which neurons matter most for this token", at the finest grain.
-
-    FFN neurons are scored against ``resid_mid``, attention neurons and subvalues against ``resid_pre`` of their
-    layer (REFERENCE.md "Which x"). With ``top_k`` (default 100) and a method with a bound the exact top-k comes
-    from the certified pruned search (:func:`score_groups`); SmolLM2-135M, 6 tokens: 149,760 candidates, typically
-    a few hundred scored against the unembedding (docs/performance.md). ``top_k=None`` scores everything densely.
-
-    Args:
-        kinds: any of ``"ffn_neuron"``, ``"attn_neuron"``, ``"attn_subvalue"``.
+    """:func:`score` restricted to the neuron-grain kinds (:data:`NEURON_KINDS`): one ranking over every FFN
+    neuron and attention neuron (and, if asked, head x position subvalue) of ``layers``, the neuron-level
+    paper's question "which neurons matter most for this token".
 
     Raises:
         InvalidInputError: unknown ``method`` or kind, a layer out of range, bad ``top_k``.
     """
-    kinds = tuple(kinds)
-    bad = [k for k in kinds if k not in NEURON_KINDS]
-    if bad or not kinds:
-        raise InvalidInputError(f"kinds {bad or kinds!r} are not a non-empty subset of {', '.join(NEURON_KINDS)}")
-    layer_list = _layers(ctx, layers)
-    get_scorer(method)
+    return score(ctx, _kinds(kinds, NEURON_KINDS), method, top_k, layers, n_top_tokens, pruned)
 
-    def groups() -> Iterable[PartGroup]:
-        for l in layer_list:
-            if "attn_subvalue" in kinds:
-                yield attention_parts(ctx.model, ctx.cache, l, ctx.position, ctx.batch)[0]
-            if "attn_neuron" in kinds:
-                yield from attention_neuron_groups(ctx.model, ctx.cache, l, ctx.position, ctx.batch)
-            if "ffn_neuron" in kinds:
-                yield ffn_parts(ctx.model, ctx.cache, l, ctx.position, ctx.batch)[0]
 
-    return score_groups(ctx, groups(), method, top_k, n_top_tokens, pruned)
+def score_heads(
+    ctx: ScoringContext,
+    method: str | Scorer = "log_prob_increase",
+    top_k: int | None = None,
+    layers: Iterable[int] | None = None,
+    n_top_tokens: int = 5,
+) -> pd.DataFrame:
+    """:func:`score` of every head's output at ``position`` (its subvalues summed over source positions, without
+    ``b_O``; :func:`~tl_residual.decompose.head_outputs`), against ``resid_pre``. Every head by default."""
+    return score(ctx, ("head",), method, top_k, layers, n_top_tokens)
+
+
+def score_layers(
+    ctx: ScoringContext,
+    method: str | Scorer = "log_prob_increase",
+    top_k: int | None = None,
+    layers: Iterable[int] | None = None,
+    n_top_tokens: int = 5,
+) -> pd.DataFrame:
+    """:func:`score` of each layer's attention output (``hook_attn_out``, against ``resid_pre``) and FFN output
+    (``hook_mlp_out``, against ``resid_mid``): residual-stream paper Eq. 19 for ``log_prob_increase``. ``kind``
+    is ``attn`` or ``mlp``; every row by default. ``df.attrs["embed_log_prob"]`` is ``log p(t | embedding)``
+    (nats), so that under a linear lens it plus the ``log_prob_increase`` scores telescopes to the final
+    residual's log-probability.
+    """
+    df = score(ctx, ("attn", "mlp"), method, top_k, layers, n_top_tokens)
+    embed = tlm.cached(ctx.cache, "blocks.0.hook_resid_pre", ctx.batch)[ctx.position]
+    df.attrs["embed_log_prob"] = float(ctx.lens.log_probs(embed)[ctx.target])
+    return df
 
 
 def score_neurons_batch(
     model: Any,
     cache: Any,
-    top_k: int = 100,
+    kinds: Iterable[str] = ("ffn_neuron", "attn_neuron"),
+    method: str | Scorer = "log_prob_increase",
+    top_k: int | None = DEFAULT_TOP_K,
+    layers: Iterable[int] | None = None,
+    n_top_tokens: int = 5,
     positions: int | Iterable[int] = -1,
     targets: int | str | None | Iterable[int | str | None] = None,
-    method: str = "log_prob_increase",
     convention: Convention = "frozen",
-    kinds: Iterable[str] = ("ffn_neuron", "attn_neuron"),
-    layers: Iterable[int] | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-    n_top_tokens: int = 5,
 ) -> pd.DataFrame:
-    """:func:`score_neurons` for every prompt of a batched cache: one exact top-k per prompt, each at its own
-    destination position and for its own target.
+    """:func:`score` for every prompt of a batched cache: one exact top-k per prompt, each at its own destination
+    position and for its own target. Arguments as :func:`score` (``model, cache`` build one context per prompt,
+    as in :func:`make_context`).
 
     Args:
         model: the ``HookedTransformer`` or ``TransformerBridge``.
         cache: the ``ActivationCache`` of ``model.run_with_cache(tokens)`` with ``tokens`` of shape
             ``[batch, pos]`` (any device; float16/bfloat16 caches are scored in float32).
-        top_k: parts per prompt.
         positions: one destination position for all prompts or one per prompt (e.g. the last non-padding token
             of each prompt of a right-padded batch; ``-1`` is the last position).
         targets: one target for all, or one per prompt (token id, one-token string, or ``None`` for the model's
@@ -793,87 +993,32 @@ def score_neurons_batch(
             ``3 * max(chunk_size, top_k) * d_vocab`` floats (plus the search's per-part bounds, 8 bytes each).
 
     Returns:
-        The tables of :func:`score_neurons` stacked, with leading columns ``prompt`` (batch index), ``position``
-        and ``target``; sorted by prompt, then score. ``df.attrs["per_prompt"]`` holds each prompt's ``n_scored``
-        and ``n_candidates``.
+        The tables of :func:`score` stacked, with leading columns ``prompt`` (batch index), ``position`` and
+        ``target``; sorted by prompt, then score. ``df.attrs["per_prompt"]`` holds each prompt's ``n_scored`` and
+        ``n_candidates``.
 
     Raises:
-        InvalidInputError: ``positions`` or ``targets`` of the wrong length, or any error of :func:`score_neurons`.
+        InvalidInputError: ``positions`` or ``targets`` of the wrong length, or any error of :func:`score`.
     """
+    scorer = get_scorer(method)
     n_batch = int(tlm.cached(cache, "blocks.0.hook_resid_pre", batch=None).shape[0])
     pos_list = [positions] * n_batch if isinstance(positions, int) else list(positions)
     tgt_list = [targets] * n_batch if targets is None or isinstance(targets, (int, str)) else list(targets)
     for label, given in (("positions", pos_list), ("targets", tgt_list)):
         if len(given) != n_batch:
-            raise InvalidInputError(f"{label} has {len(given)} entries but the cache holds {n_batch} prompts; "
-                                    f"give one per prompt or a single value for all")
+            raise InvalidInputError(
+                f"{label} has {len(given)} entries but the cache holds {n_batch} prompts; "
+                f"give one per prompt or a single value for all"
+            )
     frames, per_prompt = [], []
     for b in range(n_batch):
-        ctx = make_context(model, cache, tgt_list[b], pos_list[b], b, convention, chunk_size)
-        df = score_neurons(ctx, method, top_k, layers, kinds, n_top_tokens)
+        ctx = make_context(model, cache, tgt_list[b], pos_list[b], b, convention, chunk_size)  # type: ignore[arg-type]
+        df = score(ctx, kinds, scorer, top_k, layers, n_top_tokens)
         df.insert(0, "target", ctx.target)
         df.insert(0, "position", ctx.position)
         df.insert(0, "prompt", b)
         frames.append(df)
         per_prompt.append({k: df.attrs.get(k) for k in ("n_scored", "n_candidates")})
     out = pd.concat(frames, ignore_index=True)
-    out.attrs.update(method=method, convention=convention, per_prompt=per_prompt)
+    out.attrs.update(method=scorer.name, units=scorer.units, convention=convention, per_prompt=per_prompt)
     return out
-
-
-def score_heads(
-    ctx: ScoringContext, method: str = "log_prob_increase", n_top_tokens: int = 5
-) -> pd.DataFrame:
-    """Score every head's output at ``position`` (its subvalues summed over source positions).
-
-    ``coefficient`` is 1 (a head's output is not a scalar times a fixed vector).
-    """
-    spec = tlm.model_spec(ctx.model)
-    frames = []
-    for l in range(ctx.n_layers):
-        sub, _ = attention_parts(ctx.model, ctx.cache, l, ctx.position, ctx.batch)
-        per_head = sub.vectors.reshape(spec.n_heads, -1, spec.d_model).sum(1)
-        g = PartGroup(
-            "head",
-            l,
-            torch.ones(spec.n_heads),
-            per_head,
-            {"head": torch.arange(spec.n_heads)},
-            [head_name(l, h) for h in range(spec.n_heads)],
-        )
-        scores = get_scorer(method).fn(ctx, g, ctx.base_for(sub))
-        frames.append(_rows(ctx, g, torch.arange(spec.n_heads), scores, n_top_tokens))
-    return _finish(frames, None, method, ctx)
-
-
-def score_layers(ctx: ScoringContext, n_top_tokens: int = 5) -> pd.DataFrame:
-    """Log-probability increase of each layer's attention output (against ``resid_pre``) and FFN output
-    (against ``resid_mid``): residual-stream paper Eq. 19. Rows in layer order (not sorted), ``kind`` is
-    ``attn`` or ``mlp``; ``df.attrs`` holds ``embed_log_prob`` (log p(t | embedding), nats).
-    """
-    rows = []
-    for name, layer, kind, vec in layer_outputs(ctx.model, ctx.cache, ctx.position, ctx.batch):
-        if kind == "embed":
-            embed_lp = float(ctx.lens.log_probs(vec)[ctx.target])
-            continue
-        base = ctx.resid(f"blocks.{layer}.hook_resid_{'pre' if kind == 'attn' else 'mid'}")
-        score = float(log_prob_increase(ctx.lens, base, vec[None], ctx.target)[0])
-        rows.append(
-            {
-                "name": name,
-                "layer": layer,
-                "kind": kind,
-                "head": -1,
-                "src_pos": -1,
-                "neuron": -1,
-                "score": score,
-                "coefficient": float("nan"),
-                "top_tokens": ctx.lens.top_tokens(vec, n_top_tokens) if n_top_tokens else [],
-            }
-        )
-    df = pd.DataFrame(rows, columns=TABLE_COLUMNS)
-    df.attrs.update(
-        method="log_prob_increase", target=ctx.target, position=ctx.position, convention=ctx.lens.convention,
-        embed_log_prob=embed_lp,
-    )
-    return df
