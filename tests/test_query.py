@@ -92,7 +92,7 @@ def test_query_neuron_scores(name):
     model = _variant(name)
     _, cache = run_cache(model)
     ctx = S.make_context(model, cache, target=7)
-    for kind in ("ffn", "attn"):
+    for kind in ("ffn_neuron", "attn_neuron", "attn"):  # "attn": the former name, still accepted
         df = Q.query_neuron_scores(ctx, n_value=4, value_kind=kind)
         assert df["score"].sum() == pytest.approx(df.attrs["total_imp"], rel=1e-4, abs=1e-5)
         assert df["score"].is_monotonic_decreasing
@@ -147,13 +147,13 @@ def test_cross_layer_scores_exact_and_dense(variant_model):
 def test_bad_input(name):
     variant_model = _variant(name)
     _, cache = run_cache(variant_model)
-    with pytest.raises(InvalidInputError, match="not understood"):
+    with pytest.raises(InvalidInputError, match="cannot parse component name"):
         Q.split_neuron(variant_model, cache, "L1.Nx")
     with pytest.raises(InvalidInputError, match="neuron 64 .* out of range"):
         Q.split_neuron(variant_model, cache, "L1.N64")
     with pytest.raises(InvalidInputError, match="layer 7 .* out of range"):
         Q.split_neuron(variant_model, cache, "L7.N1")
-    with pytest.raises(InvalidInputError, match="head 4 .* does not exist"):
+    with pytest.raises(InvalidInputError, match="head 4 .* out of range"):
         Q.split_neuron(variant_model, cache, "L1.H4.d0.p0")
     with pytest.raises(InvalidInputError, match="head dimension 8"):
         Q.split_neuron(variant_model, cache, "L1.H0.d8.p0")
@@ -208,7 +208,7 @@ def test_cli_query(paris, tmp_path):
 
 
 @pytest.mark.parametrize("neuron,message", [
-    ("L24.Nx", "not understood"),
+    ("L24.Nx", "cannot parse"),
     ("L24.N1536", "neuron 1536"),
     ("L23.H9.d0.p4", "head 9"),
     ("L23.H1.d0.p6", "source position 6"),

@@ -1,7 +1,7 @@
 """Query side: which upstream parts switched a neuron on.
 
 A neuron's input is a linear read of a normalised residual. For an FFN neuron ``k`` of layer ``l`` at position
-``i`` (residual-stream paper Eq. 20-23; REFERENCE.md "Query side"):
+``i`` (residual-stream paper section 4, Eq. 20-23; ``docs/query.md``):
 
     pre_k = LN2(resid_mid_l[i]) . W[:, k] + b[k]
           = sum_j c(part_j) . K_k / sigma + B_k,        K_k = gamma ⊙ W[:, k],   B_k = beta . W[:, k] + b[k]
@@ -31,9 +31,8 @@ Units: contributions are in the units of the pre-activation (the input of the ac
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import pandas as pd
@@ -42,94 +41,56 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_residual import model as tlm
+from tl_residual import names, tables
 from tl_residual.decompose import (
     PartGroup,
     Stream,
+    base_stream,
+    ffn_parts,
     iter_parts,
     layer_outputs,
     n_positions,
-    neuron_name,
     resolve_layer,
     resolve_position,
 )
 from tl_residual.errors import InvalidInputError
+from tl_residual.names import ComponentRef
+from tl_residual.scorers import ScoringContext, get_scorer, score
 
 Input = Literal["pre", "gate", "up", "value"]
 
-#: Columns of the part tables (plus one contribution column per neuron input).
-PART_COLUMNS = ["name", "kind", "layer", "head", "src_pos", "neuron"]
+#: Kinds of value neurons whose input can be split (:mod:`tl_residual.names`): FFN neurons and attention neurons.
+ValueKind = Literal["ffn_neuron", "attn_neuron"]
+_OLD_VALUE_KINDS = {"ffn": "ffn_neuron", "attn": "attn_neuron"}
 
-_FFN_RE = re.compile(r"^L(\d+)\.N(\d+)$")
-_ATTN_RE = re.compile(r"^L(\d+)\.H(\d+)\.d(\d+)\.p(\d+)$")
-
-
-# ----------------------------------------------------------------------------------------------
-# Neuron names
-# ----------------------------------------------------------------------------------------------
+#: A value neuron is a :class:`~tl_residual.names.ComponentRef` of kind ``ffn_neuron`` or ``attn_neuron``
+#: (the former name of the type, kept for compatibility).
+NeuronRef = ComponentRef
 
 
-@dataclass(frozen=True)
-class NeuronRef:
-    """A value neuron: an FFN neuron ``L{layer}.N{neuron}`` or an attention value neuron ``L{l}.H{h}.d{d}.p{p}``.
-
-    Attributes:
-        kind: ``"ffn"`` or ``"attn"``.
-        layer: its layer.
-        neuron: FFN neuron index in ``d_mlp`` (``-1`` for attention).
-        head, dim, src_pos: attention head, head dimension and source position (``-1`` for FFN).
-    """
-
-    kind: Literal["ffn", "attn"]
-    layer: int
-    neuron: int = -1
-    head: int = -1
-    dim: int = -1
-    src_pos: int = -1
-
-    @property
-    def name(self) -> str:
-        if self.kind == "ffn":
-            return neuron_name(self.layer, self.neuron)
-        return f"L{self.layer}.H{self.head}.d{self.dim}.p{self.src_pos}"
-
-
-def parse_neuron(model: Any, name: str, n_pos: int | None = None) -> NeuronRef:
-    """Parse and range-check ``L24.N1005`` (FFN neuron) or ``L23.H4.d10.p4`` (attention value neuron).
+def parse_neuron(model: Any, name: str, n_pos: int | None = None) -> ComponentRef:
+    """Parse (:func:`tl_residual.names.parse`) and range-check ``L24.N1005`` (FFN neuron) or ``L23.H4.d10.p4``
+    (attention value neuron).
 
     Raises:
-        InvalidInputError: a malformed name, or a layer, neuron, head, head dimension or source position out of
-            range (the message gives the valid range).
+        InvalidInputError: a malformed name, a name of another kind, or a layer, neuron, head, head dimension or
+            source position out of range (the message gives the valid range).
     """
-    spec = tlm.model_spec(model)
-    text = name.strip() if isinstance(name, str) else ""
-    m_ffn, m_attn = _FFN_RE.match(text), _ATTN_RE.match(text)
-    if not (m_ffn or m_attn):
+    ref = names.parse(name)
+    if ref.kind not in ("ffn_neuron", "attn_neuron"):
         raise InvalidInputError(
-            f"neuron name {name!r} is not understood: use L{{layer}}.N{{neuron}} for an FFN neuron (e.g. L24.N1005) "
+            f"{name!r} is a {ref.kind}, not a neuron: use L{{layer}}.N{{neuron}} for an FFN neuron (e.g. L24.N1005) "
             f"or L{{layer}}.H{{head}}.d{{dim}}.p{{source position}} for an attention value neuron (e.g. L23.H4.d10.p4)"
         )
-    layer = int((m_ffn or m_attn).group(1))  # type: ignore[union-attr]
-    if layer >= spec.n_layers:
-        raise InvalidInputError(f"layer {layer} in {name!r} is out of range: the model has {spec.n_layers} layers "
-                                f"(0..{spec.n_layers - 1})")
-    if m_ffn:
-        k = int(m_ffn.group(2))
-        if k >= spec.d_mlp:
-            raise InvalidInputError(f"neuron {k} in {name!r} is out of range: layer {layer} has d_mlp={spec.d_mlp} "
-                                    f"neurons (0..{spec.d_mlp - 1})")
-        return NeuronRef("ffn", layer, neuron=k)
-    assert m_attn is not None
-    h, d, p = (int(m_attn.group(i)) for i in (2, 3, 4))
-    if h >= spec.n_heads:
-        raise InvalidInputError(f"head {h} in {name!r} does not exist: the model has {spec.n_heads} heads "
-                                f"(0..{spec.n_heads - 1})")
-    if d >= spec.d_head:
-        raise InvalidInputError(f"head dimension {d} in {name!r} is out of range: d_head={spec.d_head} "
-                                f"(0..{spec.d_head - 1})")
-    if n_pos is not None and p >= n_pos:
-        raise InvalidInputError(f"source position {p} in {name!r} is out of range for a prompt of {n_pos} tokens "
-                                f"(0..{n_pos - 1})")
-    return NeuronRef("attn", layer, head=h, dim=d, src_pos=p)
+    return ref.check(tlm.model_spec(model), n_pos)
+
+
+def _read_norm(kind: str, layer: int) -> tuple[Stream, str]:
+    """The stream a neuron of ``kind`` reads (:func:`~tl_residual.decompose.base_stream`) and the norm in front
+    of it (``{layer}.ln1`` before attention, ``{layer}.ln2`` before the FFN)."""
+    stream = base_stream(kind)
+    assert stream is not None
+    return stream, f"{layer}.{'ln1' if stream == 'resid_pre' else 'ln2'}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,19 +194,6 @@ def iter_query_contributions(
 # ----------------------------------------------------------------------------------------------
 
 
-def _part_frame(group: PartGroup) -> pd.DataFrame:
-    n = len(group)
-
-    def col(k: str) -> Any:
-        return group.index[k].numpy() if k in group.index else -1
-
-    return pd.DataFrame(
-        {"name": group.names, "kind": group.kind, "layer": -1 if group.layer is None else group.layer,
-         "head": col("head"), "src_pos": col("src_pos"), "neuron": col("neuron")},
-        index=range(n),
-    )
-
-
 def _split_table(
     model: Any,
     cache: Any,
@@ -258,29 +206,30 @@ def _split_table(
     label: str,
 ) -> pd.DataFrame:
     """Shared body: ``columns`` maps a column name to ``(weights [d_model, 1], bias [1], hook, index)``."""
-    names = list(columns)
-    weights = torch.cat([columns[c][0] for c in names], dim=1)
+    cols = list(columns)
+    weights = torch.cat([columns[c][0] for c in cols], dim=1)
     key = folded_key(model, cache, norm, position, weights, batch)
     frames, contribs = [], []
+    tokens = tables.src_token_texts(model, cache, batch, position + 1)
     for group, contrib in iter_query_contributions(model, cache, key, layer, stream, position, batch):
-        frames.append(_part_frame(group))
+        frames.append(tables.part_frame(group, src_tokens=tokens))
         contribs.append(contrib)
-    bias = torch.stack([key_bias(model, norm, columns[c][0], columns[c][1])[0] for c in names]).double()
-    frames.append(pd.DataFrame({"name": [f"{label}.B"], "kind": ["key_bias"], "layer": [layer], "head": [-1],
-                                "src_pos": [-1], "neuron": [-1]}))
+    bias = torch.stack([key_bias(model, norm, columns[c][0], columns[c][1])[0] for c in cols]).double()
+    frames.append(pd.DataFrame({"name": [f"{label}.B"], "kind": ["key_bias"], "layer": [layer]}))
     contribs.append(bias[None, :])
-    df = pd.concat(frames, ignore_index=True)
+    df = tables.concat(frames)
     values = torch.cat(contribs)
-    for i, c in enumerate(names):
+    for i, c in enumerate(cols):
         df[c] = values[:, i].numpy()
-    cached = {c: float(tlm.cached(cache, columns[c][2], batch)[position].reshape(-1)[columns[c][3]]) for c in names}
+    cached = {c: float(tlm.cached(cache, columns[c][2], batch)[position].reshape(-1)[columns[c][3]]) for c in cols}
     df.attrs.update(
         neuron=label,
         position=position,
-        inputs=names,
-        hooks={c: columns[c][2] for c in names},
+        inputs=cols,
+        hooks={c: columns[c][2] for c in cols},
         cached=cached,
-        abs_error={c: abs(float(values[:, i].sum()) - cached[c]) for i, c in enumerate(names)},
+        abs_error={c: abs(float(values[:, i].sum()) - cached[c]) for i, c in enumerate(cols)},
+        units="pre-activation",
         norm=norm,
         stream=f"blocks.{layer}.hook_{stream}",
     )
@@ -310,8 +259,8 @@ def split_ffn_neuron(model: Any, cache: Any, layer: int, neuron: int, position: 
     for which in ffn_inputs(model):
         w, b, hook = ffn_key(model, layer, [neuron], which)
         columns[which] = (w, b, hook, neuron)
-    return _split_table(model, cache, layer, "resid_mid", position, f"{layer}.ln2", columns, batch,
-                        neuron_name(layer, neuron))
+    stream, norm = _read_norm("ffn_neuron", layer)
+    return _split_table(model, cache, layer, stream, position, norm, columns, batch, names.ffn_neuron(layer, neuron))
 
 
 def split_value_neuron(
@@ -330,12 +279,13 @@ def split_value_neuron(
     spec = tlm.model_spec(model)
     layer = resolve_layer(layer, spec.n_layers)
     src_pos = resolve_position(src_pos, n_positions(cache))
-    ref = parse_neuron(model, f"L{layer}.H{head}.d{dim}.p{src_pos}")
-    w, b, hook = value_key(model, layer, ref.head, [ref.dim])
+    ref = ComponentRef("attn_neuron", layer, head=head, dim=dim, src_pos=src_pos).check(spec)
+    h, d = int(head), int(dim)
+    w, b, hook = value_key(model, layer, h, [d])
     v_heads = tlm.cached(cache, hook, batch).shape[1]
-    flat = (ref.head // spec.heads_per_kv if v_heads == spec.n_kv_heads else ref.head) * spec.d_head + ref.dim
-    return _split_table(model, cache, layer, "resid_pre", src_pos, f"{layer}.ln1", {"value": (w, b, hook, flat)},
-                        batch, ref.name)
+    flat = (h // spec.heads_per_kv if v_heads == spec.n_kv_heads else h) * spec.d_head + d
+    stream, norm = _read_norm("attn_neuron", layer)
+    return _split_table(model, cache, layer, stream, src_pos, norm, {"value": (w, b, hook, flat)}, batch, ref.name)
 
 
 def split_neuron(model: Any, cache: Any, name: str, position: int = -1, batch: int = 0) -> pd.DataFrame:
@@ -346,9 +296,10 @@ def split_neuron(model: Any, cache: Any, name: str, position: int = -1, batch: i
         InvalidInputError: a malformed name or an index out of range.
     """
     ref = parse_neuron(model, name, n_positions(cache))
-    if ref.kind == "ffn":
-        return split_ffn_neuron(model, cache, ref.layer, ref.neuron, position, batch)
-    return split_value_neuron(model, cache, ref.layer, ref.head, ref.dim, ref.src_pos, batch)
+    assert ref.layer is not None
+    if ref.kind == "ffn_neuron":
+        return split_ffn_neuron(model, cache, ref.layer, int(ref.neuron or 0), position, batch)
+    return split_value_neuron(model, cache, ref.layer, int(ref.head or 0), int(ref.dim or 0), int(ref.src_pos or 0), batch)
 
 
 def top_query_parts(split: pd.DataFrame, column: str | None = None, top_k: int | None = 20) -> pd.DataFrame:
@@ -375,10 +326,58 @@ def top_query_parts(split: pd.DataFrame, column: str | None = None, top_k: int |
 # ----------------------------------------------------------------------------------------------
 
 
+@dataclass
+class _QueryScores:
+    """Running sums of :func:`query_neuron_scores`: per (part kind, layer, position) group, per key bias."""
+
+    parts: dict[tuple[str, int | None, int], tuple[PartGroup, Tensor]] = field(default_factory=dict)
+    key_bias: dict[tuple[int, int], float] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    total_imp: float = 0.0
+
+
+def _add_value_neurons(
+    acc: _QueryScores,
+    ctx: ScoringContext,
+    kind: str,
+    layer: int,
+    position: int,
+    read: tuple[Tensor, Tensor, str],
+    flat: Tensor,
+    imp: Tensor,
+    neuron_names: list[str],
+    min_abs_input: float,
+) -> None:
+    """Add the query shares of some value neurons of one layer, read at one position, to ``acc``.
+
+    ``read`` is ``(weights [d_model, k], bias [k], hook)`` of the neurons' input, ``flat`` their indices in the
+    flattened hook, ``imp`` their importance (nats). Each neuron ``a`` adds ``Imp(a) * contribution_j(a) /
+    input(a)`` to every part ``j`` of the stream it reads, and its share of the key bias.
+    """
+    w, b, hook = read
+    stream, norm = _read_norm(kind, layer)
+    model, cache, batch = ctx.model, ctx.cache, ctx.batch
+    value = tlm.cached(cache, hook, batch)[position].reshape(-1)[flat].double()
+    keep = value.abs() >= min_abs_input
+    acc.skipped.extend(n for n, k in zip(neuron_names, keep.tolist()) if not k)
+    if not bool(keep.any()):
+        return
+    w, b, value, imp = w[:, keep], b[keep], value[keep], imp[keep].double()
+    weight = imp / value
+    acc.total_imp += float(imp.sum())
+    key = folded_key(model, cache, norm, position, w, batch)
+    for group, contrib in iter_query_contributions(model, cache, key, layer, stream, position, batch):
+        gk = (group.kind, group.layer, position)
+        scored = contrib @ weight
+        acc.parts[gk] = (group, acc.parts[gk][1] + scored) if gk in acc.parts else (group, scored)
+    bk = (layer, position)
+    acc.key_bias[bk] = acc.key_bias.get(bk, 0.0) + float(key_bias(model, norm, w, b).double() @ weight)
+
+
 def query_neuron_scores(
-    ctx: Any,
+    ctx: ScoringContext,
     n_value: int = 30,
-    value_kind: Literal["ffn", "attn"] = "ffn",
+    value_kind: ValueKind = "ffn_neuron",
     which: Input | None = None,
     top_k: int | None = None,
     min_abs_input: float = 1e-6,
@@ -386,99 +385,75 @@ def query_neuron_scores(
     """Importance of every query part: its share of the top value neurons' inputs, weighted by their Imp.
 
     Neuron-level paper section 3.3: take the ``n_value`` value neurons with the largest log-probability increase
-    Imp(a) (nats; FFN neurons, or attention neurons with ``value_kind="attn"``); split each one's input exactly
-    (:func:`iter_query_contributions`); a query part ``j`` scores ``sum_a Imp(a) * contribution_j(a) / input(a)``
-    (nats). The key bias ``B`` of each value neuron gets its share too (rows ``kind == "key_bias"``), so the
-    scores of all rows sum to ``sum_a Imp(a)`` over the value neurons used (``df.attrs["total_imp"]``).
+    Imp(a) (nats; FFN neurons, or attention neurons with ``value_kind="attn_neuron"``); split each one's input
+    exactly (:func:`iter_query_contributions`); a query part ``j`` scores ``sum_a Imp(a) * contribution_j(a) /
+    input(a)`` (nats). The key bias ``B`` of each value neuron gets its share too (rows ``kind == "key_bias"``), so
+    the scores of all rows sum to ``sum_a Imp(a)`` over the value neurons used (``df.attrs["total_imp"]``).
 
     Input used: ``"pre"`` for GELU MLPs; for gated MLPs ``"up"`` by default, since ``m = act(gate) * up`` is
     linear in ``up`` at a fixed gate, so ``up``'s shares are exactly the shares of the coefficient ``m``
     (``which="gate"`` takes the gate's shares instead); ``"value"`` (``v``) for attention neurons, whose
     coefficient ``pattern * v`` is linear in ``v``.
 
-    Differences from the authors' code (REFERENCE.md): they fold only gamma into the key (no centring, no
-    ``1/sigma``) and divide by ``resid . key`` without a guard. Here each contribution is exact (centring and the
-    cached norm scale folded in, ``B`` kept as its own row), the denominator is the cached input, and value
-    neurons with ``|input| < min_abs_input`` are skipped (listed in ``df.attrs["skipped"]``), never divided by.
+    Differences from the authors' released code (``docs/query.md``): they fold only gamma into the key (no
+    centring, no ``1/sigma``) and divide by ``resid . key`` without a guard. Here each contribution is exact
+    (centring and the cached norm scale folded in, ``B`` kept as its own row), the denominator is the cached
+    input, and value neurons with ``|input| < min_abs_input`` are skipped (listed in ``df.attrs["skipped"]``),
+    never divided by.
+
+    Args:
+        value_kind: ``"ffn_neuron"`` or ``"attn_neuron"`` (the former ``"ffn"`` / ``"attn"`` are accepted).
 
     Returns:
-        Columns ``name, kind, layer, head, src_pos, neuron, position`` (the position of the query part) and
-        ``score``; sorted by score, best first; cut to ``top_k`` if given.
+        The identifying columns of :mod:`tl_residual.tables` (``name, kind, layer, head, src_pos, src_token,
+        neuron``), ``position`` (the position of the query part) and ``score`` (nats); sorted by score, best
+        first; cut to ``top_k`` if given.
 
     Raises:
         InvalidInputError: bad ``n_value``, ``value_kind``, ``which`` or ``top_k``.
     """
-    from tl_residual.scorers import score_attention_neurons, score_ffn_neurons
-
     if not isinstance(n_value, int) or isinstance(n_value, bool) or n_value < 1:
         raise InvalidInputError(f"n_value must be a positive integer, got {n_value!r}")
-    if value_kind not in ("ffn", "attn"):
-        raise InvalidInputError(f"value_kind {value_kind!r} is not one of 'ffn', 'attn'")
+    kind = _OLD_VALUE_KINDS.get(value_kind, value_kind)
+    if kind not in ("ffn_neuron", "attn_neuron"):
+        raise InvalidInputError(f"value_kind {value_kind!r} is not one of 'ffn_neuron', 'attn_neuron'")
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
         raise InvalidInputError(f"top_k must be a positive integer or None, got {top_k!r}")
     model, cache, batch = ctx.model, ctx.cache, ctx.batch
     spec = tlm.model_spec(model)
-    acc: dict[tuple[str, int | None, int], tuple[PartGroup, Tensor]] = {}
-    bias_rows: dict[tuple[int, int], float] = {}
-    skipped: list[str] = []
-    used = 0.0
-
-    def run(layer: int, stream: Stream, position: int, norm: str, w: Tensor, b: Tensor, hook: str,
-            flat: Tensor, imp: Tensor, names: list[str]) -> None:
-        nonlocal used
-        value = tlm.cached(cache, hook, batch)[position].reshape(-1)[flat].double()
-        keep = value.abs() >= min_abs_input
-        skipped.extend(n for n, k in zip(names, keep.tolist()) if not k)
-        if not bool(keep.any()):
-            return
-        w, b, value, imp = w[:, keep], b[keep], value[keep], imp[keep].double()
-        weight = imp / value
-        used += float(imp.sum())
-        key = folded_key(model, cache, norm, position, w, batch)
-        for group, contrib in iter_query_contributions(model, cache, key, layer, stream, position, batch):
-            gk = (group.kind, group.layer, position)
-            score = contrib @ weight
-            acc[gk] = (group, acc[gk][1] + score) if gk in acc else (group, score)
-        bk = (layer, position)
-        bias_rows[bk] = bias_rows.get(bk, 0.0) + float(key_bias(model, norm, w, b).double() @ weight)
-
-    if value_kind == "ffn":
+    acc = _QueryScores()
+    top = score(ctx, (kind,), "log_prob_increase", top_k=n_value, n_top_tokens=0)
+    if kind == "ffn_neuron":
         if which is None:
             which = "up" if spec.gated_mlp else "pre"
-        top = score_ffn_neurons(ctx, "log_prob_increase", top_k=n_value, n_top_tokens=0)
         for layer, rows in top.groupby("layer"):
             neurons = torch.tensor(rows["neuron"].tolist())
-            w, b, hook = ffn_key(model, int(layer), neurons, which)
-            run(int(layer), "resid_mid", ctx.position, f"{int(layer)}.ln2", w, b, hook, neurons,
-                torch.tensor(rows["score"].tolist()), list(rows["name"]))
+            _add_value_neurons(acc, ctx, kind, int(layer), ctx.position, ffn_key(model, int(layer), neurons, which),
+                               neurons, torch.tensor(rows["score"].tolist()), list(rows["name"]), min_abs_input)
     else:
         if which not in (None, "value"):
             raise InvalidInputError(f"attention value neurons have one input, 'value'; got which={which!r}")
-        top = score_attention_neurons(ctx, "log_prob_increase", top_k=n_value, n_top_tokens=0)
         for (layer, src, head), rows in top.groupby(["layer", "src_pos", "head"]):
             dims = torch.tensor(rows["dim"].tolist())
-            w, b, hook = value_key(model, int(layer), int(head), dims)
-            v_heads = tlm.cached(cache, hook, batch).shape[1]
+            read = value_key(model, int(layer), int(head), dims)
+            v_heads = tlm.cached(cache, read[2], batch).shape[1]
             slot = int(head) // spec.heads_per_kv if v_heads == spec.n_kv_heads else int(head)
-            run(int(layer), "resid_pre", int(src), f"{int(layer)}.ln1", w, b, hook, slot * spec.d_head + dims,
-                torch.tensor(rows["score"].tolist()), list(rows["name"]))
-    frames = []
-    for (kind, layer, position), (group, score) in acc.items():
-        f = _part_frame(group)
-        f["position"] = position
-        f["score"] = score.numpy()
-        frames.append(f)
-    for (layer, position), score in bias_rows.items():
+            _add_value_neurons(acc, ctx, kind, int(layer), int(src), read, slot * spec.d_head + dims,
+                               torch.tensor(rows["score"].tolist()), list(rows["name"]), min_abs_input)
+    tokens = ctx.src_tokens()
+    frames = [
+        tables.part_frame(group, src_tokens=tokens, position=position, score=scored.numpy())
+        for (_, _, position), (group, scored) in acc.parts.items()
+    ]
+    for (layer, position), scored in acc.key_bias.items():
         frames.append(pd.DataFrame({"name": [f"L{layer}.key_bias"], "kind": ["key_bias"], "layer": [layer],
-                                    "head": [-1], "src_pos": [-1], "neuron": [-1], "position": [position],
-                                    "score": [score]}))
-    cols = PART_COLUMNS + ["position", "score"]
-    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
-    df = df[cols].sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
+                                    "position": [position], "score": [scored]}))
+    df = tables.concat(frames, ["position", "score"])
+    df = df.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
     if top_k is not None:
         df = df.head(top_k).reset_index(drop=True)
-    df.attrs.update(value_kind=value_kind, which=which, n_value=n_value, skipped=skipped, total_imp=used,
-                    target=ctx.target, position=ctx.position, units="nats")
+    df.attrs.update(value_kind=kind, which=which, n_value=n_value, skipped=acc.skipped, total_imp=acc.total_imp,
+                    target=ctx.target, position=ctx.position, units="nats", method="log_prob_increase")
     return df
 
 
@@ -488,7 +463,7 @@ def query_neuron_scores(
 
 
 def cross_layer_scores(
-    ctx: Any, value_layers: Sequence[int] | None = None, which: Input | None = None
+    ctx: ScoringContext, value_layers: Sequence[int] | None = None, which: Input | None = None
 ) -> pd.DataFrame:
     """Cross-layer scores ``Cr(Lq, Lv)`` between every layer-level query vector and every FFN value layer.
 
@@ -521,9 +496,6 @@ def cross_layer_scores(
     Raises:
         InvalidInputError: a value layer out of range or a bad ``which``.
     """
-    from tl_residual.decompose import ffn_parts
-    from tl_residual.scorers import get_scorer
-
     model, cache, batch, pos = ctx.model, ctx.cache, ctx.batch, ctx.position
     spec = tlm.model_spec(model)
     layers = range(spec.n_layers) if value_layers is None else [resolve_layer(l, spec.n_layers) for l in value_layers]
@@ -535,11 +507,12 @@ def cross_layer_scores(
     all_neurons = torch.arange(spec.d_mlp)
     for lv in layers:
         group, _ = ffn_parts(model, cache, lv, pos, batch)
-        c = scorer.fn(ctx, group, ctx.base_for(group)).double()
+        c = scorer(ctx, group, ctx.base_for(group)).double()
         w, b, _ = ffn_key(model, lv, all_neurons, which)
-        key = folded_key(model, cache, f"{lv}.ln2", pos, w, batch).double()
+        _, norm = _read_norm("ffn_neuron", lv)
+        key = folded_key(model, cache, norm, pos, w, batch).double()
         helpful, unhelpful = c > 0, c < 0
-        biases[lv] = float(key_bias(model, f"{lv}.ln2", w, b).double()[helpful | unhelpful].sum())
+        biases[lv] = float(key_bias(model, norm, w, b).double()[helpful | unhelpful].sum())
         for name, layer, kind, vec in queries:
             if layer > lv or (layer == lv and kind == "mlp"):
                 continue
