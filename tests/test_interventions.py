@@ -157,8 +157,10 @@ def test_random_components_seeded(smollm2):
     a = I.random_components(smollm2, 10, seed=3)
     assert a == I.random_components(smollm2, 10, seed=3) and a != I.random_components(smollm2, 10, seed=4)
     assert len(set(a)) == 10 and all(c.kind == "ffn_neuron" for c in I.parse_components(smollm2, a))
-    att = I.random_components(smollm2, 5, kind="attn_neuron", seed=0)
-    assert all(c.kind == "attn_neuron" for c in I.parse_components(smollm2, att))
+    att = I.random_components(smollm2, 5, kind="head_dim", seed=0)
+    assert all(c.kind == "head_dim" for c in I.parse_components(smollm2, att))
+    with pytest.raises(InvalidInputError, match="head_dim"):  # attn_neuron names one source position
+        I.random_components(smollm2, 5, kind="attn_neuron")
 
 
 @pytest.mark.parametrize(
@@ -167,7 +169,7 @@ def test_random_components_seeded(smollm2):
         ("L24.X1005", "cannot parse"),
         ("24.N5", "cannot parse"),
         ("L30.N5", "layer 30 is out of range"),
-        ("L3.N1536", "FFN neuron 1536 is out of range"),
+        ("L3.N1536", "neuron 1536 is out of range"),
         ("L3.H9", "head 9 is out of range"),
         ("L3.H2.d64", "head dimension 64 is out of range"),
         ("", "no components"),

@@ -4,16 +4,18 @@ This is the faithfulness test of the neuron-level paper (Yu & Ananiadou, section
 components an attribution method ranks highest, "set their parameters to zero", rerun the model, and report
 the target token's reciprocal rank (averaged: MRR), probability and log-probability before and after.
 
-Components are named as everywhere else in tl-residual and are acted on with TransformerLens hooks:
+Components are named as everywhere else in tl-residual (:mod:`tl_residual.names`) and are acted on with
+TransformerLens hooks:
 
 ``L24.N1005``      FFN neuron ``k`` of layer ``l``: ``blocks.{l}.mlp.hook_post[..., k]`` (the coefficient
                    ``m_k``, ``act(gate) * up`` for gated MLPs), at every position. Zeroing it is the same as
                    zeroing the neuron's parameters (its row of ``W_out``).
-``L12.H3.d7``      attention neuron ``(h, d)``: row ``d`` of head ``h``'s ``W_O``. Zeroing its parameters is
-                   zeroing ``blocks.{l}.attn.hook_z[..., h, d]`` at every position (all source positions).
-``L12.H3.d7.p4``   the attention neuron ``(h, d)`` restricted to source position ``p`` (REFERENCE.md's
-                   attention neuron, coefficient ``pattern[h, i, p] * v[p, kv(h), d]``): its contribution
-                   is removed from ``hook_z[..., i, h, d]`` at every destination position ``i``.
+``L12.H3.d7``      head dimension ``(h, d)`` (kind ``head_dim``): row ``d`` of head ``h``'s ``W_O``, all source
+                   positions. Zeroing its parameters is zeroing ``blocks.{l}.attn.hook_z[..., h, d]`` at
+                   every position (the neuron-level paper's "attention neuron" intervention, section 4.1).
+``L12.H3.d7.p4``   attention neuron ``(h, d, p)`` (kind ``attn_neuron``; neuron-level paper section 3.2,
+                   coefficient ``pattern[h, i, p] * v[p, kv(h), d]``): its contribution is removed from
+                   ``hook_z[..., i, h, d]`` at every destination position ``i``.
 ``L12.H3.p4``      head x source-position subvalue: ``blocks.{l}.attn.hook_pattern[:, h, :, p]`` at every
                    destination position (the source position's whole contribution to head ``h``).
 ``L12.H3``         a whole head: ``blocks.{l}.attn.hook_z[..., h, :]`` at every position.
@@ -34,7 +36,6 @@ scored position is each prompt's last real token.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -45,16 +46,16 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from tl_residual import model as tlm
+from tl_residual import names
 from tl_residual.errors import InvalidInputError
+from tl_residual.lens import resolve_target, target_rank
+from tl_residual.names import NAME_FORMS, ComponentRef
 
 Mode = Literal["zero", "scale", "replace"]
 MODES: tuple[str, ...] = ("zero", "scale", "replace")
 PaddingSide = Literal["left", "right"]
-ComponentKind = Literal["ffn_neuron", "attn_neuron", "attn_neuron_pos", "attn_subvalue", "head"]
-
-_NAME = re.compile(r"^L(?P<layer>\d+)\.(?:N(?P<neuron>\d+)|H(?P<head>\d+)(?:\.d(?P<dim>\d+))?(?:\.p(?P<pos>\d+))?)$")
-NAME_FORMS = "L24.N1005 (FFN neuron), L12.H3.d7 (attention neuron), L12.H3.d7.p4 (attention neuron at source " \
-    "position 4), L12.H3.p4 (head x source-position subvalue), L12.H3 (head)"
+#: The kinds an intervention acts on (:mod:`tl_residual.names` vocabulary).
+INTERVENABLE_KINDS: tuple[str, ...] = ("ffn_neuron", "head_dim", "attn_neuron", "attn_subvalue", "head")
 
 HookFn = Callable[[Tensor, Any], Tensor]
 
@@ -63,77 +64,43 @@ HookFn = Callable[[Tensor, Any], Tensor]
 # Component names
 # ----------------------------------------------------------------------------------------------
 
-
-@dataclass(frozen=True)
-class Component:
-    """One intervenable component, parsed from its name by :func:`parse_component`.
-
-    Attributes:
-        name: the readable name (``L24.N1005``, ``L12.H3.d7``, ``L12.H3.d7.p4``, ``L12.H3.p4``, ``L12.H3``).
-        kind: ``ffn_neuron``, ``attn_neuron``, ``attn_neuron_pos``, ``attn_subvalue`` or ``head``.
-        layer: layer index (non-negative).
-        head, dim, src_pos, neuron: the indices the kind uses (``None`` otherwise).
-    """
-
-    name: str
-    kind: ComponentKind
-    layer: int
-    head: int | None = None
-    dim: int | None = None
-    src_pos: int | None = None
-    neuron: int | None = None
-
-    @property
-    def hook(self) -> str:
-        """The TransformerLens hook the intervention acts on."""
-        if self.kind == "ffn_neuron":
-            return f"blocks.{self.layer}.mlp.hook_post"
-        if self.kind == "attn_subvalue":
-            return f"blocks.{self.layer}.attn.hook_pattern"
-        return f"blocks.{self.layer}.attn.hook_z"
+#: One intervenable component: a :class:`~tl_residual.names.ComponentRef` (the former name of the type).
+Component = ComponentRef
 
 
-def parse_component(model: Any, name: str) -> Component:
-    """Parse one component name and check its indices against ``model``'s sizes.
+def component_hook(ref: ComponentRef) -> str:
+    """The TransformerLens hook an intervention on ``ref`` acts on: ``mlp.hook_post`` (FFN neurons),
+    ``attn.hook_pattern`` (subvalues) or ``attn.hook_z`` (heads, head dimensions, attention neurons)."""
+    if ref.kind == "ffn_neuron":
+        return f"blocks.{ref.layer}.mlp.hook_post"
+    if ref.kind == "attn_subvalue":
+        return f"blocks.{ref.layer}.attn.hook_pattern"
+    return f"blocks.{ref.layer}.attn.hook_z"
+
+
+def parse_component(model: Any, name: str) -> ComponentRef:
+    """Parse one component name (:func:`tl_residual.names.parse`) and check its indices against ``model``'s sizes.
 
     Source positions are checked against each prompt's length when the hooks are built.
 
     Raises:
-        InvalidInputError: a malformed name (the message lists the accepted forms) or an index out of range
-            (layer >= n_layers, neuron >= d_mlp, head >= n_heads, dim >= d_head).
+        InvalidInputError: a malformed name (the message lists the accepted forms), a kind no intervention acts
+            on, or an index out of range (layer >= n_layers, neuron >= d_mlp, head >= n_heads, dim >= d_head).
     """
     return _parse(tlm.model_spec(model), name)
 
 
-def _parse(spec: tlm.ModelSpec, name: str) -> Component:
-    if not isinstance(name, str):
-        raise InvalidInputError(f"a component name must be a string, got {name!r}")
-    text = name.strip()
-    match = _NAME.match(text)
-    if match is None:
-        raise InvalidInputError(f"cannot parse component name {name!r}; use one of: {NAME_FORMS}")
-    g = {k: (int(v) if v is not None else None) for k, v in match.groupdict().items()}
-    layer = g["layer"]
-    if layer >= spec.n_layers:
-        raise InvalidInputError(f"{text}: layer {layer} is out of range (the model has layers 0..{spec.n_layers - 1})")
-    if g["neuron"] is not None:
-        if g["neuron"] >= spec.d_mlp:
-            raise InvalidInputError(f"{text}: FFN neuron {g['neuron']} is out of range (d_mlp = {spec.d_mlp}: 0..{spec.d_mlp - 1})")
-        return Component(text, "ffn_neuron", layer, neuron=g["neuron"])
-    head = g["head"]
-    if head >= spec.n_heads:
-        raise InvalidInputError(f"{text}: head {head} is out of range (n_heads = {spec.n_heads}: 0..{spec.n_heads - 1})")
-    dim, pos = g["dim"], g["pos"]
-    if dim is not None and dim >= spec.d_head:
-        raise InvalidInputError(f"{text}: head dimension {dim} is out of range (d_head = {spec.d_head}: 0..{spec.d_head - 1})")
-    if dim is not None:
-        kind: ComponentKind = "attn_neuron_pos" if pos is not None else "attn_neuron"
-    else:
-        kind = "attn_subvalue" if pos is not None else "head"
-    return Component(text, kind, layer, head=head, dim=dim, src_pos=pos)
+def _parse(spec: tlm.ModelSpec, name: str) -> ComponentRef:
+    ref = names.parse(name)
+    if ref.kind not in INTERVENABLE_KINDS:
+        raise InvalidInputError(
+            f"{name!r} is a {ref.kind}; interventions act on {', '.join(INTERVENABLE_KINDS)} (e.g. L24.N1005, "
+            f"L12.H3.d7, L12.H3.d7.p4, L12.H3.p4, L12.H3)"
+        )
+    return ref.check(spec)
 
 
-def parse_components(model: Any, names: str | Iterable[str]) -> list[Component]:
+def parse_components(model: Any, names: str | Iterable[str]) -> list[ComponentRef]:
     """Parse a comma-separated string or an iterable of names (duplicates dropped, order kept).
 
     Raises:
@@ -142,7 +109,7 @@ def parse_components(model: Any, names: str | Iterable[str]) -> list[Component]:
     if isinstance(names, str):
         names = [n for n in names.split(",") if n.strip()]
     spec = tlm.model_spec(model)
-    out: dict[str, Component] = {}
+    out: dict[str, ComponentRef] = {}
     for n in names:
         c = _parse(spec, n)
         out.setdefault(c.name, c)
@@ -152,13 +119,13 @@ def parse_components(model: Any, names: str | Iterable[str]) -> list[Component]:
 
 
 def random_components(
-    model: Any, count: int, kind: Literal["ffn_neuron", "attn_neuron"] = "ffn_neuron", seed: int = 0,
+    model: Any, count: int, kind: Literal["ffn_neuron", "head_dim"] = "ffn_neuron", seed: int = 0,
     layers: Iterable[int] | None = None,
 ) -> list[str]:
     """``count`` distinct components drawn uniformly at random (the paper's random control), seeded.
 
     Args:
-        kind: ``ffn_neuron`` (``L{l}.N{k}``) or ``attn_neuron`` (``L{l}.H{h}.d{d}``).
+        kind: ``ffn_neuron`` (``L{l}.N{k}``) or ``head_dim`` (``L{l}.H{h}.d{d}``, all source positions).
         seed: seed of a private ``torch.Generator`` (the global RNG is untouched).
         layers: restrict the draw to these layers (default all).
 
@@ -172,23 +139,26 @@ def random_components(
             raise InvalidInputError(f"layer {l} is out of range (0..{spec.n_layers - 1})")
     if kind == "ffn_neuron":
         per_layer = spec.d_mlp
-    elif kind == "attn_neuron":
+    elif kind == "head_dim":
         per_layer = spec.n_heads * spec.d_head
     else:
-        raise InvalidInputError(f"random components of kind {kind!r} are not supported; use ffn_neuron or attn_neuron")
+        raise InvalidInputError(
+            f"random components of kind {kind!r} are not supported; use ffn_neuron or head_dim (L12.H3.d7: a head "
+            f"dimension at all source positions; attn_neuron names one source position)"
+        )
     total = per_layer * len(layer_list)
     if not isinstance(count, int) or not 0 <= count <= total:
         raise InvalidInputError(f"count must be an integer in 0..{total}, got {count!r}")
     gen = torch.Generator().manual_seed(int(seed))
     picks = torch.randperm(total, generator=gen)[:count].tolist()
-    names = []
+    out = []
     for i in picks:
         layer, j = layer_list[i // per_layer], i % per_layer
         if kind == "ffn_neuron":
-            names.append(f"L{layer}.N{j}")
+            out.append(names.ffn_neuron(layer, j))
         else:
-            names.append(f"L{layer}.H{j // spec.d_head}.d{j % spec.d_head}")
-    return names
+            out.append(names.format(ComponentRef("head_dim", layer, head=j // spec.d_head, dim=j % spec.d_head)))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,8 +263,7 @@ def target_metrics(
     """Rank (1 = top; ties counted in the target's favour), probability and log-probability (nats) of each
     row's target (neuron-level paper section 4.1: the reciprocal rank averages to the MRR)."""
     targets = targets.to(logits.device).long()
-    t_logit = logits.gather(-1, targets[:, None])
-    rank = 1 + (logits > t_logit).sum(-1)
+    rank = target_rank(logits, targets).long()
     logp = torch.log_softmax(logits.double(), -1).gather(-1, targets[:, None]).squeeze(-1)
     return rank, logp.exp().float(), logp.float()
 
@@ -322,7 +291,7 @@ def _check_mode(mode: str, factor: float | None, value: float | None) -> tuple[f
 
 def intervention_hooks(
     model: Any,
-    components: Sequence[Sequence[Component]],
+    components: Sequence[Sequence[ComponentRef]],
     batch: PromptBatch,
     mode: Mode = "zero",
     factor: float | None = None,
@@ -343,7 +312,7 @@ def intervention_hooks(
         raise InvalidInputError(f"got component lists for {len(components)} prompts, but the batch has {len(batch)}")
     spec = tlm.model_spec(model)
     n_b, width = batch.tokens.shape
-    # hook name -> (selection mask) for elementwise kinds; (b, h, d, p) lists for attn_neuron_pos
+    # hook name -> (selection mask) for elementwise kinds; (b, h, d, p) lists for attn_neuron
     masks: dict[str, Tensor] = {}
     pos_neurons: dict[int, list[tuple[int, int, int, int]]] = {}
     for b, comps in enumerate(components):
@@ -353,19 +322,22 @@ def intervention_hooks(
                     f"{c.name}: source position {c.src_pos} is beyond prompt {b}'s {int(batch.lengths[b])} tokens "
                     f"(positions 0..{int(batch.lengths[b]) - 1}, BOS included)"
                 )
+            hook = component_hook(c)
             if c.kind == "ffn_neuron":
-                m = masks.setdefault(c.hook, torch.zeros(n_b, spec.d_mlp, dtype=torch.bool))
+                m = masks.setdefault(hook, torch.zeros(n_b, spec.d_mlp, dtype=torch.bool))
                 m[b, c.neuron] = True
-            elif c.kind in ("attn_neuron", "head"):
-                m = masks.setdefault(c.hook, torch.zeros(n_b, spec.n_heads, spec.d_head, dtype=torch.bool))
+            elif c.kind in ("head_dim", "head"):
+                m = masks.setdefault(hook, torch.zeros(n_b, spec.n_heads, spec.d_head, dtype=torch.bool))
                 if c.kind == "head":
                     m[b, c.head, :] = True
                 else:
                     m[b, c.head, c.dim] = True
             elif c.kind == "attn_subvalue":
-                m = masks.setdefault(c.hook, torch.zeros(n_b, spec.n_heads, width, dtype=torch.bool))
+                assert c.src_pos is not None
+                m = masks.setdefault(hook, torch.zeros(n_b, spec.n_heads, width, dtype=torch.bool))
                 m[b, c.head, int(batch.offsets[b]) + c.src_pos] = True
-            else:
+            else:  # attn_neuron (head, dim, source position)
+                assert c.layer is not None and c.head is not None and c.dim is not None and c.src_pos is not None
                 pos_neurons.setdefault(c.layer, []).append((b, c.head, c.dim, int(batch.offsets[b]) + c.src_pos))
 
     def apply(x: Tensor, sel: Tensor) -> Tensor:
@@ -460,7 +432,7 @@ class InterventionResult:
                 "prompts": records}
 
 
-def _per_prompt_components(model: Any, components: Any, n: int) -> list[list[Component]]:
+def _per_prompt_components(model: Any, components: Any, n: int) -> list[list[ComponentRef]]:
     if isinstance(components, str):
         shared = parse_components(model, components)
         return [shared] * n
@@ -477,8 +449,6 @@ def _per_prompt_components(model: Any, components: Any, n: int) -> list[list[Com
 
 
 def _resolve_targets(model: Any, targets: Any, n: int, base_logits: Tensor) -> Tensor:
-    from tl_residual.lens import resolve_target
-
     if targets is None or isinstance(targets, (str, int)):
         return torch.tensor([resolve_target(model, targets, base_logits[b]) for b in range(n)])
     targets = list(targets)
