@@ -64,7 +64,7 @@ LABELS = {
     "coefficient_inverse_rank": "h) coef / rank",
     RANDOM: "random (same count, seeded)",
 }
-#: Table 2 of the neuron-level paper (REFERENCE.md): (MRR, prob %, logp) for GPT2-large and Llama-7B.
+#: Table 2 of the neuron-level paper (section 4.1): (MRR, prob %, logp) for GPT2-large and Llama-7B.
 PAPER_TABLE2 = {
     "none": ((0.361, 7.1, -3.15), (0.551, 21.5, -2.24)),
     "log_prob_increase": ((0.201, 3.4, -4.06), (0.312, 9.2, -3.91)),

@@ -192,7 +192,7 @@ def test_smollm2_attention_neurons(paris):
 
 
 def test_explain_accepts_every_registered_method():
-    from tl_residual.explain import explain
+    from tl_residual import explain
 
     model = _variant("bridge-gpt2")
     for method in S.SCORERS:

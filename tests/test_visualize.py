@@ -243,7 +243,7 @@ def test_layer_contributions_figure_shows_score_layers(gpt2):
 
 @pytest.mark.parametrize("convention", ["frozen", "recomputed"])
 def test_write_report_random_model(gpt2, tmp_path, convention):
-    from tl_residual.explain import explain
+    from tl_residual import explain
 
     model, _ = gpt2
     result = explain(model, "t5 t33 t42 t8", top_k=3, convention=convention)

@@ -13,7 +13,7 @@ from tl_residual.errors import (
     TLResidualError,
     UnsupportedArchitectureError,
 )
-from tl_residual.explain import Explanation, explain
+from tl_residual.explanation import Explanation, explain
 from tl_residual.lens import Lens
 from tl_residual.model import load_model, model_spec
 from tl_residual.scorers import SCORERS, make_context, register_scorer

@@ -104,7 +104,7 @@ def explain(
     html_path: Optional[str] = typer.Option(None, "--html", help="Write a self-contained HTML report to this path."),
 ) -> None:
     """Explain the next-token prediction of PROMPT: layers, head x position subvalues and FFN neurons."""
-    from tl_residual.explain import explain as run_explain
+    from tl_residual.explanation import explain as run_explain
 
     if not prompt.strip():
         fail("the prompt is empty: give some text, e.g. --prompt 'The capital of France is'")
@@ -144,10 +144,8 @@ def explain(
     if json_path:
         write_json(json_path, result.to_dict())
     if html_path:
-        try:
-            from tl_residual.visualize import write_report
-        except ImportError:
-            fail("--html needs tl_residual.visualize, which this version does not have")
+        from tl_residual.visualize import write_report
+
         try:
             with console.status("drawing the flow graph and plots ..."):
                 write_report(m, result, html_path)

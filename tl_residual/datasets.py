@@ -5,7 +5,7 @@ token is the answer (with its leading space), of six knowledge types: language, 
 month. Its first line is a header object with, per type, the ``source`` of the facts and the ``candidates``: the
 answers of that type the filter compares against.
 
-The filter (neuron-level paper, section 4.1, "Dataset"; REFERENCE.md "Faithfulness evaluation"): keep a prompt
+The filter (neuron-level paper, section 4.1, "Dataset"; ``docs/faithfulness.md``): keep a prompt
 for a model only where
 
 1. the answer is a single token of the model's tokenizer,

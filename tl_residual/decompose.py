@@ -67,7 +67,7 @@ def head_name(layer: int, head: int) -> str:
 def base_stream(kind: str) -> Stream | None:
     """The residual stream a part of ``kind`` is added to, the ``x`` of the log-probability increase
     ``log p(t | x + v) - log p(t | x)``: the stream its sublayer reads (residual-stream paper section 3.2, Eq. 19;
-    neuron-level paper section 3.1, Eq. 13): ``resid_pre`` of the part's layer for attention parts (``attn``,
+    neuron-level paper section 3.3, Eq. 13): ``resid_pre`` of the part's layer for attention parts (``attn``,
     ``attn_bias``, ``head``, ``attn_subvalue``, ``head_dim``, ``attn_neuron``), ``resid_mid`` for FFN parts
     (``mlp``, ``ffn_bias``, ``ffn_neuron``, experts), ``None`` (the zero vector) for the embeddings.
 
@@ -435,8 +435,7 @@ def attention_neuron_name(layer: int, head: int, dim: int, src_pos: int) -> str:
 def attention_neuron_parts(model: Any, cache: Any, layer: int, position: int, batch: int = 0) -> PartGroup:
     """Attention neurons of ``layer`` at destination ``position``: one part per (head h, source p, head dim d).
 
-    Neuron-level paper, section 3.2 (Eq. 7 split over the head dimension; REFERENCE.md "Attention subvalues and
-    attention neurons"):
+    Neuron-level paper, section 3.2 (Eq. 7 split over the head dimension; ``docs/quantities.md``):
 
         coefficient[h, p, d] = pattern[h, position, p] * v[p, kv(h), d]        (v = cached ``attn.hook_v``)
         direction[h, p, d]   = W_O[h, d, :]

@@ -1,6 +1,6 @@
 """Vocabulary projection (logit lens): a vector's bs-values (before-softmax values) over the vocabulary.
 
-Three conventions, chosen by name (residual-stream paper section 3.1, Eq. 11-15; neuron-level paper section 3.1,
+Three conventions, chosen by name (residual-stream paper section 3.1, Eq. 11-15; neuron-level paper section 3.2,
 Eq. 12; ``docs/logit_lens.md``):
 
 ``"frozen"`` (default, the authors' code)

@@ -323,15 +323,6 @@ def cached(cache: Any, name: str, batch: int = 0) -> Tensor:
     return value.detach().float()
 
 
-def has_hook(cache: Any, name: str) -> bool:
-    """Whether ``name`` is in the cache."""
-    try:
-        cache[name]
-    except KeyError:
-        return False
-    return True
-
-
 # ----------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Query side: which upstream parts switched a neuron on.
 
 A neuron's input is a linear read of a normalised residual. For an FFN neuron ``k`` of layer ``l`` at position
-``i`` (residual-stream paper section 4, Eq. 20-23; ``docs/query.md``):
+``i`` (residual-stream paper section 3.3, Eq. 20-23; ``docs/query.md``):
 
     pre_k = LN2(resid_mid_l[i]) . W[:, k] + b[k]
           = sum_j c(part_j) . K_k / sigma + B_k,        K_k = gamma ⊙ W[:, k],   B_k = beta . W[:, k] + b[k]
@@ -322,7 +322,7 @@ def top_query_parts(split: pd.DataFrame, column: str | None = None, top_k: int |
 
 
 # ----------------------------------------------------------------------------------------------
-# Query-neuron importance (neuron-level paper section 3.3)
+# Query-neuron importance (neuron-level paper section 3.4)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -384,7 +384,7 @@ def query_neuron_scores(
 ) -> pd.DataFrame:
     """Importance of every query part: its share of the top value neurons' inputs, weighted by their Imp.
 
-    Neuron-level paper section 3.3: take the ``n_value`` value neurons with the largest log-probability increase
+    Neuron-level paper section 3.4: take the ``n_value`` value neurons with the largest log-probability increase
     Imp(a) (nats; FFN neurons, or attention neurons with ``value_kind="attn_neuron"``); split each one's input
     exactly (:func:`iter_query_contributions`); a query part ``j`` scores ``sum_a Imp(a) * contribution_j(a) /
     input(a)`` (nats). The key bias ``B`` of each value neuron gets its share too (rows ``kind == "key_bias"``), so

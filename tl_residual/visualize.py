@@ -1,6 +1,6 @@
 """Seeing it: a VISIT-style flow graph of one forward pass, the residual-stream plots, and an offline HTML report.
 
-Flow graph (Katz & Belinkov, "VISIT", section 4 and appendix A; REFERENCE.md "VISIT flow graph")
+Flow graph (Katz & Belinkov, "VISIT", section 4 and appendix A; ``docs/flow_graph.md``)
     :func:`flow_graph` draws the chosen layers of one forward pass at one position, read left to right. Per layer:
     the block input ``resid_pre``, the first norm's output ``ln1``, one query node per head, the few *memory
     values* per head (head x source-position subvalues ``pattern[h,i,p] v[p] W_O[h]``, labelled with their source
@@ -28,9 +28,9 @@ Flow graph (Katz & Belinkov, "VISIT", section 4 and appendix A; REFERENCE.md "VI
 Plots (plotly figures)
     :func:`layer_contributions_figure` (attention vs FFN log-probability increase per layer, from
     :func:`~tl_residual.scorers.score_layers`), :func:`bs_value_trajectory_figure` (residual-stream paper Fig. 9:
-    bs-values of chosen tokens along ``Lin0, Lres0, Lout0, ...``, from :func:`tl_residual.lens.bs_trajectory`),
+    bs-values of chosen tokens along ``Lin0, Lres0, Lout0, ...``, from :func:`tl_residual.bsvalues.bs_trajectory`),
     :func:`bs_value_minus_figure` (Fig. 10: the bs-value minus score between two tokens on each layer's attention
-    and FFN output, biases removed, from :func:`tl_residual.lens.bs_minus_layers`) and :func:`parts_table_figure`
+    and FFN output, biases removed, from :func:`tl_residual.bsvalues.bs_minus_layers`) and :func:`parts_table_figure`
     (the top parts with their top tokens).
 
 Report
@@ -57,7 +57,8 @@ from torch import Tensor
 from tl_residual import decompose as D
 from tl_residual import model as tlm
 from tl_residual.errors import InvalidInputError
-from tl_residual.lens import CONVENTIONS, Convention, Lens, bs_minus_layers, bs_trajectory, bs_values, model_logits
+from tl_residual.bsvalues import bs_minus_layers, bs_trajectory, bs_values
+from tl_residual.lens import CONVENTIONS, Convention, Lens, model_logits
 from tl_residual.scorers import ScoringContext, get_scorer, make_context
 
 PruneRule = Literal["log_prob_increase", "activation"]
@@ -447,7 +448,7 @@ def flow_graph(
 
 def _project(b: _Builder, model: Any, cache: Any, ctx: ScoringContext, projection: Convention,
              n_top_tokens: int) -> pd.DataFrame:
-    """Logit lens of every node vector (:func:`tl_residual.lens.bs_values` under ``projection``): top tokens, the
+    """Logit lens of every node vector (:func:`tl_residual.bsvalues.bs_values` under ``projection``): top tokens, the
     target's probability and rank; the label is the top token (memory values: ``source ▸ top token``)."""
     nodes = pd.DataFrame(b.nodes)
     named = {nid: v for nid, v in zip(nodes["id"], b.vectors) if v is not None}
@@ -668,7 +669,7 @@ def bs_value_trajectory_figure(
     convention: Convention = "frozen",
 ) -> go.Figure:
     """Line plot of the tokens' bs-values (logits) along the residual stream ``Lin0, Lres0, Lout0, ...``
-    (residual-stream paper Fig. 9), from :func:`tl_residual.lens.bs_trajectory`.
+    (residual-stream paper Fig. 9), from :func:`tl_residual.bsvalues.bs_trajectory`.
 
     Raises:
         InvalidInputError: a token that is not exactly one token, a bad position or convention.
@@ -697,7 +698,7 @@ def bs_value_minus_figure(
 ) -> go.Figure:
     """Bar chart of the bs-value minus score ``bs_a - bs_b`` (logits) of each layer's attention and FFN output,
     side by side (residual-stream paper Fig. 10, which removes the biases: ``with_bias=False``), from
-    :func:`tl_residual.lens.bs_minus_layers`. The embedding row is left out, as in the paper.
+    :func:`tl_residual.bsvalues.bs_minus_layers`. The embedding row is left out, as in the paper.
 
     Raises:
         InvalidInputError: a token that is not exactly one token, a bad position or convention.
@@ -784,7 +785,7 @@ def report_html(model: Any, explanation: Any, *, layers: int | Sequence[int] | N
 
     Args:
         model: the model ``explanation`` was computed with.
-        explanation: a :class:`~tl_residual.explain.Explanation` (its ``extra["cache"]`` is reused; without it
+        explanation: a :class:`~tl_residual.explanation.Explanation` (its ``cache`` is reused; without it
             the model is rerun on the prompt).
         layers: flow-graph layers (default the last two).
         compare_with: the second token of the bs-value minus plot (default: the model's best other token).
@@ -795,7 +796,7 @@ def report_html(model: Any, explanation: Any, *, layers: int | Sequence[int] | N
     Raises:
         InvalidInputError: bad flow-graph arguments or tokens (see :func:`flow_graph`).
     """
-    cache = explanation.extra.get("cache")
+    cache = explanation.cache
     with torch.no_grad():
         tokens = model.to_tokens(explanation.prompt)
         if cache is None:

@@ -1,6 +1,7 @@
 """One-call answer to "which parts of the model produced this next token?".
 
-:func:`explain` runs the model on a prompt, checks the decomposition is exact, and scores the layer-level
+(This module was ``tl_residual.explain``; it is ``tl_residual.explanation`` so that ``tl_residual.explain`` is
+unambiguously the function.) :func:`explain` runs the model on a prompt, checks the decomposition is exact, and scores the layer-level
 outputs, the attention head x position subvalues and the FFN neurons by log-probability increase (or any
 registered method) for the target token. The result, :class:`Explanation`, holds pandas tables, renders as
 HTML in a notebook, and serialises to the JSON that ``tl-residual explain --json`` writes.
@@ -19,12 +20,7 @@ from tl_residual import model as tlm
 from tl_residual.decompose import reconstruction_error
 from tl_residual.errors import InvalidInputError
 from tl_residual.lens import Convention, model_logits
-from tl_residual.scorers import (
-    make_context,
-    score_attention_subvalues,
-    score_ffn_neurons,
-    score_layers,
-)
+from tl_residual.scorers import DEFAULT_TOP_K, make_context, score, score_layers
 
 
 @dataclass
@@ -41,6 +37,9 @@ class Explanation:
         decomposition_rel_error: relative error of the decomposition of the final ``resid_post``.
         method, convention: scoring method and lens convention.
         layers, attention_subvalues, ffn_neurons: score tables (columns of :mod:`tl_residual.scorers`).
+        cache: the TransformerLens ``ActivationCache`` of the run (not serialised), for further analysis, e.g.
+            ``flow_graph(model, explanation.cache)``.
+        extra: free-form additions (not serialised).
     """
 
     model: str
@@ -57,6 +56,7 @@ class Explanation:
     layers: pd.DataFrame
     attention_subvalues: pd.DataFrame
     ffn_neurons: pd.DataFrame
+    cache: Any = field(default=None, repr=False, compare=False)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -86,7 +86,7 @@ class Explanation:
             "decomposition_rel_error": self.decomposition_rel_error,
             "method": self.method,
             "convention": self.convention,
-            "units": {"score": "nats (log-probability increase)" if self.method == "log_prob_increase" else self.method},
+            "units": {"score": self.ffn_neurons.attrs.get("units") or self.method},
             "layers": records(self.layers, ["name", "layer", "kind", "score"]),
             "attention_subvalues": records(
                 self.attention_subvalues, ["name", "layer", "head", "src_pos", "score", "coefficient"]
@@ -111,7 +111,7 @@ class Explanation:
                 df = df.assign(top_tokens=[" ".join(repr(t) for t in tt) for tt in df["top_tokens"]])
             parts.append(f"<h4>{title}</h4>" + df.to_html(index=False, float_format=lambda x: f"{x:.4f}"))
         parts.append("<p><i>Flow graph and plots: <code>tl_residual.visualize.write_report(model, explanation, "
-                     "'report.html')</code> or <code>flow_graph(model, explanation.extra['cache'])</code>.</i></p>")
+                     "'report.html')</code> or <code>flow_graph(model, explanation.cache)</code>.</i></p>")
         return "\n".join(parts)
 
 
@@ -120,7 +120,7 @@ def explain(
     prompt: str,
     target: int | str | None = None,
     position: int = -1,
-    top_k: int = 20,
+    top_k: int = DEFAULT_TOP_K,
     method: str = "log_prob_increase",
     convention: Convention = "frozen",
     model_name: str | None = None,
@@ -148,7 +148,8 @@ def explain(
     with torch.no_grad():
         tokens = model.to_tokens(prompt)
         _, cache = model.run_with_cache(tokens)
-    ctx = make_context(model, cache, target, position, convention=convention)
+    token_texts = [model.tokenizer.decode([t]) for t in tokens[0].tolist()] if getattr(model, "tokenizer", None) else None
+    ctx = make_context(model, cache, target, position, convention=convention, tokens=token_texts)
     logits = model_logits(model, cache, ctx.position)
     probs = torch.softmax(logits, -1)
     top = torch.topk(probs, 5)
@@ -165,9 +166,9 @@ def explain(
         decomposition_rel_error=reconstruction_error(model, cache, n_layers - 1, ctx.position, "resid_post"),
         method=method,
         convention=convention,
-        layers=score_layers(ctx).sort_values("score", ascending=False, kind="stable").reset_index(drop=True),
-        attention_subvalues=score_attention_subvalues(ctx, method, top_k),
-        ffn_neurons=score_ffn_neurons(ctx, method, top_k),
+        layers=score_layers(ctx, method),
+        attention_subvalues=score(ctx, "attn_subvalue", method, top_k),
+        ffn_neurons=score(ctx, "ffn_neuron", method, top_k),
+        cache=cache,
     )
-    explanation.extra["cache"] = cache
     return explanation
