@@ -184,6 +184,33 @@ def run_cache(model: Any, tokens: torch.Tensor = TOKENS) -> tuple[torch.Tensor, 
         return model.run_with_cache(tokens)
 
 
+def raw_norm(model: Any, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Independent of tl_residual: a norm's weight and bias read straight from its module (``"final"`` or
+    ``"{layer}.ln1"`` / ``"{layer}.ln2"``); ones / zeros where the norm has none (folded away)."""
+    if which == "final":
+        mod = model.ln_final
+    else:
+        layer, name = which.split(".")
+        mod = getattr(model.blocks[int(layer)], name)
+    d = model.cfg.d_model
+
+    def first(*attrs: str) -> torch.Tensor | None:
+        return next((getattr(mod, a) for a in attrs if isinstance(getattr(mod, a, None), torch.Tensor)), None)
+
+    w, b = first("w", "weight"), first("b", "bias")
+    return (torch.ones(d) if w is None else w.detach().float(), torch.zeros(d) if b is None else b.detach().float())
+
+
+def raw_frozen_logits(model: Any, cache: Any, v: torch.Tensor, pos: int = -1) -> torch.Tensor:
+    """Independent frozen-scale lens from raw weights: ``(centre(v) * gamma / ln_final.hook_scale[pos]) @ W_U``."""
+    v = v.double()
+    if model.cfg.normalization_type in ("LN", "LNPre"):
+        v = v - v.mean(-1, keepdim=True)
+    scale = cache["ln_final.hook_scale"][0, pos].double().reshape(-1)[0]
+    gamma, _ = raw_norm(model, "final")
+    return (v * gamma.double() / scale) @ model.W_U.detach().double()
+
+
 @pytest.fixture(scope="session")
 def smollm2() -> Any:
     """The embedded SmolLM2-135M-Instruct (TransformerBridge), loaded once per session."""

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TOKENS, _variant, run_cache
+from conftest import TOKENS, _variant, raw_frozen_logits, raw_norm, run_cache
 
+from tl_residual import bsvalues as L
 from tl_residual import decompose as D
-from tl_residual import lens as L
-from tl_residual import model as tlm
+from tl_residual import lens
 from tl_residual.errors import InvalidInputError
 
 POS = TOKENS.shape[1] - 1
@@ -16,17 +16,35 @@ POS = TOKENS.shape[1] - 1
 
 def _frozen(model, cache, v):
     """Independent frozen lens: (centre(v) * gamma / scale) @ W_U."""
+    return raw_frozen_logits(model, cache, v, POS)
+
+
+def _recomputed(model, v):
+    """Independent recomputed lens: the final norm written out on ``v`` itself, then ``W_U`` and ``b_U``."""
     v = v.double()
     if model.cfg.normalization_type in ("LN", "LNPre"):
         v = v - v.mean(-1, keepdim=True)
-    scale = cache["ln_final.hook_scale"][0, POS].double().reshape(-1)[0]
-    return (v * tlm.norm_weight(model, "final").double() / scale) @ model.W_U.detach().double()
+    gamma, beta = raw_norm(model, "final")
+    normed = v / (v.pow(2).mean(-1, keepdim=True) + model.cfg.eps).sqrt() * gamma.double() + beta.double()
+    b_u = getattr(model, "b_U", None)
+    b_u = 0.0 if not isinstance(b_u, torch.Tensor) else b_u.detach().double()
+    return normed @ model.W_U.detach().double() + b_u
+
+
+def _subvalues(model, cache, layer):
+    """Independent: every head x source-position subvalue at POS, from the cached pattern and values and W_O."""
+    pattern = cache[f"blocks.{layer}.attn.hook_pattern"][0, :, POS, : POS + 1]
+    v = cache[f"blocks.{layer}.attn.hook_v"][0, : POS + 1]
+    v = v.repeat_interleave(model.cfg.n_heads // v.shape[1], dim=1)
+    w_o = model.blocks[layer].attn.W_O.detach().float()
+    return {f"L{layer}.H{h}.p{p}": pattern[h, p] * v[p, h] @ w_o[h]
+            for h in range(model.cfg.n_heads) for p in range(POS + 1)}
 
 
 def test_bs_values_match_dense(variant_model):
     _, cache = run_cache(variant_model)
     g, _ = D.attention_parts(variant_model, cache, 1, POS)
-    df = L.bs_values(variant_model, cache, g, target=7, k=3)
+    df = L.bs_values(variant_model, cache, g, target=7, n_top_tokens=3)
     z = _frozen(variant_model, cache, g.vectors)
     assert list(df["name"]) == g.names
     for i in range(len(g)):
@@ -58,7 +76,9 @@ def test_minus_scores_are_additive(variant_model):
     row = parts.set_index("name").loc["L0.N3"]
     assert row["minus"] == pytest.approx(float(zn[7] - zn[9]), rel=1e-4, abs=1e-5)
     nob = L.bs_minus_layers(variant_model, cache, 7, 9, with_bias=False)
-    zb = _frozen(variant_model, cache, tlm.b_out(variant_model, 0))
+    b_out = getattr(variant_model.blocks[0].mlp, "b_out", None)  # none on a bias-free MLP
+    b_out = b_out.detach() if isinstance(b_out, torch.Tensor) else torch.zeros(variant_model.cfg.d_model)
+    zb = _frozen(variant_model, cache, b_out)
     got = float(layers.set_index("name").loc["L0.mlp", "minus"] - nob.set_index("name").loc["L0.mlp", "minus"])
     assert got == pytest.approx(float(zb[7] - zb[9]), rel=1e-4, abs=1e-5)
 
@@ -68,13 +88,11 @@ def test_recomputed_minus_parts_match_dense(name):
     variant_model = _variant(name)
     _, cache = run_cache(variant_model)
     parts = L.bs_minus_parts(variant_model, cache, 7, 9, layer=0, stream="resid_mid", convention="recomputed")
-    lens = L.Lens(variant_model, cache, POS, convention="recomputed")
-    g, _ = D.attention_parts(variant_model, cache, 0, POS)
-    z = lens.logits(g.vectors)
-    want = dict(zip(g.names, (z[:, 7] - z[:, 9]).tolist()))
     got = parts.set_index("name")["minus"]
-    for part, value in want.items():
-        assert got[part] == pytest.approx(value, rel=1e-4, abs=1e-5)
+    for part, vec in _subvalues(variant_model, cache, 0).items():
+        z = _recomputed(variant_model, vec)
+        assert got[part] == pytest.approx(float(z[7] - z[9]), rel=1e-4, abs=1e-5)
+    assert parts.attrs["units"] == "logits" and {"src_pos", "src_token"} <= set(parts.columns)
 
 
 def test_trajectory(variant_model):
@@ -92,7 +110,7 @@ def test_trajectory(variant_model):
     diffs = (tr[cols[0]] - tr[cols[1]]).diff().iloc[1:].to_numpy()
     assert diffs == pytest.approx(layers["minus"].iloc[1:].to_numpy(), rel=1e-3, abs=1e-4)
     rank = L.bs_trajectory(variant_model, cache, [7], convention="recomputed", value="rank")
-    logits = cache_logits = L.model_logits(variant_model, cache)
+    logits = cache_logits = lens.model_logits(variant_model, cache)
     assert rank.iloc[-1, 2] == 1 + int((cache_logits > logits[7]).sum())
     prob = L.bs_trajectory(variant_model, cache, [7], convention="recomputed", value="prob")
     assert prob.iloc[-1, 2] == pytest.approx(float(torch.softmax(logits, -1)[7]), rel=1e-4)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TOKENS, _variant, run_cache
+from conftest import TOKENS, _variant, raw_norm, run_cache
 
 from tl_residual import model as tlm
 from tl_residual import query as Q
@@ -15,12 +15,14 @@ POS = TOKENS.shape[1] - 1
 
 
 def _manual_input(model, cache, layer, ln, x_hook, pos, w, b):
-    """Independent: the norm written out on the cached residual, then the read weights."""
+    """Independent: the norm written out on the cached residual (weights read from its module), then the read
+    weights."""
     x = cache[x_hook][0, pos].double()
     if model.cfg.normalization_type in ("LN", "LNPre"):
         x = x - x.mean()
     sigma = cache[f"blocks.{layer}.{ln}.hook_scale"][0, pos].double().reshape(-1)[0]
-    normed = x / sigma * tlm.norm_weight(model, f"{layer}.{ln}").double() + tlm.norm_bias(model, f"{layer}.{ln}").double()
+    gamma, beta = raw_norm(model, f"{layer}.{ln}")
+    normed = x / sigma * gamma.double() + beta.double()
     return normed @ w.double() + b.double()
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import TOKENS, run_cache
+from conftest import TOKENS, raw_frozen_logits, raw_norm, run_cache
 from tl_residual import scorers as S
 from tl_residual.errors import InvalidInputError
 from tl_residual.lens import Lens, model_logits
@@ -15,13 +15,7 @@ from tl_residual.lens import Lens, model_logits
 
 def _gamma_beta(model):
     """Final-norm weight and bias read straight from the module (ones / zeros where folded away)."""
-    ln = model.ln_final
-    d = model.cfg.d_model
-    w = next((getattr(ln, a) for a in ("w", "weight") if isinstance(getattr(ln, a, None), torch.Tensor)), None)
-    b = next((getattr(ln, a) for a in ("b", "bias") if isinstance(getattr(ln, a, None), torch.Tensor)), None)
-    w = torch.ones(d) if w is None else w.detach().float()
-    b = torch.zeros(d) if b is None else b.detach().float()
-    return w, b
+    return raw_norm(model, "final")
 
 
 def _dense_frozen_imp(model, cache, layer, target, pos=-1):
@@ -112,17 +106,17 @@ def test_every_paper_method_runs_and_tops_agree(variant_model, method):
 
 
 def test_baselines_match_definitions(variant_model):
-    """Methods b-h on one layer, against their definitions computed here."""
+    """Methods b-h on one layer, against their definitions computed here from raw weights and the cache."""
     _, cache = run_cache(variant_model)
     ctx = S.make_context(variant_model, cache)
     layer, t = 0, ctx.target
     m = cache[f"blocks.{layer}.mlp.hook_post"][0, -1].float()
     w_out = variant_model.blocks[layer].mlp.W_out.detach().float()
-    z_dir = ctx.lens.logits(w_out)
-    z_vec = ctx.lens.logits(m[:, None] * w_out)
+    z_dir = raw_frozen_logits(variant_model, cache, w_out).float()
+    z_vec = raw_frozen_logits(variant_model, cache, m[:, None] * w_out).float()
     rank = 1 + (z_dir > z_dir[:, t : t + 1]).sum(-1).float()
     x = cache[f"blocks.{layer}.hook_resid_mid"][0, -1]
-    zx = ctx.lens.logits(x)
+    zx = raw_frozen_logits(variant_model, cache, x).float()
     expected = {
         "log_prob": torch.log_softmax(z_vec, -1)[:, t],
         "prob_increase": torch.softmax(zx + z_vec, -1)[:, t] - torch.softmax(zx, -1)[t],
@@ -136,6 +130,91 @@ def test_baselines_match_definitions(variant_model):
         df = S.score_ffn_neurons(ctx, method, top_k=None, layers=[layer], n_top_tokens=0).sort_values("neuron")
         torch.testing.assert_close(torch.tensor(df["score"].to_numpy()), want, rtol=1e-4, atol=1e-6,
                                    msg=lambda s: f"{method}: {s}")
+
+
+def test_score_heads_matches_dense(variant_model):
+    """Each head's output (its subvalues summed over source positions), written out from the cache and W_O, and
+    its log-probability increase over resid_pre under an independent frozen lens."""
+    _, cache = run_cache(variant_model)
+    ctx = S.make_context(variant_model, cache)
+    cfg, t = variant_model.cfg, ctx.target
+    df = S.score_heads(ctx)
+    assert len(df) == cfg.n_layers * cfg.n_heads and df["score"].is_monotonic_decreasing
+    assert list(df.columns) == ["name", "kind", "layer", "head", "score", "top_tokens"]  # only its own columns
+    assert df.attrs["method"] == "log_prob_increase" and df.attrs["units"] == "nats"
+    got = df.set_index("name")["score"]
+    for layer in range(cfg.n_layers):
+        pattern = cache[f"blocks.{layer}.attn.hook_pattern"][0, :, -1]  # [head, src]
+        v = cache[f"blocks.{layer}.attn.hook_v"][0]  # [src, kv_head, d_head]
+        v = v.repeat_interleave(cfg.n_heads // v.shape[1], dim=1)
+        w_o = variant_model.blocks[layer].attn.W_O.detach().float()  # [head, d_head, d_model]
+        x = cache[f"blocks.{layer}.hook_resid_pre"][0, -1]
+        base = torch.log_softmax(raw_frozen_logits(variant_model, cache, x), -1)[t]
+        for h in range(cfg.n_heads):
+            out = sum(pattern[h, p] * v[p, h] @ w_o[h] for p in range(pattern.shape[1]))
+            want = torch.log_softmax(raw_frozen_logits(variant_model, cache, x + out), -1)[t] - base
+            assert got[f"L{layer}.H{h}"] == pytest.approx(float(want), rel=1e-4, abs=1e-5)
+    top = S.score_heads(ctx, "norm", top_k=3, layers=[0])
+    assert len(top) == 3 and set(top["layer"]) == {0} and top.attrs["method"] == "norm"
+
+
+def test_score_layers_uses_the_method(variant_model):
+    """score_layers scores by the method it is given (explain(method=...) labels its layer table truthfully)."""
+    _, cache = run_cache(variant_model)
+    ctx = S.make_context(variant_model, cache)
+    df = S.score_layers(ctx, "norm", n_top_tokens=0).set_index("name")
+    assert df.attrs["method"] == "norm" and "coefficient" not in df.columns and "neuron" not in df.columns
+    for layer in range(variant_model.cfg.n_layers):
+        for kind, hook in (("attn", "hook_attn_out"), ("mlp", "hook_mlp_out")):
+            want = float(cache[f"blocks.{layer}.{hook}"][0, -1].norm())
+            assert df.loc[f"L{layer}.{kind}", "score"] == pytest.approx(want, rel=1e-5)
+
+
+def test_score_entry_point_and_table_schema(variant_model):
+    """score() over several kinds equals the per-kind aliases; each table carries only its own columns, with the
+    source token wherever a source position appears."""
+    _, cache = run_cache(variant_model)
+    ctx = S.make_context(variant_model, cache)
+    both = S.score(ctx, ["ffn_neuron", "attn_subvalue"], top_k=None, layers=[1], n_top_tokens=0)
+    ffn = S.score_ffn_neurons(ctx, top_k=None, layers=[1], n_top_tokens=0)
+    sub = S.score_attention_subvalues(ctx, top_k=None, layers=[1], n_top_tokens=0)
+    assert len(both) == len(ffn) + len(sub)
+    assert set(ffn.columns) == {"name", "kind", "layer", "neuron", "score", "coefficient", "top_tokens"}
+    assert {"head", "src_pos", "src_token"} <= set(sub.columns) and "neuron" not in sub.columns
+    emb = cache["hook_embed"][0]
+    w_e = variant_model.W_E.detach()
+    for p, text in zip(sub["src_pos"], sub["src_token"]):  # the token whose embedding row is cached at p
+        assert text == variant_model.tokenizer.decode([int(TOKENS[0, p])])
+        assert torch.equal(w_e[int(TOKENS[0, p])], emb[p])
+    assert len(S.score_ffn_neurons(ctx, layers=[1])) == S.DEFAULT_TOP_K
+
+
+def test_register_scorer_guards(variant_model):
+    """A name is registered once unless overwritten; a scorer's output is checked, naming the function."""
+    _, cache = run_cache(variant_model)
+    ctx = S.make_context(variant_model, cache)
+    with pytest.raises(InvalidInputError, match="already registered"):
+        S.register_scorer("norm")(lambda c, g, b: g.directions.norm(dim=-1))
+
+    def bad_shape(c, g, b):
+        return torch.zeros(len(g) + 1)
+
+    def bad_value(c, g, b):
+        return torch.full((len(g),), float("nan"))
+
+    try:
+        S.register_scorer("bad_shape")(bad_shape)
+        S.register_scorer("bad_value")(bad_value)
+        S.register_scorer("bad_value", overwrite=True)(bad_value)
+        with pytest.raises(InvalidInputError, match="bad_shape.*shape"):
+            S.score_ffn_neurons(ctx, "bad_shape", layers=[0])
+        with pytest.raises(InvalidInputError, match="bad_value.*non-finite"):
+            S.score_ffn_neurons(ctx, "bad_value", layers=[0])
+    finally:
+        S.unregister_scorer("bad_shape")
+        S.unregister_scorer("bad_value")
+    big = S.score_ffn_neurons(ctx, top_k=10**9, layers=[0], n_top_tokens=0)  # clamped to the candidates
+    assert len(big) == variant_model.cfg.d_mlp
 
 
 def test_smollm2_known_answers(paris):
