@@ -17,6 +17,10 @@ bash scripts/setup.sh tl4
 bash scripts/setup.sh tl3
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 status=0
+echo "=== ruff (lint, format check) and mypy (tl_residual/), configured in pyproject.toml ==="
+.venv/bin/ruff check tl_residual tests benchmarks scripts || status=$?
+.venv/bin/ruff format --check tl_residual tests benchmarks scripts || status=$?
+.venv/bin/mypy || status=$?
 echo "=== TransformerLens 4.x (.venv) ==="
 .venv/bin/python -m pytest -q "$@" || status=$?
 echo "=== TransformerLens 3.x (.venv-tl3) ==="

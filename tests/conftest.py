@@ -165,7 +165,7 @@ VARIANTS = [
 ]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _variant(name: str) -> Any:
     return dict(VARIANTS)[name]()
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import einops
 import pytest
 import torch
-from conftest import TOKENS, _variant, run_cache
 
+from conftest import TOKENS, _variant, run_cache
 from tl_residual import decompose as D
 from tl_residual import model as tlm
 from tl_residual import scorers as S
@@ -93,7 +93,10 @@ def _dense_scores(model, cache, method, layer, pos, target):
 
     x = cache[f"blocks.{layer}.hook_resid_pre"][0, pos]
     zx = z(x)
-    rank = lambda zz: 1.0 + (zz > zz[:, target : target + 1]).sum(-1).float()
+
+    def rank(zz):
+        return 1.0 + (zz > zz[:, target : target + 1]).sum(-1).float()
+
     if method == "log_prob_increase":
         return torch.log_softmax(zx + z(vecs), -1)[:, target] - torch.log_softmax(zx, -1)[target]
     if method == "log_prob":
@@ -138,8 +141,9 @@ def test_pruned_top_k_equals_dense(variant_model):
     pruned = S.score_attention_neurons(ctx, "log_prob_increase", top_k=10, n_top_tokens=0)
     assert pruned.attrs["n_scored"] <= pruned.attrs["n_candidates"]
     assert list(pruned["name"]) == list(dense["name"].head(10))
-    torch.testing.assert_close(torch.tensor(pruned["score"].tolist()), torch.tensor(dense["score"].head(10).tolist()),
-                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(pruned["score"].tolist()), torch.tensor(dense["score"].head(10).tolist()), rtol=1e-4, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("name", ["hooked-gpt2-foldvb", "bridge-llama-compat"])
@@ -181,8 +185,9 @@ def test_smollm2_attention_neurons(paris):
         assert len(g) == 9 * 64 * 6
         sub, bias = D.attention_parts(model, cache, layer, pos)
         torch.testing.assert_close(D.aggregate_attention_neurons(g).vectors, sub.vectors, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(g.total() + bias.total(), cache[f"blocks.{layer}.hook_attn_out"][0, pos],
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            g.total() + bias.total(), cache[f"blocks.{layer}.hook_attn_out"][0, pos], rtol=1e-4, atol=1e-4
+        )
     ctx = S.make_context(model, cache)
     assert ctx.lens.token_str(ctx.target) == " Paris"
     # known answer (docs/value.md; the pruned search equals the dense one, tested on the random models above):

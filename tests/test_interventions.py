@@ -35,8 +35,10 @@ def _frozen_logits(model, cache, v):
     """Independent frozen-scale lens: (centre for LN) * gamma / original scale, then W_U (no biases)."""
     ln = model.ln_final
     d = model.cfg.d_model
-    gamma = next((getattr(ln, a).detach().float() for a in ("w", "weight")
-                  if isinstance(getattr(ln, a, None), torch.Tensor)), torch.ones(d))
+    gamma = next(
+        (getattr(ln, a).detach().float() for a in ("w", "weight") if isinstance(getattr(ln, a, None), torch.Tensor)),
+        torch.ones(d),
+    )
     scale = cache["ln_final.hook_scale"][0, -1].float().squeeze()
     if model.cfg.normalization_type in ("LN", "LNPre"):
         v = v - v.mean(-1, keepdim=True)
@@ -64,9 +66,12 @@ def test_zero_last_layer_ffn_neuron_is_exact(variant_model):
     m_k = cache[f"blocks.{L}.mlp.hook_post"][0, -1, k].float()
     contribution = m_k * model.blocks[L].mlp.W_out.detach().float()[k]
     cache, before, after = _exact_change(model, f"L{L}.N{k}", -contribution)
-    torch.testing.assert_close(_frozen_logits(model, cache, after),
-                               _frozen_logits(model, cache, before) - _frozen_logits(model, cache, contribution),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        _frozen_logits(model, cache, after),
+        _frozen_logits(model, cache, before) - _frozen_logits(model, cache, contribution),
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
 
 def test_attention_components_are_exact(variant_model):
@@ -119,8 +124,9 @@ def _check_batched_equals_single(model, prompts, comps, side):
     assert batched["target"].tolist() == single["target"].tolist()
     assert batched["rank_after"].tolist() == single["rank_after"].tolist()
     for col in ("logp_before", "logp_after"):
-        torch.testing.assert_close(torch.tensor(batched[col].values), torch.tensor(single[col].values),
-                                   rtol=1e-4, atol=2e-4)
+        torch.testing.assert_close(
+            torch.tensor(batched[col].values), torch.tensor(single[col].values), rtol=1e-4, atol=2e-4
+        )
 
 
 BATCH_VARIANTS = ["hooked-gpt2", "hooked-llama-gqa", "bridge-gpt2", "bridge-llama-gqa"]
@@ -132,7 +138,7 @@ def test_batched_equals_one_by_one_random(variant, side):
     """Left padding shifts positions (learned and rotary) and needs the attention mask; right padding not."""
     variant_model = _variant(variant)
     L = variant_model.cfg.n_layers - 1
-    comps = [[f"L0.N3", f"L{L}.H1.p1"], [f"L{L}.H0.d2", "L0.H2"], [f"L{L}.H1.d1.p4", f"L{L}.N10"]]
+    comps = [["L0.N3", f"L{L}.H1.p1"], [f"L{L}.H0.d2", "L0.H2"], [f"L{L}.H1.d1.p4", f"L{L}.N10"]]
     _check_batched_equals_single(variant_model, PROMPTS_TINY, comps, side)
 
 
@@ -202,8 +208,9 @@ def test_cli_ablate(smollm2, tmp_path):
 
     runner = CliRunner()
     out = tmp_path / "ablate.json"
-    res = runner.invoke(app, ["ablate", "--prompt", "The capital of France is", "--neurons", "L24.N1005,L27.N1392",
-                              "--json", str(out)])
+    res = runner.invoke(
+        app, ["ablate", "--prompt", "The capital of France is", "--neurons", "L24.N1005,L27.N1392", "--json", str(out)]
+    )
     assert res.exit_code == 0, res.output
     assert "' Paris'" in res.output and "before" in res.output and "after" in res.output
     import json

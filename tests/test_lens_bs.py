@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TOKENS, _variant, raw_frozen_logits, raw_norm, run_cache
 
+from conftest import TOKENS, _variant, raw_frozen_logits, raw_norm, run_cache
 from tl_residual import bsvalues as L
 from tl_residual import decompose as D
 from tl_residual import lens
@@ -37,8 +37,11 @@ def _subvalues(model, cache, layer):
     v = cache[f"blocks.{layer}.attn.hook_v"][0, : POS + 1]
     v = v.repeat_interleave(model.cfg.n_heads // v.shape[1], dim=1)
     w_o = model.blocks[layer].attn.W_O.detach().float()
-    return {f"L{layer}.H{h}.p{p}": pattern[h, p] * v[p, h] @ w_o[h]
-            for h in range(model.cfg.n_heads) for p in range(POS + 1)}
+    return {
+        f"L{layer}.H{h}.p{p}": pattern[h, p] * v[p, h] @ w_o[h]
+        for h in range(model.cfg.n_heads)
+        for p in range(POS + 1)
+    }
 
 
 def test_bs_values_match_dense(variant_model):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TOKENS, _variant, raw_norm, run_cache
 
+from conftest import TOKENS, _variant, raw_norm, run_cache
 from tl_residual import model as tlm
 from tl_residual import query as Q
 from tl_residual import scorers as S
@@ -44,8 +44,9 @@ def test_ffn_split_is_exact(variant_model):
                     assert df[col].sum() == pytest.approx(cached, rel=1e-5, abs=1e-5)
                     assert _rel(df, col) < 1e-5
                     w, b, _ = Q.ffn_key(variant_model, layer, [neuron], col)
-                    manual = _manual_input(variant_model, cache, layer, "ln2", f"blocks.{layer}.hook_resid_mid", pos,
-                                           w[:, 0], b[0])
+                    manual = _manual_input(
+                        variant_model, cache, layer, "ln2", f"blocks.{layer}.hook_resid_mid", pos, w[:, 0], b[0]
+                    )
                     assert float(manual) == pytest.approx(cached, rel=1e-4, abs=1e-4), (col, "hook semantics")
 
 
@@ -79,8 +80,9 @@ def test_contribution_of_one_part_matches_dense(variant_model):
 
     # FFN neuron 5 of layer 0: m * W_out[5]
     m = cache["blocks.0.mlp.hook_post"][0, POS, 5]
-    assert df.loc["L0.N5", col] == pytest.approx(contrib(m * variant_model.blocks[0].mlp.W_out.detach()[5]),
-                                                 rel=1e-4, abs=1e-6)
+    assert df.loc["L0.N5", col] == pytest.approx(
+        contrib(m * variant_model.blocks[0].mlp.W_out.detach()[5]), rel=1e-4, abs=1e-6
+    )
     # attention subvalue L1.H2.p3: pattern * v[3, kv(2)] @ W_O[2]
     pattern = cache["blocks.1.attn.hook_pattern"][0, 2, POS, 3]
     v = cache["blocks.1.attn.hook_v"][0, 3]
@@ -200,8 +202,9 @@ def test_cli_query(paris, tmp_path):
     import json
 
     path = tmp_path / "q.json"
-    result, text = _invoke(["query", "--prompt", "The capital of France is", "--neuron", "L24.N1005", "--top-k", "3",
-                            "--json", str(path)])
+    result, text = _invoke(
+        ["query", "--prompt", "The capital of France is", "--neuron", "L24.N1005", "--top-k", "3", "--json", str(path)]
+    )
     assert result.exit_code == 0, text
     data = json.loads(path.read_text())
     assert data["neuron"] == "L24.N1005" and set(data["inputs"]) == {"gate", "up"}
@@ -209,12 +212,15 @@ def test_cli_query(paris, tmp_path):
     assert data["inputs"]["gate"]["abs_error"] < 1e-4 and len(data["inputs"]["up"]["top"]) == 3
 
 
-@pytest.mark.parametrize("neuron,message", [
-    ("L24.Nx", "cannot parse"),
-    ("L24.N1536", "neuron 1536"),
-    ("L23.H9.d0.p4", "head 9"),
-    ("L23.H1.d0.p6", "source position 6"),
-])
+@pytest.mark.parametrize(
+    "neuron,message",
+    [
+        ("L24.Nx", "cannot parse"),
+        ("L24.N1536", "neuron 1536"),
+        ("L23.H9.d0.p4", "head 9"),
+        ("L23.H1.d0.p6", "source position 6"),
+    ],
+)
 def test_cli_query_bad_neuron(paris, neuron, message):
     result, text = _invoke(["query", "--prompt", "The capital of France is", "--neuron", neuron])
     assert result.exit_code == 2, text

@@ -44,8 +44,9 @@ def test_frozen_lens_plus_bias_is_model_logits(variant_model):
     _, beta = _gamma_beta(variant_model)
     b_U = getattr(variant_model, "b_U", None)
     b_U = torch.zeros(logits.shape[-1]) if not isinstance(b_U, torch.Tensor) else b_U.detach()
-    torch.testing.assert_close(lens.logits(r) + beta @ variant_model.W_U.detach() + b_U, logits[0, -1],
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        lens.logits(r) + beta @ variant_model.W_U.detach() + b_U, logits[0, -1], rtol=1e-4, atol=1e-4
+    )
     torch.testing.assert_close(model_logits(variant_model, cache), logits[0, -1], rtol=1e-4, atol=1e-4)
 
 
@@ -66,8 +67,12 @@ def test_pruned_top_k_equals_dense(variant_model):
     for k in (1, 5, 40):
         pruned = S.score_ffn_neurons(ctx, top_k=k, n_top_tokens=0)
         assert list(pruned["name"]) == list(dense["name"].head(k))
-        torch.testing.assert_close(torch.tensor(pruned["score"].to_numpy()),
-                                   torch.tensor(dense["score"].head(k).to_numpy()), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            torch.tensor(pruned["score"].to_numpy()),
+            torch.tensor(dense["score"].head(k).to_numpy()),
+            rtol=1e-5,
+            atol=1e-5,
+        )
     sub_dense = S.score_attention_subvalues(ctx, top_k=None, n_top_tokens=0)
     sub_pruned = S.score_attention_subvalues(ctx, top_k=6, n_top_tokens=0)
     assert list(sub_pruned["name"]) == list(sub_dense["name"].head(6))
@@ -101,8 +106,9 @@ def test_every_paper_method_runs_and_tops_agree(variant_model, method):
     full = S.score_ffn_neurons(ctx, method, top_k=None, n_top_tokens=0)
     top = S.score_ffn_neurons(ctx, method, top_k=7, n_top_tokens=0)
     assert len(full) == variant_model.cfg.n_layers * variant_model.cfg.d_mlp
-    torch.testing.assert_close(torch.tensor(top["score"].to_numpy()),
-                               torch.tensor(full["score"].head(7).to_numpy()), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(top["score"].to_numpy()), torch.tensor(full["score"].head(7).to_numpy()), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_baselines_match_definitions(variant_model):
@@ -128,8 +134,9 @@ def test_baselines_match_definitions(variant_model):
     }
     for method, want in expected.items():
         df = S.score_ffn_neurons(ctx, method, top_k=None, layers=[layer], n_top_tokens=0).sort_values("neuron")
-        torch.testing.assert_close(torch.tensor(df["score"].to_numpy()), want, rtol=1e-4, atol=1e-6,
-                                   msg=lambda s: f"{method}: {s}")
+        torch.testing.assert_close(
+            torch.tensor(df["score"].to_numpy()), want, rtol=1e-4, atol=1e-6, msg=lambda s, m=method: f"{m}: {s}"
+        )
 
 
 def test_score_heads_matches_dense(variant_model):
@@ -237,8 +244,9 @@ def test_dense_equals_pruned_on_smollm2_last_layers(paris):
     dense = S.score_ffn_neurons(ctx, layers=[27, 28, 29], pruned=False, top_k=20, n_top_tokens=0)
     pruned = S.score_ffn_neurons(ctx, layers=[27, 28, 29], top_k=20, n_top_tokens=0)
     assert list(dense["name"]) == list(pruned["name"])
-    torch.testing.assert_close(torch.tensor(pruned["score"].to_numpy()), torch.tensor(dense["score"].to_numpy()),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(pruned["score"].to_numpy()), torch.tensor(dense["score"].to_numpy()), rtol=1e-5, atol=1e-5
+    )
 
 
 # ---------------------------------------------------------------- errors

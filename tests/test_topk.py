@@ -26,6 +26,8 @@ assert set(SUBSET) <= {name for name, _ in VARIANTS}
 @pytest.fixture(params=SUBSET)
 def model(request):
     return _variant(request.param)
+
+
 CONVENTIONS = ("frozen", "recomputed", "none")
 TOL = 1e-5
 
@@ -67,8 +69,9 @@ def _ref_scores(model, cache, convention, method, base, vectors, target, pos, ba
     if method == "log_prob":
         return torch.log_softmax(_ref_logits(model, cache, convention, vectors, pos, batch), -1)[:, target]
     lp0 = torch.log_softmax(_ref_logits(model, cache, convention, base, pos, batch), -1)[target]
-    lp = torch.log_softmax(_ref_logits(model, cache, convention, base.double() + vectors.double(), pos, batch),
-                           -1)[:, target]
+    lp = torch.log_softmax(_ref_logits(model, cache, convention, base.double() + vectors.double(), pos, batch), -1)[
+        :, target
+    ]
     return lp - lp0 if method == "log_prob_increase" else lp.exp() - lp0.exp()
 
 
@@ -170,9 +173,12 @@ def test_pruned_equals_dense_on_random_models(model):
     groups = _groups_with_bases(model, cache, pos)
     n = sum(len(g) for g, _ in groups)
     for method, convention, ks in (
-        ("log_prob_increase", "frozen", (1, 7, 50, n - 3, n + 10)), ("log_prob_increase", "recomputed", (1, 50)),
-        ("log_prob", "frozen", (1, 50)), ("log_prob", "recomputed", (7,)),
-        ("prob_increase", "frozen", (1, 50)), ("prob_increase", "recomputed", (7,)),
+        ("log_prob_increase", "frozen", (1, 7, 50, n - 3, n + 10)),
+        ("log_prob_increase", "recomputed", (1, 50)),
+        ("log_prob", "frozen", (1, 50)),
+        ("log_prob", "recomputed", (7,)),
+        ("prob_increase", "frozen", (1, 50)),
+        ("prob_increase", "recomputed", (7,)),
     ):
         ctx = S.make_context(model, cache, target=9, convention=convention, chunk_size=64)
         ref_names, ref_scores, all_scores = _ref_top(model, cache, convention, method, groups, 9, pos, n)
@@ -188,13 +194,23 @@ def test_ties_from_duplicated_parts(model):
     pos = TOKENS.shape[1] - 1
     ctx = S.make_context(model, cache, chunk_size=8)
     ffn = D.ffn_parts(model, cache, model.cfg.n_layers - 1, pos)[0]
-    dup = PartGroup("ffn_neuron", ffn.layer, torch.cat([ffn.coefficients] * 3), torch.cat([ffn.directions] * 3),
-                    {"neuron": torch.arange(3 * len(ffn))}, [f"{n}#{c}" for c in range(3) for n in ffn.names])
+    dup = PartGroup(
+        "ffn_neuron",
+        ffn.layer,
+        torch.cat([ffn.coefficients] * 3),
+        torch.cat([ffn.directions] * 3),
+        {"neuron": torch.arange(3 * len(ffn))},
+        [f"{n}#{c}" for c in range(3) for n in ffn.names],
+    )
     dense = S.score_groups(ctx, [dup], top_k=None, n_top_tokens=0)
     for k in (1, 2, 3, 4, 5, 10, 3 * len(ffn)):
         pruned = S.score_groups(ctx, [dup], top_k=k, n_top_tokens=0)
-        torch.testing.assert_close(torch.tensor(pruned["score"].to_numpy()),
-                                   torch.tensor(dense["score"].head(k).to_numpy()), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            torch.tensor(pruned["score"].to_numpy()),
+            torch.tensor(dense["score"].head(k).to_numpy()),
+            rtol=1e-5,
+            atol=1e-6,
+        )
         base = [n.split("#")[0] for n in pruned["name"]]
         assert set(base) == {n.split("#")[0] for n in dense["name"].head(k)}
         assert len(set(pruned["name"])) == k and all(base.count(b) <= 3 for b in base)
@@ -249,10 +265,10 @@ def test_smollm2_pruned_equals_dense(paris):
     pos = tokens.shape[1] - 1
     ctx = S.make_context(model, cache)
     assert ctx.lens.token_str(ctx.target) == " Paris"
-    groups = [(D.ffn_parts(model, cache, l, pos)[0], cache[f"blocks.{l}.hook_resid_mid"][0, pos]) for l in
-              (24, 28, 29)]
-    groups += [(D.attention_parts(model, cache, l, pos)[0], cache[f"blocks.{l}.hook_resid_pre"][0, pos]) for l in
-               range(30)]
+    groups = [(D.ffn_parts(model, cache, l, pos)[0], cache[f"blocks.{l}.hook_resid_mid"][0, pos]) for l in (24, 28, 29)]
+    groups += [
+        (D.attention_parts(model, cache, l, pos)[0], cache[f"blocks.{l}.hook_resid_pre"][0, pos]) for l in range(30)
+    ]
     groups += [(g, cache["blocks.29.hook_resid_pre"][0, pos]) for g in D.attention_neuron_groups(model, cache, 29, pos)]
     W_U = model.W_U.detach()
     # dense reference in float32 using the frozen lens written out, one layer at a time
@@ -298,8 +314,9 @@ def test_custom_scorer_with_increase_bound_gets_the_fast_path(model, monkeypatch
     calls = []
     real = S._fused_bounds
     monkeypatch.setattr(S, "_fused_bounds", lambda *a: calls.append(1) or real(*a))
-    S.register_scorer("twice_lpi", "2 x log-prob increase", bound=S.IncreaseBound(post=lambda b, pr: 2 * b),
-                      units="nats")(lambda c, g, base: 2 * S.SCORERS["log_prob_increase"].fn(c, g, base))
+    S.register_scorer(
+        "twice_lpi", "2 x log-prob increase", bound=S.IncreaseBound(post=lambda b, pr: 2 * b), units="nats"
+    )(lambda c, g, base: 2 * S.SCORERS["log_prob_increase"].fn(c, g, base))
     try:
         pruned = S.score_ffn_neurons(ctx, "twice_lpi", top_k=5, n_top_tokens=0)
         dense = S.score_ffn_neurons(ctx, "twice_lpi", top_k=5, n_top_tokens=0, pruned=False)
@@ -322,12 +339,12 @@ def test_batched_cache_one_top_k_per_prompt(model):
     for b, pos in ((0, 7), (1, 4)):
         _, single = run_cache(model, tokens[b : b + 1])
         tgt = 3 if b == 0 else None
-        ref = S.score_neurons(S.make_context(model, single, tgt, pos), top_k=5, n_top_tokens=0,
-                              pruned=False)
+        ref = S.score_neurons(S.make_context(model, single, tgt, pos), top_k=5, n_top_tokens=0, pruned=False)
         got = df[df.prompt == b]
         assert set(got["name"]) == set(ref["name"])
-        torch.testing.assert_close(torch.tensor(got["score"].to_numpy()), torch.tensor(ref["score"].to_numpy()),
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            torch.tensor(got["score"].to_numpy()), torch.tensor(ref["score"].to_numpy()), rtol=1e-4, atol=1e-5
+        )
     with pytest.raises(S.InvalidInputError, match="positions has 3 entries but the cache holds 2 prompts"):
         S.score_neurons_batch(model, cache, positions=[1, 2, 3])
     with pytest.raises(S.InvalidInputError, match="kinds"):

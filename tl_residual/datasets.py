@@ -32,7 +32,7 @@ KNOWLEDGE_TYPES: tuple[str, ...] = ("language", "color", "number", "capital", "c
 
 @lru_cache(maxsize=1)
 def _read() -> tuple[dict[str, Any], tuple[dict[str, str], ...]]:
-    text = resources.files("tl_residual").joinpath("data", DATASET_FILE).read_text(encoding="utf-8")
+    text = resources.files("tl_residual").joinpath("data").joinpath(DATASET_FILE).read_text(encoding="utf-8")
     lines = [json.loads(line) for line in text.splitlines() if line.strip()]
     if not lines or not lines[0].get("_header"):
         raise InvalidInputError(f"{DATASET_FILE} has no header line (a first object with \"_header\": true)")

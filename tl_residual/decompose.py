@@ -326,7 +326,8 @@ def embedding_parts(model: Any, cache: Any, position: int, batch: int = 0) -> li
     parts = [_single("embed", None, "embed", tlm.cached(cache, "hook_embed", batch)[position])]
     if spec.learned_pos:
         parts.append(_single("pos_embed", None, "pos_embed", tlm.cached(cache, "hook_pos_embed", batch)[position]))
-    total = sum(p.total() for p in parts) + sum(g.total() for g in source_parts(model, cache, 0, "resid_pre", position, batch))
+    sources = source_parts(model, cache, 0, "resid_pre", position, batch)
+    total = torch.stack([g.total() for g in parts + sources]).sum(0)
     resid0 = tlm.cached(cache, "blocks.0.hook_resid_pre", batch)[position]
     if not torch.allclose(total, resid0, rtol=1e-4, atol=1e-5 * float(resid0.abs().max()) + 1e-8):
         raise UnsupportedArchitectureError(
@@ -527,6 +528,11 @@ class LazyNames(Sequence):
         return self._name(i % self._n)
 
 
+def _attention_neuron_namer(layer: int, d_head: int, src_pos: int) -> Callable[[int], str]:
+    """Name of part ``j`` (head-major ``(head, dim)``) of a source position's attention-neuron group."""
+    return lambda j: attention_neuron_name(layer, j // d_head, j % d_head, src_pos)
+
+
 def attention_neuron_groups(model: Any, cache: Any, layer: int, position: int, batch: int = 0) -> list[PartGroup]:
     """The attention neurons of :func:`attention_neuron_parts`, one :class:`PartGroup` per source position ``p``.
 
@@ -556,9 +562,7 @@ def attention_neuron_groups(model: Any, cache: Any, layer: int, position: int, b
                 einops.rearrange(coefficients[:, p], "head d_head -> (head d_head)"),
                 w_o,
                 {"head": heads, "dim": dims, "src_pos": torch.full_like(heads, p)},
-                LazyNames(  # type: ignore[arg-type]
-                    len(heads), lambda j, p=p: attention_neuron_name(layer, j // d_head, j % d_head, p)
-                ),
+                LazyNames(len(heads), _attention_neuron_namer(layer, d_head, p)),  # type: ignore[arg-type]
             )
         )
     return groups
@@ -668,6 +672,7 @@ def reconstruction_error(
         part = group.coefficients.double() @ group.directions.double()
         total = part if total is None else total + part
     target = target_vector(cache, layer_i, pos_i, stream, batch).double()
+    assert total is not None  # iter_parts always yields the embedding
     return float((total - target).norm() / target.norm().clamp_min(1e-30))
 
 
@@ -696,6 +701,7 @@ def decompose(
     target = target_vector(
         cache, resolve_layer(layer, spec.n_layers), resolve_position(position, n_positions(cache)), stream, batch
     ).double()
+    assert total is not None  # iter_parts always yields the embedding
     df.attrs["rel_error"] = float((total - target).norm() / target.norm().clamp_min(1e-30))
     return df
 

@@ -1,10 +1,10 @@
 """One-call answer to "which parts of the model produced this next token?".
 
 (This module was ``tl_residual.explain``; it is ``tl_residual.explanation`` so that ``tl_residual.explain`` is
-unambiguously the function.) :func:`explain` runs the model on a prompt, checks the decomposition is exact, and scores the layer-level
-outputs, the attention head x position subvalues and the FFN neurons by log-probability increase (or any
-registered method) for the target token. The result, :class:`Explanation`, holds pandas tables, renders as
-HTML in a notebook, and serialises to the JSON that ``tl-residual explain --json`` writes.
+unambiguously the function.) :func:`explain` runs the model on a prompt, checks the decomposition is exact, and
+scores the layer-level outputs, the attention head x position subvalues and the FFN neurons by log-probability
+increase (or any registered method) for the target token. The result, :class:`Explanation`, holds pandas tables,
+renders as HTML in a notebook, and serialises to the JSON that ``tl-residual explain --json`` writes.
 """
 
 from __future__ import annotations
@@ -110,8 +110,10 @@ class Explanation:
             if "top_tokens" in df:  # one readable cell per row instead of a Python list
                 df = df.assign(top_tokens=[" ".join(repr(t) for t in tt) for tt in df["top_tokens"]])
             parts.append(f"<h4>{title}</h4>" + df.to_html(index=False, float_format=lambda x: f"{x:.4f}"))
-        parts.append("<p><i>Flow graph and plots: <code>tl_residual.visualize.write_report(model, explanation, "
-                     "'report.html')</code> or <code>flow_graph(model, explanation.cache)</code>.</i></p>")
+        parts.append(
+            "<p><i>Flow graph and plots: <code>tl_residual.visualize.write_report(model, explanation, "
+            "'report.html')</code> or <code>flow_graph(model, explanation.cache)</code>.</i></p>"
+        )
         return "\n".join(parts)
 
 
@@ -148,7 +150,9 @@ def explain(
     with torch.no_grad():
         tokens = model.to_tokens(prompt)
         _, cache = model.run_with_cache(tokens)
-    token_texts = [model.tokenizer.decode([t]) for t in tokens[0].tolist()] if getattr(model, "tokenizer", None) else None
+    token_texts = (
+        [model.tokenizer.decode([t]) for t in tokens[0].tolist()] if getattr(model, "tokenizer", None) else None
+    )
     ctx = make_context(model, cache, target, position, convention=convention, tokens=token_texts)
     logits = model_logits(model, cache, ctx.position)
     probs = torch.softmax(logits, -1)

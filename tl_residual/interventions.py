@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 import pandas as pd
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_residual import model as tlm
@@ -119,7 +119,10 @@ def parse_components(model: Any, names: str | Iterable[str]) -> list[ComponentRe
 
 
 def random_components(
-    model: Any, count: int, kind: Literal["ffn_neuron", "head_dim"] = "ffn_neuron", seed: int = 0,
+    model: Any,
+    count: int,
+    kind: Literal["ffn_neuron", "head_dim"] = "ffn_neuron",
+    seed: int = 0,
     layers: Iterable[int] | None = None,
 ) -> list[str]:
     """``count`` distinct components drawn uniformly at random (the paper's random control), seeded.
@@ -197,8 +200,14 @@ class PromptBatch:
     def select(self, rows: Sequence[int]) -> PromptBatch:
         """The sub-batch of ``rows`` (repeats allowed: run several interventions of one prompt in one pass)."""
         idx = torch.as_tensor(list(rows), dtype=torch.long)
-        return PromptBatch([self.prompts[i] for i in idx.tolist()], self.tokens[idx], self.attention_mask[idx],
-                           self.lengths[idx], self.offsets[idx], self.padding_side)
+        return PromptBatch(
+            [self.prompts[i] for i in idx.tolist()],
+            self.tokens[idx],
+            self.attention_mask[idx],
+            self.lengths[idx],
+            self.offsets[idx],
+            self.padding_side,
+        )
 
 
 def tokenize_batch(model: Any, prompts: Sequence[str], padding_side: PaddingSide = "right") -> PromptBatch:
@@ -346,22 +355,36 @@ def intervention_hooks(
             return torch.where(sel, x * fac, x)
         return torch.where(sel, torch.full_like(x, val), x)
 
-    hooks: list[tuple[str, HookFn]] = []
+    def masked(name: str, sel: Tensor) -> HookFn:
+        """Apply the mode where ``sel`` is set, at every (destination) position of hook ``name``'s activation:
+        ``mlp.hook_post`` [B, pos, d_mlp], ``attn.hook_z`` [B, pos, H, d_head], ``attn.hook_pattern``
+        [B, H, dst, src]."""
+        if name.endswith("mlp.hook_post"):
+            spread = sel[:, None, :]
+        elif name.endswith("attn.hook_z"):
+            spread = sel[:, None, :, :]
+        else:  # hook_pattern: every destination position
+            spread = sel[:, :, None, :]
+
+        def hook_fn(x: Tensor, hook: Any) -> Tensor:
+            return apply(x, spread.expand_as(x))
+
+        return hook_fn
+
     captured: dict[str, Tensor] = {}
-    for layer, entries in sorted(pos_neurons.items()):
-        # Capture this layer's pattern and values in the same forward pass, then correct hook_z.
-        def capture(x: Tensor, hook: Any, key: str = "") -> Tensor:
+
+    def capturing(key: str) -> HookFn:
+        def hook_fn(x: Tensor, hook: Any) -> Tensor:
             captured[key] = x.detach()
             return x
 
-        p_name, v_name = f"blocks.{layer}.attn.hook_pattern", f"blocks.{layer}.attn.hook_v"
-        if p_name in masks:  # capture the pattern after any subvalue intervention on the same layer
-            sel = masks.pop(p_name)
-            hooks.append((p_name, lambda x, hook, sel=sel: apply(x, sel[:, :, None, :].expand_as(x))))
-        hooks.append((p_name, lambda x, hook, key=p_name: capture(x, hook, key)))
-        hooks.append((v_name, lambda x, hook, key=v_name: capture(x, hook, key)))
+        return hook_fn
 
-        def correct(z: Tensor, hook: Any, entries: list = entries, p_name: str = p_name, v_name: str = v_name) -> Tensor:
+    def correcting(entries: list[tuple[int, int, int, int]], p_name: str, v_name: str) -> HookFn:
+        """Correct ``hook_z`` by each attention neuron's contribution, from the pattern and values captured in the
+        same forward pass."""
+
+        def hook_fn(z: Tensor, hook: Any) -> Tensor:
             pattern, v = captured.pop(p_name), captured.pop(v_name)  # [B, H, dst, src], [B, src, kv, d_head]
             rep = spec.n_heads // v.shape[2]
             z = z.clone()
@@ -371,15 +394,19 @@ def intervention_hooks(
                 z[b, :, h, d] = z[b, :, h, d] + (new - contribution).to(z.dtype)
             return z
 
-        z_name = f"blocks.{layer}.attn.hook_z"
-        hooks.append((z_name, correct))
+        return hook_fn
+
+    hooks: list[tuple[str, HookFn]] = []
+    for layer, entries in sorted(pos_neurons.items()):
+        # Capture this layer's pattern and values in the same forward pass, then correct hook_z.
+        p_name, v_name = f"blocks.{layer}.attn.hook_pattern", f"blocks.{layer}.attn.hook_v"
+        if p_name in masks:  # capture the pattern after any subvalue intervention on the same layer
+            hooks.append((p_name, masked(p_name, masks.pop(p_name))))
+        hooks.append((p_name, capturing(p_name)))
+        hooks.append((v_name, capturing(v_name)))
+        hooks.append((f"blocks.{layer}.attn.hook_z", correcting(entries, p_name, v_name)))
     for name, sel in masks.items():
-        if name.endswith("mlp.hook_post"):
-            hooks.append((name, lambda x, hook, sel=sel: apply(x, sel[:, None, :].expand_as(x))))
-        elif name.endswith("attn.hook_z"):
-            hooks.append((name, lambda x, hook, sel=sel: apply(x, sel[:, None, :, :].expand_as(x))))
-        else:  # hook_pattern [B, H, dst, src]: every destination position
-            hooks.append((name, lambda x, hook, sel=sel: apply(x, sel[:, :, None, :].expand_as(x))))
+        hooks.append((name, masked(name, sel)))
     return hooks
 
 
@@ -428,8 +455,13 @@ class InterventionResult:
         records = self.per_prompt.to_dict(orient="records")
         for rec, comps in zip(records, self.components):
             rec["components"] = comps
-        return {"mode": self.mode, "factor": self.factor, "value": self.value, "summary": self.summary(),
-                "prompts": records}
+        return {
+            "mode": self.mode,
+            "factor": self.factor,
+            "value": self.value,
+            "summary": self.summary(),
+            "prompts": records,
+        }
 
 
 def _per_prompt_components(model: Any, components: Any, n: int) -> list[list[ComponentRef]]:
@@ -517,13 +549,22 @@ def intervene(
         after = last_token_logits(model, batch, hooks)
         r0, p0, lp0 = target_metrics(before, t)
         r1, p1, lp1 = target_metrics(after, t)
-        frames.append(pd.DataFrame({
-            "prompt": batch.prompts,
-            "target": t.tolist(),
-            "target_token": [tok.decode([i]) if tok is not None else f"<{i}>" for i in t.tolist()],
-            "n_components": [len(c) for c in comps[start:stop]],
-            "rank_before": r0.tolist(), "prob_before": p0.tolist(), "logp_before": lp0.tolist(),
-            "rank_after": r1.tolist(), "prob_after": p1.tolist(), "logp_after": lp1.tolist(),
-        }))
-    return InterventionResult(pd.concat(frames, ignore_index=True), mode, factor, value,
-                              [[c.name for c in cs] for cs in comps])
+        frames.append(
+            pd.DataFrame(
+                {
+                    "prompt": batch.prompts,
+                    "target": t.tolist(),
+                    "target_token": [tok.decode([i]) if tok is not None else f"<{i}>" for i in t.tolist()],
+                    "n_components": [len(c) for c in comps[start:stop]],
+                    "rank_before": r0.tolist(),
+                    "prob_before": p0.tolist(),
+                    "logp_before": lp0.tolist(),
+                    "rank_after": r1.tolist(),
+                    "prob_after": p1.tolist(),
+                    "logp_after": lp1.tolist(),
+                }
+            )
+        )
+    return InterventionResult(
+        pd.concat(frames, ignore_index=True), mode, factor, value, [[c.name for c in cs] for cs in comps]
+    )

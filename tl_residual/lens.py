@@ -184,9 +184,7 @@ def target_rank(logits: Float[Tensor, "n d_vocab"], target: int | Tensor) -> Flo
     return 1.0 + (logits > logits.gather(-1, t)).sum(-1).float()
 
 
-def map_chunks(
-    fn: Callable[[slice], Any], n: int, chunk_size: int = DEFAULT_CHUNK_SIZE
-) -> Tensor | tuple[Tensor, ...]:
+def map_chunks(fn: Callable[[slice], Any], n: int, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor | tuple[Tensor, ...]:
     """The one chunk loop: ``fn(rows)`` for consecutive slices of ``range(n)`` of ``chunk_size`` rows, results
     concatenated along the first dimension (elementwise when ``fn`` returns a tuple of tensors). Callers project a
     chunk on the vocabulary inside ``fn``, so peak extra memory is a few ``chunk_size * d_vocab`` floats."""

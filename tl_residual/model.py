@@ -302,7 +302,7 @@ def norm_bias(model: Any, which: str) -> Float[Tensor, " d_model"]:
 # ----------------------------------------------------------------------------------------------
 
 
-def cached(cache: Any, name: str, batch: int = 0) -> Tensor:
+def cached(cache: Any, name: str, batch: int | None = 0) -> Tensor:
     """``cache[name][batch]`` as float32, with a clear error for a missing hook.
 
     Raises:

@@ -108,9 +108,7 @@ class ComponentRef:
             value = getattr(self, f)
             if f in need:
                 if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                    raise InvalidInputError(
-                        f"a {self.kind} reference needs a non-negative integer {f}, got {value!r}"
-                    )
+                    raise InvalidInputError(f"a {self.kind} reference needs a non-negative integer {f}, got {value!r}")
             elif value is not None:
                 raise InvalidInputError(f"a {self.kind} reference has no {f} (got {f}={value!r})")
 
@@ -221,7 +219,7 @@ def parse(name: str) -> ComponentRef:
     m = _LAYER_RE.match(text)
     if m is None:
         raise InvalidInputError(f"cannot parse component name {name!r}; use one of: {NAME_FORMS}")
-    g = {k: (v if k == "whole" or v is None else int(v)) for k, v in m.groupdict().items()}
+    g: dict[str, Any] = {k: (v if k == "whole" or v is None else int(v)) for k, v in m.groupdict().items()}
     layer = g["layer"]
     if g["whole"] is not None:
         return ComponentRef(_WHOLE_KIND[g["whole"]], layer)

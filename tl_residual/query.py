@@ -165,7 +165,9 @@ def folded_key(
     return (k / sigma.double()).float()
 
 
-def key_bias(model: Any, norm: str, weights: Float[Tensor, "d_model k"], bias: Float[Tensor, " k"]) -> Float[Tensor, " k"]:
+def key_bias(
+    model: Any, norm: str, weights: Float[Tensor, "d_model k"], bias: Float[Tensor, " k"]
+) -> Float[Tensor, " k"]:
     """``B_k = beta . W[:, k] + b[k]`` (residual-stream paper Eq. 23): the part of the input no residual part writes."""
     return tlm.norm_bias(model, norm) @ weights + bias
 
@@ -236,7 +238,9 @@ def _split_table(
     return df
 
 
-def split_ffn_neuron(model: Any, cache: Any, layer: int, neuron: int, position: int = -1, batch: int = 0) -> pd.DataFrame:
+def split_ffn_neuron(
+    model: Any, cache: Any, layer: int, neuron: int, position: int = -1, batch: int = 0
+) -> pd.DataFrame:
     """Split FFN neuron ``L{layer}.N{neuron}``'s input(s) at ``position`` over every part of ``resid_mid``.
 
     Residual-stream paper Eq. 20-23 with the cached ``ln2.hook_scale`` and centring folded in (see the module
@@ -299,7 +303,9 @@ def split_neuron(model: Any, cache: Any, name: str, position: int = -1, batch: i
     assert ref.layer is not None
     if ref.kind == "ffn_neuron":
         return split_ffn_neuron(model, cache, ref.layer, int(ref.neuron or 0), position, batch)
-    return split_value_neuron(model, cache, ref.layer, int(ref.head or 0), int(ref.dim or 0), int(ref.src_pos or 0), batch)
+    return split_value_neuron(
+        model, cache, ref.layer, int(ref.head or 0), int(ref.dim or 0), int(ref.src_pos or 0), batch
+    )
 
 
 def top_query_parts(split: pd.DataFrame, column: str | None = None, top_k: int | None = 20) -> pd.DataFrame:
@@ -428,8 +434,18 @@ def query_neuron_scores(
             which = "up" if spec.gated_mlp else "pre"
         for layer, rows in top.groupby("layer"):
             neurons = torch.tensor(rows["neuron"].tolist())
-            _add_value_neurons(acc, ctx, kind, int(layer), ctx.position, ffn_key(model, int(layer), neurons, which),
-                               neurons, torch.tensor(rows["score"].tolist()), list(rows["name"]), min_abs_input)
+            _add_value_neurons(
+                acc,
+                ctx,
+                kind,
+                int(layer),
+                ctx.position,
+                ffn_key(model, int(layer), neurons, which),
+                neurons,
+                torch.tensor(rows["score"].tolist()),
+                list(rows["name"]),
+                min_abs_input,
+            )
     else:
         if which not in (None, "value"):
             raise InvalidInputError(f"attention value neurons have one input, 'value'; got which={which!r}")
@@ -438,22 +454,50 @@ def query_neuron_scores(
             read = value_key(model, int(layer), int(head), dims)
             v_heads = tlm.cached(cache, read[2], batch).shape[1]
             slot = int(head) // spec.heads_per_kv if v_heads == spec.n_kv_heads else int(head)
-            _add_value_neurons(acc, ctx, kind, int(layer), int(src), read, slot * spec.d_head + dims,
-                               torch.tensor(rows["score"].tolist()), list(rows["name"]), min_abs_input)
+            _add_value_neurons(
+                acc,
+                ctx,
+                kind,
+                int(layer),
+                int(src),
+                read,
+                slot * spec.d_head + dims,
+                torch.tensor(rows["score"].tolist()),
+                list(rows["name"]),
+                min_abs_input,
+            )
     tokens = ctx.src_tokens()
     frames = [
         tables.part_frame(group, src_tokens=tokens, position=position, score=scored.numpy())
         for (_, _, position), (group, scored) in acc.parts.items()
     ]
     for (layer, position), scored in acc.key_bias.items():
-        frames.append(pd.DataFrame({"name": [f"L{layer}.key_bias"], "kind": ["key_bias"], "layer": [layer],
-                                    "position": [position], "score": [scored]}))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "name": [f"L{layer}.key_bias"],
+                    "kind": ["key_bias"],
+                    "layer": [layer],
+                    "position": [position],
+                    "score": [scored],
+                }
+            )
+        )
     df = tables.concat(frames, ["position", "score"])
     df = df.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
     if top_k is not None:
         df = df.head(top_k).reset_index(drop=True)
-    df.attrs.update(value_kind=kind, which=which, n_value=n_value, skipped=acc.skipped, total_imp=acc.total_imp,
-                    target=ctx.target, position=ctx.position, units="nats", method="log_prob_increase")
+    df.attrs.update(
+        value_kind=kind,
+        which=which,
+        n_value=n_value,
+        skipped=acc.skipped,
+        total_imp=acc.total_imp,
+        target=ctx.target,
+        position=ctx.position,
+        units="nats",
+        method="log_prob_increase",
+    )
     return df
 
 
@@ -517,12 +561,19 @@ def cross_layer_scores(
             if layer > lv or (layer == lv and kind == "mlp"):
                 continue
             inner = vec.double() @ key
-            rows.append({
-                "query": name, "query_kind": kind, "query_layer": layer, "value_layer": lv,
-                "helpful_eq24": float(inner[helpful].sum()), "unhelpful_eq24": float(inner[unhelpful].sum()),
-                "helpful_eq25": float((inner * c)[helpful].sum()), "unhelpful_eq25": float((inner * c)[unhelpful].sum()),
-                "total_eq25": float((inner * c).sum()),
-            })
+            rows.append(
+                {
+                    "query": name,
+                    "query_kind": kind,
+                    "query_layer": layer,
+                    "value_layer": lv,
+                    "helpful_eq24": float(inner[helpful].sum()),
+                    "unhelpful_eq24": float(inner[unhelpful].sum()),
+                    "helpful_eq25": float((inner * c)[helpful].sum()),
+                    "unhelpful_eq25": float((inner * c)[unhelpful].sum()),
+                    "total_eq25": float((inner * c).sum()),
+                }
+            )
     df = pd.DataFrame(rows)
     df.attrs.update(which=which, key_bias=biases, target=ctx.target, position=pos)
     return df

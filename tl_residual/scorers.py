@@ -500,8 +500,10 @@ def _fused_bounds(
             j += 1
         pr = ctx.base_probes(x0s[i])
         proj = torch.cat(
-            [g.coefficients.double()[:, None] * _direction_projections(ctx, g.directions, x0s[i], cache)
-             for g in groups[i:j]]
+            [
+                g.coefficients.double()[:, None] * _direction_projections(ctx, g.directions, x0s[i], cache)
+                for g in groups[i:j]
+            ]
         )
         values = bound.finish(head_tail_bound(proj, pr.log_weights.to(proj.device)), pr).cpu()
         out += list(torch.split(values, [len(g) for g in groups[i:j]]))
@@ -550,7 +552,9 @@ def _log_prob_increase(ctx: ScoringContext, group: PartGroup, base: Tensor) -> T
 
 
 @register_scorer(
-    "log_prob", "log p(t | m v): the part's own log-probability of the target (method b)", bound=log_prob_bound,
+    "log_prob",
+    "log p(t | m v): the part's own log-probability of the target (method b)",
+    bound=log_prob_bound,
     units="nats",
 )
 def _log_prob(ctx: ScoringContext, group: PartGroup, base: Tensor) -> Tensor:
@@ -717,7 +721,9 @@ def _bounds(ctx: ScoringContext, groups: list[PartGroup], bases: list[Tensor], s
     return [bound(ctx, g, b).double().cpu() for g, b in zip(groups, bases)]
 
 
-def _gather(groups: list[PartGroup], bases: list[Tensor], owner: Tensor, local: Tensor, idx: Tensor) -> tuple[PartGroup, Tensor]:
+def _gather(
+    groups: list[PartGroup], bases: list[Tensor], owner: Tensor, local: Tensor, idx: Tensor
+) -> tuple[PartGroup, Tensor]:
     """The parts ``idx`` (of many groups) as one group, in ``idx`` order, and one base row per part."""
     own, rows = owner[idx], local[idx]
     sels, coefs, dirs, base_rows = [], [], [], []
@@ -805,7 +811,11 @@ def head_group(ctx: ScoringContext, layer: int) -> PartGroup:
     vecs = head_outputs(ctx.model, ctx.cache, layer, ctx.position, ctx.batch)
     n_heads = vecs.shape[0]
     return PartGroup(
-        "head", layer, torch.ones(n_heads), vecs, {"head": torch.arange(n_heads)},
+        "head",
+        layer,
+        torch.ones(n_heads),
+        vecs,
+        {"head": torch.arange(n_heads)},
         [names.head(layer, h) for h in range(n_heads)],
     )
 
@@ -820,7 +830,11 @@ def iter_groups(ctx: ScoringContext, kinds: Iterable[str], layers: Iterable[int]
     kinds = _kinds(kinds)
     layer_list = _layers(ctx, layers)
     m, c, p, b = ctx.model, ctx.cache, ctx.position, ctx.batch
-    outputs = {(layer, kind): vec for _, layer, kind, vec in layer_outputs(m, c, p, b)} if {"attn", "mlp"} & set(kinds) else {}
+    outputs = (
+        {(layer, kind): vec for _, layer, kind, vec in layer_outputs(m, c, p, b)}
+        if {"attn", "mlp"} & set(kinds)
+        else {}
+    )
     for layer in layer_list:
         if "attn" in kinds:
             yield _single_group("attn", layer, outputs[(layer, "attn")])
@@ -1012,7 +1026,7 @@ def score_neurons_batch(
             )
     frames, per_prompt = [], []
     for b in range(n_batch):
-        ctx = make_context(model, cache, tgt_list[b], pos_list[b], b, convention, chunk_size)  # type: ignore[arg-type]
+        ctx = make_context(model, cache, tgt_list[b], pos_list[b], b, convention, chunk_size)
         df = score(ctx, kinds, scorer, top_k, layers, n_top_tokens)
         df.insert(0, "target", ctx.target)
         df.insert(0, "position", ctx.position)

@@ -93,7 +93,7 @@ def src_token_texts(model: Any, cache: Any, batch: int = 0, n_pos: int | None = 
     if n_pos is not None:
         emb = emb[:n_pos]
     w_e = tlm.W_E(model).to(emb.device)
-    dist = (w_e.pow(2).sum(-1)[None, :] - 2 * emb @ w_e.T)  # ||W_E[t] - e||^2 - ||e||^2
+    dist = w_e.pow(2).sum(-1)[None, :] - 2 * emb @ w_e.T  # ||W_E[t] - e||^2 - ||e||^2
     ids = dist.argmin(-1).tolist()
     tokenizer = getattr(model, "tokenizer", None)
     out = []

@@ -173,7 +173,7 @@ def _check_count(name: str, value: int | None, allow_none: bool = False) -> None
 def _resolve_layers(layers: int | Sequence[int] | None, n_layers: int) -> list[int]:
     if layers is None:
         return list(range(max(0, n_layers - 2), n_layers))
-    if isinstance(layers, int) and not isinstance(layers, bool):
+    if isinstance(layers, int):  # resolve_layer rejects a bool with a clear error
         return [D.resolve_layer(layers, n_layers)]
     out = [D.resolve_layer(l, n_layers) for l in layers]
     if not out:
