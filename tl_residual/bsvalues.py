@@ -131,6 +131,23 @@ def bs_values(
     return df
 
 
+def _minus_columns(bs: Float[Tensor, "n 2"]) -> dict[str, Any]:
+    """The columns ``bs_a``, ``bs_b`` and ``minus = bs_a - bs_b`` (logits)."""
+    return {"bs_a": bs[:, 0].numpy(), "bs_b": bs[:, 1].numpy(), "minus": (bs[:, 0] - bs[:, 1]).numpy()}
+
+
+def _minus_attrs(lens: Lens, ids: list[int]) -> dict[str, Any]:
+    """``df.attrs`` of a minus-score table: the two tokens, the position, the lens convention and the units."""
+    return {
+        "token_a": lens.token_str(ids[0]),
+        "token_b": lens.token_str(ids[1]),
+        "ids": ids,
+        "position": lens.position,
+        "convention": lens.convention,
+        "units": "logits",
+    }
+
+
 def bs_minus_layers(
     model: Any,
     cache: Any,
@@ -171,20 +188,10 @@ def bs_minus_layers(
             "name": [p[0] for p in parts],
             "kind": [p[2] for p in parts],
             "layer": [p[1] for p in parts],
-            "bs_a": bs[:, 0].numpy(),
-            "bs_b": bs[:, 1].numpy(),
-            "minus": (bs[:, 0] - bs[:, 1]).numpy(),
+            **_minus_columns(bs),
         }
     )
-    df.attrs.update(
-        token_a=lens.token_str(ids[0]),
-        token_b=lens.token_str(ids[1]),
-        ids=ids,
-        position=lens.position,
-        convention=convention,
-        with_bias=with_bias,
-        units="logits",
-    )
+    df.attrs.update(_minus_attrs(lens, ids), with_bias=with_bias)
     return df
 
 
@@ -227,27 +234,11 @@ def bs_minus_parts(
             bs = g.coefficients[:, None] * _token_bs(lens, g.directions, ids)
         else:
             bs = _token_bs(lens, g.vectors, ids)
-        frames.append(
-            tables.part_frame(
-                g,
-                src_tokens=tokens,
-                coefficient=g.coefficients.numpy(),
-                bs_a=bs[:, 0].numpy(),
-                bs_b=bs[:, 1].numpy(),
-                minus=(bs[:, 0] - bs[:, 1]).numpy(),
-            )
-        )
+        frames.append(tables.part_frame(g, src_tokens=tokens, coefficient=g.coefficients.numpy(), **_minus_columns(bs)))
     df = tables.concat(frames, ["coefficient", "bs_a", "bs_b", "minus"])
     df = df.sort_values("minus", ascending=False, kind="stable")
     df = (df.head(top_k) if top_k is not None else df).reset_index(drop=True)
-    df.attrs.update(
-        token_a=lens.token_str(ids[0]),
-        token_b=lens.token_str(ids[1]),
-        ids=ids,
-        position=lens.position,
-        convention=convention,
-        units="logits",
-    )
+    df.attrs.update(_minus_attrs(lens, ids))
     return df
 
 

@@ -499,9 +499,7 @@ def attention_neuron_coefficients(
     the attention-neuron coefficients of :func:`attention_neuron_parts` (neuron-level paper section 3.2).
 
     Raises:
-        InvalidInputError: bad ``layer``, ``position`` or ``batch``.
-        MissingHookError: the cache lacks ``hook_pattern`` or ``hook_v`` of ``layer``.
-        UnsupportedArchitectureError: ``hook_v`` has neither ``n_heads`` nor ``n_key_value_heads`` heads.
+        As :func:`attention_neuron_parts`.
     """
     spec = tlm.model_spec(model)
     layer = resolve_layer(layer, spec.n_layers)
@@ -711,6 +709,9 @@ def decompose(
 # ----------------------------------------------------------------------------------------------
 
 
+_SUBLAYER_OUTPUTS: tuple[tuple[Literal["attn", "mlp"], str], ...] = (("attn", "hook_attn_out"), ("mlp", "hook_mlp_out"))
+
+
 def layer_outputs(model: Any, cache: Any, position: int = -1, batch: int = 0) -> list[tuple[str, int, str, Tensor]]:
     """The layer-level parts of the final residual: ``[("embed", -1, "embed", v), ("L0.attn", 0, "attn", v),
     ("L0.mlp", 0, "mlp", v), ...]``, each ``Float[Tensor, "d_model"]`` (``hook_attn_out`` / ``hook_mlp_out``).
@@ -723,8 +724,8 @@ def layer_outputs(model: Any, cache: Any, position: int = -1, batch: int = 0) ->
         ("embed", -1, "embed", tlm.cached(cache, "blocks.0.hook_resid_pre", batch)[position])
     ]
     for l in range(spec.n_layers):
-        out.append((names.layer_output(l, "attn"), l, "attn", tlm.cached(cache, f"blocks.{l}.hook_attn_out", batch)[position]))
-        out.append((names.layer_output(l, "mlp"), l, "mlp", tlm.cached(cache, f"blocks.{l}.hook_mlp_out", batch)[position]))
+        for kind, hook in _SUBLAYER_OUTPUTS:
+            out.append((names.layer_output(l, kind), l, kind, tlm.cached(cache, f"blocks.{l}.{hook}", batch)[position]))
     return out
 
 

@@ -884,48 +884,81 @@ def score(
     return score_groups(ctx, groups, scorer, top_k, n_top_tokens, pruned)
 
 
-def score_ffn_neurons(
-    ctx: ScoringContext,
-    method: str | Scorer = "log_prob_increase",
-    top_k: int | None = DEFAULT_TOP_K,
-    layers: Iterable[int] | None = None,
-    n_top_tokens: int = 5,
-    pruned: bool = True,
-) -> pd.DataFrame:
-    """:func:`score` of the FFN neurons ``m_k W_out[k]`` (against ``resid_mid``; ``coefficient`` is ``m_k``)."""
-    return score(ctx, ("ffn_neuron",), method, top_k, layers, n_top_tokens, pruned)
+TableFn = Callable[..., pd.DataFrame]
 
 
-def score_attention_subvalues(
-    ctx: ScoringContext,
-    method: str | Scorer = "log_prob_increase",
-    top_k: int | None = DEFAULT_TOP_K,
-    layers: Iterable[int] | None = None,
-    n_top_tokens: int = 5,
-    pruned: bool = True,
-) -> pd.DataFrame:
+def _alias(name: str, kinds: tuple[str, ...], top_k_default: int | None, doc: str) -> TableFn:
+    """A thin alias of :func:`score` for ``kinds``: ``(ctx, method, top_k, layers, n_top_tokens, pruned)``."""
+
+    def alias(
+        ctx: ScoringContext,
+        method: str | Scorer = "log_prob_increase",
+        top_k: int | None = top_k_default,
+        layers: Iterable[int] | None = None,
+        n_top_tokens: int = 5,
+        pruned: bool = True,
+    ) -> pd.DataFrame:
+        return score(ctx, kinds, method, top_k, layers, n_top_tokens, pruned)
+
+    alias.__name__ = alias.__qualname__ = name
+    alias.__doc__ = doc
+    return alias
+
+
+score_ffn_neurons = _alias(
+    "score_ffn_neurons",
+    ("ffn_neuron",),
+    DEFAULT_TOP_K,
+    """:func:`score` of the FFN neurons ``m_k W_out[k]`` (against ``resid_mid``; ``coefficient`` is ``m_k``).
+
+    Arguments: ``(ctx, method="log_prob_increase", top_k=DEFAULT_TOP_K, layers=None, n_top_tokens=5, pruned=True)``
+    as for :func:`score`.""",
+)
+"""``score(ctx, ("ffn_neuron",), ...)``: the FFN neurons ``m_k W_out[k]`` (against ``resid_mid``; ``coefficient``
+is ``m_k``). Arguments ``(ctx, method, top_k=DEFAULT_TOP_K, layers, n_top_tokens, pruned)`` as for :func:`score`."""
+
+score_attention_subvalues = _alias(
+    "score_attention_subvalues",
+    ("attn_subvalue",),
+    DEFAULT_TOP_K,
     """:func:`score` of the head x source-position subvalues ``pattern[h,i,p] v[p] W_O[h]`` (against
-    ``resid_pre``; ``coefficient`` is the attention weight)."""
-    return score(ctx, ("attn_subvalue",), method, top_k, layers, n_top_tokens, pruned)
+    ``resid_pre``; ``coefficient`` is the attention weight).
 
+    Arguments: ``(ctx, method="log_prob_increase", top_k=DEFAULT_TOP_K, layers=None, n_top_tokens=5, pruned=True)``
+    as for :func:`score`.""",
+)
+"""``score(ctx, ("attn_subvalue",), ...)``: the head x source-position subvalues ``pattern[h,i,p] v[p] W_O[h]``
+(against ``resid_pre``; ``coefficient`` is the attention weight). Arguments as for :func:`score_ffn_neurons`."""
 
-def score_attention_neurons(
-    ctx: ScoringContext,
-    method: str | Scorer = "log_prob_increase",
-    top_k: int | None = DEFAULT_TOP_K,
-    layers: Iterable[int] | None = None,
-    n_top_tokens: int = 5,
-    pruned: bool = True,
-) -> pd.DataFrame:
+score_attention_neurons = _alias(
+    "score_attention_neurons",
+    ("attn_neuron",),
+    DEFAULT_TOP_K,
     """:func:`score` of the attention neurons ``pattern[h,i,p] v[p,kv(h),d] * W_O[h,d]`` (neuron-level paper
     section 3.2; against ``resid_pre``; names ``L{l}.H{h}.d{d}.p{p}``, ``coefficient`` ``pattern * v[d]``).
 
-    Parts come one source position at a time (:func:`~tl_residual.decompose.attention_neuron_groups`: directions
-    are views of ``W_O``, never copied). Cost: ``n_heads * d_head * (position + 1)`` parts per layer; dense scoring
-    projects each on the vocabulary, so restrict ``layers`` or keep ``top_k`` (the pruned search keeps
-    ``n_heads * d_head`` coefficients and bounds per layer and source position until it finishes).
-    """
-    return score(ctx, ("attn_neuron",), method, top_k, layers, n_top_tokens, pruned)
+    Arguments: ``(ctx, method="log_prob_increase", top_k=DEFAULT_TOP_K, layers=None, n_top_tokens=5, pruned=True)``
+    as for :func:`score`. Parts come one source position at a time
+    (:func:`~tl_residual.decompose.attention_neuron_groups`: directions are views of ``W_O``, never copied). Cost:
+    ``n_heads * d_head * (position + 1)`` parts per layer; dense scoring projects each on the vocabulary, so
+    restrict ``layers`` or keep ``top_k``.""",
+)
+"""``score(ctx, ("attn_neuron",), ...)``: the attention neurons ``pattern[h,i,p] v[p,kv(h),d] * W_O[h,d]``
+(neuron-level paper section 3.2; against ``resid_pre``; ``coefficient`` ``pattern * v[d]``). Arguments as for
+:func:`score_ffn_neurons`; ``n_heads * d_head * (position + 1)`` parts per layer."""
+
+score_heads = _alias(
+    "score_heads",
+    ("head",),
+    None,
+    """:func:`score` of every head's output at ``position`` (its subvalues summed over source positions, without
+    ``b_O``; :func:`~tl_residual.decompose.head_outputs`), against ``resid_pre``.
+
+    Arguments: ``(ctx, method="log_prob_increase", top_k=None, layers=None, n_top_tokens=5, pruned=True)`` as for
+    :func:`score`; every head by default.""",
+)
+"""``score(ctx, ("head",), ...)``: every head's output at ``position`` (without ``b_O``), against ``resid_pre``.
+Arguments ``(ctx, method, top_k=None, layers, n_top_tokens, pruned)``: every head by default."""
 
 
 def score_neurons(
@@ -945,18 +978,6 @@ def score_neurons(
         InvalidInputError: unknown ``method`` or kind, a layer out of range, bad ``top_k``.
     """
     return score(ctx, _kinds(kinds, NEURON_KINDS), method, top_k, layers, n_top_tokens, pruned)
-
-
-def score_heads(
-    ctx: ScoringContext,
-    method: str | Scorer = "log_prob_increase",
-    top_k: int | None = None,
-    layers: Iterable[int] | None = None,
-    n_top_tokens: int = 5,
-) -> pd.DataFrame:
-    """:func:`score` of every head's output at ``position`` (its subvalues summed over source positions, without
-    ``b_O``; :func:`~tl_residual.decompose.head_outputs`), against ``resid_pre``. Every head by default."""
-    return score(ctx, ("head",), method, top_k, layers, n_top_tokens)
 
 
 def score_layers(
