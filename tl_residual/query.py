@@ -63,6 +63,9 @@ Input = Literal["pre", "gate", "up", "value"]
 ValueKind = Literal["ffn_neuron", "attn_neuron"]
 _OLD_VALUE_KINDS = {"ffn": "ffn_neuron", "attn": "attn_neuron"}
 
+#: The kinds of parts a residual stream holds (the columns of every split table, whatever the stream).
+STREAM_KINDS: tuple[str, ...] = ("embed", "pos_embed", "attn_subvalue", "attn_bias", "ffn_neuron", "ffn_bias")
+
 #: A value neuron is a :class:`~tl_residual.names.ComponentRef` of kind ``ffn_neuron`` or ``attn_neuron``
 #: (the former name of the type, kept for compatibility).
 NeuronRef = ComponentRef
@@ -219,7 +222,7 @@ def _split_table(
     bias = torch.stack([key_bias(model, norm, columns[c][0], columns[c][1])[0] for c in cols]).double()
     frames.append(pd.DataFrame({"name": [f"{label}.B"], "kind": ["key_bias"], "layer": [layer]}))
     contribs.append(bias[None, :])
-    df = tables.concat(frames)
+    df = tables.concat(frames, kinds=STREAM_KINDS)
     values = torch.cat(contribs)
     for i, c in enumerate(cols):
         df[c] = values[:, i].numpy()
@@ -483,7 +486,7 @@ def query_neuron_scores(
                 }
             )
         )
-    df = tables.concat(frames, ["position", "score"])
+    df = tables.concat(frames, ["position", "score"], kinds=STREAM_KINDS)
     df = df.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
     if top_k is not None:
         df = df.head(top_k).reset_index(drop=True)

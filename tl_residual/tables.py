@@ -63,13 +63,22 @@ def part_frame(
     return pd.DataFrame(cols, index=range(n))
 
 
-def concat(frames: Sequence[pd.DataFrame], value_columns: Sequence[str] = ()) -> pd.DataFrame:
-    """Stack part tables: identifying columns in :data:`ID_COLUMNS` order (only those some frame has), then the
-    value columns; ``-1`` / ``""`` where a row's kind lacks an index."""
+def concat(
+    frames: Sequence[pd.DataFrame], value_columns: Sequence[str] = (), kinds: Iterable[str] = ()
+) -> pd.DataFrame:
+    """Stack part tables: identifying columns in :data:`ID_COLUMNS` order (those some frame has, and those of
+    ``kinds``, the kinds the table can hold), then the value columns; ``-1`` / ``""`` where a row's kind lacks an
+    index."""
     frames = [f for f in frames if len(f)]
+    expected = {c for k in kinds for c in index_columns(k)}
+    if "src_pos" in expected:
+        expected.add("src_token")
     if not frames:
-        return pd.DataFrame(columns=["name", "kind", "layer", *value_columns])
+        ids = [c for c in ID_COLUMNS if c in {"name", "kind", "layer"} | expected]
+        return pd.DataFrame(columns=[*ids, *value_columns])
     df = pd.concat(frames, ignore_index=True)
+    for c in expected - set(df.columns):
+        df[c] = "" if c == "src_token" else -1
     ids = [c for c in ID_COLUMNS if c in df.columns]
     rest = [c for c in df.columns if c not in ids]
     df = df[ids + rest]
