@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from conftest import TOKENS, _variant, raw_norm, run_cache
-from tl_residual import model as tlm
 from tl_residual import query as Q
 from tl_residual import scorers as S
 from tl_residual.errors import InvalidInputError
@@ -69,7 +68,7 @@ def test_contribution_of_one_part_matches_dense(variant_model):
     df = Q.split_ffn_neuron(variant_model, cache, layer, neuron, POS).set_index("name")
     col = df.attrs["inputs"][0]
     w, _, _ = Q.ffn_key(variant_model, layer, [neuron], col)
-    key = tlm.norm_weight(variant_model, f"{layer}.ln2").double() * w[:, 0].double()
+    key = raw_norm(variant_model, f"{layer}.ln2")[0].double() * w[:, 0].double()
     sigma = cache[f"blocks.{layer}.ln2.hook_scale"][0, POS].double().reshape(-1)[0]
 
     def contrib(vec):
@@ -106,8 +105,13 @@ def test_query_neuron_scores(name):
     col = "up" if model.cfg.gated_mlp else "pre"
     df = Q.split_ffn_neuron(model, cache, 1, k, POS)
     w, _, _ = Q.ffn_key(model, 1, [k], col)
-    key = Q.folded_key(model, cache, "1.ln2", POS, w)[:, 0].double()
-    mlp0 = cache["blocks.0.hook_mlp_out"][0, POS].double() - tlm.b_out(model, 0).double()
+    key = raw_norm(model, "1.ln2")[0].double() * w[:, 0].double()  # c(gamma * W[:, k]) / sigma, written out
+    if model.cfg.normalization_type in ("LN", "LNPre"):
+        key = key - key.mean()
+    key = key / cache["blocks.1.ln2.hook_scale"][0, POS].double().reshape(-1)[0]
+    b_out = getattr(model.blocks[0].mlp, "b_out", None)
+    b_out = b_out.detach().double() if isinstance(b_out, torch.Tensor) else 0.0
+    mlp0 = cache["blocks.0.hook_mlp_out"][0, POS].double() - b_out
     expected = imp * float(mlp0 @ key) / df.attrs["cached"][col]
     ctx1 = S.make_context(model, cache, target=7)
     q = Q.query_neuron_scores(ctx1, n_value=1)
@@ -135,7 +139,7 @@ def test_cross_layer_scores_exact_and_dense(variant_model):
         assert lhs == pytest.approx(float(pre[c != 0].sum()), rel=1e-4, abs=1e-4)
         # Eq. 25 for the embedding row, by hand
         w, _, _ = Q.ffn_key(variant_model, lv, torch.arange(variant_model.cfg.d_mlp), col)
-        key = tlm.norm_weight(variant_model, f"{lv}.ln2").double()[:, None] * w.double()
+        key = raw_norm(variant_model, f"{lv}.ln2")[0].double()[:, None] * w.double()
         emb = cache["blocks.0.hook_resid_pre"][0, POS].double()
         if variant_model.cfg.normalization_type in ("LN", "LNPre"):
             emb = emb - emb.mean()

@@ -337,50 +337,45 @@ def top_query_parts(split: pd.DataFrame, column: str | None = None, top_k: int |
 
 @dataclass
 class _QueryScores:
-    """Running sums of :func:`query_neuron_scores`: per (part kind, layer, position) group, per key bias."""
+    """Running sums of :func:`query_neuron_scores` for one context: per (part kind, layer, position) group and per
+    key bias, fed one layer's value neurons at a time by :meth:`add`."""
 
+    ctx: ScoringContext
+    min_abs_input: float
     parts: dict[tuple[str, int | None, int], tuple[PartGroup, Tensor]] = field(default_factory=dict)
     key_bias: dict[tuple[int, int], float] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     total_imp: float = 0.0
 
+    def add(
+        self, kind: str, layer: int, position: int, read: tuple[Tensor, Tensor, str], flat: Tensor, rows: pd.DataFrame
+    ) -> None:
+        """Add the query shares of the value neurons ``rows`` (a score table: ``name``, ``score`` = Imp in nats)
+        of one layer, read at ``position``.
 
-def _add_value_neurons(
-    acc: _QueryScores,
-    ctx: ScoringContext,
-    kind: str,
-    layer: int,
-    position: int,
-    read: tuple[Tensor, Tensor, str],
-    flat: Tensor,
-    imp: Tensor,
-    neuron_names: list[str],
-    min_abs_input: float,
-) -> None:
-    """Add the query shares of some value neurons of one layer, read at one position, to ``acc``.
-
-    ``read`` is ``(weights [d_model, k], bias [k], hook)`` of the neurons' input, ``flat`` their indices in the
-    flattened hook, ``imp`` their importance (nats). Each neuron ``a`` adds ``Imp(a) * contribution_j(a) /
-    input(a)`` to every part ``j`` of the stream it reads, and its share of the key bias.
-    """
-    w, b, hook = read
-    stream, norm = _read_norm(kind, layer)
-    model, cache, batch = ctx.model, ctx.cache, ctx.batch
-    value = tlm.cached(cache, hook, batch)[position].reshape(-1)[flat].double()
-    keep = value.abs() >= min_abs_input
-    acc.skipped.extend(n for n, k in zip(neuron_names, keep.tolist()) if not k)
-    if not bool(keep.any()):
-        return
-    w, b, value, imp = w[:, keep], b[keep], value[keep], imp[keep].double()
-    weight = imp / value
-    acc.total_imp += float(imp.sum())
-    key = folded_key(model, cache, norm, position, w, batch)
-    for group, contrib in iter_query_contributions(model, cache, key, layer, stream, position, batch):
-        gk = (group.kind, group.layer, position)
-        scored = contrib @ weight
-        acc.parts[gk] = (group, acc.parts[gk][1] + scored) if gk in acc.parts else (group, scored)
-    bk = (layer, position)
-    acc.key_bias[bk] = acc.key_bias.get(bk, 0.0) + float(key_bias(model, norm, w, b).double() @ weight)
+        ``read`` is ``(weights [d_model, k], bias [k], hook)`` of the neurons' input and ``flat`` their indices in
+        the flattened hook. Each neuron ``a`` adds ``Imp(a) * contribution_j(a) / input(a)`` to every part ``j``
+        of the stream it reads, and its share of the key bias.
+        """
+        w, b, hook = read
+        imp, neuron_names = torch.tensor(rows["score"].tolist()), list(rows["name"])
+        stream, norm = _read_norm(kind, layer)
+        model, cache, batch = self.ctx.model, self.ctx.cache, self.ctx.batch
+        value = tlm.cached(cache, hook, batch)[position].reshape(-1)[flat].double()
+        keep = value.abs() >= self.min_abs_input
+        self.skipped.extend(n for n, k in zip(neuron_names, keep.tolist()) if not k)
+        if not bool(keep.any()):
+            return
+        w, b, value, imp = w[:, keep], b[keep], value[keep], imp[keep].double()
+        weight = imp / value
+        self.total_imp += float(imp.sum())
+        key = folded_key(model, cache, norm, position, w, batch)
+        for group, contrib in iter_query_contributions(model, cache, key, layer, stream, position, batch):
+            gk = (group.kind, group.layer, position)
+            scored = contrib @ weight
+            self.parts[gk] = (group, self.parts[gk][1] + scored) if gk in self.parts else (group, scored)
+        bk = (layer, position)
+        self.key_bias[bk] = self.key_bias.get(bk, 0.0) + float(key_bias(model, norm, w, b).double() @ weight)
 
 
 def query_neuron_scores(
@@ -430,25 +425,14 @@ def query_neuron_scores(
         raise InvalidInputError(f"top_k must be a positive integer or None, got {top_k!r}")
     model, cache, batch = ctx.model, ctx.cache, ctx.batch
     spec = tlm.model_spec(model)
-    acc = _QueryScores()
+    acc = _QueryScores(ctx, min_abs_input)
     top = score(ctx, (kind,), "log_prob_increase", top_k=n_value, n_top_tokens=0)
     if kind == "ffn_neuron":
         if which is None:
             which = "up" if spec.gated_mlp else "pre"
         for layer, rows in top.groupby("layer"):
             neurons = torch.tensor(rows["neuron"].tolist())
-            _add_value_neurons(
-                acc,
-                ctx,
-                kind,
-                int(layer),
-                ctx.position,
-                ffn_key(model, int(layer), neurons, which),
-                neurons,
-                torch.tensor(rows["score"].tolist()),
-                list(rows["name"]),
-                min_abs_input,
-            )
+            acc.add(kind, int(layer), ctx.position, ffn_key(model, int(layer), neurons, which), neurons, rows)
     else:
         if which not in (None, "value"):
             raise InvalidInputError(f"attention value neurons have one input, 'value'; got which={which!r}")
@@ -457,18 +441,7 @@ def query_neuron_scores(
             read = value_key(model, int(layer), int(head), dims)
             v_heads = tlm.cached(cache, read[2], batch).shape[1]
             slot = int(head) // spec.heads_per_kv if v_heads == spec.n_kv_heads else int(head)
-            _add_value_neurons(
-                acc,
-                ctx,
-                kind,
-                int(layer),
-                int(src),
-                read,
-                slot * spec.d_head + dims,
-                torch.tensor(rows["score"].tolist()),
-                list(rows["name"]),
-                min_abs_input,
-            )
+            acc.add(kind, int(layer), int(src), read, slot * spec.d_head + dims, rows)
     tokens = ctx.src_tokens()
     frames = [
         tables.part_frame(group, src_tokens=tokens, position=position, score=scored.numpy())
