@@ -255,7 +255,7 @@ def test_write_report_random_model(gpt2, tmp_path, convention):
     assert page.count("Plotly.newPlot(") == 5 and not re.search(r"<(script|link)[^>]*(src|href)=", page)
     shown = result._repr_html_()  # the notebook display: token lists as text, and where the graph is
     assert "write_report" in shown and "[&#x27;" not in shown and "['" not in shown.split("<h4>")[1]
-    result.extra.pop("cache")  # without the cache the report reruns the model: same flow graph
+    result.cache = None  # without the cache the report reruns the model: same flow graph
     again = V.report_html(model, result, layers=[1, 2], n_neurons=2)
     assert again.count("<tr>") == page.count("<tr>")
     with pytest.raises(InvalidInputError, match="prune"):
