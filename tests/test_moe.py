@@ -223,7 +223,7 @@ def test_expert_parts_sum_to_mlp_out_and_match_raw_weights(family: str, api: str
                 assert shared[0].names[0] == f"L{layer}.shared.N0"
 
 
-@pytest.mark.parametrize("family,api,processed", VARIANTS[:4], ids=IDS[:4])
+@pytest.mark.parametrize("family,api,processed", VARIANTS[:5], ids=IDS[:5])
 def test_scorer_topk_pruned_equals_dense(family: str, api: str, processed: bool) -> None:
     from tl_residual.scorers import make_context, score_ffn_neurons, score_neurons
 

@@ -34,7 +34,7 @@ from tl_residual.decompose import (
     PartGroup,
     attention_neuron_groups,
     attention_parts,
-    ffn_parts,
+    ffn_neuron_groups,
     head_name,
     layer_outputs,
     n_positions,
@@ -149,7 +149,7 @@ class ScoringContext:
             return group.base
         if group.layer is None:
             return torch.zeros_like(self.resid("blocks.0.hook_resid_pre"))
-        if group.kind.startswith("ffn") or group.kind == "mlp":
+        if group.kind.startswith("ffn") or group.kind in ("mlp", "expert_neuron", "shared_neuron"):
             return self.resid(f"blocks.{group.layer}.hook_resid_mid")
         return self.resid(f"blocks.{group.layer}.hook_resid_pre")
 
@@ -668,7 +668,7 @@ def score_ffn_neurons(
     ``top_k`` the certified pruned search is used where valid. Columns as in the module doc; ``neuron`` is the
     index in ``d_mlp``; ``coefficient`` is ``m_k``.
     """
-    groups = [ffn_parts(ctx.model, ctx.cache, l, ctx.position, ctx.batch)[0] for l in _layers(ctx, layers)]
+    groups = [g for l in _layers(ctx, layers) for g in ffn_neuron_groups(ctx.model, ctx.cache, l, ctx.position, ctx.batch)]
     return score_groups(ctx, groups, method, top_k, n_top_tokens, pruned)
 
 
@@ -758,8 +758,8 @@ def score_neurons(
                 yield attention_parts(ctx.model, ctx.cache, l, ctx.position, ctx.batch)[0]
             if "attn_neuron" in kinds:
                 yield from attention_neuron_groups(ctx.model, ctx.cache, l, ctx.position, ctx.batch)
-            if "ffn_neuron" in kinds:
-                yield ffn_parts(ctx.model, ctx.cache, l, ctx.position, ctx.batch)[0]
+            if "ffn_neuron" in kinds:  # mixture of experts: the routed experts' (and shared expert's) neurons
+                yield from ffn_neuron_groups(ctx.model, ctx.cache, l, ctx.position, ctx.batch)
 
     return score_groups(ctx, groups(), method, top_k, n_top_tokens, pruned)
 
