@@ -242,15 +242,17 @@ def test_scorer_topk_pruned_equals_dense(family: str, api: str, processed: bool)
     assert mixed["name"].tolist() == mixed_dense["name"].tolist()
 
 
-def _frozen_lens_logits(model: Any, cache: Any, resid: torch.Tensor) -> torch.Tensor:
-    """Final RMSNorm with the cached scale frozen, then W_U (written from the HF weights)."""
+def _frozen_lens_logits(family: str, cache: Any, resid: torch.Tensor) -> torch.Tensor:
+    """Final RMSNorm with the cached scale frozen, then the unembedding, from the Hugging Face weights."""
+    hf = hf_moe(family)
     scale = cache["ln_final.hook_scale"][0, -1].float()
-    return resid / scale * tlm.norm_weight(model, "final") @ tlm.W_U(model) + tlm.b_U(model)
+    return (resid / scale * hf.model.norm.weight.detach()) @ hf.lm_head.weight.detach().T
 
 
 @pytest.mark.parametrize("family,api,processed", VARIANTS[:4] + [VARIANTS[4]], ids=IDS[:5])
 def test_zeroing_an_expert_neuron_changes_final_logits_by_its_contribution(family: str, api: str, processed: bool) -> None:
     from tl_residual.interventions import intervention_hooks, parse_components, tokenize_batch
+    from tl_residual.lens import Lens
 
     model, logits, cache = run(family, api, processed)
     layer = N_LAYERS - 1
@@ -263,24 +265,26 @@ def test_zeroing_an_expert_neuron_changes_final_logits_by_its_contribution(famil
     batch = tokenize_batch(model, [PROMPT])
     for mode, factor, expect in (("zero", None, -1.0), ("scale", 3.0, 2.0)):
         hooks = intervention_hooks(model, [parse_components(model, [name])], batch, mode, factor)
+        grabbed: list[torch.Tensor] = []
+
+        def grab(t: torch.Tensor, hook: Any) -> torch.Tensor:
+            grabbed.append(t.detach().clone())
+            return t
+
         with torch.no_grad():
-            _, edited = model.run_with_cache(batch.tokens, fwd_hooks=hooks) if False else (None, None)
-            after_cache = {}
-
-            def grab(t: torch.Tensor, hook: Any) -> torch.Tensor:
-                after_cache[hook.name] = t.detach().clone()
-                return t
-
             model.run_with_hooks(batch.tokens, fwd_hooks=hooks + [(f"blocks.{layer}.hook_resid_post", grab)])
+        after_resid = grabbed[0][0, -1].float()
         # the last layer's residual moves by exactly (factor - 1) x the neuron's contribution ...
-        moved = after_cache[f"blocks.{layer}.hook_resid_post"][0, -1].float() - cache[f"blocks.{layer}.hook_resid_post"][0, -1].float()
+        before_resid = cache[f"blocks.{layer}.hook_resid_post"][0, -1].float()
+        moved = after_resid - before_resid
         torch.testing.assert_close(moved, expect * contribution, rtol=1e-4, atol=1e-5)
-        # ... so the frozen-lens logits move by its contribution through the frozen final norm and W_U
-        before = _frozen_lens_logits(model, cache, cache[f"blocks.{layer}.hook_resid_post"][0, -1].float())
-        after = _frozen_lens_logits(model, cache, after_cache[f"blocks.{layer}.hook_resid_post"][0, -1].float())
-        direct = _frozen_lens_logits(model, cache, expect * contribution) - _frozen_lens_logits(
-            model, cache, torch.zeros_like(contribution))
-        torch.testing.assert_close(after - before, direct, rtol=1e-4, atol=1e-4)
+        # ... so the frozen-lens logits (tl_residual's Lens) move by its contribution through the frozen final
+        # norm and the unembedding
+        lens = Lens(model, cache, -1, 0, "frozen")
+        direct = _frozen_lens_logits(family, cache, expect * contribution)
+        torch.testing.assert_close(lens.logits(after_resid) - lens.logits(before_resid), direct, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(lens.logits(before_resid), _frozen_lens_logits(family, cache, before_resid),
+                                   rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("family,api,processed", VARIANTS[:5], ids=IDS[:5])

@@ -17,6 +17,14 @@ Components are named as everywhere else in tl-residual and are acted on with Tra
 ``L12.H3.p4``      head x source-position subvalue: ``blocks.{l}.attn.hook_pattern[:, h, :, p]`` at every
                    destination position (the source position's whole contribution to head ``h``).
 ``L12.H3``         a whole head: ``blocks.{l}.attn.hook_z[..., h, :]`` at every position.
+``L3.E5.N17``      neuron ``k`` of expert ``e`` of a mixture-of-experts FFN (coefficient ``w_e * act(gate) * up``,
+                   ``w_e`` the routing weight at that token, 0 where ``e`` is not routed). Neither API exposes
+                   per-expert activations by position, so the hook recomputes the coefficient from the MoE input
+                   captured in the same pass and edits ``blocks.{l}.hook_mlp_out`` by ``(new - old) * W_out[e][k]``
+                   at every position: exact, and the same as editing the expert's activation (the router reads the
+                   MoE input, which is unchanged). ``replace`` sets the coefficient at every position.
+``L3.shared.N17``  neuron ``k`` of the shared expert (Qwen2-MoE; coefficient ``sigmoid(x . w_g) * act(gate) * up``),
+                   edited the same way.
 
 Value biases: ``hook_z`` includes ``b_V`` unless TransformerLens' ``fold_value_biases=True`` moved it into
 ``b_O``; zeroing a head or an attention neuron then leaves its ``b_V`` share in ``b_O`` (the decomposition's
@@ -50,11 +58,14 @@ from tl_residual.errors import InvalidInputError
 Mode = Literal["zero", "scale", "replace"]
 MODES: tuple[str, ...] = ("zero", "scale", "replace")
 PaddingSide = Literal["left", "right"]
-ComponentKind = Literal["ffn_neuron", "attn_neuron", "attn_neuron_pos", "attn_subvalue", "head"]
+ComponentKind = Literal[
+    "ffn_neuron", "attn_neuron", "attn_neuron_pos", "attn_subvalue", "head", "expert_neuron", "shared_neuron"
+]
 
 _NAME = re.compile(r"^L(?P<layer>\d+)\.(?:N(?P<neuron>\d+)|H(?P<head>\d+)(?:\.d(?P<dim>\d+))?(?:\.p(?P<pos>\d+))?)$")
 NAME_FORMS = "L24.N1005 (FFN neuron), L12.H3.d7 (attention neuron), L12.H3.d7.p4 (attention neuron at source " \
-    "position 4), L12.H3.p4 (head x source-position subvalue), L12.H3 (head)"
+    "position 4), L12.H3.p4 (head x source-position subvalue), L12.H3 (head), L3.E5.N17 (expert neuron), " \
+    "L3.shared.N17 (shared-expert neuron)"
 
 HookFn = Callable[[Tensor, Any], Tensor]
 
@@ -82,10 +93,13 @@ class Component:
     dim: int | None = None
     src_pos: int | None = None
     neuron: int | None = None
+    expert: int | None = None
 
     @property
     def hook(self) -> str:
         """The TransformerLens hook the intervention acts on."""
+        if self.kind in ("expert_neuron", "shared_neuron"):
+            return f"blocks.{self.layer}.hook_mlp_out"
         if self.kind == "ffn_neuron":
             return f"blocks.{self.layer}.mlp.hook_post"
         if self.kind == "attn_subvalue":
@@ -109,6 +123,8 @@ def _parse(spec: tlm.ModelSpec, name: str) -> Component:
     if not isinstance(name, str):
         raise InvalidInputError(f"a component name must be a string, got {name!r}")
     text = name.strip()
+    if ".E" in text or ".shared." in text:
+        return _parse_expert(spec, text)
     match = _NAME.match(text)
     if match is None:
         raise InvalidInputError(f"cannot parse component name {name!r}; use one of: {NAME_FORMS}")
@@ -131,6 +147,19 @@ def _parse(spec: tlm.ModelSpec, name: str) -> Component:
     else:
         kind = "attn_subvalue" if pos is not None else "head"
     return Component(text, kind, layer, head=head, dim=dim, src_pos=pos)
+
+
+def _parse_expert(spec: tlm.ModelSpec, text: str) -> Component:
+    """An expert or shared-expert neuron name, range-checked (``names.ComponentRef.check``)."""
+    from tl_residual import names
+
+    ref = names.parse(text)
+    if ref.kind not in ("expert_neuron", "shared_neuron"):
+        raise InvalidInputError(f"cannot intervene on {text!r} ({ref.kind}); use one of: {NAME_FORMS}")
+    if ref.kind == "shared_neuron" and not spec.shared_expert:
+        raise InvalidInputError(f"{text}: this model has no shared expert")
+    ref.check(spec)
+    return Component(text, ref.kind, ref.layer, neuron=ref.neuron, expert=ref.expert)  # type: ignore[arg-type]
 
 
 def parse_components(model: Any, names: str | Iterable[str]) -> list[Component]:
@@ -346,6 +375,7 @@ def intervention_hooks(
     # hook name -> (selection mask) for elementwise kinds; (b, h, d, p) lists for attn_neuron_pos
     masks: dict[str, Tensor] = {}
     pos_neurons: dict[int, list[tuple[int, int, int, int]]] = {}
+    expert_neurons: dict[int, list[tuple[int, int | None, int]]] = {}
     for b, comps in enumerate(components):
         for c in comps:
             if c.src_pos is not None and c.src_pos >= int(batch.lengths[b]):
@@ -353,7 +383,9 @@ def intervention_hooks(
                     f"{c.name}: source position {c.src_pos} is beyond prompt {b}'s {int(batch.lengths[b])} tokens "
                     f"(positions 0..{int(batch.lengths[b]) - 1}, BOS included)"
                 )
-            if c.kind == "ffn_neuron":
+            if c.kind in ("expert_neuron", "shared_neuron"):
+                expert_neurons.setdefault(c.layer, []).append((b, c.expert, int(c.neuron)))  # type: ignore[arg-type]
+            elif c.kind == "ffn_neuron":
                 m = masks.setdefault(c.hook, torch.zeros(n_b, spec.d_mlp, dtype=torch.bool))
                 m[b, c.neuron] = True
             elif c.kind in ("attn_neuron", "head"):
@@ -401,6 +433,8 @@ def intervention_hooks(
 
         z_name = f"blocks.{layer}.attn.hook_z"
         hooks.append((z_name, correct))
+    for layer, entries in sorted(expert_neurons.items()):
+        hooks += _expert_hooks(model, layer, entries, fac, val)
     for name, sel in masks.items():
         if name.endswith("mlp.hook_post"):
             hooks.append((name, lambda x, hook, sel=sel: apply(x, sel[:, None, :].expand_as(x))))
@@ -409,6 +443,46 @@ def intervention_hooks(
         else:  # hook_pattern [B, H, dst, src]: every destination position
             hooks.append((name, lambda x, hook, sel=sel: apply(x, sel[:, :, None, :].expand_as(x))))
     return hooks
+
+
+def _expert_hooks(
+    model: Any, layer: int, entries: list[tuple[int, int | None, int]], fac: float, val: float | None
+) -> list[tuple[str, HookFn]]:
+    """Hooks editing expert / shared-expert neurons ``(prompt, expert or None, neuron)`` of MoE layer ``layer``: the
+    MoE input is captured, each neuron's coefficient recomputed at every position (routing frozen as the model
+    routed it) and ``hook_mlp_out`` corrected by ``(new - old) * W_out row`` (see the module doc)."""
+    from tl_residual.decompose import gated_activations, route
+
+    captured: dict[str, Tensor] = {}
+    in_name = tlm.moe_input_hook(model, layer)
+    act = tlm.moe_act_fn(model, layer)
+
+    def capture(x: Tensor, hook: Any) -> Tensor:
+        captured["x"] = x.detach()
+        return x
+
+    def correct(out: Tensor, hook: Any) -> Tensor:
+        x = tlm.moe_input_from(model, layer, captured.pop("x"))  # [B, pos, d_model]
+        n_b, n_pos, _ = x.shape
+        flat = x.reshape(n_b * n_pos, -1)
+        experts, weights = route(flat @ tlm.moe_router(model, layer), tlm.moe_top_k(model, layer),
+                                 tlm.moe_norm_topk(model, layer))
+        routed = torch.zeros(n_b * n_pos, tlm.moe_n_experts(model, layer), device=flat.device)
+        routed = routed.scatter(1, experts, weights).reshape(n_b, n_pos, -1)  # 0 where an expert is not routed
+        delta = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+        for b, e, k in entries:
+            if e is None:
+                w_gate, w_in, w_out, gate = tlm.shared_expert_weights(model, layer)  # type: ignore[misc]
+                scale = torch.sigmoid(x[b] @ gate)
+            else:
+                w_gate, w_in = tlm.expert_W_gate(model, layer, e), tlm.expert_W_in(model, layer, e)
+                w_out, scale = tlm.expert_W_out(model, layer, e), routed[b, :, e]
+            coef = scale * gated_activations(x[b], w_gate[:, [k]], w_in[:, [k]], act)[:, 0]  # [pos]
+            new = coef * fac if val is None else torch.full_like(coef, val)
+            delta[b] += (new - coef)[:, None] * w_out[k].to(delta.device)
+        return out + delta.to(out.dtype)
+
+    return [(in_name, capture), (f"blocks.{layer}.hook_mlp_out", correct)]
 
 
 # ----------------------------------------------------------------------------------------------
