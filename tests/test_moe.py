@@ -9,6 +9,7 @@ Hugging Face weights (``gate_up_proj``, ``down_proj``, the router) and the cache
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import tempfile
@@ -16,8 +17,8 @@ from typing import Any
 
 import pytest
 import torch
-
 from conftest import HAS_BRIDGE, HAS_HOOKED, VOCAB, tiny_tokenizer
+
 from tl_residual import decompose as D
 from tl_residual import model as tlm
 
@@ -39,7 +40,7 @@ FAMILIES: dict[str, tuple[str, str, str, dict[str, Any], bool]] = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def hf_moe(family: str) -> Any:
     """A random-weight Hugging Face MoE model of ``family`` (seeded; norms and routers randomised too)."""
     import transformers
@@ -65,18 +66,23 @@ def hf_moe(family: str) -> Any:
     return hf.eval()
 
 
-@functools.lru_cache(maxsize=None)
-def moe_bridge(family: str) -> Any:
+@functools.cache
+def moe_bridge(family: str, compat: bool = False) -> Any:
+    """``TransformerBridge`` around a copy of :func:`hf_moe` (the bridge wraps the HF submodules in place, and
+    ``compat``'s ``enable_compatibility_mode`` folds the norm weights into the router and experts in place; the
+    tests' reference computations read the untouched original)."""
     if not HAS_BRIDGE:
         pytest.skip("TransformerBridge is not in this TransformerLens version")
     from transformer_lens.model_bridge import TransformerBridge
 
-    bridge = TransformerBridge.boot_transformers(FAMILIES[family][2], hf_model=hf_moe(family),
-                                                 tokenizer=tiny_tokenizer())
+    hf = copy.deepcopy(hf_moe(family))
+    bridge = TransformerBridge.boot_transformers(FAMILIES[family][2], hf_model=hf, tokenizer=tiny_tokenizer())
+    if compat:
+        bridge.enable_compatibility_mode(disable_warnings=True)
     return _final_rms(bridge.eval(), family)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def moe_hooked(family: str, processed: bool = False) -> Any:
     """A ``HookedTransformer`` through TransformerLens' own config conversion (``loading_from_pretrained``)."""
     if not HAS_HOOKED:
@@ -108,17 +114,19 @@ def _final_rms(model: Any, family: str) -> Any:
     return model
 
 
+#: (family, api, processed): the four bridges first (the single-variant tests take ``VARIANTS[:4]``), then
+#: ``HookedTransformer`` (Mixtral first), then the bridges in compatibility mode.
 VARIANTS = [(f, "bridge", False) for f in FAMILIES] + [
     (f, "hooked", p) for f in FAMILIES if FAMILIES[f][4] for p in (False, True)
-]
+] + [(f, "bridge", True) for f in FAMILIES]
 IDS = [f"{f}-{api}{'-processed' if p else ''}" for f, api, p in VARIANTS]
 
 
 def build(family: str, api: str, processed: bool) -> Any:
-    return moe_bridge(family) if api == "bridge" else moe_hooked(family, processed)
+    return moe_bridge(family, processed) if api == "bridge" else moe_hooked(family, processed)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def run(family: str, api: str, processed: bool) -> tuple[Any, Any, Any]:
     model = build(family, api, processed)
     with torch.no_grad():
@@ -162,7 +170,7 @@ def reference_layer(family: str, layer: int, x: torch.Tensor) -> dict[str, Any]:
     return ref
 
 
-def hf_moe_input(family: str, api: str, model: Any, cache: Any, layer: int) -> torch.Tensor:
+def hf_moe_input(family: str, cache: Any, layer: int) -> torch.Tensor:
     """The MoE input from the cache: ``ln2(resid_mid)`` written out with the HF norm weight (unprocessed models)."""
     resid = cache[f"blocks.{layer}.hook_resid_mid"][0].float()
     w = hf_moe(family).model.layers[layer].post_attention_layernorm
@@ -200,7 +208,7 @@ def test_expert_parts_sum_to_mlp_out_and_match_raw_weights(family: str, api: str
     n_pos = cache["blocks.0.hook_resid_pre"].shape[1]
     for layer in range(N_LAYERS):
         mlp_out = cache[f"blocks.{layer}.hook_mlp_out"][0].float()
-        ref = reference_layer(family, layer, hf_moe_input(family, api, model, cache, layer))
+        ref = reference_layer(family, layer, hf_moe_input(family, cache, layer))
         # the raw-weight reference itself reproduces the model's MLP output
         torch.testing.assert_close(ref["out"], mlp_out, rtol=1e-4, atol=1e-5)
         for pos in range(n_pos):
@@ -251,29 +259,18 @@ def _frozen_lens_logits(family: str, cache: Any, resid: torch.Tensor) -> torch.T
 
 @pytest.mark.parametrize("family,api,processed", VARIANTS[:4] + [VARIANTS[4]], ids=IDS[:5])
 def test_zeroing_an_expert_neuron_changes_final_logits_by_its_contribution(family: str, api: str, processed: bool) -> None:
-    from tl_residual.interventions import intervention_hooks, parse_components, tokenize_batch
     from tl_residual.lens import Lens
 
-    model, logits, cache = run(family, api, processed)
+    model, _, cache = run(family, api, processed)
     layer = N_LAYERS - 1
-    x = hf_moe_input(family, api, model, cache, layer)
+    x = hf_moe_input(family, cache, layer)
     ref = reference_layer(family, layer, x)
     e = int(ref["top_i"][-1, 0])
     k = int(ref["coef"][-1, e].abs().argmax())
     contribution = ref["coef"][-1, e, k] * ref["down"][e][:, k]  # written into the residual at the last position
     name = f"L{layer}.E{e}.N{k}"
-    batch = tokenize_batch(model, [PROMPT])
     for mode, factor, expect in (("zero", None, -1.0), ("scale", 3.0, 2.0)):
-        hooks = intervention_hooks(model, [parse_components(model, [name])], batch, mode, factor)
-        grabbed: list[torch.Tensor] = []
-
-        def grab(t: torch.Tensor, hook: Any) -> torch.Tensor:
-            grabbed.append(t.detach().clone())
-            return t
-
-        with torch.no_grad():
-            model.run_with_hooks(batch.tokens, fwd_hooks=hooks + [(f"blocks.{layer}.hook_resid_post", grab)])
-        after_resid = grabbed[0][0, -1].float()
+        after_resid = _resid_after(model, [name], layer, mode, factor)[-1]
         # the last layer's residual moves by exactly (factor - 1) x the neuron's contribution ...
         before_resid = cache[f"blocks.{layer}.hook_resid_post"][0, -1].float()
         moved = after_resid - before_resid
@@ -293,7 +290,7 @@ def test_query_split_of_expert_neuron_sums_to_its_gate_and_up(family: str, api: 
 
     model, _, cache = run(family, api, processed)
     layer = N_LAYERS - 1
-    x = hf_moe_input(family, api, model, cache, layer)
+    x = hf_moe_input(family, cache, layer)
     ref = reference_layer(family, layer, x)
     pos = 3
     e = int(ref["top_i"][pos, 1])
@@ -310,9 +307,68 @@ def test_query_split_of_expert_neuron_sums_to_its_gate_and_up(family: str, api: 
 def test_cache_from_another_model_raises() -> None:
     from tl_residual.errors import TLResidualError
 
-    model = moe_bridge("mixtral") if HAS_BRIDGE else moe_hooked("mixtral")
-    other = moe_bridge("qwen3_moe") if HAS_BRIDGE else moe_hooked("olmoe")
-    with torch.no_grad():
-        _, cache = other.run_with_cache(PROMPT)
+    model = run("mixtral", "bridge", False)[0] if HAS_BRIDGE else run("mixtral", "hooked", False)[0]
+    cache = run("qwen3_moe", "bridge", False)[2] if HAS_BRIDGE else run("olmoe", "hooked", False)[2]
     with pytest.raises(TLResidualError, match="do not sum"):
         D.expert_parts(model, cache, 1, -1)
+
+
+def _resid_after(model: Any, names: list[str], layer: int, mode: str = "zero", factor: float | None = None,
+                 value: float | None = None) -> torch.Tensor:
+    from tl_residual.interventions import (
+        intervention_hooks,
+        parse_components,
+        tokenize_batch,
+    )
+
+    batch = tokenize_batch(model, [PROMPT])
+    hooks = intervention_hooks(model, [parse_components(model, names)], batch, mode, factor, value)
+    grabbed: list[torch.Tensor] = []
+    with torch.no_grad():
+        model.run_with_hooks(batch.tokens, fwd_hooks=hooks + [
+            (f"blocks.{layer}.hook_resid_post", lambda t, hook: grabbed.append(t.detach().clone()) or t)])
+    return grabbed[0][0].float()
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
+def test_expert_interventions_unrouted_replace_and_shared(family: str) -> None:
+    model, _, cache = run(family, "bridge", False) if HAS_BRIDGE else run(family, "hooked", False)
+    layer = N_LAYERS - 1
+    ref = reference_layer(family, layer, hf_moe_input(family, cache, layer))
+    before = cache[f"blocks.{layer}.hook_resid_post"][0].float()
+    routed = ref["weight"] > 0  # [pos, E]
+    # an expert not routed at the last position: zeroing its neuron leaves that position untouched, and moves
+    # every other position by minus its contribution there (0 where it is not routed either)
+    e = int((~routed[-1]).nonzero()[0])
+    moved = _resid_after(model, [f"L{layer}.E{e}.N2"], layer) - before
+    expect = -ref["coef"][:, e, 2][:, None] * ref["down"][e][:, 2]
+    torch.testing.assert_close(moved, expect, rtol=1e-4, atol=1e-5)
+    assert float(moved[-1].abs().max()) == 0.0
+    # replace: the coefficient becomes the value at every position, routed or not
+    moved = _resid_after(model, [f"L{layer}.E{e}.N2"], layer, "replace", value=0.5) - before
+    expect = (0.5 - ref["coef"][:, e, 2])[:, None] * ref["down"][e][:, 2]
+    torch.testing.assert_close(moved, expect, rtol=1e-4, atol=1e-5)
+    if family == "qwen2_moe":
+        moved = _resid_after(model, [f"L{layer}.shared.N7"], layer, "scale", factor=0.5) - before
+        expect = -0.5 * ref["s_coef"][:, 7][:, None] * ref["s_down"][:, 7]
+        torch.testing.assert_close(moved, expect, rtol=1e-4, atol=1e-5)
+    else:
+        from tl_residual.errors import InvalidInputError
+        from tl_residual.interventions import parse_components
+
+        with pytest.raises(InvalidInputError, match="no shared expert"):
+            parse_components(model, [f"L{layer}.shared.N7"])
+        with pytest.raises(InvalidInputError):
+            parse_components(model, [f"L{layer}.E{N_EXPERTS}.N0"])
+
+
+def test_decompose_table_and_explain_run_on_moe() -> None:
+    from tl_residual.explain import explain
+
+    model, _, cache = run("qwen2_moe", "bridge", False) if HAS_BRIDGE else run("mixtral", "hooked", False)
+    df = D.decompose(model, cache)
+    assert df.attrs["rel_error"] < 1e-5
+    assert {"expert_neuron"} <= set(df["kind"])
+    result = explain(model, PROMPT, top_k=5)
+    assert len(result.ffn_neurons) == 5
+    assert all(".E" in n or ".shared." in n for n in result.ffn_neurons["name"])

@@ -17,7 +17,9 @@ Every part is a *coefficient* times a *direction*: an attention subvalue is ``pa
 layer (:func:`iter_parts`), so no call holds every FFN subvalue of every layer at once.
 
 Component names: ``embed``, ``pos_embed``, ``L12.H3.p4`` (layer 12, head 3, source position 4),
-``L12.attn_bias``, ``L20.N1005`` (layer 20, FFN neuron 1005), ``L20.mlp_bias``; layer level ``L12.attn``,
+``L12.attn_bias``, ``L20.N1005`` (layer 20, FFN neuron 1005), ``L20.mlp_bias``; in a mixture-of-experts FFN
+``L3.E5.N17`` (neuron 17 of expert 5, coefficient routing weight x activation, :func:`expert_parts`) and
+``L3.shared.N17`` (shared expert); layer level ``L12.attn``,
 ``L12.mlp``, heads ``L12.H3``; the stream ``Lin0, Lres0, Lout0, ...``.
 """
 

@@ -90,7 +90,9 @@ def model_spec(model: Any) -> ModelSpec:
 
     Raises:
         UnsupportedArchitectureError: for features the exact decomposition does not cover: parallel
-            attention+MLP, mixture-of-experts, norms after the sublayer output, a post-embedding norm,
+            attention+MLP, a mixture of experts whose router is not one of the softmax -> top-k (-> renormalise)
+            routers of Mixtral, OLMoE, Qwen2-MoE and Qwen3-MoE (or has biases), norms after the sublayer output,
+            a post-embedding norm,
             attention-only models, logit or attention soft-capping, local/sliding attention mixed with
             global (allowed: it only changes the pattern), non-decoder models, and unknown norms.
     """
@@ -369,7 +371,7 @@ def _moe_problem(model: Any, block: Any) -> str | None:
         isinstance(getattr(experts, b, None), Tensor) for b in ("gate_up_proj_bias", "down_proj_bias")
     ):
         return "mixture-of-experts biases (router or expert biases)"
-    if not (isinstance(getattr(experts, "gate_up_proj", None), Tensor) and getattr(experts, "gate_up_proj").dim() == 3
+    if not (isinstance(getattr(experts, "gate_up_proj", None), Tensor) and experts.gate_up_proj.dim() == 3
             and isinstance(getattr(experts, "down_proj", None), Tensor)):
         return f"expert weights of {type(experts).__name__} are not stacked gate_up_proj / down_proj tensors"
     if getattr(experts, "is_transposed", False):
@@ -381,7 +383,10 @@ def _moe_problem(model: Any, block: Any) -> str | None:
 
 def _moe_facts(model: Any, problems: list[str]) -> dict[str, Any]:
     """The :class:`ModelSpec` MoE fields, appending to ``problems`` what the decomposition cannot cover."""
-    layers = [l for l in range(int(model.cfg.n_layers)) if _moe_block(model, l) is not None]
+    try:
+        layers = [l for l in range(int(model.cfg.n_layers)) if _moe_block(model, l) is not None]
+    except (IndexError, AttributeError, TypeError):
+        layers = []
     if not layers:
         problems.append("num_experts is set but no layer has a recognisable mixture-of-experts module")
         return {}
