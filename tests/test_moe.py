@@ -372,3 +372,36 @@ def test_decompose_table_and_explain_run_on_moe() -> None:
     result = explain(model, PROMPT, top_k=5)
     assert len(result.ffn_neurons) == 5
     assert all(".E" in n or ".shared." in n for n in result.ffn_neurons["name"])
+
+
+@pytest.mark.parametrize("family,api", [("mixtral", "bridge"), ("mixtral", "hooked"), ("qwen2_moe", "bridge")])
+def test_batched_cache_uses_each_prompts_own_routing(family: str, api: str) -> None:
+    """Both APIs flatten (batch, pos) in the routing hooks; prompt 1 of a batch decomposes as when run alone."""
+    model = build(family, api, False)
+    own = model.to_tokens(PROMPT)
+    other = own.clone()
+    other[:, 2:] = (other[:, 2:] + 11) % VOCAB
+    tokens = torch.cat([other, own])
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+    _, _, alone = run(family, api, False)
+    n_pos = tokens.shape[1]
+    for layer in range(N_LAYERS):
+        for pos in range(n_pos):
+            assert D.reconstruction_error(model, cache, layer, pos, "resid_post", batch=1) < 1e-5
+            assert D.reconstruction_error(model, cache, layer, pos, "resid_post", batch=0) < 1e-5
+            got = [(g.names[0], g.coefficients) for g in D.expert_parts(model, cache, layer, pos, batch=1)]
+            ref = [(g.names[0], g.coefficients) for g in D.expert_parts(model, alone, layer, pos)]
+            assert [n for n, _ in got] == [n for n, _ in ref]
+            for (_, a), (_, b) in zip(got, ref):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_router_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A router whose convention is not known (e.g. GPT-OSS, DeepSeek) raises, naming the router class."""
+    from tl_residual.errors import UnsupportedArchitectureError
+
+    model = build("mixtral", "bridge", False)
+    monkeypatch.delitem(tlm._KNOWN_ROUTERS, "MixtralTopKRouter")
+    with pytest.raises(UnsupportedArchitectureError, match="router MixtralTopKRouter"):
+        tlm.model_spec(model)
