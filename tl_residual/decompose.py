@@ -778,8 +778,9 @@ def expert_parts(model: Any, cache: Any, layer: int, position: int, batch: int =
     The activations are recomputed from the cached MoE input ``x`` (:func:`tl_residual.model.moe_input`: the
     bridge's ``mlp.hook_in``, ``HookedTransformer``'s ``ln2.hook_normalized`` times ``gamma``) and the weights,
     as neither API caches per-expert activations by position; the routed experts are the model's own
-    (``mlp.hook_expert_indices``) where cached. Memory: each routed expert's three matrices are copied to float32
-    (``3 * d_model * d_expert`` floats each).
+    (``mlp.hook_expert_indices``) where cached. Memory: the routed experts' matrices are views of float32 weights
+    (16-bit weights: float32 copies, ``3 * d_model * d_expert`` floats per routed expert), plus ``d_expert``
+    floats of coefficients per group.
 
     Returns:
         Groups with ``index = {"expert", "neuron"}`` (shared: ``{"neuron"}``); no bias group.

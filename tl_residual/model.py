@@ -396,14 +396,20 @@ def _moe_facts(model: Any, problems: list[str]) -> dict[str, Any]:
             problems.append(f"layer {l}: {problem}")
             return {}
     first = layers[0]
-    w_out = expert_W_out(model, first, 0)
-    shared = shared_expert_weights(model, first)
+    block = _moe_block(model, first)
+    # sizes from shapes only (model_spec runs often; no weight copies here)
+    if is_bridge(model):
+        d_expert = int(block.experts.down_proj.shape[-1])  # down_proj: [n_experts, d_model, d_expert]
+    else:
+        d_expert = int(block.experts[0].W_out.weight.shape[-1])  # nn.Linear(d_expert, d_model)
+    shared = getattr(block, "shared_expert", None)
+    d_shared = int(_unwrap(_unwrap(shared).down_proj).weight.shape[-1]) if shared is not None else 0
     return {
         "n_experts": moe_n_experts(model, first),
         "experts_per_token": moe_top_k(model, first),
-        "d_expert": int(w_out.shape[0]),
+        "d_expert": d_expert,
         "shared_expert": shared is not None,
-        "d_shared_expert": 0 if shared is None else int(shared[2].shape[0]),
+        "d_shared_expert": d_shared,
     }
 
 
