@@ -17,7 +17,9 @@ Every part is a *coefficient* times a *direction*: an attention subvalue is ``pa
 layer (:func:`iter_parts`), so no call holds every FFN subvalue of every layer at once.
 
 Component names: ``embed``, ``pos_embed``, ``L12.H3.p4`` (layer 12, head 3, source position 4),
-``L12.attn_bias``, ``L20.N1005`` (layer 20, FFN neuron 1005), ``L20.mlp_bias``; layer level ``L12.attn``,
+``L12.attn_bias``, ``L20.N1005`` (layer 20, FFN neuron 1005), ``L20.mlp_bias``; in a mixture-of-experts FFN
+``L3.E5.N17`` (neuron 17 of expert 5, coefficient routing weight x activation, :func:`expert_parts`) and
+``L3.shared.N17`` (shared expert); layer level ``L12.attn``,
 ``L12.mlp``, heads ``L12.H3``; the stream ``Lin0, Lres0, Lout0, ...``.
 """
 
@@ -41,7 +43,10 @@ from tl_residual.errors import InvalidInputError, UnsupportedArchitectureError
 Stream = Literal["resid_pre", "resid_mid", "resid_post"]
 STREAMS: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post")
 
-PartKind = Literal["embed", "pos_embed", "attn_subvalue", "attn_bias", "attn_neuron", "ffn_neuron", "ffn_bias"]
+PartKind = Literal[
+    "embed", "pos_embed", "attn_subvalue", "attn_bias", "attn_neuron", "ffn_neuron", "ffn_bias", "expert_neuron",
+    "shared_neuron",
+]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -413,7 +418,12 @@ def ffn_parts(model: Any, cache: Any, layer: int, position: int, batch: int = 0)
 
     Returns:
         ``(neurons, bias)`` with ``neurons.index = {"neuron"}``.
+
+    Raises:
+        UnsupportedArchitectureError: ``layer`` is a mixture of experts (use :func:`mlp_parts`).
     """
+    if tlm.is_moe_layer(model, layer):
+        raise UnsupportedArchitectureError(f"layer {layer}'s FFN is a mixture of experts: use mlp_parts / expert_parts")
     m = tlm.cached(cache, f"blocks.{layer}.mlp.hook_post", batch)[position]
     neurons = torch.arange(m.shape[0])
     group = PartGroup(
@@ -646,7 +656,7 @@ def iter_parts(
         yield from source_parts(model, cache, l, "resid_mid", position, batch)
         if l == layer and stream == "resid_mid":
             break
-        yield from ffn_parts(model, cache, l, position, batch)
+        yield from mlp_parts(model, cache, l, position, batch)
         yield from source_parts(model, cache, l, "resid_post", position, batch)
 
 
@@ -740,3 +750,151 @@ def residual_stream(model: Any, cache: Any, position: int = -1, batch: int = 0) 
         out.append((f"Lres{l}", tlm.cached(cache, f"blocks.{l}.hook_resid_mid", batch)[position]))
         out.append((f"Lout{l}", tlm.cached(cache, f"blocks.{l}.hook_resid_post", batch)[position]))
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixture of experts
+# ----------------------------------------------------------------------------------------------
+
+#: Relative tolerance of the check that the expert parts sum to the cached ``hook_mlp_out`` (float32 caches;
+#: float16/bfloat16 caches use :data:`MOE_TOLERANCE_LOW_PRECISION`).
+MOE_TOLERANCE = 1e-4
+MOE_TOLERANCE_LOW_PRECISION = 3e-2
+
+
+def route(
+    logits: Float[Tensor, "n n_experts"],
+    top_k: int,
+    normalize: bool,
+    selected: Int[Tensor, "n k"] | None = None,
+) -> tuple[Int[Tensor, "n k"], Float[Tensor, "n k"]]:
+    """Routing of Mixtral, OLMoE, Qwen2-MoE and Qwen3-MoE: ``p = softmax(logits)`` over every expert (float32),
+    the top ``top_k`` experts, their probabilities renormalised to sum to 1 when ``normalize``.
+
+    ``selected`` (e.g. the model's own cached ``hook_expert_indices``) fixes which experts are routed, so a
+    near-tie between two router probabilities cannot pick a different expert than the model did.
+
+    Returns:
+        ``(experts, weights)``: expert indices and routing weights (probabilities), ``n x top_k``.
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    if selected is None:
+        weights, selected = torch.topk(probs, top_k, dim=-1)
+    else:
+        weights = probs.gather(-1, selected.to(probs.device).long())
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return selected, weights
+
+
+def gated_activations(
+    x: Float[Tensor, "n d_model"],
+    w_gate: Float[Tensor, "d_model d_ff"],
+    w_in: Float[Tensor, "d_model d_ff"],
+    act: Callable[[Tensor], Tensor],
+) -> Float[Tensor, "n d_ff"]:
+    """``act(x @ w_gate) * (x @ w_in)``: the neuron activations of one expert (or of the shared expert)."""
+    return act(x @ w_gate) * (x @ w_in)
+
+
+def expert_parts(model: Any, cache: Any, layer: int, position: int, batch: int = 0) -> list[PartGroup]:
+    """The expert neurons of MoE layer ``layer`` at ``position``: one :class:`PartGroup` per routed expert (in
+    expert order), then one for the shared expert (Qwen2-MoE).
+
+    Expert neuron ``L{l}.E{e}.N{k}`` (kind ``expert_neuron``) has coefficient ``w_e * h_e[k]`` and direction
+    ``W_out[e][k]``, with ``w_e`` the routing weight of expert ``e`` at this token (:func:`route`) and
+    ``h_e = act(x @ W_gate[e]) * (x @ W_in[e])`` its activations; experts not routed at this token contribute
+    nothing and yield no group. Shared-expert neuron ``L{l}.shared.N{k}`` (kind ``shared_neuron``) has coefficient
+    ``sigmoid(x . w_shared_gate) * h_shared[k]`` and direction its ``W_out`` row. This is the residual-stream
+    paper's FFN subvalue (Eq. 10) with the router weight, frozen at this token, folded into the coefficient: the
+    parts sum to ``hook_mlp_out[position]``, and are checked to.
+
+    The activations are recomputed from the cached MoE input ``x`` (:func:`tl_residual.model.moe_input`: the
+    bridge's ``mlp.hook_in``, ``HookedTransformer``'s ``ln2.hook_normalized`` times ``gamma``) and the weights,
+    as neither API caches per-expert activations by position; the routed experts are the model's own
+    (``mlp.hook_expert_indices``) where cached. Memory: the routed experts' matrices are views of float32 weights
+    (16-bit weights: float32 copies, ``3 * d_model * d_expert`` floats per routed expert), plus ``d_expert``
+    floats of coefficients per group.
+
+    Returns:
+        Groups with ``index = {"expert", "neuron"}`` (shared: ``{"neuron"}``); no bias group.
+
+    Raises:
+        InvalidInputError: bad ``layer``, ``position`` or ``batch``.
+        MissingHookError: the cache lacks the MoE input hook or ``hook_mlp_out``.
+        UnsupportedArchitectureError: ``layer`` is not an MoE layer, or the parts do not sum to the cached
+            ``hook_mlp_out`` (relative error above :data:`MOE_TOLERANCE`: a cache from another model, edited
+            hooks, or a routing convention the decomposition does not reproduce).
+    """
+    from tl_residual import names
+
+    spec = tlm.model_spec(model)
+    layer = resolve_layer(layer, spec.n_layers)
+    n_pos = n_positions(cache)
+    position = resolve_position(position, n_pos)
+    if not tlm.is_moe_layer(model, layer):
+        raise UnsupportedArchitectureError(f"layer {layer}'s FFN is not a mixture of experts; use ffn_parts")
+    x = tlm.moe_input(model, cache, layer, batch)[position]
+    act = tlm.moe_act_fn(model, layer)
+    cached_idx = tlm.cached_expert_indices(model, cache, layer, batch, n_pos)
+    experts, weights = route(
+        (x @ tlm.moe_router(model, layer))[None],
+        tlm.moe_top_k(model, layer),
+        tlm.moe_norm_topk(model, layer),
+        None if cached_idx is None else cached_idx[position][None],
+    )
+    groups = []
+    for e, w in sorted(zip(experts[0].tolist(), weights[0].tolist())):
+        h = gated_activations(x[None], tlm.expert_W_gate(model, layer, e), tlm.expert_W_in(model, layer, e), act)[0]
+        n = h.shape[0]
+        groups.append(PartGroup(
+            "expert_neuron", layer, w * h, tlm.expert_W_out(model, layer, e),
+            {"expert": torch.full((n,), e, dtype=torch.long), "neuron": torch.arange(n)},
+            [names.expert_neuron(layer, e, k) for k in range(n)],
+        ))
+    shared = tlm.shared_expert_weights(model, layer)
+    if shared is not None:
+        w_gate, w_in, w_out, gate = shared
+        h = gated_activations(x[None], w_gate, w_in, act)[0] * torch.sigmoid(x @ gate)
+        n = h.shape[0]
+        groups.append(PartGroup("shared_neuron", layer, h, w_out, {"neuron": torch.arange(n)},
+                                [names.shared_neuron(layer, k) for k in range(n)]))
+    _check_moe_sum(model, cache, layer, position, batch, groups)
+    return groups
+
+
+def _check_moe_sum(model: Any, cache: Any, layer: int, position: int, batch: int, groups: list[PartGroup]) -> None:
+    hook = f"blocks.{layer}.hook_mlp_out"
+    target = tlm.cached(cache, hook, batch)[position].double()
+    total = sum((g.coefficients.double() @ g.directions.double() for g in groups), torch.zeros_like(target))
+    err = float((total - target).norm() / target.norm().clamp_min(1e-30))
+    low = cache[hook].dtype in (torch.float16, torch.bfloat16)
+    tol = MOE_TOLERANCE_LOW_PRECISION if low else MOE_TOLERANCE
+    if not err <= tol:
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__}: the expert parts of layer {layer} at position {position} do not sum to the "
+            f"cached {hook} (relative error {err:.3g} > {tol:g}). Likely causes: a cache from another model, "
+            f"hooks edited during the run, or a routing convention tl-residual does not reproduce"
+        )
+
+
+def mlp_parts(model: Any, cache: Any, layer: int, position: int, batch: int = 0) -> list[PartGroup]:
+    """Every part the FFN of ``layer`` wrote at ``position``: a dense MLP's neurons and ``b_out``
+    (:func:`ffn_parts`), or a mixture of experts' routed expert neurons, shared-expert neurons
+    (:func:`expert_parts`) and a zero ``L{l}.mlp_bias`` (these MoE blocks have no output bias).
+
+    Raises:
+        As :func:`ffn_parts` / :func:`expert_parts`.
+    """
+    if not tlm.is_moe_layer(model, layer):
+        return list(ffn_parts(model, cache, layer, position, batch))
+    groups = expert_parts(model, cache, layer, position, batch)
+    d_model = int(model.cfg.d_model)
+    groups.append(_single("ffn_bias", layer, f"L{layer}.mlp_bias", torch.zeros(d_model, device=groups[0].directions.device)))
+    return groups
+
+
+def ffn_neuron_groups(model: Any, cache: Any, layer: int, position: int, batch: int = 0) -> list[PartGroup]:
+    """The neuron groups of :func:`mlp_parts` (no bias): ``[ffn_neurons]`` for a dense MLP, one group per routed
+    expert (plus the shared expert) for a mixture of experts. What the FFN-neuron scorers rank."""
+    return [g for g in mlp_parts(model, cache, layer, position, batch) if g.kind != "ffn_bias"]

@@ -19,6 +19,14 @@ TransformerLens hooks:
 ``L12.H3.p4``      head x source-position subvalue: ``blocks.{l}.attn.hook_pattern[:, h, :, p]`` at every
                    destination position (the source position's whole contribution to head ``h``).
 ``L12.H3``         a whole head: ``blocks.{l}.attn.hook_z[..., h, :]`` at every position.
+``L3.E5.N17``      neuron ``k`` of expert ``e`` of a mixture-of-experts FFN (coefficient ``w_e * act(gate) * up``,
+                   ``w_e`` the routing weight at that token, 0 where ``e`` is not routed). Neither API exposes
+                   per-expert activations by position, so the hook recomputes the coefficient from the MoE input
+                   captured in the same pass and edits ``blocks.{l}.hook_mlp_out`` by ``(new - old) * W_out[e][k]``
+                   at every position: exact, and the same as editing the expert's activation (the router reads the
+                   MoE input, which is unchanged). ``replace`` sets the coefficient at every position.
+``L3.shared.N17``  neuron ``k`` of the shared expert (Qwen2-MoE; coefficient ``sigmoid(x . w_g) * act(gate) * up``),
+                   edited the same way.
 
 Value biases: ``hook_z`` includes ``b_V`` unless TransformerLens' ``fold_value_biases=True`` moved it into
 ``b_O``; zeroing a head or an attention neuron then leaves its ``b_V`` share in ``b_O`` (the decomposition's
@@ -55,7 +63,7 @@ Mode = Literal["zero", "scale", "replace"]
 MODES: tuple[str, ...] = ("zero", "scale", "replace")
 PaddingSide = Literal["left", "right"]
 #: The kinds an intervention acts on (:mod:`tl_residual.names` vocabulary).
-INTERVENABLE_KINDS: tuple[str, ...] = ("ffn_neuron", "head_dim", "attn_neuron", "attn_subvalue", "head")
+INTERVENABLE_KINDS: tuple[str, ...] = ("ffn_neuron", "head_dim", "attn_neuron", "attn_subvalue", "head", "expert_neuron", "shared_neuron")
 
 HookFn = Callable[[Tensor, Any], Tensor]
 
@@ -71,6 +79,8 @@ Component = ComponentRef
 def component_hook(ref: ComponentRef) -> str:
     """The TransformerLens hook an intervention on ``ref`` acts on: ``mlp.hook_post`` (FFN neurons),
     ``attn.hook_pattern`` (subvalues) or ``attn.hook_z`` (heads, head dimensions, attention neurons)."""
+    if ref.kind in ("expert_neuron", "shared_neuron"):
+        return f"blocks.{ref.layer}.hook_mlp_out"
     if ref.kind == "ffn_neuron":
         return f"blocks.{ref.layer}.mlp.hook_post"
     if ref.kind == "attn_subvalue":
@@ -97,6 +107,8 @@ def _parse(spec: tlm.ModelSpec, name: str) -> ComponentRef:
             f"{name!r} is a {ref.kind}; interventions act on {', '.join(INTERVENABLE_KINDS)} (e.g. L24.N1005, "
             f"L12.H3.d7, L12.H3.d7.p4, L12.H3.p4, L12.H3)"
         )
+    if ref.kind == "shared_neuron" and not spec.shared_expert:
+        raise InvalidInputError(f"{name}: this model has no shared expert")
     return ref.check(spec)
 
 
@@ -324,6 +336,7 @@ def intervention_hooks(
     # hook name -> (selection mask) for elementwise kinds; (b, h, d, p) lists for attn_neuron
     masks: dict[str, Tensor] = {}
     pos_neurons: dict[int, list[tuple[int, int, int, int]]] = {}
+    expert_neurons: dict[int, list[tuple[int, int | None, int]]] = {}
     for b, comps in enumerate(components):
         for c in comps:
             if c.src_pos is not None and c.src_pos >= int(batch.lengths[b]):
@@ -332,7 +345,9 @@ def intervention_hooks(
                     f"(positions 0..{int(batch.lengths[b]) - 1}, BOS included)"
                 )
             hook = component_hook(c)
-            if c.kind == "ffn_neuron":
+            if c.kind in ("expert_neuron", "shared_neuron"):
+                expert_neurons.setdefault(c.layer, []).append((b, c.expert, int(c.neuron)))  # type: ignore[arg-type]
+            elif c.kind == "ffn_neuron":
                 m = masks.setdefault(hook, torch.zeros(n_b, spec.d_mlp, dtype=torch.bool))
                 m[b, c.neuron] = True
             elif c.kind in ("head_dim", "head"):
@@ -405,9 +420,51 @@ def intervention_hooks(
         hooks.append((p_name, capturing(p_name)))
         hooks.append((v_name, capturing(v_name)))
         hooks.append((f"blocks.{layer}.attn.hook_z", correcting(entries, p_name, v_name)))
+    for layer, experts in sorted(expert_neurons.items()):
+        hooks += _expert_hooks(model, layer, experts, fac, val)
     for name, sel in masks.items():
         hooks.append((name, masked(name, sel)))
     return hooks
+
+
+def _expert_hooks(
+    model: Any, layer: int, entries: list[tuple[int, int | None, int]], fac: float, val: float | None
+) -> list[tuple[str, HookFn]]:
+    """Hooks editing expert / shared-expert neurons ``(prompt, expert or None, neuron)`` of MoE layer ``layer``: the
+    MoE input is captured, each neuron's coefficient recomputed at every position (routing frozen as the model
+    routed it) and ``hook_mlp_out`` corrected by ``(new - old) * W_out row`` (see the module doc)."""
+    from tl_residual.decompose import gated_activations, route
+
+    captured: dict[str, Tensor] = {}
+    in_name = tlm.moe_input_hook(model, layer)
+    act = tlm.moe_act_fn(model, layer)
+
+    def capture(x: Tensor, hook: Any) -> Tensor:
+        captured["x"] = x.detach()
+        return x
+
+    def correct(out: Tensor, hook: Any) -> Tensor:
+        x = tlm.moe_input_from(model, layer, captured.pop("x"))  # [B, pos, d_model]
+        n_b, n_pos, _ = x.shape
+        flat = x.reshape(n_b * n_pos, -1)
+        experts, weights = route(flat @ tlm.moe_router(model, layer), tlm.moe_top_k(model, layer),
+                                 tlm.moe_norm_topk(model, layer))
+        routed = torch.zeros(n_b * n_pos, tlm.moe_n_experts(model, layer), device=flat.device)
+        routed = routed.scatter(1, experts, weights).reshape(n_b, n_pos, -1)  # 0 where an expert is not routed
+        delta = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+        for b, e, k in entries:
+            if e is None:
+                w_gate, w_in, w_out, gate = tlm.shared_expert_weights(model, layer)  # type: ignore[misc]
+                scale = torch.sigmoid(x[b] @ gate)
+            else:
+                w_gate, w_in = tlm.expert_W_gate(model, layer, e), tlm.expert_W_in(model, layer, e)
+                w_out, scale = tlm.expert_W_out(model, layer, e), routed[b, :, e]
+            coef = scale * gated_activations(x[b], w_gate[:, [k]], w_in[:, [k]], act)[:, 0]  # [pos]
+            new = coef * fac if val is None else torch.full_like(coef, val)
+            delta[b] += (new - coef)[:, None] * w_out[k].to(delta.device)
+        return out + delta.to(out.dtype)
+
+    return [(in_name, capture), (f"blocks.{layer}.hook_mlp_out", correct)]
 
 
 # ----------------------------------------------------------------------------------------------

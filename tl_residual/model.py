@@ -46,6 +46,10 @@ class ModelSpec:
         learned_pos: the model adds a learned positional embedding (``hook_pos_embed``).
         is_bridge: a TransformerLens 4.x ``TransformerBridge`` (else a ``HookedTransformer``).
         norm_weight_offset: RMSNorm weights are stored as ``w - 1`` (Gemma); the effective weight is ``1 + w``.
+        n_experts, experts_per_token, d_expert: mixture-of-experts FFN sizes (0 for a dense model): experts per
+            MoE layer, experts routed per token (top-k), neurons per expert.
+        shared_expert, d_shared_expert: the MoE layers also have an always-on, sigmoid-gated shared expert
+            (Qwen2-MoE) of ``d_shared_expert`` neurons.
     """
 
     n_layers: int
@@ -60,6 +64,11 @@ class ModelSpec:
     learned_pos: bool
     is_bridge: bool
     norm_weight_offset: bool = False
+    n_experts: int = 0
+    experts_per_token: int = 0
+    d_expert: int = 0
+    shared_expert: bool = False
+    d_shared_expert: int = 0
 
     @property
     def heads_per_kv(self) -> int:
@@ -81,7 +90,9 @@ def model_spec(model: Any) -> ModelSpec:
 
     Raises:
         UnsupportedArchitectureError: for features the exact decomposition does not cover: parallel
-            attention+MLP, mixture-of-experts, norms after the sublayer output, a post-embedding norm,
+            attention+MLP, a mixture of experts whose router is not one of the softmax -> top-k (-> renormalise)
+            routers of Mixtral, OLMoE, Qwen2-MoE and Qwen3-MoE (or has biases), norms after the sublayer output,
+            a post-embedding norm,
             attention-only models, logit or attention soft-capping, local/sliding attention mixed with
             global (allowed: it only changes the pattern), non-decoder models, and unknown norms.
     """
@@ -92,8 +103,7 @@ def model_spec(model: Any) -> ModelSpec:
     problems = []
     if _cfg(model, "parallel_attn_mlp", False):
         problems.append("parallel attention+MLP (parallel_attn_mlp=True): the MLP reads resid_pre, not resid_mid")
-    if _cfg(model, "num_experts"):
-        problems.append("mixture-of-experts MLP (num_experts set): neurons are routed per token")
+    moe = _moe_facts(model, problems) if _cfg(model, "num_experts") else {}
     if _cfg(model, "use_normalization_before_and_after", False):
         problems.append("norms after the sublayer output (use_normalization_before_and_after=True)")
     if _cfg(model, "post_embedding_ln", False):
@@ -138,6 +148,7 @@ def model_spec(model: Any) -> ModelSpec:
         learned_pos=pos_type == "standard",
         is_bridge=is_bridge(model),
         norm_weight_offset=bool(_cfg(model, "rmsnorm_uses_offset", False)),
+        **moe,
     )
 
 
@@ -295,6 +306,254 @@ def norm_bias(model: Any, which: str) -> Float[Tensor, " d_model"]:
     if b is None:
         b = _maybe(mod, "bias")
     return _f32(b) if b is not None else _zeros(model, int(model.cfg.d_model))
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixture of experts
+#
+# Four routings are covered, read from the Hugging Face modelling code (transformers 5.x) and TransformerLens 3.x'
+# ``MoE`` component: Mixtral, OLMoE, Qwen2-MoE and Qwen3-MoE all take ``softmax`` over every expert's router
+# logit (float32), keep the top ``k`` probabilities, and renormalise them to sum to 1 when ``norm_topk_prob`` is
+# set (always for Mixtral, whose config has no such flag). Expert ``e`` computes ``act(x @ W_gate[e]) *
+# (x @ W_in[e]) @ W_out[e]`` on the MoE input ``x`` (the ``ln2`` output); no biases. Qwen2-MoE adds a shared
+# expert, a gated MLP on the same ``x`` scaled by ``sigmoid(x . w_shared_gate)``. Any other router (GPT-OSS'
+# softmax after top-k with biases, DeepSeek's grouped sigmoid routing, ...) is refused, never approximated.
+# ----------------------------------------------------------------------------------------------
+
+#: Router classes whose routing is ``softmax -> top-k -> optional renormalisation`` (see the note above), and
+#: whether they renormalise when they carry no ``norm_topk_prob`` attribute.
+_KNOWN_ROUTERS: dict[str, bool] = {
+    "MixtralTopKRouter": True,
+    "OlmoeTopKRouter": False,
+    "Qwen2MoeTopKRouter": False,
+    "Qwen3MoeTopKRouter": False,
+}
+
+
+def _unwrap(module: Any) -> Any:
+    """Descend through ``TransformerBridge`` wrappers to the module that owns the weights."""
+    while True:
+        inner = getattr(module, "original_component", None)
+        if not isinstance(inner, torch.nn.Module) or inner is module:
+            return module
+        module = inner
+
+
+def _moe_block(model: Any, layer: int) -> Any:
+    """The MoE module of ``layer`` (TransformerLens 3.x ``MoE``, or the Hugging Face sparse-MoE block under a
+    bridge), or ``None`` for a dense MLP."""
+    mlp = model.blocks[layer].mlp
+    if not is_bridge(model):
+        return mlp if type(mlp).__name__ == "MoE" else None
+    block = _unwrap(mlp)
+    return block if hasattr(block, "experts") and hasattr(block, "gate") else None
+
+
+def is_moe_layer(model: Any, layer: int) -> bool:
+    """Whether ``layer``'s FFN is a mixture of experts (dense layers of an interleaved stack return False)."""
+    _check_layer(model, layer)
+    return _moe_block(model, layer) is not None
+
+
+def _moe_problem(model: Any, block: Any) -> str | None:
+    """Why the exact decomposition cannot cover this MoE block, or None."""
+    if not is_bridge(model):
+        if _cfg(model, "num_experts") and not _cfg(model, "experts_per_token"):
+            return "MoE without experts_per_token"
+        return None
+    router = _unwrap(block.gate)
+    name = type(router).__name__
+    if name not in _KNOWN_ROUTERS:
+        return (f"mixture-of-experts router {name} (covered: {', '.join(_KNOWN_ROUTERS)}): its routing convention "
+                f"is not known to be softmax -> top-k -> renormalise")
+    experts = block.experts
+    if isinstance(getattr(router, "bias", None), Tensor) or any(
+        isinstance(getattr(experts, b, None), Tensor) for b in ("gate_up_proj_bias", "down_proj_bias")
+    ):
+        return "mixture-of-experts biases (router or expert biases)"
+    if not (isinstance(getattr(experts, "gate_up_proj", None), Tensor) and experts.gate_up_proj.dim() == 3
+            and isinstance(getattr(experts, "down_proj", None), Tensor)):
+        return f"expert weights of {type(experts).__name__} are not stacked gate_up_proj / down_proj tensors"
+    if getattr(experts, "is_transposed", False):
+        return "transposed stacked expert weights (is_transposed=True)"
+    if getattr(block, "shared_expert", None) is not None and getattr(block, "shared_expert_gate", None) is None:
+        return "a shared expert without a sigmoid gate"
+    return None
+
+
+def _moe_facts(model: Any, problems: list[str]) -> dict[str, Any]:
+    """The :class:`ModelSpec` MoE fields, appending to ``problems`` what the decomposition cannot cover."""
+    try:
+        layers = [l for l in range(int(model.cfg.n_layers)) if _moe_block(model, l) is not None]
+    except (IndexError, AttributeError, TypeError):
+        layers = []
+    if not layers:
+        problems.append("num_experts is set but no layer has a recognisable mixture-of-experts module")
+        return {}
+    for l in layers:
+        problem = _moe_problem(model, _moe_block(model, l))
+        if problem is not None:
+            problems.append(f"layer {l}: {problem}")
+            return {}
+    first = layers[0]
+    block = _moe_block(model, first)
+    # sizes from shapes only (model_spec runs often; no weight copies here)
+    if is_bridge(model):
+        d_expert = int(block.experts.down_proj.shape[-1])  # down_proj: [n_experts, d_model, d_expert]
+    else:
+        d_expert = int(block.experts[0].W_out.weight.shape[-1])  # nn.Linear(d_expert, d_model)
+    shared = getattr(block, "shared_expert", None)
+    d_shared = int(_unwrap(_unwrap(shared).down_proj).weight.shape[-1]) if shared is not None else 0
+    return {
+        "n_experts": moe_n_experts(model, first),
+        "experts_per_token": moe_top_k(model, first),
+        "d_expert": d_expert,
+        "shared_expert": shared is not None,
+        "d_shared_expert": d_shared,
+    }
+
+
+def _moe_block_checked(model: Any, layer: int) -> Any:
+    _check_layer(model, layer)
+    block = _moe_block(model, layer)
+    if block is None:
+        raise UnsupportedArchitectureError(f"layer {layer}'s FFN is not a mixture of experts")
+    return block
+
+
+def moe_n_experts(model: Any, layer: int) -> int:
+    """Number of routed experts of MoE layer ``layer``."""
+    block = _moe_block_checked(model, layer)
+    return len(block.experts) if not is_bridge(model) else int(block.experts.gate_up_proj.shape[0])
+
+
+def moe_top_k(model: Any, layer: int) -> int:
+    """Experts routed per token (``k`` of the top-k)."""
+    block = _moe_block_checked(model, layer)
+    if not is_bridge(model):
+        return int(model.cfg.experts_per_token)
+    return int(getattr(_unwrap(block.gate), "top_k", None) or model.cfg.experts_per_token)
+
+
+def moe_norm_topk(model: Any, layer: int) -> bool:
+    """Whether the top-k routing probabilities are renormalised to sum to 1 (Mixtral always; OLMoE, Qwen-MoE per
+    ``norm_topk_prob``)."""
+    block = _moe_block_checked(model, layer)
+    if not is_bridge(model):
+        return bool(_cfg(model, "norm_topk_prob", False))
+    router = _unwrap(block.gate)
+    flag = getattr(router, "norm_topk_prob", None)
+    return bool(_KNOWN_ROUTERS.get(type(router).__name__, False) if flag is None else flag)
+
+
+def moe_router(model: Any, layer: int) -> Float[Tensor, "d_model n_experts"]:
+    """Router matrix: ``x @ moe_router`` are the router logits (softmax over experts gives the routing
+    probabilities)."""
+    block = _moe_block_checked(model, layer)
+    w = block.W_gate.weight if not is_bridge(model) else _unwrap(block.gate).weight  # [n_experts, d_model]
+    return _f32(w).T
+
+
+def moe_act_fn(model: Any, layer: int) -> Any:
+    """The experts' activation function (the model's own callable, e.g. SiLU)."""
+    block = _moe_block_checked(model, layer)
+    return block.experts[0].act_fn if not is_bridge(model) else block.experts.act_fn
+
+
+def _expert_check(model: Any, layer: int, expert: int) -> Any:
+    block = _moe_block_checked(model, layer)
+    n = moe_n_experts(model, layer)
+    if not isinstance(expert, int) or not 0 <= expert < n:
+        raise InvalidInputError(f"expert {expert!r} is out of range: layer {layer} has {n} experts (0..{n - 1})")
+    return block
+
+
+def expert_W_gate(model: Any, layer: int, expert: int) -> Float[Tensor, "d_model d_expert"]:
+    """Gate matrix of one expert (``act`` is applied to ``x @ W_gate``)."""
+    block = _expert_check(model, layer, expert)
+    if not is_bridge(model):
+        return _f32(block.experts[expert].W_gate.weight).T
+    w = block.experts.gate_up_proj[expert]  # [2 * d_expert, d_model]: gate rows first, then up
+    return _f32(w[: w.shape[0] // 2]).T
+
+
+def expert_W_in(model: Any, layer: int, expert: int) -> Float[Tensor, "d_model d_expert"]:
+    """Up ("in") matrix of one expert (``act(gate) * (x @ W_in)``)."""
+    block = _expert_check(model, layer, expert)
+    if not is_bridge(model):
+        return _f32(block.experts[expert].W_in.weight).T
+    w = block.experts.gate_up_proj[expert]
+    return _f32(w[w.shape[0] // 2 :]).T
+
+
+def expert_W_out(model: Any, layer: int, expert: int) -> Float[Tensor, "d_expert d_model"]:
+    """Output matrix of one expert: row ``k`` is expert neuron ``k``'s direction."""
+    block = _expert_check(model, layer, expert)
+    if not is_bridge(model):
+        return _f32(block.experts[expert].W_out.weight).T
+    return _f32(block.experts.down_proj[expert]).T  # down_proj[e]: [d_model, d_expert]
+
+
+def shared_expert_weights(
+    model: Any, layer: int
+) -> tuple[Float[Tensor, "d_model d_shared"], Float[Tensor, "d_model d_shared"], Float[Tensor, "d_shared d_model"],
+           Float[Tensor, " d_model"]] | None:
+    """``(W_gate, W_in, W_out, w_shared_gate)`` of the shared expert of MoE layer ``layer`` (Qwen2-MoE), or None.
+
+    The shared expert adds ``sigmoid(x . w_shared_gate) * (act(x @ W_gate) * (x @ W_in)) @ W_out``.
+    """
+    block = _moe_block_checked(model, layer)
+    shared = getattr(block, "shared_expert", None)
+    if shared is None:
+        return None
+    shared = _unwrap(shared)
+    gate = _unwrap(block.shared_expert_gate)
+
+    def lin(m: Any) -> Tensor:
+        return _f32(_unwrap(m).weight)
+
+    return lin(shared.gate_proj).T, lin(shared.up_proj).T, lin(shared.down_proj).T, _f32(gate.weight).reshape(-1)
+
+
+def moe_input_hook(model: Any, layer: int) -> str:
+    """The hook whose value gives the MoE input ``x`` of ``layer`` (via :func:`moe_input_from`):
+    ``blocks.{l}.mlp.hook_in`` on a bridge, ``blocks.{l}.ln2.hook_normalized`` on a ``HookedTransformer``."""
+    _check_layer(model, layer)
+    return f"blocks.{layer}.mlp.hook_in" if is_bridge(model) else f"blocks.{layer}.ln2.hook_normalized"
+
+
+def moe_input_from(model: Any, layer: int, value: Tensor) -> Float[Tensor, "... d_model"]:
+    """The MoE input from the value of :func:`moe_input_hook` (float32; ``HookedTransformer``: ``gamma`` and ``beta``
+    of ``ln2`` applied, as its ``hook_normalized`` is taken before them)."""
+    value = value.detach().float()
+    if is_bridge(model):
+        return value
+    which = f"{layer}.ln2"
+    return value * norm_weight(model, which) + norm_bias(model, which)
+
+
+def moe_input(model: Any, cache: Any, layer: int, batch: int = 0) -> Float[Tensor, "pos d_model"]:
+    """The cached MoE input ``x`` of ``layer`` (every position of prompt ``batch``).
+
+    Raises:
+        MissingHookError: the cache lacks :func:`moe_input_hook`.
+    """
+    return moe_input_from(model, layer, cached(cache, moe_input_hook(model, layer), batch))
+
+
+def cached_expert_indices(model: Any, cache: Any, layer: int, batch: int, n_pos: int) -> Tensor | None:
+    """The experts the model routed each position of prompt ``batch`` to, ``Int[Tensor, "pos k"]``, from the cached
+    ``blocks.{l}.mlp.hook_expert_indices`` (both APIs flatten batch and position); None where not cached."""
+    name = f"blocks.{layer}.mlp.hook_expert_indices"
+    try:
+        idx = cache[name]
+    except KeyError:
+        return None
+    if idx.dim() == 3:
+        idx = idx[batch]
+    else:
+        idx = idx.reshape(-1, n_pos, idx.shape[-1])[batch]
+    return idx.detach().long()
 
 
 # ----------------------------------------------------------------------------------------------

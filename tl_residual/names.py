@@ -265,6 +265,11 @@ def expert_neuron(layer: int, expert: int, neuron: int) -> str:
     return f"L{layer}.E{expert}.N{neuron}"
 
 
+def shared_neuron(layer: int, neuron: int) -> str:
+    """``L{layer}.shared.N{neuron}``."""
+    return f"L{layer}.shared.N{neuron}"
+
+
 def layer_output(layer: int, sublayer: Literal["attn", "mlp"]) -> str:
     """``L{layer}.attn`` or ``L{layer}.mlp``: a whole sublayer output."""
     return f"L{layer}.{sublayer}"

@@ -53,7 +53,7 @@ from tl_residual.decompose import (
     resolve_layer,
     resolve_position,
 )
-from tl_residual.errors import InvalidInputError
+from tl_residual.errors import InvalidInputError, UnsupportedArchitectureError
 from tl_residual.names import ComponentRef
 from tl_residual.scorers import ScoringContext, get_scorer, score
 
@@ -209,8 +209,10 @@ def _split_table(
     columns: dict[str, tuple[Tensor, Tensor, str, int]],
     batch: int,
     label: str,
+    reference: dict[str, float] | None = None,
 ) -> pd.DataFrame:
-    """Shared body: ``columns`` maps a column name to ``(weights [d_model, 1], bias [1], hook, index)``."""
+    """Shared body: ``columns`` maps a column name to ``(weights [d_model, 1], bias [1], hook, index)``;
+    ``reference`` (expert neurons) gives each input's value where no hook caches it."""
     cols = list(columns)
     weights = torch.cat([columns[c][0] for c in cols], dim=1)
     key = folded_key(model, cache, norm, position, weights, batch)
@@ -226,7 +228,9 @@ def _split_table(
     values = torch.cat(contribs)
     for i, c in enumerate(cols):
         df[c] = values[:, i].numpy()
-    cached = {c: float(tlm.cached(cache, columns[c][2], batch)[position].reshape(-1)[columns[c][3]]) for c in cols}
+    cached = reference if reference is not None else {
+        c: float(tlm.cached(cache, columns[c][2], batch)[position].reshape(-1)[columns[c][3]]) for c in cols
+    }
     df.attrs.update(
         neuron=label,
         position=position,
@@ -296,12 +300,16 @@ def split_value_neuron(
 
 
 def split_neuron(model: Any, cache: Any, name: str, position: int = -1, batch: int = 0) -> pd.DataFrame:
-    """:func:`split_ffn_neuron` for ``L{l}.N{k}`` (at ``position``) or :func:`split_value_neuron` for
+    """:func:`split_ffn_neuron` for ``L{l}.N{k}`` (at ``position``), :func:`split_expert_neuron` for
+    ``L{l}.E{e}.N{k}`` / ``L{l}.shared.N{k}`` (at ``position``) or :func:`split_value_neuron` for
     ``L{l}.H{h}.d{d}.p{p}`` (at its source position ``p``; ``position`` is ignored).
 
     Raises:
         InvalidInputError: a malformed name or an index out of range.
     """
+    expert_ref = _expert_ref(name)
+    if expert_ref is not None:
+        return split_expert_neuron(model, cache, expert_ref.layer, expert_ref.expert, expert_ref.neuron, position, batch)
     ref = parse_neuron(model, name, n_positions(cache))
     assert ref.layer is not None
     if ref.kind == "ffn_neuron":
@@ -567,3 +575,66 @@ def cross_layer_matrix(scores: pd.DataFrame, column: str = "total_eq25") -> pd.D
     order = list(dict.fromkeys(scores["query"]))
     mat = scores.pivot(index="query", columns="value_layer", values=column)
     return mat.loc[order]
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixture of experts
+# ----------------------------------------------------------------------------------------------
+
+
+def _expert_ref(name: Any) -> Any:
+    """The :class:`~tl_residual.names.ComponentRef` of an expert or shared-expert neuron name, else None."""
+    from tl_residual import names
+
+    if not isinstance(name, str) or not (".E" in name or ".shared." in name):
+        return None
+    ref = names.parse(name.strip())
+    return ref if ref.kind in ("expert_neuron", "shared_neuron") else None
+
+
+def split_expert_neuron(
+    model: Any, cache: Any, layer: int, expert: int | None, neuron: int, position: int = -1, batch: int = 0
+) -> pd.DataFrame:
+    """Split expert neuron ``L{layer}.E{expert}.N{neuron}`` (``expert=None``: shared-expert neuron
+    ``L{layer}.shared.N{neuron}``) over every part of ``resid_mid`` at ``position``.
+
+    The router is frozen: at this token the neuron's coefficient is ``w_e * act(gate) * up`` with the routing
+    weight ``w_e`` a constant, so, as for a dense gated FFN neuron (residual-stream paper Eq. 20-23), its two linear
+    inputs ``gate = LN2(x) . W_gate[e][:, k]`` and ``up = LN2(x) . W_in[e][:, k]`` are split exactly over the parts
+    of ``resid_mid`` with the cached ``ln2.hook_scale`` folded in. The split is defined whether or not the expert
+    is routed at this token (an unrouted expert's neuron has coefficient 0 but well-defined inputs). Neither API
+    caches per-expert pre-activations, so ``df.attrs["cached"]`` holds them recomputed from the cached MoE input
+    (:func:`tl_residual.model.moe_input`) and the weights; each column sums to it. Table as in
+    :func:`split_ffn_neuron` (bias row ``{name}.B``).
+
+    Raises:
+        InvalidInputError: layer, expert, neuron or position out of range.
+        UnsupportedArchitectureError: ``layer`` is not a mixture-of-experts layer (or has no shared expert).
+        MissingHookError: the cache lacks ``ln2.hook_scale`` or the MoE input hook.
+    """
+    from tl_residual import names
+
+    spec = tlm.model_spec(model)
+    layer = resolve_layer(layer, spec.n_layers)
+    position = resolve_position(position, n_positions(cache))
+    if expert is None:
+        shared = tlm.shared_expert_weights(model, layer)
+        if shared is None:
+            raise UnsupportedArchitectureError(f"layer {layer}'s mixture of experts has no shared expert")
+        w_gate, w_in = shared[0], shared[1]
+        label = names.shared_neuron(layer, neuron)
+    else:
+        w_gate, w_in = tlm.expert_W_gate(model, layer, expert), tlm.expert_W_in(model, layer, expert)
+        label = names.expert_neuron(layer, expert, neuron)
+    if not isinstance(neuron, int) or not 0 <= neuron < w_gate.shape[1]:
+        raise InvalidInputError(f"neuron {neuron!r} in {label} is out of range: the expert has {w_gate.shape[1]} "
+                                f"neurons (0..{w_gate.shape[1] - 1})")
+    x = tlm.moe_input(model, cache, layer, batch)[position]
+    hook = tlm.moe_input_hook(model, layer)
+    columns: dict[str, tuple[Tensor, Tensor, str, int]] = {}
+    reference: dict[str, float] = {}
+    for which, w in (("gate", w_gate), ("up", w_in)):
+        col = w[:, [neuron]]
+        columns[which] = (col, torch.zeros(1, device=col.device), hook, neuron)
+        reference[which] = float(x.double() @ col[:, 0].double())
+    return _split_table(model, cache, layer, "resid_mid", position, f"{layer}.ln2", columns, batch, label, reference)

@@ -46,7 +46,7 @@ from tl_residual.decompose import (
     attention_neuron_groups,
     attention_parts,
     base_stream,
-    ffn_parts,
+    ffn_neuron_groups,
     head_outputs,
     layer_outputs,
     n_positions,
@@ -847,7 +847,7 @@ def iter_groups(ctx: ScoringContext, kinds: Iterable[str], layers: Iterable[int]
         if "mlp" in kinds:
             yield _single_group("mlp", layer, outputs[(layer, "mlp")])
         if "ffn_neuron" in kinds:
-            yield ffn_parts(m, c, layer, p, b)[0]
+            yield from ffn_neuron_groups(m, c, layer, p, b)  # mixture of experts: the routed experts' neurons
 
 
 def score(
