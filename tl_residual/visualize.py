@@ -262,6 +262,123 @@ def _group(kind: str, layer: int, vectors: Tensor, names: list[str]) -> D.PartGr
     return D.PartGroup(kind, layer, torch.ones(vectors.shape[0]), vectors, {}, names)
 
 
+@dataclass(frozen=True)
+class _Rule:
+    """What :func:`flow_graph` keeps: the pruning rule and the counts."""
+
+    activation: bool
+    n_heads: int
+    n_memory: int
+    n_attn_neurons: int
+    n_neurons: int
+
+
+def _neuron_nodes(b: _Builder, ctx: ScoringContext, group: D.PartGroup, kind: str, n: int, activation: bool,
+                  into: str, parent: Any, fields: Any, src_tokens: Sequence[str] = ()) -> None:
+    """The ``n`` highest and ``n`` lowest neurons of ``group`` (by log-prob increase, or by coefficient under
+    ``activation``) as nodes of ``kind``, each with an edge ``parent(k) -> node`` (its coefficient) and
+    ``node -> into`` (its norm). ``fields(k)`` gives the node's ``head``/``dim``/``src_pos``/``neuron``."""
+    if n <= 0 or len(group) == 0:
+        return
+    scores = group.coefficients if activation else _lpi(ctx, group)
+    picks = _pick(scores, n, True) + _pick(scores, n, False)
+    for j, k in enumerate(dict.fromkeys(picks)):
+        vec = group.coefficients[k] * group.directions[k]
+        lpi = float(_lpi(ctx, _group(kind, group.layer or 0, vec[None], ["x"]))[0]) if activation else float(scores[k])
+        f = fields(k)
+        src = src_tokens[f["src_pos"]] if "src_pos" in f else ""
+        node = b.node(group.names[k], kind, int(group.layer or 0), vec, lpi=lpi,
+                      coefficient=float(group.coefficients[k]), src_token=src, order=j, **f)
+        b.edge(parent(k), node, "coefficient", float(group.coefficients[k]))
+        b.edge(node, into, "norm", float(vec.norm()))
+
+
+def _attention_stage(b: _Builder, model: Any, cache: Any, ctx: ScoringContext, l: int, prev: str, rule: _Rule,
+                     src_tokens: Sequence[str], n_heads: int) -> str:
+    """Layer ``l``'s attention: ``ln1``, queries, memory values, heads, attention neurons, ``b_O``, ``attn_out``
+    and ``resid_mid`` (returned), chained from the node ``prev`` (the layer's ``resid_pre``)."""
+    pos, batch = ctx.position, ctx.batch
+    x_pre = ctx.resid(f"blocks.{l}.hook_resid_pre")
+    ln1 = b.node(f"L{l}.ln1", "ln1", l, tlm.cached(cache, f"blocks.{l}.ln1.hook_normalized", batch)[pos])
+    b.edge(prev, ln1, "norm", float(x_pre.norm()))
+    sub, attn_bias = D.attention_parts(model, cache, l, pos, batch)
+    n_src = pos + 1
+    pattern = einops.rearrange(sub.coefficients, "(head src) -> head src", src=n_src)
+    sub_lpi = _lpi(ctx, sub)
+    sub_lpi_hs = einops.rearrange(sub_lpi, "(head src) -> head src", src=n_src)
+    head_vecs = einops.reduce(sub.vectors, "(head src) d_model -> head d_model", "sum", src=n_src)
+    head_lpi = _lpi(ctx, _group("head", l, head_vecs, [D.head_name(l, h) for h in range(n_heads)]))
+    head_rank = head_vecs.norm(dim=-1) if rule.activation else head_lpi.abs()
+    heads = sorted(_pick(head_rank, rule.n_heads, largest=True))
+    q = tlm.cached(cache, f"blocks.{l}.attn.hook_q", batch)[pos]
+    if q.shape[0] != n_heads:
+        raise InvalidInputError(f"blocks.{l}.attn.hook_q has {q.shape[0]} heads, expected {n_heads}")
+    attn_out_vec = tlm.cached(cache, f"blocks.{l}.hook_attn_out", batch)[pos]
+    attn_out = b.node(f"L{l}.attn_out", "attn_out", l, attn_out_vec,
+                      lpi=float(_lpi(ctx, _group("attn", l, attn_out_vec[None], [f"L{l}.attn"]))[0]))
+    mem_nodes: dict[tuple[int, int], str] = {}
+    for rank_h, h in enumerate(heads):
+        top_src = int(pattern[h].argmax())
+        qn = b.node(f"L{l}.H{h}.q", "query", l, None, head=h, order=rank_h,
+                    label=f"→{_short(src_tokens[top_src], 9)}", src_token=src_tokens[top_src])
+        b.edge(ln1, qn, "norm", float(q[h].norm()))
+        hn = b.node(D.head_name(l, h), "head", l, head_vecs[h], lpi=float(head_lpi[h]), head=h, order=rank_h)
+        b.edge(hn, attn_out, "norm", float(head_vecs[h].norm()))
+        mem_scores = pattern[h] if rule.activation else sub_lpi_hs[h].abs()
+        for j, p in enumerate(_pick(mem_scores, rule.n_memory, largest=True)):
+            i = h * n_src + p
+            mv = b.node(D.subvalue_name(l, h, p), "memory_value", l, sub.vectors[i], lpi=float(sub_lpi[i]),
+                        coefficient=float(pattern[h, p]), head=h, src_pos=p, src_token=src_tokens[p],
+                        order=rank_h + j / max(rule.n_memory, 1) * 0.5)
+            mem_nodes[(h, p)] = mv
+            b.edge(qn, mv, "attention", float(pattern[h, p]))
+            b.edge(mv, hn, "norm", float(sub.vectors[i].norm()))
+    if rule.n_attn_neurons > 0 and mem_nodes:
+        # candidates: the attention neurons of the drawn memory values (each hangs off its memory value)
+        neurons = _subset(D.attention_neuron_parts(model, cache, l, pos, batch), set(mem_nodes))
+
+        def fields(k: int) -> dict[str, int]:
+            return {key: int(neurons.index[key][k]) for key in ("head", "dim", "src_pos")}
+
+        def parent(k: int) -> str:
+            h, p = fields(k)["head"], fields(k)["src_pos"]
+            return mem_nodes.get((h, p)) or (D.head_name(l, h) if D.head_name(l, h) in b.ids else ln1)
+
+        _neuron_nodes(b, ctx, neurons, "attn_neuron", rule.n_attn_neurons, rule.activation, attn_out, parent,
+                      fields, src_tokens)
+    bias_vec = attn_bias.total()
+    if float(bias_vec.norm()) > 0:
+        bn = b.node(f"L{l}.attn_bias", "attn_bias", l, bias_vec, lpi=float(_lpi(ctx, attn_bias)[0]), order=1e6)
+        b.edge(bn, attn_out, "norm", float(bias_vec.norm()))
+    mid = b.node(f"L{l}.resid_mid", "resid_mid", l, ctx.resid(f"blocks.{l}.hook_resid_mid"))
+    b.edge(attn_out, mid, "norm", float(attn_out_vec.norm()))
+    b.edge(prev, mid, "residual", float(x_pre.norm()))
+    return mid
+
+
+def _ffn_stage(b: _Builder, model: Any, cache: Any, ctx: ScoringContext, l: int, mid: str, rule: _Rule) -> str:
+    """Layer ``l``'s FFN: ``ln2``, the top and bottom neurons, ``b_out``, ``mlp_out`` and ``resid_post``
+    (returned), chained from ``mid`` (the layer's ``resid_mid`` node)."""
+    pos, batch = ctx.position, ctx.batch
+    x_mid = ctx.resid(f"blocks.{l}.hook_resid_mid")
+    ln2 = b.node(f"L{l}.ln2", "ln2", l, tlm.cached(cache, f"blocks.{l}.ln2.hook_normalized", batch)[pos])
+    b.edge(mid, ln2, "norm", float(x_mid.norm()))
+    ffn, ffn_bias = D.ffn_parts(model, cache, l, pos, batch)
+    mlp_out_vec = tlm.cached(cache, f"blocks.{l}.hook_mlp_out", batch)[pos]
+    mlp_out = b.node(f"L{l}.mlp_out", "mlp_out", l, mlp_out_vec,
+                     lpi=float(_lpi(ctx, _group("mlp", l, mlp_out_vec[None], [f"L{l}.mlp"]))[0]))
+    _neuron_nodes(b, ctx, ffn, "ffn_neuron", rule.n_neurons, rule.activation, mlp_out, lambda k: ln2,
+                  lambda k: {"neuron": k})
+    bias_vec = ffn_bias.total()
+    if float(bias_vec.norm()) > 0:
+        bn = b.node(f"L{l}.mlp_bias", "mlp_bias", l, bias_vec, lpi=float(_lpi(ctx, ffn_bias)[0]), order=1e6)
+        b.edge(bn, mlp_out, "norm", float(bias_vec.norm()))
+    post = b.node(f"L{l}.resid_post", "resid_post", l, ctx.resid(f"blocks.{l}.hook_resid_post"))
+    b.edge(mlp_out, post, "norm", float(mlp_out_vec.norm()))
+    b.edge(mid, post, "residual", float(x_mid.norm()))
+    return post
+
+
 def flow_graph(
     model: Any,
     cache: Any,
@@ -337,98 +454,14 @@ def flow_graph(
     ctx = make_context(model, cache, target, position, batch, convention)
     pos = ctx.position
     src_tokens = _token_texts(ctx.lens, tokens, D.n_positions(cache), batch)
-    activation = prune == "activation"
+    rule = _Rule(activation=prune == "activation", n_heads=n_heads if n_heads is not None else spec.n_heads,
+                 n_memory=n_memory, n_attn_neurons=n_attn_neurons, n_neurons=n_neurons)
     b = _Builder()
-
-    resid = ctx.resid
     first = layer_list[0]
-    prev = b.node(f"L{first}.resid_pre", "resid_pre", first, resid(f"blocks.{first}.hook_resid_pre"))
+    prev = b.node(f"L{first}.resid_pre", "resid_pre", first, ctx.resid(f"blocks.{first}.hook_resid_pre"))
     for l in layer_list:
-        # ---- attention ------------------------------------------------------------------------------
-        x_pre = resid(f"blocks.{l}.hook_resid_pre")
-        ln1 = b.node(f"L{l}.ln1", "ln1", l, tlm.cached(cache, f"blocks.{l}.ln1.hook_normalized", batch)[pos])
-        b.edge(prev, ln1, "norm", float(x_pre.norm()))
-        sub, attn_bias = D.attention_parts(model, cache, l, pos, batch)
-        n_src = pos + 1
-        pattern = einops.rearrange(sub.coefficients, "(head src) -> head src", src=n_src)
-        sub_lpi = _lpi(ctx, sub)
-        sub_lpi_hs = einops.rearrange(sub_lpi, "(head src) -> head src", src=n_src)
-        head_vecs = einops.reduce(sub.vectors, "(head src) d_model -> head d_model", "sum", src=n_src)
-        head_group = _group("head", l, head_vecs, [D.head_name(l, h) for h in range(spec.n_heads)])
-        head_lpi = _lpi(ctx, head_group)
-        head_rank = head_vecs.norm(dim=-1) if activation else head_lpi.abs()
-        heads = sorted(_pick(head_rank, n_heads if n_heads is not None else spec.n_heads, largest=True))
-        q = tlm.cached(cache, f"blocks.{l}.attn.hook_q", batch)[pos]
-        if q.shape[0] != spec.n_heads:
-            raise InvalidInputError(f"blocks.{l}.attn.hook_q has {q.shape[0]} heads, expected {spec.n_heads}")
-        attn_out_vec = tlm.cached(cache, f"blocks.{l}.hook_attn_out", batch)[pos]
-        attn_out = b.node(f"L{l}.attn_out", "attn_out", l, attn_out_vec,
-                          lpi=float(_lpi(ctx, _group("attn", l, attn_out_vec[None], [f"L{l}.attn"]))[0]))
-        mem_nodes: dict[tuple[int, int], str] = {}
-        for rank_h, h in enumerate(heads):
-            top_src = int(pattern[h].argmax())
-            qn = b.node(f"L{l}.H{h}.q", "query", l, None, head=h, order=rank_h,
-                        label=f"→{_short(src_tokens[top_src], 9)}", src_token=src_tokens[top_src])
-            b.edge(ln1, qn, "norm", float(q[h].norm()))
-            hn = b.node(D.head_name(l, h), "head", l, head_vecs[h], lpi=float(head_lpi[h]), head=h, order=rank_h)
-            b.edge(hn, attn_out, "norm", float(head_vecs[h].norm()))
-            mem_scores = pattern[h] if activation else sub_lpi_hs[h].abs()
-            for j, p in enumerate(_pick(mem_scores, n_memory, largest=True)):
-                i = h * n_src + p
-                mv = b.node(D.subvalue_name(l, h, p), "memory_value", l, sub.vectors[i], lpi=float(sub_lpi[i]),
-                            coefficient=float(pattern[h, p]), head=h, src_pos=p, src_token=src_tokens[p],
-                            order=rank_h + j / max(n_memory, 1) * 0.5)
-                mem_nodes[(h, p)] = mv
-                b.edge(qn, mv, "attention", float(pattern[h, p]))
-                b.edge(mv, hn, "norm", float(sub.vectors[i].norm()))
-        if n_attn_neurons > 0 and mem_nodes:
-            # candidates: the attention neurons of the drawn memory values (each hangs off its memory value)
-            neurons = _subset(D.attention_neuron_parts(model, cache, l, pos, batch), set(mem_nodes))
-            scores = neurons.coefficients if activation else _lpi(ctx, neurons)
-            picks = _pick(scores, n_attn_neurons, True) + _pick(scores, n_attn_neurons, False)
-            for j, k in enumerate(dict.fromkeys(picks)):
-                h, d, p = (int(neurons.index[key][k]) for key in ("head", "dim", "src_pos"))
-                vec = neurons.coefficients[k] * neurons.directions[k]
-                lpi = float(scores[k]) if not activation else float(_lpi(ctx, _group("attn_neuron", l, vec[None], ["x"]))[0])
-                an = b.node(neurons.names[k], "attn_neuron", l, vec, lpi=lpi, coefficient=float(neurons.coefficients[k]),
-                            head=h, dim=d, src_pos=p, src_token=src_tokens[p], order=j)
-                parent = mem_nodes.get((h, p)) or (D.head_name(l, h) if D.head_name(l, h) in b.ids else ln1)
-                b.edge(parent, an, "coefficient", float(neurons.coefficients[k]))
-                b.edge(an, attn_out, "norm", float(vec.norm()))
-        bias_vec = attn_bias.total()
-        if float(bias_vec.norm()) > 0:
-            bn = b.node(f"L{l}.attn_bias", "attn_bias", l, bias_vec, lpi=float(_lpi(ctx, attn_bias)[0]), order=1e6)
-            b.edge(bn, attn_out, "norm", float(bias_vec.norm()))
-        x_mid = resid(f"blocks.{l}.hook_resid_mid")
-        mid = b.node(f"L{l}.resid_mid", "resid_mid", l, x_mid)
-        b.edge(attn_out, mid, "norm", float(attn_out_vec.norm()))
-        b.edge(prev, mid, "residual", float(x_pre.norm()))
-        # ---- FFN --------------------------------------------------------------------------------------
-        ln2 = b.node(f"L{l}.ln2", "ln2", l, tlm.cached(cache, f"blocks.{l}.ln2.hook_normalized", batch)[pos])
-        b.edge(mid, ln2, "norm", float(x_mid.norm()))
-        ffn, ffn_bias = D.ffn_parts(model, cache, l, pos, batch)
-        mlp_out_vec = tlm.cached(cache, f"blocks.{l}.hook_mlp_out", batch)[pos]
-        mlp_out = b.node(f"L{l}.mlp_out", "mlp_out", l, mlp_out_vec,
-                         lpi=float(_lpi(ctx, _group("mlp", l, mlp_out_vec[None], [f"L{l}.mlp"]))[0]))
-        if n_neurons > 0:
-            scores = ffn.coefficients if activation else _lpi(ctx, ffn)
-            picks = _pick(scores, n_neurons, True) + _pick(scores, n_neurons, False)
-            for j, k in enumerate(dict.fromkeys(picks)):
-                vec = ffn.coefficients[k] * ffn.directions[k]
-                lpi = float(scores[k]) if not activation else float(_lpi(ctx, _group("ffn_neuron", l, vec[None], ["x"]))[0])
-                nn_ = b.node(ffn.names[k], "ffn_neuron", l, vec, lpi=lpi, coefficient=float(ffn.coefficients[k]),
-                             neuron=k, order=j)
-                b.edge(ln2, nn_, "coefficient", float(ffn.coefficients[k]))
-                b.edge(nn_, mlp_out, "norm", float(vec.norm()))
-        bias_vec = ffn_bias.total()
-        if float(bias_vec.norm()) > 0:
-            bn = b.node(f"L{l}.mlp_bias", "mlp_bias", l, bias_vec, lpi=float(_lpi(ctx, ffn_bias)[0]), order=1e6)
-            b.edge(bn, mlp_out, "norm", float(bias_vec.norm()))
-        x_post = resid(f"blocks.{l}.hook_resid_post")
-        post = b.node(f"L{l}.resid_post", "resid_post", l, x_post)
-        b.edge(mlp_out, post, "norm", float(mlp_out_vec.norm()))
-        b.edge(mid, post, "residual", float(x_mid.norm()))
-        prev = post
+        mid = _attention_stage(b, model, cache, ctx, l, prev, rule, src_tokens, spec.n_heads)
+        prev = _ffn_stage(b, model, cache, ctx, l, mid, rule)
 
     nodes = _project(b, model, cache, ctx, projection, n_top_tokens)
     nodes = _layout(nodes, layer_list, bool((nodes["kind"] == "attn_neuron").any()))
