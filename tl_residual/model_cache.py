@@ -71,6 +71,15 @@ def entry_key(gguf_path: str, dtype_name: str) -> str:
             f"{file_fingerprint(gguf_path)}")
 
 
+def cached_entry(gguf_path: str, dtype_name: str) -> str | None:
+    """The complete cache entry of ``gguf_path`` (a folder ``from_pretrained`` reads), or ``None``."""
+    root = cache_root()
+    if root is None:
+        return None
+    entry = root / entry_key(gguf_path, dtype_name)
+    return str(entry) if (entry / _MARKER).is_file() else None
+
+
 def load_or_build(gguf_path: str, dtype_name: str, build: Callable[[], tuple[Any, Any]],
                   load: Callable[[str], tuple[Any, Any]]) -> tuple[Any, Any]:
     """``(hf_model, tokenizer)`` from the cache entry of ``gguf_path``, else from ``build()`` (then cached).
