@@ -189,9 +189,10 @@ def test_smollm2_report_renders_offline(browser, smollm2, tmp_path):
     # no horizontal scrolling at 1600 px; every figure and its colour bar lie inside the window
     width = browser.execute_script("return window.innerWidth")
     assert width == 1600
-    assert browser.execute_script("return document.documentElement.scrollWidth <= document.documentElement.clientWidth")
-    rights = browser.execute_script(
-        "return Array.from(document.querySelectorAll('.js-plotly-plot, .colorbar')).map(e => e.getBoundingClientRect().right)")
+    assert browser.execute_script(
+        "return document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+    rights = browser.execute_script("return Array.from(document.querySelectorAll('.js-plotly-plot, .colorbar'))"
+                                    ".map(e => e.getBoundingClientRect().right)")
     assert rights and max(rights) <= width
     # the final residual of layer 24 is drawn, memory values show their source token, no replacement character
     labels = browser.execute_script(

@@ -219,8 +219,10 @@ def explain(
     layers = _parse_layers(graph_layers)
     if layers is not None and not html_path:
         fail("--graph-layers applies to the --html report: add --html report.html")
-    jobs = [(prompt, target)] if prompt is not None else [(p, t if t is not None else target)
-                                                          for p, t in _read_prompts(prompts_file)]  # type: ignore[arg-type]
+    if prompt is not None:
+        jobs = [(prompt, target)]
+    else:
+        jobs = [(p, t if t is not None else target) for p, t in _read_prompts(prompts_file)]  # type: ignore[arg-type]
     for _, t in dict.fromkeys(jobs):
         _check_target_early(model, t)
     m = load(model)
@@ -381,7 +383,7 @@ def _neuron_activation(m: Any, cache: Any, name: str, position: int) -> tuple[fl
         return float("nan"), f"coefficient of {name} (its source position is after the destination)"
     k = neurons.names.index(name)
     dest = D.resolve_position(position, D.n_positions(cache))
-    return float(neurons.coefficients[k]), f"coefficient of {name} at destination position {dest} (attention weight × v)"
+    return float(neurons.coefficients[k]), f"coefficient of {name} at destination position {dest} (attn weight × v)"
 
 
 @app.command()

@@ -580,7 +580,8 @@ def _hover(row: Any, meta: dict[str, Any]) -> str:
         lines.append("query of the head (d_head space: no position-free vocabulary projection)")
     if row.top_tokens:
         lines.append("top tokens: " + esc(", ".join(repr(t) for t in row.top_tokens)))
-        lines.append(f"target {esc(repr(meta['target_token']))}: p = {_prob(row.target_prob)}, rank {row.target_rank:,}")
+        lines.append(f"target {esc(repr(meta['target_token']))}: p = {_prob(row.target_prob)}, "
+                     f"rank {row.target_rank:,}")
     if not math.isnan(row.log_prob_increase):
         lines.append(f"log-prob increase: {row.log_prob_increase:+.4f} nats")
     if not math.isnan(row.coefficient):
