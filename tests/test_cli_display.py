@@ -114,3 +114,14 @@ def test_query_shows_the_activation(tiny, monkeypatch):
         _, cache = model.run_with_cache(model.to_tokens("t5 t33 t42 t8"))
     m = float(cache["blocks.2.mlp.hook_post"][0, -1, 3])  # independent: the cached activation
     assert f"activation m of L2.N3 at position 4 (the MLP's hook_post) = {m:.4f}" in out
+
+
+def test_intervention_result_html(tiny):
+    from tl_residual.interventions import intervene
+
+    result = intervene(_tiny(), ["t5 t33 t42", "t7 t8"], "L1.H0.p1,L2.N3")
+    page = result._repr_html_()
+    assert "2 component(s) zeroed at every position" in page and "L1.H0.p1" in page and "MRR" in page
+    df = result.to_dataframe()
+    assert {"top1_before_token", "top1_after_token", "top1_after_prob"} <= set(df.columns)
+    assert repr(df["top1_after_token"].iloc[0]) in page.replace("&#x27;", "'")
