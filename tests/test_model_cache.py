@@ -43,6 +43,11 @@ class _Calls:
         return AutoModelForCausalLM.from_pretrained(entry), AutoTokenizer.from_pretrained(entry)
 
 
+def _entries(root: Path) -> list[Path]:
+    """The cache entries (folders; ``hashes.json`` beside them remembers the GGUF file's hash)."""
+    return [p for p in root.iterdir() if p.is_dir()]
+
+
 @pytest.fixture()
 def gguf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("TL_RESIDUAL_CACHE", str(tmp_path / "cache"))
@@ -55,7 +60,7 @@ def test_second_load_reads_the_cache_bit_identical(gguf: str, tmp_path: Path) ->
     calls = _Calls()
     m1, _ = MC.load_or_build(gguf, "float32", calls.build, calls.load)
     assert (calls.built, calls.loaded) == (1, 0)
-    entries = list((tmp_path / "cache").iterdir())
+    entries = _entries(tmp_path / "cache")
     assert len(entries) == 1 and (entries[0] / "complete.json").is_file()  # no temporary folder left behind
     m2, tok = MC.load_or_build(gguf, "float32", calls.build, calls.load)
     assert (calls.built, calls.loaded) == (1, 1)
@@ -69,7 +74,7 @@ def test_second_load_reads_the_cache_bit_identical(gguf: str, tmp_path: Path) ->
 def test_corrupt_entry_is_rebuilt(gguf: str, tmp_path: Path) -> None:
     calls = _Calls()
     MC.load_or_build(gguf, "float32", calls.build, calls.load)
-    entry = next((tmp_path / "cache").iterdir())
+    entry = _entries(tmp_path / "cache")[0]
     weights = entry / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # truncated
     with warnings.catch_warnings(record=True) as caught:
@@ -89,10 +94,19 @@ def test_entry_without_marker_is_not_trusted(gguf: str, tmp_path: Path) -> None:
     assert (calls.built, calls.loaded) == (1, 0) and (entry / "complete.json").is_file()
 
 
-def test_key_follows_the_file_and_dtype(gguf: str) -> None:
+def test_key_follows_the_file_and_dtype(gguf: str, tmp_path: Path) -> None:
+    import hashlib
+    import shutil
+
     k = MC.entry_key(gguf, "float32")
     assert MC.entry_key(gguf, "float32") == k and MC.entry_key(gguf, "bfloat16") != k
+    with open(gguf, "rb") as f:
+        assert k.endswith(hashlib.sha256(f.read()).hexdigest()[:16])  # independent: the file's full SHA-256
+    copy = tmp_path / "other-venv.gguf"  # the same wheel file in another environment: the same entry
+    shutil.copyfile(gguf, copy)
+    assert MC.entry_key(str(copy), "float32") == k
     with open(gguf, "r+b") as f:
+        f.seek(1 << 20)  # a change in the middle of the file
         f.write(b"changed")
     assert MC.entry_key(gguf, "float32") != k
 

