@@ -80,14 +80,16 @@ def _open(driver: Any, path: Path, n_plots: int) -> None:
 
 
 def _rendered_nodes(driver: Any, div: str) -> tuple[int, int, int]:
-    """(points in plotly's full data, SVG points in the DOM, text labels in the DOM) of the node traces."""
+    """(points in plotly's full data, SVG points in the DOM, node labels in the DOM) of the node traces; the labels
+    are annotations named ``label`` (drawn on a white background over the edges)."""
     return tuple(driver.execute_script(
         "const gd = arguments[0] ? document.getElementById(arguments[0]) : document.querySelector('.js-plotly-plot');"
         "const idx = gd._fullData.map((t, i) => t.meta === 'node' ? i : -1).filter(i => i >= 0);"
         "const layers = gd.querySelectorAll('.scatterlayer .trace');"
+        "const labels = gd._fullLayout.annotations.map((a, i) => a.name === 'label' ? i : -1).filter(i => i >= 0);"
         "return [idx.reduce((a, i) => a + gd._fullData[i]._length, 0),"
         "        idx.reduce((a, i) => a + layers[i].querySelectorAll('path.point').length, 0),"
-        "        idx.reduce((a, i) => a + layers[i].querySelectorAll('g.textpoint').length, 0)];", div))
+        "        labels.filter(i => gd.querySelector(`.annotation[data-index='${i}']`)).length];", div))
 
 
 def _hover(driver: Any, meta: str, point: int) -> str:
@@ -163,7 +165,9 @@ def test_random_model_flow_graph_renders_offline(browser, tmp_path):
 @pytest.mark.real_model
 @pytest.mark.slow
 def test_smollm2_report_renders_offline(browser, smollm2, tmp_path):
-    """The CLI's report for "The capital of France is": five figures, the flow graph complete, no error/request."""
+    """The CLI's report for "The capital of France is": the default graph shows the top-scoring layers (23 and 24,
+    with L23.H4.p4), every figure fits a 1600 px window without horizontal scrolling (colour bar included), the
+    graph is complete, and there is no JavaScript error or network request."""
     from typer.testing import CliRunner
 
     from tl_residual.cli import app
@@ -172,18 +176,36 @@ def test_smollm2_report_renders_offline(browser, smollm2, tmp_path):
     result = CliRunner().invoke(app, ["explain", "--prompt", "The capital of France is", "--top-k", "10",
                                       "--html", str(page)])
     assert result.exit_code == 0, result.output
-    _open(browser, page, 5)
+    _open(browser, page, 6)
     ids = browser.execute_script("return Array.from(document.querySelectorAll('.js-plotly-plot')).map(g => g.id)")
-    assert ids == ["flow-graph", "layer-contributions", "bs-trajectories", "bs-minus", "parts-table"]
-    n_nodes = browser.execute_script("return document.querySelectorAll('#nodes-table tbody tr').length")
-    data_points, svg_points, labels = _rendered_nodes(browser, "flow-graph")
-    assert n_nodes > 60 and data_points == svg_points == labels == n_nodes
-    # the final residual is labelled ' Paris' and the layer plot has one bar per layer and kind
+    assert ids == ["flow-graph-L23", "flow-graph-L24", "layer-contributions", "bs-trajectories", "bs-minus",
+                   "parts-table"]
     assert browser.execute_script(
-        "const gd = document.getElementById('flow-graph');"
-        "return gd._fullData.filter(t => t.meta === 'node').some(t => Array.from(t.text).includes(' Paris'));")
+        "return document.getElementById('flow-graph-L23')._fullData.filter(t => t.meta === 'node')"
+        ".some(t => Array.from(t.customdata).includes('L23.H4.p4'));")
+    n_nodes = browser.execute_script("return document.querySelectorAll('#nodes-table tbody tr').length")
+    counts = [_rendered_nodes(browser, f"flow-graph-L{l}") for l in (23, 24)]
+    assert all(d == s == lab for d, s, lab in counts) and sum(c[0] for c in counts) == n_nodes > 40
+    # no horizontal scrolling at 1600 px; every figure and its colour bar lie inside the window
+    width = browser.execute_script("return window.innerWidth")
+    assert width == 1600
+    assert browser.execute_script(
+        "return document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+    rights = browser.execute_script("return Array.from(document.querySelectorAll('.js-plotly-plot, .colorbar'))"
+                                    ".map(e => e.getBoundingClientRect().right)")
+    assert rights and max(rights) <= width
+    # the final residual of layer 24 is drawn, memory values show their source token, no replacement character
+    labels = browser.execute_script(
+        "return Array.from(document.querySelectorAll('#flow-graph-L23 .annotation-text')).map(e => e.textContent)")
+    assert any(t.startswith("France ▸") for t in labels) and not any("\ufffd" in t for t in labels)
+    nodes_text = browser.execute_script("return document.getElementById('nodes-table').textContent")
+    assert "nan" not in nodes_text.lower() and "0.0000\n" not in nodes_text
     assert browser.execute_script(
         "return document.getElementById('layer-contributions')._fullData.map(t => t._length);") == [30, 30]
     errors, requests = _problems(browser, page)
     assert errors == [] and requests == []
     assert _screenshot(browser, "browser-smollm2-report.png").stat().st_size > 50_000
+    graph = browser.find_element("id", "flow-graph-L23")
+    browser.execute_script("arguments[0].scrollIntoView()", graph)
+    ARTIFACTS.mkdir(exist_ok=True)
+    graph.screenshot(str(ARTIFACTS / "flow_graph_paris_L23.png"))  # docs/img/flow_graph_paris_L23.png comes from here

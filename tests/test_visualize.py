@@ -250,9 +250,14 @@ def test_write_report_random_model(gpt2, tmp_path, convention):
     path = V.write_report(model, result, str(tmp_path / "r.html"), layers=[1, 2], n_neurons=2)
     page = (tmp_path / "r.html").read_text(encoding="utf-8")
     assert path == str(tmp_path / "r.html")
-    for div in ("flow-graph", "layer-contributions", "bs-trajectories", "bs-minus", "parts-table", "nodes-table"):
+    for div in ("flow-graph-L1", "flow-graph-L2", "layer-contributions", "bs-trajectories", "bs-minus", "parts-table",
+                "nodes-table"):
         assert f'id="{div}"' in page
-    assert page.count("Plotly.newPlot(") == 5 and not re.search(r"<(script|link)[^>]*(src|href)=", page)
+    assert page.count("Plotly.newPlot(") == 6 and not re.search(r"<(script|link)[^>]*(src|href)=", page)
+    # the tables read cleanly: a source-token column, no NaN / -1 placeholders, no bare 0.0000 probability
+    tables = page[page.index('id="attention-table"'):]
+    assert "source token" in tables and ">nan<" not in tables.lower() and ">-1<" not in tables
+    assert ">0.0000<" not in page[page.index('id="nodes-table"'):]
     shown = result._repr_html_()  # the notebook display: token lists as text, and where the graph is
     assert "write_report" in shown and "[&#x27;" not in shown and "['" not in shown.split("<h4>")[1]
     result.cache = None  # without the cache the report reruns the model: same flow graph
@@ -260,6 +265,54 @@ def test_write_report_random_model(gpt2, tmp_path, convention):
     assert again.count("<tr>") == page.count("<tr>")
     with pytest.raises(InvalidInputError, match="prune"):
         V.write_report(model, result, str(tmp_path / "bad.html"), prune="size")
+
+
+def test_default_graph_layers_are_the_top_scoring_layers(gpt2):
+    from tl_residual import explain
+
+    model, _ = gpt2
+    result = explain(model, "t5 t33 t42 t8", top_k=3)
+    by_abs = result.layers.assign(a=result.layers["score"].abs()).sort_values("a", ascending=False)
+    expected = sorted(list(dict.fromkeys(int(l) for l in by_abs["layer"]))[:2])
+    assert V.default_graph_layers(result.layers) == expected
+    assert V.default_graph_layers(result.layers, 1) == [int(by_abs["layer"].iloc[0])]
+    page = V.report_html(model, result, n_neurons=1, n_attn_neurons=0)
+    assert all(f'id="flow-graph-L{l}"' in page for l in expected)
+    with pytest.raises(InvalidInputError, match="positive"):
+        V.default_graph_layers(result.layers, 0)
+
+
+def test_display_table_has_src_token_and_no_placeholders():
+    import pandas as pd
+
+    df = pd.DataFrame({"name": ["L1.H0.p2", "L1.mlp"], "head": [0, -1], "src_pos": [2, -1],
+                       "score": [0.5, float("nan")], "target_prob": [1e-7, 0.25], "top_tokens": [["a", " b"], []]})
+    shown = V.display_table(df, ["name", "head", "src_pos", "src_token", "score", "target_prob", "top_tokens"],
+                            tokens=["<bos>", "x", " Paris"])
+    assert list(shown["src_token"]) == ["' Paris'", ""] and list(shown["head"]) == ["0", ""]
+    assert list(shown["score"]) == ["+0.5000", ""] and list(shown["target_prob"]) == ["1.0e-07", "0.2500"]
+    assert shown.loc[0, "top_tokens"] == "'a' ' b'"
+
+
+def test_colourings_and_faded_attention_sink(gpt2):
+    model, cache = gpt2
+    g = V.flow_graph(model, cache, layers=[2], n_memory=N_POS, n_attn_neurons=0, n_neurons=2, tokens=TOKENS)
+    fig = g.figure("sign")
+    node_trace = next(i for i, t in enumerate(fig.data) if t.meta == "node" and t.name == "nodes")
+    buttons = fig.layout.updatemenus[0].buttons
+    assert [list(b.args[1]) for b in buttons] == [[node_trace]] * len(V.COLOURINGS)
+    proj = g.nodes[g.nodes["kind"] != "query"].reset_index(drop=True)
+    colours = fig.data[node_trace].marker.color
+    for kind, c, col in zip(proj["kind"], proj["coefficient"], colours):
+        if kind == "ffn_neuron":
+            assert col == ("#d62728" if c > 0 else "#1f77b4")
+    opacity = fig.data[node_trace].marker.opacity
+    sink = (proj["kind"] == "memory_value") & (proj["src_pos"] == 0)
+    assert sink.any() and all((o < 1) == s for o, s in zip(opacity, sink))
+    labels = [a for a in fig.layout.annotations if a.name == "label"]
+    assert len(labels) == len(g.nodes)
+    with pytest.raises(InvalidInputError, match="colour"):
+        g.figure("viridis")
 
 
 @pytest.mark.real_model

@@ -71,42 +71,144 @@ def write_json(path: str, obj: Any) -> None:
     console.print(f"wrote {path}")
 
 
-def table(title: str, df: pd.DataFrame, columns: list[str], n: int | None = None) -> Table:
-    """A rich table of ``df``'s ``columns`` (scores with 4 decimals, token lists joined)."""
-    t = Table(title=title, title_justify="left", header_style="bold")
-    for c in columns:
-        t.add_column(c, justify="right" if c in ("score", "coefficient", "layer", "head", "src_pos", "neuron") else "left")
+#: Columns a table may drop, in this order, when the terminal is too narrow (the name already encodes them).
+_DROPPABLE = ("kind", "layer", "neuron", "head", "src_pos", "coefficient", "activation", "src_token")
+_RIGHT = {"score", "coefficient", "activation", "contribution", "layer", "head", "src_pos", "neuron", "rank", "prob"}
+
+
+def table(title: str, df: pd.DataFrame, columns: list[str], n: int | None = None,
+          tokens: list[str] | None = None, headers: dict[str, str] | None = None, width: int | None = None) -> Table:
+    """A rich table of ``df``'s ``columns`` that fits the terminal without wrapping inside a token.
+
+    Cells come from :func:`tl_residual.visualize.display_table` (tokens quoted, 4 decimals, blanks instead of
+    ``-1``/``NaN`` placeholders, ``src_token`` added from ``tokens`` where the table has ``src_pos``). When the
+    columns are wider than the terminal, the columns the component name already encodes (kind, layer, neuron,
+    head, src_pos) are dropped first, then cells are cut with an ellipsis; no cell wraps.
+    """
+    from tl_residual.visualize import display_table
+
+    width = width or console.width
     rows = df if n is None else df.head(n)
-    for row in rows.itertuples(index=False):
-        cells = []
-        for c in columns:
-            v = getattr(row, c)
-            if c == "top_tokens":
-                cells.append(" ".join(repr(x) for x in v))
-            elif isinstance(v, float):
-                cells.append(f"{v:.4f}")
-            else:
-                cells.append(str(v))
-        t.add_row(*cells)
+    shown = display_table(rows, columns, tokens)
+    cols = list(shown.columns)
+    widths = {c: max([len((headers or {}).get(c, c))] + [len(x) for x in shown[c]]) + 3 for c in cols}
+    def fixed() -> int:  # the columns other than top_tokens, plus 24 characters of top_tokens
+        return sum(widths[k] for k in cols if k != "top_tokens") + 1 + (27 if "top_tokens" in cols else 0)
+
+    for c in _DROPPABLE:
+        if fixed() <= width:
+            break
+        if c in cols and len(cols) > 2:
+            cols.remove(c)
+    room = width - sum(widths[k] for k in cols if k != "top_tokens") - 1 - 3  # borders and padding
+    t = Table(title=title, title_justify="left", header_style="bold", expand=False)
+    for c in cols:
+        t.add_column((headers or {}).get(c, c), justify="right" if c in _RIGHT else "left", no_wrap=True,
+                     overflow="ellipsis", min_width=min(widths[c] - 3, 12) if c != "top_tokens" else 10,
+                     max_width=max(room, 10) if c == "top_tokens" else None)
+    for row in shown[cols].itertuples(index=False):
+        t.add_row(*row)
     return t
+
+
+def _read_prompts(path: str) -> list[tuple[str, str | None]]:
+    """``--prompts FILE``: one prompt per line, or JSON Lines with a ``"prompt"`` and an optional ``"target"``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"cannot read --prompts {path!r}: {exc}")
+    out: list[tuple[str, str | None]] = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                fail(f"--prompts {path!r} line {i} is not valid JSON: {exc}")
+            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
+                fail(f"--prompts {path!r} line {i}: a JSON line needs a non-empty \"prompt\" string")
+            target = rec.get("target")
+            if target is not None and not isinstance(target, str):
+                fail(f"--prompts {path!r} line {i}: \"target\" must be a string (one token, e.g. \" Paris\")")
+            out.append((rec["prompt"], target))
+        else:
+            out.append((line, None))
+    if not out:
+        fail(f"--prompts {path!r} has no prompts: write one prompt per line (or JSON Lines with a \"prompt\")")
+    return out
+
+
+def _parse_layers(text: str | None) -> list[int] | None:
+    """``--graph-layers``: ``23,24`` or ``22-25`` (or a mix); ``None`` when not given."""
+    if text is None:
+        return None
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part[1:]:
+                lo, hi = part.split("-", 1) if not part.startswith("-") else (part, "")
+                out.extend(range(int(lo), int(hi) + 1))
+            elif part:
+                out.append(int(part))
+    except ValueError:
+        fail(f"--graph-layers {text!r} is not understood: give layers like 23,24 or 22-25")
+    if not out:
+        fail("--graph-layers is empty: give layers like 23,24 or 22-25")
+    return out
+
+
+def _check_target_early(model: str, target: str | None) -> None:
+    """Check a target is one token with the tokenizer alone (cheap where the model is cached), before loading."""
+    if target is None or target.lstrip("-").isdigit():
+        return
+    from tl_residual.model import load_tokenizer
+
+    tok = load_tokenizer(model)
+    if tok is None:
+        return
+    ids = tok.encode(target, add_special_tokens=False)
+    if len(ids) != 1:
+        pieces = [tok.decode([i]) for i in ids]
+        fail(f"target {target!r} is {len(ids)} tokens {pieces!r}, not one; give a single token (e.g. ' Paris', "
+             f"with its leading space) or a token id")
+
+
+def _report_path(path: str, i: int, n: int) -> str:
+    if n == 1:
+        return path
+    root, ext = os.path.splitext(path)
+    return f"{root}-{i}{ext or '.html'}"
 
 
 @app.command()
 def explain(
-    prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt text."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The prompt text."),
+    prompts_file: Optional[str] = typer.Option(None, "--prompts", help="A file of prompts: one per line, or JSON "
+                                               "Lines with \"prompt\" and an optional \"target\"; all explained "
+                                               "with one model load."),
     target: Optional[str] = typer.Option(None, "--target", "-t", help="Target token (one token, e.g. ' Paris'); default: top-1."),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model name; default: the embedded SmolLM2-135M."),
     position: int = typer.Option(-1, "--position", help="Destination position (default -1, the last token)."),
-    top_k: int = typer.Option(20, "--top-k", "-k", help="Rows in the subvalue and neuron tables."),
+    top_k: int = typer.Option(20, "--top-k", "-k", help="Rows in the layer, subvalue and neuron tables."),
     method: str = typer.Option("log_prob_increase", "--method", help="Scoring method (see `tl-residual methods`)."),
     convention: str = typer.Option("frozen", "--lens", help="Lens convention: frozen (default), recomputed, none."),
-    json_path: Optional[str] = typer.Option(None, "--json", help="Write the result as one JSON object to this path."),
-    html_path: Optional[str] = typer.Option(None, "--html", help="Write a self-contained HTML report to this path."),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Write the result as one JSON object to this path "
+                                            "(with --prompts: a JSON array, one object per prompt)."),
+    html_path: Optional[str] = typer.Option(None, "--html", help="Write a self-contained HTML report to this path "
+                                            "(with --prompts: PATH-1.html, PATH-2.html, ...)."),
+    graph_layers: Optional[str] = typer.Option(None, "--graph-layers", help="Layers of the report's flow graph, "
+                                               "e.g. 23,24 or 22-25; default: the two layers whose attention or FFN "
+                                               "output scores highest (|score|)."),
 ) -> None:
     """Explain the next-token prediction of PROMPT: layers, head x position subvalues and FFN neurons."""
     from tl_residual.explanation import explain as run_explain
 
-    if not prompt.strip():
+    if (prompt is None) == (prompts_file is None):
+        fail("give exactly one of --prompt TEXT or --prompts FILE")
+    if prompt is not None and not prompt.strip():
         fail("the prompt is empty: give some text, e.g. --prompt 'The capital of France is'")
     if top_k < 1:
         fail(f"--top-k must be a positive integer, got {top_k}")
@@ -114,46 +216,74 @@ def explain(
 
     if method not in SCORERS:
         fail(f"unknown method {method!r}; choose one of: {', '.join(sorted(SCORERS))}")
+    layers = _parse_layers(graph_layers)
+    if layers is not None and not html_path:
+        fail("--graph-layers applies to the --html report: add --html report.html")
+    if prompt is not None:
+        jobs = [(prompt, target)]
+    else:
+        jobs = [(p, t if t is not None else target) for p, t in _read_prompts(prompts_file)]  # type: ignore[arg-type]
+    for _, t in dict.fromkeys(jobs):
+        _check_target_early(model, t)
     m = load(model)
-    try:
-        with console.status("running and attributing ..."):
-            result = run_explain(m, prompt, target=target, position=position, top_k=top_k, method=method,
-                                 convention=convention, model_name=model)  # type: ignore[arg-type]
-    except TLResidualError as exc:
-        fail(str(exc))
+    results = []
+    for i, (text, tgt) in enumerate(jobs, 1):
+        if len(jobs) > 1:
+            console.rule(f"prompt {i}/{len(jobs)}")
+        try:
+            with console.status("running and attributing ..."):
+                result = run_explain(m, text, target=tgt, position=position, top_k=top_k, method=method,
+                                     convention=convention, model_name=model)  # type: ignore[arg-type]
+        except TLResidualError as exc:
+            fail(str(exc) if len(jobs) == 1 else f"prompt {i} ({text!r}): {exc}")
+        _print_explanation(result, top_k)
+        results.append(result)
+        if html_path:
+            _write_html(m, result, _report_path(html_path, i, len(jobs)), layers)
+    if json_path:
+        write_json(json_path, results[0].to_dict() if prompt is not None else [r.to_dict() for r in results])
+
+
+def _print_explanation(result: Any, top_k: int) -> None:
+    toks = list(result.tokens)
     console.print(
         f"[bold]{result.model}[/bold]  prompt {result.prompt!r}  position {result.position} "
-        f"(token {result.tokens[result.position]!r})"
+        f"(token {toks[result.position]!r})", highlight=False,
     )
     console.print(
         f"prediction: [bold green]{result.predictions[0][0]!r}[/bold green] p={result.predictions[0][1]:.4f}   "
-        f"target: [bold]{result.target_token!r}[/bold] p={result.target_prob:.4f}   "
-        f"top-5: " + ", ".join(f"{t!r} {p:.3f}" for t, p in result.predictions)
+        f"target: [bold]{result.target_token!r}[/bold] p={result.target_prob:.4f}", highlight=False,
     )
-    console.print(
-        f"decomposition of the final resid_post: relative error {result.decomposition_rel_error:.2e}; "
-        f"scores: {result.method} (nats), {result.convention} lens"
-    )
-    layers = result.layers.sort_values(["layer", "kind"]).reset_index(drop=True)
-    console.print(table("Layer-level contributions (log-prob increase of each layer's attention / FFN output)",
-                        layers, ["name", "kind", "score", "top_tokens"]))
-    console.print(table(f"Top {top_k} attention subvalues (head x source position)", result.attention_subvalues,
-                        ["name", "layer", "head", "src_pos", "score", "coefficient", "top_tokens"]))
+    console.print("top-5: " + ",  ".join(f"{t!r}\u00a0{p:.3f}" for t, p in result.predictions), highlight=False)
+    unit = "nats" if result.method == "log_prob_increase" else result.method
+    console.print(f"decomposition of the final resid_post: relative error {result.decomposition_rel_error:.2e}",
+                  highlight=False)
+    console.print(f"scores: {result.method} ({unit}), {result.convention} lens", highlight=False)
+    n_layers = len(result.layers)
+    headers = {"score": f"score ({unit})" if unit == "nats" else "score", "src_token": "source token",
+               "coefficient": "coefficient"}
+    console.print(table(f"Layer outputs: top {min(top_k, n_layers)} of {n_layers} by score (as in --json)",
+                        result.layers, ["name", "kind", "score", "top_tokens"], top_k, toks, headers))
+    console.print(table(f"Top {top_k} attention subvalues (head x source position)",
+                        result.attention_subvalues,
+                        ["name", "layer", "head", "src_pos", "src_token", "score", "coefficient", "top_tokens"],
+                        tokens=toks, headers=dict(headers, coefficient="attn weight")))
     console.print(table(f"Top {top_k} FFN neurons", result.ffn_neurons,
-                        ["name", "layer", "neuron", "score", "coefficient", "top_tokens"]))
-    if json_path:
-        write_json(json_path, result.to_dict())
-    if html_path:
-        from tl_residual.visualize import write_report
+                        ["name", "layer", "neuron", "score", "coefficient", "top_tokens"], tokens=toks,
+                        headers=dict(headers, coefficient="activation")))
 
-        try:
-            with console.status("drawing the flow graph and plots ..."):
-                write_report(m, result, html_path)
-        except OSError as exc:
-            fail(f"cannot write --html {html_path!r}: {exc}")
-        except TLResidualError as exc:
-            fail(str(exc))
-        console.print(f"wrote {html_path}")
+
+def _write_html(m: Any, result: Any, path: str, layers: list[int] | None) -> None:
+    from tl_residual.visualize import write_report
+
+    try:
+        with console.status("drawing the flow graph and plots ..."):
+            write_report(m, result, path, layers=layers)
+    except OSError as exc:
+        fail(f"cannot write --html {path!r}: {exc}")
+    except TLResidualError as exc:
+        fail(str(exc))
+    console.print(f"wrote {path}")
 
 
 @app.command()
@@ -195,11 +325,14 @@ def query(
     pos = split.attrs["position"]
     console.print(
         f"[bold]{model}[/bold]  prompt {prompt!r}  neuron [bold]{split.attrs['neuron']}[/bold] at position {pos}"
-        + (f" (token {token_strs[pos]!r})" if token_strs else "")
+        + (f" (token {token_strs[pos]!r})" if token_strs else ""), highlight=False,
     )
+    activation, what = _neuron_activation(m, cache, neuron, position)
+    console.print(f"{what} = [bold]{activation:.4f}[/bold]", highlight=False)
     bias_rows = split[split["kind"] == "key_bias"]
     out: dict[str, Any] = {"model": model, "prompt": prompt, "tokens": token_strs, "neuron": split.attrs["neuron"],
-                           "position": pos, "norm": split.attrs["norm"], "stream": split.attrs["stream"], "inputs": {}}
+                           "position": pos, "activation": activation, "activation_is": what,
+                           "norm": split.attrs["norm"], "stream": split.attrs["stream"], "inputs": {}}
     for col, top in tops.items():
         cached, err = split.attrs["cached"][col], split.attrs["abs_error"][col]
         bias = float(bias_rows[col].sum())
@@ -207,15 +340,48 @@ def query(
                       f"parts sum = {cached - bias:.4f}, |split - cached| = {err:.1e}")
         shown = top.rename(columns={col: "contribution"})
         console.print(table(f"Top {top_k} query parts by |contribution| to {col}", shown,
-                            ["name", "kind", "layer", "head", "src_pos", "neuron", "contribution"]))
+                            ["name", "kind", "layer", "head", "src_pos", "src_token", "neuron", "contribution"],
+                            tokens=token_strs, headers={"src_token": "source token"}))
         out["inputs"][col] = {
             "hook": split.attrs["hooks"][col], "cached": cached, "key_bias": bias, "abs_error": err,
-            "top": [{"name": r.name, "kind": r.kind, "layer": int(r.layer), "head": int(r.head),
-                     "src_pos": int(r.src_pos), "neuron": int(r.neuron), "contribution": float(getattr(r, col))}
-                    for r in top.itertuples(index=False)],
+            "top": [_query_record(r, col, token_strs) for r in shown.to_dict(orient="records")],
         }
     if json_path:
         write_json(json_path, out)
+
+
+def _query_record(r: dict[str, Any], col: str, tokens: list[str]) -> dict[str, Any]:
+    """One query part for --json: only the fields that apply (no -1/NaN placeholders), with its source token."""
+    rec: dict[str, Any] = {"name": r["name"], "kind": r.get("kind")}
+    for k in ("layer", "head", "src_pos", "neuron"):
+        v = r.get(k)
+        if v is not None and v is not pd.NA and v == v and int(v) >= 0:
+            rec[k] = int(v)
+    if "src_pos" in rec and "src_token" not in r and 0 <= rec["src_pos"] < len(tokens):
+        rec["src_token"] = tokens[rec["src_pos"]]
+    elif r.get("src_token"):
+        rec["src_token"] = r["src_token"]
+    rec["contribution"] = float(r["contribution"])
+    return rec
+
+
+def _neuron_activation(m: Any, cache: Any, name: str, position: int) -> tuple[float, str]:
+    """The queried neuron's own value: an FFN neuron's activation ``m`` (its coefficient, after the gate), or an
+    attention value neuron's coefficient ``pattern × v`` at the destination ``position``."""
+    from tl_residual import decompose as D
+    from tl_residual import names
+
+    ref = names.parse(name)
+    if ref.kind == "ffn_neuron":
+        ffn, _ = D.ffn_parts(m, cache, ref.layer, position)
+        pos = D.resolve_position(position, D.n_positions(cache))
+        return float(ffn.coefficients[ref.neuron]), f"activation m of {name} at position {pos} (the MLP's hook_post)"
+    neurons = D.attention_neuron_parts(m, cache, ref.layer, position)
+    if name not in neurons.names:
+        return float("nan"), f"coefficient of {name} (its source position is after the destination)"
+    k = neurons.names.index(name)
+    dest = D.resolve_position(position, D.n_positions(cache))
+    return float(neurons.coefficients[k]), f"coefficient of {name} at destination position {dest} (attn weight × v)"
 
 
 @app.command()
@@ -259,21 +425,55 @@ def ablate(
         fail(str(exc))
     row = result.to_dataframe().iloc[0]
     comps = result.components[0]
-    how = {"zero": "zeroed", "scale": f"scaled by {factor}", "replace": f"replaced by {value}"}[mode]
+    how = {"zero": "removed", "scale": f"scaled by {factor}", "replace": f"set to {value}"}[mode]
     console.print(f"[bold]{model}[/bold]  prompt {prompt!r}  target [bold]{row.target_token!r}[/bold] "
-                  f"(id {int(row.target)}); {len(comps)} component(s) {how} at every position: {', '.join(comps)}")
+                  f"(id {int(row.target)})", highlight=False)
+    for c in comps:
+        console.print(f"  {_scope(c, how)}", highlight=False)
     t = Table(header_style="bold")
-    for c in ("", "rank", "prob", "logp (nats)"):
-        t.add_column(c, justify="right" if c else "left")
-    t.add_row("before", str(int(row.rank_before)), f"{row.prob_before:.4f}", f"{row.logp_before:.4f}")
-    t.add_row("after", str(int(row.rank_after)), f"{row.prob_after:.4f}", f"{row.logp_after:.4f}")
+    for c in ("", "target rank", "target prob", "target logp (nats)", "top-1 prediction"):
+        t.add_column(c, justify="left" if c in ("", "top-1 prediction") else "right", no_wrap=True)
+    top_after = getattr(row, "top1_after_token", None)
+    top_after_prob = getattr(row, "top1_after_prob", float("nan"))
+    top_before = getattr(row, "top1_before_token", None)
+    t.add_row("before", str(int(row.rank_before)), f"{row.prob_before:.4f}", f"{row.logp_before:.4f}",
+              f"{top_before!r} {getattr(row, 'top1_before_prob', float('nan')):.4f}" if top_before is not None else "")
+    t.add_row("after", str(int(row.rank_after)), f"{row.prob_after:.4f}", f"{row.logp_after:.4f}",
+              f"{top_after!r} {top_after_prob:.4f}" if top_after is not None else "")
     console.print(t)
     if json_path:
         out = {"model": model, "prompt": prompt, "target_token": row.target_token, "target_id": int(row.target),
                "mode": mode, "factor": factor, "value": value, "components": comps,
+               "scope": [_scope(c, how) for c in comps],
                "before": {"rank": int(row.rank_before), "prob": float(row.prob_before), "logp": float(row.logp_before)},
-               "after": {"rank": int(row.rank_after), "prob": float(row.prob_after), "logp": float(row.logp_after)}}
+               "after": {"rank": int(row.rank_after), "prob": float(row.prob_after), "logp": float(row.logp_after),
+                         **({"top1_token": top_after, "top1_prob": float(top_after_prob)} if top_after is not None
+                            else {})}}
         write_json(json_path, out)
+
+
+def _scope(name: str, how: str) -> str:
+    """What an intervention on ``name`` does, in words (``how``: removed / scaled by f / set to v)."""
+    from tl_residual import names
+
+    try:
+        r = names.parse(name)
+    except TLResidualError:
+        return f"{name}: {how} at every position"
+    if r.kind == "attn_subvalue":
+        verb = {"removed": "removed from"}.get(how, f"{how} in")
+        return (f"{name}: source position {r.src_pos}'s value {verb} head {r.head}'s output (layer {r.layer}) "
+                f"at every destination position")
+    if r.kind == "ffn_neuron":
+        return f"{name}: FFN neuron {r.neuron}'s activation (layer {r.layer}) {how} at every position"
+    if r.kind == "attn_neuron":
+        return (f"{name}: dimension {r.dim} of head {r.head}'s value (layer {r.layer}) at source position "
+                f"{r.src_pos} {how}, at every destination position")
+    if r.kind == "head_dim":
+        return f"{name}: dimension {r.dim} of head {r.head}'s value (layer {r.layer}) {how} at every position"
+    if r.kind == "head":
+        return f"{name}: head {r.head}'s output (layer {r.layer}) {how} at every position"
+    return f"{name}: {how} at every position"
 
 
 @app.command()

@@ -479,7 +479,9 @@ class InterventionResult:
     Attributes:
         per_prompt: DataFrame with columns ``prompt``, ``target``, ``target_token``, ``n_components``,
             ``rank_before``, ``prob_before``, ``logp_before``, ``rank_after``, ``prob_after``, ``logp_after``
-            (probabilities in [0, 1], log-probabilities in nats).
+            (probabilities in [0, 1], log-probabilities in nats), the top-1 prediction before
+            (``top1_before_token``, ``top1_before_prob``) and after (``top1_after`` id, ``top1_after_token``,
+            ``top1_after_prob``).
         mode, factor, value: what was done to the components.
         components: the component names per prompt.
     """
@@ -493,6 +495,30 @@ class InterventionResult:
     def to_dataframe(self) -> pd.DataFrame:
         """The per-prompt table."""
         return self.per_prompt
+
+    def _repr_html_(self) -> str:
+        """The notebook display: what was done, the summary, and the per-prompt table (tokens quoted)."""
+        import html as _html
+
+        how = {"zero": "zeroed", "scale": f"scaled by {self.factor}", "replace": f"replaced by {self.value}"}
+        comps = sorted({c for cs in self.components for c in cs})
+        shown = ", ".join(comps[:12]) + (f", … ({len(comps)} in all)" if len(comps) > 12 else "")
+        df = self.per_prompt.copy()
+        for c in ("target_token", "top1_after_token"):
+            if c in df:
+                df[c] = [repr(t) for t in df[c]]
+        for c in ("top1_before_token",):
+            if c in df:
+                df[c] = [repr(t) for t in df[c]]
+        cols = [c for c in ("prompt", "target_token", "rank_before", "rank_after", "prob_before", "prob_after",
+                            "logp_before", "logp_after", "top1_before_token", "top1_after_token", "top1_after_prob")
+                if c in df]
+        s = self.summary()
+        head = (f"<p><b>{len(comps)} component(s) {_html.escape(how.get(self.mode, self.mode))} at every position</b>: "
+                f"{_html.escape(shown)}<br>{len(df)} prompt(s): MRR {s['mrr_before']:.3f} → {s['mrr_after']:.3f}, "
+                f"target probability {s['prob_before_pct']:.2f}% → {s['prob_after_pct']:.2f}%, log-probability "
+                f"{s['logp_before']:.3f} → {s['logp_after']:.3f} nats</p>")
+        return head + df[cols].to_html(index=False, float_format=lambda x: f"{x:.4f}", max_rows=50)
 
     def summary(self) -> dict[str, float]:
         """MRR, mean probability (%) and mean log-probability (nats) of the target, before and after
@@ -606,22 +632,19 @@ def intervene(
         after = last_token_logits(model, batch, hooks)
         r0, p0, lp0 = target_metrics(before, t)
         r1, p1, lp1 = target_metrics(after, t)
-        frames.append(
-            pd.DataFrame(
-                {
-                    "prompt": batch.prompts,
-                    "target": t.tolist(),
-                    "target_token": [tok.decode([i]) if tok is not None else f"<{i}>" for i in t.tolist()],
-                    "n_components": [len(c) for c in comps[start:stop]],
-                    "rank_before": r0.tolist(),
-                    "prob_before": p0.tolist(),
-                    "logp_before": lp0.tolist(),
-                    "rank_after": r1.tolist(),
-                    "prob_after": p1.tolist(),
-                    "logp_after": lp1.tolist(),
-                }
-            )
-        )
-    return InterventionResult(
-        pd.concat(frames, ignore_index=True), mode, factor, value, [[c.name for c in cs] for cs in comps]
-    )
+        top0, top1 = before.argmax(-1), after.argmax(-1)
+        decode = (lambda i: tok.decode([i])) if tok is not None else (lambda i: f"<{i}>")
+        frames.append(pd.DataFrame({
+            "prompt": batch.prompts,
+            "target": t.tolist(),
+            "target_token": [tok.decode([i]) if tok is not None else f"<{i}>" for i in t.tolist()],
+            "n_components": [len(c) for c in comps[start:stop]],
+            "rank_before": r0.tolist(), "prob_before": p0.tolist(), "logp_before": lp0.tolist(),
+            "rank_after": r1.tolist(), "prob_after": p1.tolist(), "logp_after": lp1.tolist(),
+            "top1_before_token": [decode(i) for i in top0.tolist()],
+            "top1_before_prob": torch.softmax(before.float(), -1).gather(-1, top0[:, None])[:, 0].tolist(),
+            "top1_after": top1.tolist(), "top1_after_token": [decode(i) for i in top1.tolist()],
+            "top1_after_prob": torch.softmax(after.float(), -1).gather(-1, top1[:, None])[:, 0].tolist(),
+        }))
+    return InterventionResult(pd.concat(frames, ignore_index=True), mode, factor, value,
+                              [[c.name for c in cs] for cs in comps])

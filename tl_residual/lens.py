@@ -124,12 +124,37 @@ class Lens:
         """A token id as text (``repr``-free; the raw decoded string)."""
         if self.tokenizer is None:
             return f"<{token}>"
-        return self.tokenizer.decode([int(token)])
+        text = self.tokenizer.decode([int(token)])
+        return text if "\ufffd" not in text else _partial_bytes(self.tokenizer, int(token), text)
 
     def top_tokens(self, v: Float[Tensor, " d_model"], k: int = 5, largest: bool = True) -> list[str]:
         """The ``k`` tokens with the largest (or smallest) bs-values of ``v``."""
         ids = torch.topk(self.logits(v), k, largest=largest).indices.tolist()
         return [self.token_str(t) for t in ids]
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, inverted: the printable character that stands for each byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for byte in range(256):
+        if byte not in bs:
+            bs.append(byte)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): byte for byte, c in zip(bs, cs)}
+
+
+def _partial_bytes(tokenizer: Any, token: int, text: str) -> str:
+    """A token that is part of a UTF-8 character (``decode`` gives U+FFFD): its bytes, e.g. ``' \\xe2\\x80'`` for a
+    byte-level BPE token, else the tokenizer's own piece (e.g. ``<0xE2>``)."""
+    piece = tokenizer.convert_ids_to_tokens(token)
+    if not isinstance(piece, str):
+        return text
+    table = _byte_decoder()
+    if all(c in table for c in piece):
+        return bytes(table[c] for c in piece).decode("utf-8", errors="backslashreplace")
+    return piece
 
 
 def model_logits(model: Any, cache: Any, position: int = -1, batch: int = 0) -> Float[Tensor, " d_vocab"]:

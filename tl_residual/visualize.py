@@ -122,6 +122,7 @@ class FlowGraph:
     edges: pd.DataFrame
     meta: dict[str, Any] = field(default_factory=dict)
     _figure: go.Figure | None = field(default=None, repr=False)
+    _figure_key: tuple[str, bool] = field(default=("rank", False), repr=False)
 
     def to_dataframe(self) -> pd.DataFrame:
         """Nodes then edges in one table, with an ``element`` column (``"node"`` / ``"edge"``)."""
@@ -129,10 +130,23 @@ class FlowGraph:
             [self.nodes.assign(element="node"), self.edges.assign(element="edge")], ignore_index=True
         )[["element", *NODE_COLUMNS, *[c for c in EDGE_COLUMNS if c not in NODE_COLUMNS]]]
 
-    def figure(self) -> go.Figure:
-        """The plotly figure (built once, then cached)."""
-        if self._figure is None:
-            self._figure = _draw(self)
+    def figure(self, colour: str = "rank", fit: bool = False) -> go.Figure:
+        """The plotly figure (built once per setting, then cached).
+
+        Args:
+            colour: the initial node colouring, one of :data:`COLOURINGS` (``"rank"`` of the target in the node's
+                projection, ``"sign"`` of the coefficient as in VISIT, or ``"log_prob_increase"``); buttons on the
+                figure switch between them.
+            fit: size the figure to its container (a page or notebook cell) instead of ~105 px per column.
+
+        Raises:
+            InvalidInputError: an unknown colouring.
+        """
+        if colour not in COLOURINGS:
+            raise InvalidInputError(f"colour {colour!r} is not one of {', '.join(COLOURINGS)}")
+        key = (colour, fit)
+        if self._figure is None or self._figure_key != key:
+            self._figure, self._figure_key = _draw(self, colour, fit), key
         return self._figure
 
     def to_html(self, path: str | None = None) -> str:
@@ -148,7 +162,8 @@ class FlowGraph:
         return page
 
     def _repr_html_(self) -> str:
-        return pio.to_html(self.figure(), full_html=False, include_plotlyjs=True, config=_PLOTLY_CONFIG)
+        return pio.to_html(self.figure(fit=True), full_html=False, include_plotlyjs=True,
+                           config=dict(_PLOTLY_CONFIG, responsive=True))
 
     def show(self, renderer: str | None = None) -> None:
         """Display the figure (plotly's renderer; in Jupyter, inline)."""
@@ -263,6 +278,123 @@ def _group(kind: str, layer: int, vectors: Tensor, names: list[str]) -> D.PartGr
     return D.PartGroup(kind, layer, torch.ones(vectors.shape[0]), vectors, {}, names)
 
 
+@dataclass(frozen=True)
+class _Rule:
+    """What :func:`flow_graph` keeps: the pruning rule and the counts."""
+
+    activation: bool
+    n_heads: int
+    n_memory: int
+    n_attn_neurons: int
+    n_neurons: int
+
+
+def _neuron_nodes(b: _Builder, ctx: ScoringContext, group: D.PartGroup, kind: str, n: int, activation: bool,
+                  into: str, parent: Any, fields: Any, src_tokens: Sequence[str] = ()) -> None:
+    """The ``n`` highest and ``n`` lowest neurons of ``group`` (by log-prob increase, or by coefficient under
+    ``activation``) as nodes of ``kind``, each with an edge ``parent(k) -> node`` (its coefficient) and
+    ``node -> into`` (its norm). ``fields(k)`` gives the node's ``head``/``dim``/``src_pos``/``neuron``."""
+    if n <= 0 or len(group) == 0:
+        return
+    scores = group.coefficients if activation else _lpi(ctx, group)
+    picks = _pick(scores, n, True) + _pick(scores, n, False)
+    for j, k in enumerate(dict.fromkeys(picks)):
+        vec = group.coefficients[k] * group.directions[k]
+        lpi = float(_lpi(ctx, _group(kind, group.layer or 0, vec[None], ["x"]))[0]) if activation else float(scores[k])
+        f = fields(k)
+        src = src_tokens[f["src_pos"]] if "src_pos" in f else ""
+        node = b.node(group.names[k], kind, int(group.layer or 0), vec, lpi=lpi,
+                      coefficient=float(group.coefficients[k]), src_token=src, order=j, **f)
+        b.edge(parent(k), node, "coefficient", float(group.coefficients[k]))
+        b.edge(node, into, "norm", float(vec.norm()))
+
+
+def _attention_stage(b: _Builder, model: Any, cache: Any, ctx: ScoringContext, l: int, prev: str, rule: _Rule,
+                     src_tokens: Sequence[str], n_heads: int) -> str:
+    """Layer ``l``'s attention: ``ln1``, queries, memory values, heads, attention neurons, ``b_O``, ``attn_out``
+    and ``resid_mid`` (returned), chained from the node ``prev`` (the layer's ``resid_pre``)."""
+    pos, batch = ctx.position, ctx.batch
+    x_pre = ctx.resid(f"blocks.{l}.hook_resid_pre")
+    ln1 = b.node(f"L{l}.ln1", "ln1", l, tlm.cached(cache, f"blocks.{l}.ln1.hook_normalized", batch)[pos])
+    b.edge(prev, ln1, "norm", float(x_pre.norm()))
+    sub, attn_bias = D.attention_parts(model, cache, l, pos, batch)
+    n_src = pos + 1
+    pattern = einops.rearrange(sub.coefficients, "(head src) -> head src", src=n_src)
+    sub_lpi = _lpi(ctx, sub)
+    sub_lpi_hs = einops.rearrange(sub_lpi, "(head src) -> head src", src=n_src)
+    head_vecs = einops.reduce(sub.vectors, "(head src) d_model -> head d_model", "sum", src=n_src)
+    head_lpi = _lpi(ctx, _group("head", l, head_vecs, [D.head_name(l, h) for h in range(n_heads)]))
+    head_rank = head_vecs.norm(dim=-1) if rule.activation else head_lpi.abs()
+    heads = sorted(_pick(head_rank, rule.n_heads, largest=True))
+    q = tlm.cached(cache, f"blocks.{l}.attn.hook_q", batch)[pos]
+    if q.shape[0] != n_heads:
+        raise InvalidInputError(f"blocks.{l}.attn.hook_q has {q.shape[0]} heads, expected {n_heads}")
+    attn_out_vec = tlm.cached(cache, f"blocks.{l}.hook_attn_out", batch)[pos]
+    attn_out = b.node(f"L{l}.attn_out", "attn_out", l, attn_out_vec,
+                      lpi=float(_lpi(ctx, _group("attn", l, attn_out_vec[None], [f"L{l}.attn"]))[0]))
+    mem_nodes: dict[tuple[int, int], str] = {}
+    for rank_h, h in enumerate(heads):
+        top_src = int(pattern[h].argmax())
+        qn = b.node(f"L{l}.H{h}.q", "query", l, None, head=h, order=rank_h,
+                    label=f"→{_short(src_tokens[top_src], 9)}", src_token=src_tokens[top_src])
+        b.edge(ln1, qn, "norm", float(q[h].norm()))
+        hn = b.node(D.head_name(l, h), "head", l, head_vecs[h], lpi=float(head_lpi[h]), head=h, order=rank_h)
+        b.edge(hn, attn_out, "norm", float(head_vecs[h].norm()))
+        mem_scores = pattern[h] if rule.activation else sub_lpi_hs[h].abs()
+        for j, p in enumerate(_pick(mem_scores, rule.n_memory, largest=True)):
+            i = h * n_src + p
+            mv = b.node(D.subvalue_name(l, h, p), "memory_value", l, sub.vectors[i], lpi=float(sub_lpi[i]),
+                        coefficient=float(pattern[h, p]), head=h, src_pos=p, src_token=src_tokens[p],
+                        order=rank_h + j / max(rule.n_memory, 1) * 0.5)
+            mem_nodes[(h, p)] = mv
+            b.edge(qn, mv, "attention", float(pattern[h, p]))
+            b.edge(mv, hn, "norm", float(sub.vectors[i].norm()))
+    if rule.n_attn_neurons > 0 and mem_nodes:
+        # candidates: the attention neurons of the drawn memory values (each hangs off its memory value)
+        neurons = _subset(D.attention_neuron_parts(model, cache, l, pos, batch), set(mem_nodes))
+
+        def fields(k: int) -> dict[str, int]:
+            return {key: int(neurons.index[key][k]) for key in ("head", "dim", "src_pos")}
+
+        def parent(k: int) -> str:
+            h, p = fields(k)["head"], fields(k)["src_pos"]
+            return mem_nodes.get((h, p)) or (D.head_name(l, h) if D.head_name(l, h) in b.ids else ln1)
+
+        _neuron_nodes(b, ctx, neurons, "attn_neuron", rule.n_attn_neurons, rule.activation, attn_out, parent,
+                      fields, src_tokens)
+    bias_vec = attn_bias.total()
+    if float(bias_vec.norm()) > 0:
+        bn = b.node(f"L{l}.attn_bias", "attn_bias", l, bias_vec, lpi=float(_lpi(ctx, attn_bias)[0]), order=1e6)
+        b.edge(bn, attn_out, "norm", float(bias_vec.norm()))
+    mid = b.node(f"L{l}.resid_mid", "resid_mid", l, ctx.resid(f"blocks.{l}.hook_resid_mid"))
+    b.edge(attn_out, mid, "norm", float(attn_out_vec.norm()))
+    b.edge(prev, mid, "residual", float(x_pre.norm()))
+    return mid
+
+
+def _ffn_stage(b: _Builder, model: Any, cache: Any, ctx: ScoringContext, l: int, mid: str, rule: _Rule) -> str:
+    """Layer ``l``'s FFN: ``ln2``, the top and bottom neurons, ``b_out``, ``mlp_out`` and ``resid_post``
+    (returned), chained from ``mid`` (the layer's ``resid_mid`` node)."""
+    pos, batch = ctx.position, ctx.batch
+    x_mid = ctx.resid(f"blocks.{l}.hook_resid_mid")
+    ln2 = b.node(f"L{l}.ln2", "ln2", l, tlm.cached(cache, f"blocks.{l}.ln2.hook_normalized", batch)[pos])
+    b.edge(mid, ln2, "norm", float(x_mid.norm()))
+    ffn, ffn_bias = D.ffn_parts(model, cache, l, pos, batch)
+    mlp_out_vec = tlm.cached(cache, f"blocks.{l}.hook_mlp_out", batch)[pos]
+    mlp_out = b.node(f"L{l}.mlp_out", "mlp_out", l, mlp_out_vec,
+                     lpi=float(_lpi(ctx, _group("mlp", l, mlp_out_vec[None], [f"L{l}.mlp"]))[0]))
+    _neuron_nodes(b, ctx, ffn, "ffn_neuron", rule.n_neurons, rule.activation, mlp_out, lambda k: ln2,
+                  lambda k: {"neuron": k})
+    bias_vec = ffn_bias.total()
+    if float(bias_vec.norm()) > 0:
+        bn = b.node(f"L{l}.mlp_bias", "mlp_bias", l, bias_vec, lpi=float(_lpi(ctx, ffn_bias)[0]), order=1e6)
+        b.edge(bn, mlp_out, "norm", float(bias_vec.norm()))
+    post = b.node(f"L{l}.resid_post", "resid_post", l, ctx.resid(f"blocks.{l}.hook_resid_post"))
+    b.edge(mlp_out, post, "norm", float(mlp_out_vec.norm()))
+    b.edge(mid, post, "residual", float(x_mid.norm()))
+    return post
+
+
 def flow_graph(
     model: Any,
     cache: Any,
@@ -338,98 +470,14 @@ def flow_graph(
     ctx = make_context(model, cache, target, position, batch, convention)
     pos = ctx.position
     src_tokens = _token_texts(ctx.lens, tokens, D.n_positions(cache), batch)
-    activation = prune == "activation"
+    rule = _Rule(activation=prune == "activation", n_heads=n_heads if n_heads is not None else spec.n_heads,
+                 n_memory=n_memory, n_attn_neurons=n_attn_neurons, n_neurons=n_neurons)
     b = _Builder()
-
-    resid = ctx.resid
     first = layer_list[0]
-    prev = b.node(f"L{first}.resid_pre", "resid_pre", first, resid(f"blocks.{first}.hook_resid_pre"))
+    prev = b.node(f"L{first}.resid_pre", "resid_pre", first, ctx.resid(f"blocks.{first}.hook_resid_pre"))
     for l in layer_list:
-        # ---- attention ------------------------------------------------------------------------------
-        x_pre = resid(f"blocks.{l}.hook_resid_pre")
-        ln1 = b.node(f"L{l}.ln1", "ln1", l, tlm.cached(cache, f"blocks.{l}.ln1.hook_normalized", batch)[pos])
-        b.edge(prev, ln1, "norm", float(x_pre.norm()))
-        sub, attn_bias = D.attention_parts(model, cache, l, pos, batch)
-        n_src = pos + 1
-        pattern = einops.rearrange(sub.coefficients, "(head src) -> head src", src=n_src)
-        sub_lpi = _lpi(ctx, sub)
-        sub_lpi_hs = einops.rearrange(sub_lpi, "(head src) -> head src", src=n_src)
-        head_vecs = einops.reduce(sub.vectors, "(head src) d_model -> head d_model", "sum", src=n_src)
-        head_group = _group("head", l, head_vecs, [D.head_name(l, h) for h in range(spec.n_heads)])
-        head_lpi = _lpi(ctx, head_group)
-        head_rank = head_vecs.norm(dim=-1) if activation else head_lpi.abs()
-        heads = sorted(_pick(head_rank, n_heads if n_heads is not None else spec.n_heads, largest=True))
-        q = tlm.cached(cache, f"blocks.{l}.attn.hook_q", batch)[pos]
-        if q.shape[0] != spec.n_heads:
-            raise InvalidInputError(f"blocks.{l}.attn.hook_q has {q.shape[0]} heads, expected {spec.n_heads}")
-        attn_out_vec = tlm.cached(cache, f"blocks.{l}.hook_attn_out", batch)[pos]
-        attn_out = b.node(f"L{l}.attn_out", "attn_out", l, attn_out_vec,
-                          lpi=float(_lpi(ctx, _group("attn", l, attn_out_vec[None], [f"L{l}.attn"]))[0]))
-        mem_nodes: dict[tuple[int, int], str] = {}
-        for rank_h, h in enumerate(heads):
-            top_src = int(pattern[h].argmax())
-            qn = b.node(f"L{l}.H{h}.q", "query", l, None, head=h, order=rank_h,
-                        label=f"→{_short(src_tokens[top_src], 9)}", src_token=src_tokens[top_src])
-            b.edge(ln1, qn, "norm", float(q[h].norm()))
-            hn = b.node(D.head_name(l, h), "head", l, head_vecs[h], lpi=float(head_lpi[h]), head=h, order=rank_h)
-            b.edge(hn, attn_out, "norm", float(head_vecs[h].norm()))
-            mem_scores = pattern[h] if activation else sub_lpi_hs[h].abs()
-            for j, p in enumerate(_pick(mem_scores, n_memory, largest=True)):
-                i = h * n_src + p
-                mv = b.node(D.subvalue_name(l, h, p), "memory_value", l, sub.vectors[i], lpi=float(sub_lpi[i]),
-                            coefficient=float(pattern[h, p]), head=h, src_pos=p, src_token=src_tokens[p],
-                            order=rank_h + j / max(n_memory, 1) * 0.5)
-                mem_nodes[(h, p)] = mv
-                b.edge(qn, mv, "attention", float(pattern[h, p]))
-                b.edge(mv, hn, "norm", float(sub.vectors[i].norm()))
-        if n_attn_neurons > 0 and mem_nodes:
-            # candidates: the attention neurons of the drawn memory values (each hangs off its memory value)
-            neurons = _subset(D.attention_neuron_parts(model, cache, l, pos, batch), set(mem_nodes))
-            scores = neurons.coefficients if activation else _lpi(ctx, neurons)
-            picks = _pick(scores, n_attn_neurons, True) + _pick(scores, n_attn_neurons, False)
-            for j, k in enumerate(dict.fromkeys(picks)):
-                h, d, p = (int(neurons.index[key][k]) for key in ("head", "dim", "src_pos"))
-                vec = neurons.coefficients[k] * neurons.directions[k]
-                lpi = float(scores[k]) if not activation else float(_lpi(ctx, _group("attn_neuron", l, vec[None], ["x"]))[0])
-                an = b.node(neurons.names[k], "attn_neuron", l, vec, lpi=lpi, coefficient=float(neurons.coefficients[k]),
-                            head=h, dim=d, src_pos=p, src_token=src_tokens[p], order=j)
-                parent = mem_nodes.get((h, p)) or (D.head_name(l, h) if D.head_name(l, h) in b.ids else ln1)
-                b.edge(parent, an, "coefficient", float(neurons.coefficients[k]))
-                b.edge(an, attn_out, "norm", float(vec.norm()))
-        bias_vec = attn_bias.total()
-        if float(bias_vec.norm()) > 0:
-            bn = b.node(f"L{l}.attn_bias", "attn_bias", l, bias_vec, lpi=float(_lpi(ctx, attn_bias)[0]), order=1e6)
-            b.edge(bn, attn_out, "norm", float(bias_vec.norm()))
-        x_mid = resid(f"blocks.{l}.hook_resid_mid")
-        mid = b.node(f"L{l}.resid_mid", "resid_mid", l, x_mid)
-        b.edge(attn_out, mid, "norm", float(attn_out_vec.norm()))
-        b.edge(prev, mid, "residual", float(x_pre.norm()))
-        # ---- FFN --------------------------------------------------------------------------------------
-        ln2 = b.node(f"L{l}.ln2", "ln2", l, tlm.cached(cache, f"blocks.{l}.ln2.hook_normalized", batch)[pos])
-        b.edge(mid, ln2, "norm", float(x_mid.norm()))
-        ffn, ffn_bias = D.ffn_parts(model, cache, l, pos, batch)
-        mlp_out_vec = tlm.cached(cache, f"blocks.{l}.hook_mlp_out", batch)[pos]
-        mlp_out = b.node(f"L{l}.mlp_out", "mlp_out", l, mlp_out_vec,
-                         lpi=float(_lpi(ctx, _group("mlp", l, mlp_out_vec[None], [f"L{l}.mlp"]))[0]))
-        if n_neurons > 0:
-            scores = ffn.coefficients if activation else _lpi(ctx, ffn)
-            picks = _pick(scores, n_neurons, True) + _pick(scores, n_neurons, False)
-            for j, k in enumerate(dict.fromkeys(picks)):
-                vec = ffn.coefficients[k] * ffn.directions[k]
-                lpi = float(scores[k]) if not activation else float(_lpi(ctx, _group("ffn_neuron", l, vec[None], ["x"]))[0])
-                nn_ = b.node(ffn.names[k], "ffn_neuron", l, vec, lpi=lpi, coefficient=float(ffn.coefficients[k]),
-                             neuron=k, order=j)
-                b.edge(ln2, nn_, "coefficient", float(ffn.coefficients[k]))
-                b.edge(nn_, mlp_out, "norm", float(vec.norm()))
-        bias_vec = ffn_bias.total()
-        if float(bias_vec.norm()) > 0:
-            bn = b.node(f"L{l}.mlp_bias", "mlp_bias", l, bias_vec, lpi=float(_lpi(ctx, ffn_bias)[0]), order=1e6)
-            b.edge(bn, mlp_out, "norm", float(bias_vec.norm()))
-        x_post = resid(f"blocks.{l}.hook_resid_post")
-        post = b.node(f"L{l}.resid_post", "resid_post", l, x_post)
-        b.edge(mlp_out, post, "norm", float(mlp_out_vec.norm()))
-        b.edge(mid, post, "residual", float(x_mid.norm()))
-        prev = post
+        mid = _attention_stage(b, model, cache, ctx, l, prev, rule, src_tokens, spec.n_heads)
+        prev = _ffn_stage(b, model, cache, ctx, l, mid, rule)
 
     nodes = _project(b, model, cache, ctx, projection, n_top_tokens)
     nodes = _layout(nodes, layer_list, bool((nodes["kind"] == "attn_neuron").any()))
@@ -514,17 +562,27 @@ def _pt(text: str) -> str:
 _RANK_COLORSCALE = [[0.0, "#1a9850"], [0.25, "#91cf60"], [0.5, "#fee08b"], [0.75, "#fc8d59"], [1.0, "#d73027"]]
 
 
+def _prob(p: float) -> str:
+    """A probability with 4 decimals, or 2 significant digits below 1e-4 (never a bare ``0.0000``)."""
+    if p != p:
+        return ""
+    return f"{p:.4f}" if p >= 1e-4 or p == 0 else f"{p:.1e}"
+
+
 def _hover(row: Any, meta: dict[str, Any]) -> str:
     esc = _pt
     lines = [f"<b>{esc(row.id)}</b> ({esc(row.kind.replace('_', ' '))})"]
     if row.src_token:
         lines.append(f"source token: {esc(repr(row.src_token))} (position {row.src_pos})"
                      if row.src_pos >= 0 else f"attends most to {esc(repr(row.src_token))}")
+    if row.kind in ("memory_value", "attn_neuron") and row.src_pos == 0 and meta["position"] > 0:
+        lines.append("read from position 0 (the attention sink): drawn faded")
     if row.kind == "query":
         lines.append("query of the head (d_head space: no position-free vocabulary projection)")
     if row.top_tokens:
         lines.append("top tokens: " + esc(", ".join(repr(t) for t in row.top_tokens)))
-        lines.append(f"target {esc(repr(meta['target_token']))}: p = {row.target_prob:.4f}, rank {row.target_rank:,}")
+        lines.append(f"target {esc(repr(meta['target_token']))}: p = {_prob(row.target_prob)}, "
+                     f"rank {row.target_rank:,}")
     if not math.isnan(row.log_prob_increase):
         lines.append(f"log-prob increase: {row.log_prob_increase:+.4f} nats")
     if not math.isnan(row.coefficient):
@@ -535,7 +593,8 @@ def _hover(row: Any, meta: dict[str, Any]) -> str:
     return "<br>".join(lines)
 
 
-def _draw(graph: FlowGraph) -> go.Figure:
+def _draw(graph: FlowGraph, colour: str = "rank", fit: bool = False) -> go.Figure:
+    """The plotly figure: fixed width (about 105 px per column), or ``fit`` to its container (the report)."""
     nodes, edges, meta = graph.nodes, graph.edges, graph.meta
     pos = {r.id: (r.x, r.y) for r in nodes.itertuples()}
     fig = go.Figure()
@@ -558,7 +617,7 @@ def _draw(graph: FlowGraph) -> go.Figure:
     # edges, bucketed by quantity and width (one line trace per bucket)
     maxima = edges.groupby("quantity")["value"].max().to_dict()
     mids_x, mids_y, mids_text = [], [], []
-    for quantity, (colour, legend) in _EDGE_STYLE.items():
+    for quantity, (edge_colour, legend) in _EDGE_STYLE.items():
         sel = edges[edges["quantity"] == quantity]
         if sel.empty:
             continue
@@ -574,36 +633,40 @@ def _draw(graph: FlowGraph) -> go.Figure:
                 mids_x.append((x0 + x1) / 2)
                 mids_y.append((y0 + y1) / 2)
                 mids_text.append(f"{_pt(e.source)} → {_pt(e.target)}<br>{quantity}: {e.value:.4f}")
-            fig.add_trace(go.Scatter(x=ex, y=ey, mode="lines", line=dict(color=colour, width=float(w)),
+            fig.add_trace(go.Scatter(x=ex, y=ey, mode="lines", line=dict(color=edge_colour, width=float(w)),
                                      hoverinfo="skip", name=legend, legendgroup=quantity, showlegend=k == 0,
                                      meta="edge"))
     fig.add_trace(go.Scatter(x=mids_x, y=mids_y, mode="markers", marker=dict(size=9, color="rgba(0,0,0,0)"),
                              hovertext=mids_text, hoverinfo="text", showlegend=False, meta="edge-hover"))
-    # nodes: projected (coloured by the target's rank) and queries (grey)
-    d_vocab = meta.get("d_vocab", 50000)
+    # nodes: projected (coloured by the chosen colouring) and queries (grey); labels are annotations on a white
+    # background (readable over the edges); memory values read from position 0 (the attention sink) are faded
     hover = [_hover(r, meta) for r in nodes.itertuples()]
     nodes = nodes.assign(hover=hover)
     proj = nodes[nodes["kind"] != "query"]
     queries = nodes[nodes["kind"] == "query"]
-    sizes = [22 if k in _STREAM_KINDS else 15 for k in proj["kind"]]
+    sink = _is_sink(proj, meta)
+    markers = {mode: _node_marker(proj, meta, mode, sink) for mode in COLOURINGS}
+    node_trace = len(fig.data)
     fig.add_trace(go.Scatter(
-        x=proj["x"], y=proj["y"], mode="markers+text", text=[_pt(t) for t in proj["label"]],
-        textposition="top center", textfont=dict(size=11, color="#111"), hovertext=proj["hover"], hoverinfo="text",
-        marker=dict(size=sizes, color=[math.log10(max(r, 1)) for r in proj["target_rank"]],
-                    colorscale=_RANK_COLORSCALE, cmin=0, cmax=math.log10(max(d_vocab, 10)),
-                    line=dict(width=1, color="#333"),
-                    colorbar=dict(title=dict(text=f"rank of<br>{_pt(repr(meta['target_token']))}"),
-                                  tickvals=[0, 1, 2, 3, 4, 5], len=0.6, thickness=14,
-                                  ticktext=["1", "10", "100", "1k", "10k", "100k"])),
+        x=proj["x"], y=proj["y"], mode="markers", text=[_pt(t) for t in proj["label"]],
+        hovertext=proj["hover"], hoverinfo="text", marker=markers[colour],
         name="nodes", showlegend=False, meta="node", customdata=proj["id"],
     ))
     if not queries.empty:
         fig.add_trace(go.Scatter(
-            x=queries["x"], y=queries["y"], mode="markers+text", text=[_pt(t) for t in queries["label"]],
-            textposition="top center", textfont=dict(size=10, color="#444"), hovertext=queries["hover"],
-            hoverinfo="text", marker=dict(size=12, color="#bdbdbd", symbol="diamond", line=dict(width=1, color="#555")),
+            x=queries["x"], y=queries["y"], mode="markers", text=[_pt(t) for t in queries["label"]],
+            hovertext=queries["hover"], hoverinfo="text",
+            marker=dict(size=12, color="#bdbdbd", symbol="diamond", line=dict(width=1, color="#555")),
             name="queries", showlegend=False, meta="node", customdata=queries["id"],
         ))
+    faded = dict(zip(proj["id"], sink))
+    for r in nodes.itertuples():
+        stream = r.kind in _STREAM_KINDS
+        fig.add_annotation(
+            x=r.x, y=r.y, text=_pt(r.label), showarrow=False, yshift=17 if stream else 14, name="label",
+            font=dict(size=13 if stream else 12, color="#9e9e9e" if faded.get(r.id) else "#111"),
+            bgcolor="rgba(255,255,255,0.85)", borderpad=1,
+        )
     n_cols = int(nodes["x"].max() - nodes["x"].min()) + 1
     tallest = int(nodes.groupby("x").size().max())
     layers = meta["layers"]
@@ -613,15 +676,60 @@ def _draw(graph: FlowGraph) -> go.Figure:
              f"(p = {meta['target_prob']:.3f}); pruned by {meta['prune'].replace('_', ' ')}")
     fig.update_layout(
         title=dict(text=title, font=dict(size=15), x=0.01),
-        width=max(900, 105 * n_cols + 220), height=max(520, 34 * tallest + 260),
-        plot_bgcolor="white", paper_bgcolor="white", hovermode="closest",
-        margin=dict(l=20, r=20, t=70, b=60),
-        xaxis=dict(visible=False, range=[float(nodes["x"].min()) - 0.7, float(nodes["x"].max()) + 0.7]),
+        width=None if fit else max(900, 105 * n_cols + 220), height=max(520, 36 * tallest + 260),
+        autosize=fit, plot_bgcolor="white", paper_bgcolor="white", hovermode="closest",
+        margin=dict(l=10, r=100, t=110, b=60),
+        xaxis=dict(visible=False, range=[float(nodes["x"].min()) - 0.6, float(nodes["x"].max()) + 0.6]),
         yaxis=dict(visible=False, range=[y_bottom - 0.3, y_top + 1.3]),
         legend=dict(orientation="h", x=0.0, y=0.0, yanchor="top"),
         hoverlabel=dict(align="left", font=dict(size=12)),
+        updatemenus=[dict(
+            type="buttons", direction="right", x=0.0, xanchor="left", y=1.0, yanchor="bottom", pad=dict(t=4, b=4),
+            showactive=True, active=COLOURINGS.index(colour), font=dict(size=12),
+            buttons=[dict(label=_COLOURING_LABELS[m], method="restyle", args=[{"marker": [markers[m]]}, [node_trace]])
+                     for m in COLOURINGS],
+        )],
     )
     return fig
+
+
+Colouring = Literal["rank", "sign", "log_prob_increase"]
+#: Node colourings of the flow graph (buttons on the figure): the target's rank in the node's logit-lens
+#: projection (default), the sign of the coefficient (VISIT: neurons red when positive, blue when negative), or the
+#: node's log-probability increase of the target (nats, red helps, blue hurts).
+COLOURINGS: tuple[str, ...] = ("rank", "sign", "log_prob_increase")
+_COLOURING_LABELS = {"rank": "colour: target rank", "sign": "colour: sign of coefficient",
+                     "log_prob_increase": "colour: log-prob increase"}
+
+
+def _is_sink(nodes: pd.DataFrame, meta: dict[str, Any]) -> list[bool]:
+    """Memory values and attention neurons read from source position 0 (BOS, the usual attention sink) while the
+    destination is later: drawn faded, since heads park attention there (their values are near-constant)."""
+    return [bool(k in ("memory_value", "attn_neuron") and p == 0 and meta["position"] > 0)
+            for k, p in zip(nodes["kind"], nodes["src_pos"])]
+
+
+def _node_marker(nodes: pd.DataFrame, meta: dict[str, Any], mode: str, sink: list[bool]) -> dict[str, Any]:
+    """The node trace's marker for one colouring (a full marker, so the buttons can swap it)."""
+    sizes = [22 if k in _STREAM_KINDS else 15 for k in nodes["kind"]]
+    common = dict(size=sizes, opacity=[0.35 if s else 1.0 for s in sink], line=dict(width=1, color="#333"))
+    if mode == "sign":
+        neuron = nodes["kind"].isin(["ffn_neuron", "attn_neuron"])
+        colours = ["#d62728" if n and c > 0 else "#1f77b4" if n and c < 0 else "#e0e0e0"
+                   for n, c in zip(neuron, nodes["coefficient"])]
+        return dict(common, color=colours, showscale=False)
+    if mode == "log_prob_increase":
+        lpi = nodes["log_prob_increase"].fillna(0.0)
+        top = max(float(lpi.abs().max()), 1e-6)
+        return dict(common, color=list(lpi), colorscale="RdBu", reversescale=True, cmin=-top, cmax=top,
+                    showscale=True, colorbar=dict(title=dict(text="log-prob<br>increase<br>(nats)"), len=0.6,
+                                                  thickness=14))
+    d_vocab = meta.get("d_vocab", 50000)
+    return dict(common, color=[math.log10(max(r, 1)) for r in nodes["target_rank"]], colorscale=_RANK_COLORSCALE,
+                cmin=0, cmax=math.log10(max(d_vocab, 10)), showscale=True,
+                colorbar=dict(title=dict(text=f"rank of<br>{_pt(repr(meta['target_token']))}"),
+                              tickvals=[0, 1, 2, 3, 4, 5], len=0.6, thickness=14,
+                              ticktext=["1", "10", "100", "1k", "10k", "100k"]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -755,13 +863,20 @@ def parts_table_figure(table: pd.DataFrame, title: str = "Top parts", n: int = 2
 
 _CSS = """
 body { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; margin: 24px; color: #222; }
-h1 { font-size: 22px; margin-bottom: 4px; } h2 { font-size: 18px; margin-top: 28px; }
+h1 { font-size: 22px; margin-bottom: 4px; } h2 { font-size: 18px; margin-top: 28px; } h3 { font-size: 16px; }
 .summary { font-size: 14px; line-height: 1.5; } .note { color: #555; font-size: 13px; max-width: 1100px; }
-.scroll { overflow-x: auto; border: 1px solid #ddd; border-radius: 6px; padding: 4px; }
+.scroll { overflow-x: auto; max-width: 100%; } .graph { border: 1px solid #ddd; border-radius: 6px; }
+nav.layers a { margin-right: 12px; font-size: 14px; }
 table.parts { border-collapse: collapse; font-size: 13px; } table.parts td, table.parts th {
-  border-bottom: 1px solid #e0e0e0; padding: 3px 8px; text-align: left; }
+  border-bottom: 1px solid #e0e0e0; padding: 3px 8px; text-align: left; white-space: nowrap; }
+table.parts td { max-width: 420px; overflow: hidden; text-overflow: ellipsis; }
 table.parts th { background: #e8eaf6; } code { background: #f3f3f3; padding: 1px 4px; border-radius: 3px; }
 """
+
+#: How many layers the report's flow graph shows by default (see :func:`default_graph_layers`).
+N_GRAPH_LAYERS = 2
+#: Heads per layer the report's flow graph shows by default (the top ones by |log-prob increase|).
+N_GRAPH_HEADS = 4
 
 
 def _fig_div(fig: go.Figure, div_id: str, responsive: bool = True) -> str:
@@ -769,40 +884,129 @@ def _fig_div(fig: go.Figure, div_id: str, responsive: bool = True) -> str:
     return pio.to_html(fig, full_html=False, include_plotlyjs=False, div_id=div_id, config=config)
 
 
-def _table_html(df: pd.DataFrame, columns: list[str], table_id: str) -> str:
+def _token_cell(token: Any, limit: int = 20) -> str:
+    """A token with visible quotes, cut to ``limit`` characters."""
+    text = repr(str(token))
+    return text if len(text) <= limit else text[: limit - 2] + "…" + text[-1]
+
+
+def display_table(df: pd.DataFrame, columns: list[str], tokens: Sequence[str] | None = None) -> pd.DataFrame:
+    """A score or node table made for reading: only ``columns`` (those present), a ``src_token`` column added from
+    ``tokens`` where the table has ``src_pos`` but no ``src_token``, tokens quoted, numbers as text with 4
+    decimals (probabilities below 1e-4 in scientific notation), and blanks where a column does not apply (NaN,
+    ``-1``, ``<NA>``) instead of placeholders. Used by the HTML report and the notebook displays.
+    """
+    df = df.copy()
+    if "src_token" in columns and "src_token" not in df.columns and "src_pos" in df.columns and tokens is not None:
+        df["src_token"] = [tokens[int(p)] if p == p and 0 <= int(p) < len(tokens) else "" for p in df["src_pos"]]
     cols = [c for c in columns if c in df.columns]
-    out = df[cols].copy()
-    if "top_tokens" in out:
-        out["top_tokens"] = [" ".join(repr(t) for t in list(tt)[:6]) for tt in out["top_tokens"]]
-    return out.to_html(index=False, classes="parts", float_format=lambda x: f"{x:.4f}", escape=True, border=0,
-                       table_id=table_id)
+    out = pd.DataFrame(index=df.index)
+    for c in cols:
+        values = []
+        for v in df[c]:
+            missing = v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v))
+            if c in ("head", "src_pos", "dim", "neuron", "layer", "target_rank") and not missing:
+                missing = int(v) < 0
+            if missing or (c in ("src_token", "label") and v == ""):
+                values.append("")
+            elif c == "top_tokens":
+                values.append(" ".join(_token_cell(t) for t in list(v)[:6]))
+            elif c in ("src_token", "target_token"):
+                values.append(_token_cell(v))
+            elif c == "target_prob":
+                values.append(_prob(float(v)))
+            elif c in ("head", "src_pos", "dim", "neuron", "layer", "target_rank"):
+                values.append(f"{int(v):,}" if c == "target_rank" else str(int(v)))
+            elif isinstance(v, float):
+                values.append(f"{v:+.4f}" if c in ("score", "log_prob_increase") else f"{v:.4f}")
+            else:
+                values.append(str(v))
+        out[c] = values
+    return out.reset_index(drop=True)
+
+
+def _table_html(df: pd.DataFrame, columns: list[str], table_id: str, tokens: Sequence[str] | None = None,
+                headers: dict[str, str] | None = None) -> str:
+    shown = display_table(df, columns, tokens).rename(columns=headers or {})
+    return "<div class='scroll'>" + shown.to_html(index=False, classes="parts", escape=True, border=0,
+                                                  table_id=table_id) + "</div>"
+
+
+def default_graph_layers(layers: pd.DataFrame, n: int = N_GRAPH_LAYERS) -> list[int]:
+    """The layers that matter: those of the ``n`` layer-level outputs (attention or FFN) with the largest
+    ``|score|`` (e.g. ``score_layers`` or ``Explanation.layers``), distinct and increasing.
+
+    On SmolLM2-135M-Instruct and "The capital of France is" these are layers 23 and 24 (their attention outputs
+    add the most log-probability of ``' Paris'``).
+
+    Raises:
+        InvalidInputError: the table lacks ``layer``/``score``, or ``n`` is not positive.
+    """
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise InvalidInputError(f"n must be a positive integer, got {n!r}")
+    missing = {"layer", "score"} - set(layers.columns)
+    if missing:
+        raise InvalidInputError(f"the layers table lacks columns {sorted(missing)}; pass score_layers(ctx)'s table")
+    rows = layers.dropna(subset=["layer"])
+    rows = rows[rows["layer"].astype(int) >= 0] if len(rows) else rows
+    order = rows.assign(_abs=rows["score"].abs()).sort_values("_abs", ascending=False, kind="stable")
+    return sorted(list(dict.fromkeys(int(l) for l in order["layer"]))[:n])
+
+
+def _graph_layers(layers: int | Sequence[int] | None, explanation: Any, n_layers: int, n: int) -> list[int]:
+    if layers is None:
+        return default_graph_layers(explanation.layers, n)
+    raw = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else list(layers)
+    out = sorted(dict.fromkeys(D.resolve_layer(l, n_layers) for l in raw))
+    if not out:
+        raise InvalidInputError("graph layers is empty: give at least one layer, e.g. [23, 24]")
+    return out
+
+
+_NODE_HEADERS = {"id": "node", "src_token": "source token", "label": "top token", "target_rank": "target rank",
+                 "target_prob": "target p", "log_prob_increase": "log-prob increase (nats)"}
 
 
 def report_html(model: Any, explanation: Any, *, layers: int | Sequence[int] | None = None,
+                n_graph_layers: int = N_GRAPH_LAYERS, colour: str = "rank",
                 compare_with: int | str | None = None, trajectory_tokens: Sequence[int | str] | None = None,
                 **graph_kwargs: Any) -> str:
     """The HTML text of :func:`write_report` (one page, plotly.js embedded once, no network access).
+
+    The flow graph is drawn one layer per figure, each sized to the page (a 1600 px window shows it without
+    horizontal scrolling), with links to jump between layers.
 
     Args:
         model: the model ``explanation`` was computed with.
         explanation: a :class:`~tl_residual.explanation.Explanation` (its ``cache`` is reused; without it
             the model is rerun on the prompt).
-        layers: flow-graph layers (default the last two).
+        layers: flow-graph layers (any set, e.g. ``[23, 24]``; each drawn as its own graph); default
+            :func:`default_graph_layers` of the explanation's layer table (the ``n_graph_layers`` layers whose
+            attention or FFN output has the largest ``|score|``).
+        n_graph_layers: how many layers the default picks (default 2).
+        colour: the graphs' initial node colouring (:data:`COLOURINGS`; buttons switch it).
         compare_with: the second token of the bs-value minus plot (default: the model's best other token).
         trajectory_tokens: tokens of the bs-value trajectory plot (default: the target and the model's next
             top-4 predictions).
-        graph_kwargs: passed to :func:`flow_graph` (``prune``, ``n_memory``, ``n_neurons``, ...).
+        graph_kwargs: passed to :func:`flow_graph` (``prune``, ``n_heads`` (default 4), ``n_memory``,
+            ``n_neurons``, ...).
 
     Raises:
-        InvalidInputError: bad flow-graph arguments or tokens (see :func:`flow_graph`).
+        InvalidInputError: bad flow-graph arguments, layers or tokens (see :func:`flow_graph`).
     """
+    spec = tlm.model_spec(model)
+    graph_layers = _graph_layers(layers, explanation, spec.n_layers, n_graph_layers)
+    if colour not in COLOURINGS:
+        raise InvalidInputError(f"colour {colour!r} is not one of {', '.join(COLOURINGS)}")
+    graph_kwargs.setdefault("n_heads", min(N_GRAPH_HEADS, spec.n_heads))
     cache = explanation.cache
     with torch.no_grad():
         tokens = model.to_tokens(explanation.prompt)
         if cache is None:
             _, cache = model.run_with_cache(tokens)
     pos, target, conv = explanation.position, explanation.target, explanation.convention
-    graph = flow_graph(model, cache, target, layers, pos, convention=conv, tokens=tokens, **graph_kwargs)
+    graphs = [flow_graph(model, cache, target, [l], pos, convention=conv, tokens=tokens, **graph_kwargs)
+              for l in graph_layers]
     top_ids = torch.topk(model_logits(model, cache, pos), 5).indices.tolist()
     others = [t for t in top_ids if t != target]
     traj = list(trajectory_tokens) if trajectory_tokens is not None else [target, *others[:4]]
@@ -810,7 +1014,15 @@ def report_html(model: Any, explanation: Any, *, layers: int | Sequence[int] | N
     layers_df = explanation.layers.copy()
     layers_df.attrs["target_token"] = explanation.target_token
     esc = html.escape
+    toks = list(explanation.tokens)
     preds = ", ".join(f"{esc(repr(t))} {p:.3f}" for t, p in explanation.predictions)
+    nav = " ".join(f"<a href='#graph-L{l}'>layer {l}</a>" for l in graph_layers)
+    graph_sections = []
+    for l, g in zip(graph_layers, graphs):
+        graph_sections.append(f"<h3 id='graph-L{l}'>Layer {l}</h3>"
+                              f"<div class='graph'>{_fig_div(g.figure(colour, fit=True), f'flow-graph-L{l}')}</div>")
+    nodes = pd.concat([g.nodes for g in graphs], ignore_index=True)
+    shown_layers = ", ".join(str(l) for l in graph_layers)
     sections = [
         f"<h1>tl-residual report: {esc(explanation.model)}</h1>",
         f"<div class='summary'>prompt {esc(repr(explanation.prompt))}, position {pos} "
@@ -818,16 +1030,27 @@ def report_html(model: Any, explanation: Any, *, layers: int | Sequence[int] | N
         f"(p = {explanation.target_prob:.4f}); top-5: {preds}<br>decomposition of the final resid_post: relative "
         f"error {explanation.decomposition_rel_error:.2e}; scores: {esc(explanation.method)}, {esc(conv)} lens</div>",
         "<h2>Flow graph</h2>",
-        "<p class='note'>Read left to right. Each node is labelled with the top token of its logit-lens projection "
-        "and coloured by the target's rank in it (green: top); hover for the top tokens, the target's probability "
-        "and rank, and the node's log-probability increase (nats). Edge width: attention weight (query → memory "
-        "value), coefficient (norm → neuron) or the norm of the summed vector. Memory values are head × "
-        "source-position subvalues, labelled in the hover with their source token. Query nodes (grey diamonds) "
-        "show the token the head attends to most.</p>",
-        f"<div class='scroll'>{_fig_div(graph.figure(), 'flow-graph', responsive=False)}</div>",
+        f"<p class='note'>Layers {esc(shown_layers)}"
+        + (" (the layers whose attention or FFN output has the largest |log-prob increase|; choose others with "
+           "<code>--graph-layers</code>)" if layers is None else "")
+        + f", one graph per layer, the top {graph_kwargs['n_heads']} heads by |log-prob increase|. Read left to "
+        "right. Each node is labelled with the top token of its logit-lens projection; memory values read "
+        "<i>source token ▸ top token</i>, query nodes (grey diamonds) <i>→ the token the head attends to most</i>. "
+        "Colour (buttons above each graph): the target's rank in the node's projection (green: top), the sign of "
+        "the coefficient (VISIT: neurons red if positive, blue if negative) or the node's log-probability increase "
+        "(nats). Memory values read from position 0 (the attention sink, usually BOS) are faded. Hover for the top "
+        "tokens, the target's probability and rank, and the log-probability increase. Edge width: attention "
+        "weight (query → memory value), coefficient (norm → neuron) or the norm of the summed vector.</p>",
+        f"<nav class='layers'>{nav}</nav>",
+        *graph_sections,
         "<h2>Layer-level contributions</h2>",
         _fig_div(layer_contributions_figure(layers_df), "layer-contributions"),
         "<h2>bs-values along the residual stream</h2>",
+        "<p class='note'>x axis, in the residual-stream paper's notation: <code>Lin<i>l</i></code> is the input of "
+        "layer <i>l</i> (<code>resid_pre</code>; <code>Lin0</code> holds the embeddings), <code>Lres<i>l</i></code> "
+        "the stream after layer <i>l</i>'s attention (<code>resid_mid</code>), <code>Lout<i>l</i></code> the "
+        "output of layer <i>l</i> after its FFN (<code>resid_post</code>). A bs-value is a token's logit in the "
+        "lens projection of that vector.</p>",
         _fig_div(bs_value_trajectory_figure(model, cache, traj, pos, convention=conv), "bs-trajectories"),
         "<h2>bs-value minus score per layer</h2>",
         _fig_div(bs_value_minus_figure(model, cache, target, other, pos, convention=conv), "bs-minus"),
@@ -836,18 +1059,21 @@ def report_html(model: Any, explanation: Any, *, layers: int | Sequence[int] | N
                                     .sort_values("score", ascending=False), "Top parts by score"), "parts-table"),
         "<h3>Attention subvalues (head × source position)</h3>",
         _table_html(explanation.attention_subvalues,
-                    ["name", "layer", "head", "src_pos", "score", "coefficient", "top_tokens"], "attention-table"),
+                    ["name", "layer", "head", "src_pos", "src_token", "score", "coefficient", "top_tokens"],
+                    "attention-table", toks, {"src_token": "source token", "score": "score (nats)",
+                                              "coefficient": "attention weight"}),
         "<h3>FFN neurons</h3>",
         _table_html(explanation.ffn_neurons, ["name", "layer", "neuron", "score", "coefficient", "top_tokens"],
-                    "ffn-table"),
+                    "ffn-table", toks, {"score": "score (nats)", "coefficient": "activation"}),
         "<h3>Flow-graph nodes</h3>",
-        _table_html(graph.nodes, ["id", "kind", "label", "target_prob", "target_rank", "log_prob_increase",
-                                  "coefficient", "norm"], "nodes-table"),
+        _table_html(nodes, ["id", "kind", "src_token", "label", "target_rank", "target_prob", "log_prob_increase",
+                            "coefficient", "norm"], "nodes-table", toks, _NODE_HEADERS),
     ]
     from plotly.offline import get_plotlyjs
 
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
         f"<title>tl-residual: {esc(explanation.prompt)}</title><style>{_CSS}</style>"
         f"<script type='text/javascript'>{get_plotlyjs()}</script></head><body>\n"
         + "\n".join(sections) + "\n</body></html>\n"
