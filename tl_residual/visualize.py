@@ -40,9 +40,10 @@ Report
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -56,8 +57,9 @@ from torch import Tensor
 
 from tl_residual import decompose as D
 from tl_residual import model as tlm
-from tl_residual.errors import InvalidInputError
+from tl_residual import names
 from tl_residual.bsvalues import bs_minus_layers, bs_trajectory, bs_values
+from tl_residual.errors import InvalidInputError
 from tl_residual.lens import CONVENTIONS, Convention, Lens, model_logits
 from tl_residual.scorers import ScoringContext, get_scorer, make_context
 
@@ -65,18 +67,36 @@ PruneRule = Literal["log_prob_increase", "activation"]
 #: Pruning rules of :func:`flow_graph`: our log-probability increase (default) or VISIT's activation size.
 PRUNE_RULES: tuple[str, ...] = ("log_prob_increase", "activation")
 
-#: Node kinds in left-to-right order; ``STAGE[kind]`` is the column offset inside a layer.
-NODE_KINDS: tuple[str, ...] = (
-    "resid_pre", "ln1", "query", "memory_value", "head", "attn_neuron", "attn_bias", "attn_out", "resid_mid",
-    "ln2", "ffn_neuron", "mlp_bias", "mlp_out", "resid_post",
-)
+#: Node kinds (the keys, in left-to-right order) and their column offset inside a layer.
 _STAGE = {
-    "resid_pre": 0, "ln1": 1, "query": 2, "memory_value": 3, "head": 4, "attn_neuron": 5, "attn_bias": 5,
-    "attn_out": 6, "resid_mid": 7, "ln2": 8, "ffn_neuron": 9, "mlp_bias": 9, "mlp_out": 10, "resid_post": 11,
+    "resid_pre": 0,
+    "ln1": 1,
+    "query": 2,
+    "memory_value": 3,
+    "head": 4,
+    "attn_neuron": 5,
+    "attn_bias": 5,
+    "attn_out": 6,
+    "resid_mid": 7,
+    "ln2": 8,
+    "ffn_neuron": 9,
+    "mlp_bias": 9,
+    "mlp_out": 10,
+    "resid_post": 11,
 }
 _STAGE_TITLES = {
-    0: "resid_pre", 1: "ln1", 2: "queries", 3: "memory values", 4: "heads", 5: "attn neurons", 6: "attn_out",
-    7: "resid_mid", 8: "ln2", 9: "FFN neurons", 10: "mlp_out", 11: "resid_post",
+    0: "resid_pre",
+    1: "ln1",
+    2: "queries",
+    3: "memory values",
+    4: "heads",
+    5: "attn neurons",
+    6: "attn_out",
+    7: "resid_mid",
+    8: "ln2",
+    9: "FFN neurons",
+    10: "mlp_out",
+    11: "resid_post",
 }
 _STREAM_KINDS = {"resid_pre", "resid_mid", "resid_post"}
 _EDGE_STYLE = {  # quantity -> (colour, legend name)
@@ -94,8 +114,23 @@ _MIN_WIDTH = 0.8
 # ----------------------------------------------------------------------------------------------
 
 NODE_COLUMNS = [
-    "id", "kind", "layer", "head", "src_pos", "dim", "neuron", "label", "top_tokens", "target_prob", "target_rank",
-    "log_prob_increase", "coefficient", "norm", "src_token", "x", "y",
+    "id",
+    "kind",
+    "layer",
+    "head",
+    "src_pos",
+    "dim",
+    "neuron",
+    "label",
+    "top_tokens",
+    "target_prob",
+    "target_rank",
+    "log_prob_increase",
+    "coefficient",
+    "norm",
+    "src_token",
+    "x",
+    "y",
 ]
 EDGE_COLUMNS = ["source", "target", "kind", "quantity", "value"]
 
@@ -106,7 +141,9 @@ class FlowGraph:
 
     Attributes:
         nodes: one row per node, columns :data:`NODE_COLUMNS`: ``id`` (component name, e.g. ``L28.H3.p4``,
-            ``L29.N1005``, ``L28.H3.d7.p4``, ``L28.resid_mid``), ``kind`` (one of :data:`NODE_KINDS`), ``layer``,
+            ``L29.N1005``, ``L28.H3.d7.p4``, ``L28.resid_mid``), ``kind`` (``resid_pre``, ``ln1``, ``query``,
+            ``memory_value``, ``head``, ``attn_neuron``, ``attn_bias``, ``attn_out``, ``resid_mid``, ``ln2``,
+            ``ffn_neuron``, ``mlp_bias``, ``mlp_out``, ``resid_post``), ``layer``,
             ``head``/``src_pos``/``dim``/``neuron`` (-1 where not applicable), ``label`` (top token of the
             projection; for queries the most-attended source token), ``top_tokens``, ``target_prob``
             (probability, in the projection), ``target_rank`` (1 = top), ``log_prob_increase`` (nats; NaN for
@@ -126,9 +163,9 @@ class FlowGraph:
 
     def to_dataframe(self) -> pd.DataFrame:
         """Nodes then edges in one table, with an ``element`` column (``"node"`` / ``"edge"``)."""
-        return pd.concat(
-            [self.nodes.assign(element="node"), self.edges.assign(element="edge")], ignore_index=True
-        )[["element", *NODE_COLUMNS, *[c for c in EDGE_COLUMNS if c not in NODE_COLUMNS]]]
+        return pd.concat([self.nodes.assign(element="node"), self.edges.assign(element="edge")], ignore_index=True)[
+            ["element", *NODE_COLUMNS, *[c for c in EDGE_COLUMNS if c not in NODE_COLUMNS]]
+        ]
 
     def figure(self, colour: str = "rank", fit: bool = False) -> go.Figure:
         """The plotly figure (built once per setting, then cached).
@@ -162,8 +199,9 @@ class FlowGraph:
         return page
 
     def _repr_html_(self) -> str:
-        return pio.to_html(self.figure(fit=True), full_html=False, include_plotlyjs=True,
-                           config=dict(_PLOTLY_CONFIG, responsive=True))
+        return pio.to_html(
+            self.figure(fit=True), full_html=False, include_plotlyjs=True, config=dict(_PLOTLY_CONFIG, responsive=True)
+        )
 
     def show(self, renderer: str | None = None) -> None:
         """Display the figure (plotly's renderer; in Jupyter, inline)."""
@@ -182,7 +220,8 @@ def _check_count(name: str, value: int | None, allow_none: bool = False) -> None
     if value is None and allow_none:
         return
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise InvalidInputError(f"{name} must be a non-negative integer{' or None' if allow_none else ''}, got {value!r}")
+        what = "a non-negative integer or None" if allow_none else "a non-negative integer"
+        raise InvalidInputError(f"{name} must be {what}, got {value!r}")
 
 
 def _resolve_layers(layers: int | Sequence[int] | None, n_layers: int) -> list[int]:
@@ -231,28 +270,45 @@ def _pick(scores: Tensor, n: int, largest: bool) -> list[int]:
     return torch.topk(scores, n, largest=largest).indices.tolist()
 
 
+@dataclass
+class _Node:
+    """One row of :attr:`FlowGraph.nodes` before projection (see its docstring for the columns)."""
+
+    id: str
+    kind: str
+    layer: int
+    log_prob_increase: float = math.nan
+    coefficient: float = math.nan
+    head: int = -1
+    src_pos: int = -1
+    dim: int = -1
+    neuron: int = -1
+    src_token: str = ""
+    label: str | None = None
+    order: float = 0.0
+    norm: float = math.nan
+
+
 class _Builder:
     """Accumulates nodes (with their vectors) and edges, then projects every vector in one chunked pass."""
 
     def __init__(self) -> None:
-        self.nodes: list[dict[str, Any]] = []
+        self.nodes: list[_Node] = []
         self.vectors: list[Tensor | None] = []
         self.edges: list[dict[str, Any]] = []
         self.ids: set[str] = set()
 
-    def node(self, id: str, kind: str, layer: int, vector: Tensor | None, *, lpi: float = math.nan,
-             coefficient: float = math.nan, head: int = -1, src_pos: int = -1, dim: int = -1, neuron: int = -1,
-             src_token: str = "", label: str | None = None, order: float = 0.0) -> str:
-        if id in self.ids:
-            return id
-        self.ids.add(id)
-        self.nodes.append(dict(
-            id=id, kind=kind, layer=layer, head=head, src_pos=src_pos, dim=dim, neuron=neuron, label=label,
-            log_prob_increase=float(lpi), coefficient=float(coefficient),
-            norm=float(vector.norm()) if vector is not None else math.nan, src_token=src_token, order=order,
-        ))
+    def node(self, node: _Node, vector: Tensor | None) -> str:
+        """Add ``node`` (its ``norm`` is that of ``vector``; ``None`` for nodes that are not projected) unless a
+        node with its id exists; returns the id."""
+        if node.id in self.ids:
+            return node.id
+        self.ids.add(node.id)
+        if vector is not None:
+            node.norm = float(vector.norm())
+        self.nodes.append(node)
         self.vectors.append(vector)
-        return id
+        return node.id
 
     def edge(self, source: str, target: str, quantity: str, value: float) -> None:
         self.edges.append(dict(source=source, target=target, quantity=quantity, value=abs(float(value))))
@@ -267,15 +323,23 @@ def _lpi(ctx: ScoringContext, group: D.PartGroup) -> Float[Tensor, " n"]:
 
 def _subset(group: D.PartGroup, keep: set[tuple[int, int]]) -> D.PartGroup:
     """The parts of an attention-neuron group whose ``(head, src_pos)`` is in ``keep``."""
-    mask = torch.tensor([(h, p) in keep for h, p in zip(group.index["head"].tolist(), group.index["src_pos"].tolist())],
-                        dtype=torch.bool)
+    mask = torch.tensor(
+        [(h, p) in keep for h, p in zip(group.index["head"].tolist(), group.index["src_pos"].tolist())],
+        dtype=torch.bool,
+    )
     idx = mask.nonzero().squeeze(-1)
-    return D.PartGroup(group.kind, group.layer, group.coefficients[idx], group.directions[idx],
-                       {k: v[idx] for k, v in group.index.items()}, [group.names[i] for i in idx.tolist()])
+    return D.PartGroup(
+        group.kind,
+        group.layer,
+        group.coefficients[idx],
+        group.directions[idx],
+        {k: v[idx] for k, v in group.index.items()},
+        [group.names[i] for i in idx.tolist()],
+    )
 
 
-def _group(kind: str, layer: int, vectors: Tensor, names: list[str]) -> D.PartGroup:
-    return D.PartGroup(kind, layer, torch.ones(vectors.shape[0]), vectors, {}, names)
+def _group(kind: str, layer: int, vectors: Tensor, part_names: list[str]) -> D.PartGroup:
+    return D.PartGroup(kind, layer, torch.ones(vectors.shape[0]), vectors, {}, part_names)
 
 
 @dataclass(frozen=True)
@@ -289,8 +353,18 @@ class _Rule:
     n_neurons: int
 
 
-def _neuron_nodes(b: _Builder, ctx: ScoringContext, group: D.PartGroup, kind: str, n: int, activation: bool,
-                  into: str, parent: Any, fields: Any, src_tokens: Sequence[str] = ()) -> None:
+def _neuron_nodes(
+    b: _Builder,
+    ctx: ScoringContext,
+    group: D.PartGroup,
+    kind: str,
+    n: int,
+    activation: bool,
+    into: str,
+    parent: Callable[[int], str],
+    fields: Callable[[int], dict[str, int]],
+    src_tokens: Sequence[str] = (),
+) -> None:
     """The ``n`` highest and ``n`` lowest neurons of ``group`` (by log-prob increase, or by coefficient under
     ``activation``) as nodes of ``kind``, each with an edge ``parent(k) -> node`` (its coefficient) and
     ``node -> into`` (its norm). ``fields(k)`` gives the node's ``head``/``dim``/``src_pos``/``neuron``."""
@@ -303,49 +377,106 @@ def _neuron_nodes(b: _Builder, ctx: ScoringContext, group: D.PartGroup, kind: st
         lpi = float(_lpi(ctx, _group(kind, group.layer or 0, vec[None], ["x"]))[0]) if activation else float(scores[k])
         f = fields(k)
         src = src_tokens[f["src_pos"]] if "src_pos" in f else ""
-        node = b.node(group.names[k], kind, int(group.layer or 0), vec, lpi=lpi,
-                      coefficient=float(group.coefficients[k]), src_token=src, order=j, **f)
-        b.edge(parent(k), node, "coefficient", float(group.coefficients[k]))
+        coefficient = float(group.coefficients[k])
+        index = (f.get("head", -1), f.get("src_pos", -1), f.get("dim", -1), f.get("neuron", -1))
+        node = b.node(_Node(group.names[k], kind, int(group.layer or 0), lpi, coefficient, *index, src, order=j), vec)
+        b.edge(parent(k), node, "coefficient", coefficient)
         b.edge(node, into, "norm", float(vec.norm()))
 
 
-def _attention_stage(b: _Builder, model: Any, cache: Any, ctx: ScoringContext, l: int, prev: str, rule: _Rule,
-                     src_tokens: Sequence[str], n_heads: int) -> str:
+def _site(layer: int, site: str) -> str:
+    """Id of a graph node that is a site of layer ``layer`` rather than a component (``L12.resid_mid``,
+    ``L12.ln1``, ``L12.attn_out``); components are named by :mod:`tl_residual.names`."""
+    return f"L{layer}.{site}"
+
+
+def _norm_stage(b: _Builder, ctx: ScoringContext, cache: Any, l: int, prev: str, norm: str, stream: str) -> str:
+    """The node of layer ``l``'s normalised input ``norm`` (``ln1`` / ``ln2``), fed by the ``stream`` node
+    ``prev`` (``resid_pre`` / ``resid_mid``)."""
+    vec = tlm.cached(cache, f"blocks.{l}.{norm}.hook_normalized", ctx.batch)[ctx.position]
+    node = b.node(_Node(_site(l, norm), norm, l), vec)
+    b.edge(prev, node, "norm", float(ctx.resid(f"blocks.{l}.hook_{stream}").norm()))
+    return node
+
+
+def _sublayer_output(
+    b: _Builder, ctx: ScoringContext, cache: Any, l: int, sublayer: Literal["attn", "mlp"]
+) -> tuple[str, Tensor]:
+    """The ``attn_out`` / ``mlp_out`` node of layer ``l`` (scored as the whole sublayer output) and its vector."""
+    vec = tlm.cached(cache, f"blocks.{l}.hook_{sublayer}_out", ctx.batch)[ctx.position]
+    whole = _group(sublayer, l, vec[None], [names.layer_output(l, sublayer)])
+    return b.node(_Node(_site(l, f"{sublayer}_out"), f"{sublayer}_out", l, float(_lpi(ctx, whole)[0])), vec), vec
+
+
+def _close_sublayer(
+    b: _Builder,
+    ctx: ScoringContext,
+    l: int,
+    bias: D.PartGroup,
+    bias_kind: str,
+    out: str,
+    out_vec: Tensor,
+    prev: str,
+    stream_in: str,
+    stream_out: str,
+) -> str:
+    """The end of a sublayer: its bias node (when non-zero) into ``out``, then the ``stream_out`` node fed by
+    ``out`` and by the residual ``prev`` (the ``stream_in`` node). Returns the ``stream_out`` node."""
+    bias_vec = bias.total()
+    if float(bias_vec.norm()) > 0:
+        bn = b.node(_Node(bias.names[0], bias_kind, l, float(_lpi(ctx, bias)[0]), order=1e6), bias_vec)
+        b.edge(bn, out, "norm", float(bias_vec.norm()))
+    node = b.node(_Node(_site(l, stream_out), stream_out, l), ctx.resid(f"blocks.{l}.hook_{stream_out}"))
+    b.edge(out, node, "norm", float(out_vec.norm()))
+    b.edge(prev, node, "residual", float(ctx.resid(f"blocks.{l}.hook_{stream_in}").norm()))
+    return node
+
+
+def _attention_stage(
+    b: _Builder,
+    model: Any,
+    cache: Any,
+    ctx: ScoringContext,
+    l: int,
+    prev: str,
+    rule: _Rule,
+    src_tokens: Sequence[str],
+    n_heads: int,
+) -> str:
     """Layer ``l``'s attention: ``ln1``, queries, memory values, heads, attention neurons, ``b_O``, ``attn_out``
     and ``resid_mid`` (returned), chained from the node ``prev`` (the layer's ``resid_pre``)."""
     pos, batch = ctx.position, ctx.batch
-    x_pre = ctx.resid(f"blocks.{l}.hook_resid_pre")
-    ln1 = b.node(f"L{l}.ln1", "ln1", l, tlm.cached(cache, f"blocks.{l}.ln1.hook_normalized", batch)[pos])
-    b.edge(prev, ln1, "norm", float(x_pre.norm()))
+    ln1 = _norm_stage(b, ctx, cache, l, prev, "ln1", "resid_pre")
     sub, attn_bias = D.attention_parts(model, cache, l, pos, batch)
     n_src = pos + 1
     pattern = einops.rearrange(sub.coefficients, "(head src) -> head src", src=n_src)
     sub_lpi = _lpi(ctx, sub)
     sub_lpi_hs = einops.rearrange(sub_lpi, "(head src) -> head src", src=n_src)
-    head_vecs = einops.reduce(sub.vectors, "(head src) d_model -> head d_model", "sum", src=n_src)
-    head_lpi = _lpi(ctx, _group("head", l, head_vecs, [D.head_name(l, h) for h in range(n_heads)]))
+    head_vecs = D.head_outputs(model, cache, l, pos, batch)
+    head_lpi = _lpi(ctx, _group("head", l, head_vecs, [names.head(l, h) for h in range(n_heads)]))
     head_rank = head_vecs.norm(dim=-1) if rule.activation else head_lpi.abs()
     heads = sorted(_pick(head_rank, rule.n_heads, largest=True))
     q = tlm.cached(cache, f"blocks.{l}.attn.hook_q", batch)[pos]
     if q.shape[0] != n_heads:
         raise InvalidInputError(f"blocks.{l}.attn.hook_q has {q.shape[0]} heads, expected {n_heads}")
-    attn_out_vec = tlm.cached(cache, f"blocks.{l}.hook_attn_out", batch)[pos]
-    attn_out = b.node(f"L{l}.attn_out", "attn_out", l, attn_out_vec,
-                      lpi=float(_lpi(ctx, _group("attn", l, attn_out_vec[None], [f"L{l}.attn"]))[0]))
+    attn_out, attn_out_vec = _sublayer_output(b, ctx, cache, l, "attn")
     mem_nodes: dict[tuple[int, int], str] = {}
     for rank_h, h in enumerate(heads):
         top_src = int(pattern[h].argmax())
-        qn = b.node(f"L{l}.H{h}.q", "query", l, None, head=h, order=rank_h,
-                    label=f"→{_short(src_tokens[top_src], 9)}", src_token=src_tokens[top_src])
+        query_label = f"→{_short(src_tokens[top_src], 9)}"
+        query = _Node(f"{names.head(l, h)}.q", "query", l, head=h, src_token=src_tokens[top_src], label=query_label)
+        query.order = rank_h
+        qn = b.node(query, None)
         b.edge(ln1, qn, "norm", float(q[h].norm()))
-        hn = b.node(D.head_name(l, h), "head", l, head_vecs[h], lpi=float(head_lpi[h]), head=h, order=rank_h)
+        hn = b.node(_Node(names.head(l, h), "head", l, float(head_lpi[h]), head=h, order=rank_h), head_vecs[h])
         b.edge(hn, attn_out, "norm", float(head_vecs[h].norm()))
         mem_scores = pattern[h] if rule.activation else sub_lpi_hs[h].abs()
         for j, p in enumerate(_pick(mem_scores, rule.n_memory, largest=True)):
             i = h * n_src + p
-            mv = b.node(D.subvalue_name(l, h, p), "memory_value", l, sub.vectors[i], lpi=float(sub_lpi[i]),
-                        coefficient=float(pattern[h, p]), head=h, src_pos=p, src_token=src_tokens[p],
-                        order=rank_h + j / max(rule.n_memory, 1) * 0.5)
+            order = rank_h + j / max(rule.n_memory, 1) * 0.5
+            memory = _Node(names.attn_subvalue(l, h, p), "memory_value", l, float(sub_lpi[i]), float(pattern[h, p]))
+            memory.head, memory.src_pos, memory.src_token, memory.order = h, p, src_tokens[p], order
+            mv = b.node(memory, sub.vectors[i])
             mem_nodes[(h, p)] = mv
             b.edge(qn, mv, "attention", float(pattern[h, p]))
             b.edge(mv, hn, "norm", float(sub.vectors[i].norm()))
@@ -358,41 +489,24 @@ def _attention_stage(b: _Builder, model: Any, cache: Any, ctx: ScoringContext, l
 
         def parent(k: int) -> str:
             h, p = fields(k)["head"], fields(k)["src_pos"]
-            return mem_nodes.get((h, p)) or (D.head_name(l, h) if D.head_name(l, h) in b.ids else ln1)
+            return mem_nodes.get((h, p)) or (names.head(l, h) if names.head(l, h) in b.ids else ln1)
 
-        _neuron_nodes(b, ctx, neurons, "attn_neuron", rule.n_attn_neurons, rule.activation, attn_out, parent,
-                      fields, src_tokens)
-    bias_vec = attn_bias.total()
-    if float(bias_vec.norm()) > 0:
-        bn = b.node(f"L{l}.attn_bias", "attn_bias", l, bias_vec, lpi=float(_lpi(ctx, attn_bias)[0]), order=1e6)
-        b.edge(bn, attn_out, "norm", float(bias_vec.norm()))
-    mid = b.node(f"L{l}.resid_mid", "resid_mid", l, ctx.resid(f"blocks.{l}.hook_resid_mid"))
-    b.edge(attn_out, mid, "norm", float(attn_out_vec.norm()))
-    b.edge(prev, mid, "residual", float(x_pre.norm()))
-    return mid
+        _neuron_nodes(
+            b, ctx, neurons, "attn_neuron", rule.n_attn_neurons, rule.activation, attn_out, parent, fields, src_tokens
+        )
+    return _close_sublayer(b, ctx, l, attn_bias, "attn_bias", attn_out, attn_out_vec, prev, "resid_pre", "resid_mid")
 
 
 def _ffn_stage(b: _Builder, model: Any, cache: Any, ctx: ScoringContext, l: int, mid: str, rule: _Rule) -> str:
     """Layer ``l``'s FFN: ``ln2``, the top and bottom neurons, ``b_out``, ``mlp_out`` and ``resid_post``
     (returned), chained from ``mid`` (the layer's ``resid_mid`` node)."""
-    pos, batch = ctx.position, ctx.batch
-    x_mid = ctx.resid(f"blocks.{l}.hook_resid_mid")
-    ln2 = b.node(f"L{l}.ln2", "ln2", l, tlm.cached(cache, f"blocks.{l}.ln2.hook_normalized", batch)[pos])
-    b.edge(mid, ln2, "norm", float(x_mid.norm()))
-    ffn, ffn_bias = D.ffn_parts(model, cache, l, pos, batch)
-    mlp_out_vec = tlm.cached(cache, f"blocks.{l}.hook_mlp_out", batch)[pos]
-    mlp_out = b.node(f"L{l}.mlp_out", "mlp_out", l, mlp_out_vec,
-                     lpi=float(_lpi(ctx, _group("mlp", l, mlp_out_vec[None], [f"L{l}.mlp"]))[0]))
-    _neuron_nodes(b, ctx, ffn, "ffn_neuron", rule.n_neurons, rule.activation, mlp_out, lambda k: ln2,
-                  lambda k: {"neuron": k})
-    bias_vec = ffn_bias.total()
-    if float(bias_vec.norm()) > 0:
-        bn = b.node(f"L{l}.mlp_bias", "mlp_bias", l, bias_vec, lpi=float(_lpi(ctx, ffn_bias)[0]), order=1e6)
-        b.edge(bn, mlp_out, "norm", float(bias_vec.norm()))
-    post = b.node(f"L{l}.resid_post", "resid_post", l, ctx.resid(f"blocks.{l}.hook_resid_post"))
-    b.edge(mlp_out, post, "norm", float(mlp_out_vec.norm()))
-    b.edge(mid, post, "residual", float(x_mid.norm()))
-    return post
+    ln2 = _norm_stage(b, ctx, cache, l, mid, "ln2", "resid_mid")
+    ffn, ffn_bias = D.ffn_parts(model, cache, l, ctx.position, ctx.batch)
+    mlp_out, mlp_out_vec = _sublayer_output(b, ctx, cache, l, "mlp")
+    _neuron_nodes(
+        b, ctx, ffn, "ffn_neuron", rule.n_neurons, rule.activation, mlp_out, lambda k: ln2, lambda k: {"neuron": k}
+    )
+    return _close_sublayer(b, ctx, l, ffn_bias, "mlp_bias", mlp_out, mlp_out_vec, mid, "resid_mid", "resid_post")
 
 
 def flow_graph(
@@ -451,8 +565,12 @@ def flow_graph(
     spec = tlm.model_spec(model)
     if prune not in PRUNE_RULES:
         raise InvalidInputError(f"prune {prune!r} is not one of {', '.join(PRUNE_RULES)}")
-    for name, value in (("n_memory", n_memory), ("n_attn_neurons", n_attn_neurons), ("n_neurons", n_neurons),
-                        ("n_top_tokens", n_top_tokens)):
+    for name, value in (
+        ("n_memory", n_memory),
+        ("n_attn_neurons", n_attn_neurons),
+        ("n_neurons", n_neurons),
+        ("n_top_tokens", n_top_tokens),
+    ):
         _check_count(name, value)
     _check_count("n_heads", n_heads, allow_none=True)
     if n_heads is not None and not 1 <= n_heads <= spec.n_heads:
@@ -470,11 +588,16 @@ def flow_graph(
     ctx = make_context(model, cache, target, position, batch, convention)
     pos = ctx.position
     src_tokens = _token_texts(ctx.lens, tokens, D.n_positions(cache), batch)
-    rule = _Rule(activation=prune == "activation", n_heads=n_heads if n_heads is not None else spec.n_heads,
-                 n_memory=n_memory, n_attn_neurons=n_attn_neurons, n_neurons=n_neurons)
+    rule = _Rule(
+        activation=prune == "activation",
+        n_heads=n_heads if n_heads is not None else spec.n_heads,
+        n_memory=n_memory,
+        n_attn_neurons=n_attn_neurons,
+        n_neurons=n_neurons,
+    )
     b = _Builder()
     first = layer_list[0]
-    prev = b.node(f"L{first}.resid_pre", "resid_pre", first, ctx.resid(f"blocks.{first}.hook_resid_pre"))
+    prev = b.node(_Node(_site(first, "resid_pre"), "resid_pre", first), ctx.resid(f"blocks.{first}.hook_resid_pre"))
     for l in layer_list:
         mid = _attention_stage(b, model, cache, ctx, l, prev, rule, src_tokens, spec.n_heads)
         prev = _ffn_stage(b, model, cache, ctx, l, mid, rule)
@@ -485,20 +608,31 @@ def flow_graph(
     edges = pd.DataFrame(b.edges, columns=["source", "target", "quantity", "value"])
     edges["kind"] = [f"{kind_of[s]}->{kind_of[t]}" for s, t in zip(edges["source"], edges["target"])]
     meta = dict(
-        target=ctx.target, target_token=ctx.lens.token_str(ctx.target), position=pos,
-        position_token=src_tokens[pos], prompt_tokens=src_tokens, layers=layer_list, prune=prune,
-        n_heads=n_heads, n_memory=n_memory, n_attn_neurons=n_attn_neurons, n_neurons=n_neurons,
-        convention=convention, projection=projection, d_vocab=spec.d_vocab,
+        target=ctx.target,
+        target_token=ctx.lens.token_str(ctx.target),
+        position=pos,
+        position_token=src_tokens[pos],
+        prompt_tokens=src_tokens,
+        layers=layer_list,
+        prune=prune,
+        n_heads=n_heads,
+        n_memory=n_memory,
+        n_attn_neurons=n_attn_neurons,
+        n_neurons=n_neurons,
+        convention=convention,
+        projection=projection,
+        d_vocab=spec.d_vocab,
         target_prob=float(torch.softmax(model_logits(model, cache, pos, batch), -1)[ctx.target]),
     )
     return FlowGraph(nodes[NODE_COLUMNS].reset_index(drop=True), edges[EDGE_COLUMNS], meta)
 
 
-def _project(b: _Builder, model: Any, cache: Any, ctx: ScoringContext, projection: Convention,
-             n_top_tokens: int) -> pd.DataFrame:
+def _project(
+    b: _Builder, model: Any, cache: Any, ctx: ScoringContext, projection: Convention, n_top_tokens: int
+) -> pd.DataFrame:
     """Logit lens of every node vector (:func:`tl_residual.bsvalues.bs_values` under ``projection``): top tokens, the
     target's probability and rank; the label is the top token (memory values: ``source ▸ top token``)."""
-    nodes = pd.DataFrame(b.nodes)
+    nodes = pd.DataFrame([dataclasses.asdict(n) for n in b.nodes])
     named = {nid: v for nid, v in zip(nodes["id"], b.vectors) if v is not None}
     probs: list[float] = [math.nan] * len(nodes)
     ranks: list[int] = [-1] * len(nodes)
@@ -554,6 +688,7 @@ def _layout(nodes: pd.DataFrame, layer_list: list[int], with_attn_neurons: bool)
 # Drawing
 # ----------------------------------------------------------------------------------------------
 
+
 def _pt(text: str) -> str:
     """Escape text for plotly's HTML-like labels (``<``, ``>``, ``&``; plotly shows ``&quot;`` literally)."""
     return html.escape(text, quote=False)
@@ -573,16 +708,20 @@ def _hover(row: Any, meta: dict[str, Any]) -> str:
     esc = _pt
     lines = [f"<b>{esc(row.id)}</b> ({esc(row.kind.replace('_', ' '))})"]
     if row.src_token:
-        lines.append(f"source token: {esc(repr(row.src_token))} (position {row.src_pos})"
-                     if row.src_pos >= 0 else f"attends most to {esc(repr(row.src_token))}")
+        lines.append(
+            f"source token: {esc(repr(row.src_token))} (position {row.src_pos})"
+            if row.src_pos >= 0
+            else f"attends most to {esc(repr(row.src_token))}"
+        )
     if row.kind in ("memory_value", "attn_neuron") and row.src_pos == 0 and meta["position"] > 0:
         lines.append("read from position 0 (the attention sink): drawn faded")
     if row.kind == "query":
         lines.append("query of the head (d_head space: no position-free vocabulary projection)")
     if row.top_tokens:
         lines.append("top tokens: " + esc(", ".join(repr(t) for t in row.top_tokens)))
-        lines.append(f"target {esc(repr(meta['target_token']))}: p = {_prob(row.target_prob)}, "
-                     f"rank {row.target_rank:,}")
+        lines.append(
+            f"target {esc(repr(meta['target_token']))}: p = {_prob(row.target_prob)}, rank {row.target_rank:,}"
+        )
     if not math.isnan(row.log_prob_increase):
         lines.append(f"log-prob increase: {row.log_prob_increase:+.4f} nats")
     if not math.isnan(row.coefficient):
@@ -591,6 +730,24 @@ def _hover(row: Any, meta: dict[str, Any]) -> str:
     if not math.isnan(row.norm):
         lines.append(f"norm: {row.norm:.3f}")
     return "<br>".join(lines)
+
+
+def _node_scatter(nodes: pd.DataFrame, marker: dict[str, Any], name: str) -> go.Scatter:
+    """One plotly trace of node markers (the rows of ``nodes``, with a ``hover`` column), tagged ``meta="node"``
+    and carrying the node ids as ``customdata`` (the page's click handlers read them)."""
+    return go.Scatter(
+        x=nodes["x"],
+        y=nodes["y"],
+        mode="markers",
+        text=[_pt(t) for t in nodes["label"]],
+        hovertext=nodes["hover"],
+        hoverinfo="text",
+        marker=marker,
+        name=name,
+        showlegend=False,
+        meta="node",
+        customdata=nodes["id"],
+    )
 
 
 def _draw(graph: FlowGraph, colour: str = "rank", fit: bool = False) -> go.Figure:
@@ -603,17 +760,26 @@ def _draw(graph: FlowGraph, colour: str = "rank", fit: bool = False) -> go.Figur
     y_top = 1.6 + 1.2
     y_bottom = float(nodes["y"].min()) - 0.8
     for i, (l, r) in enumerate(xs_by_layer.iterrows()):
-        fig.add_shape(type="rect", x0=r["min"] - 0.45, x1=r["max"] + 0.45, y0=y_bottom, y1=y_top + 0.9,
-                      fillcolor="rgba(63,81,181,0.05)" if i % 2 == 0 else "rgba(0,150,136,0.05)",
-                      line=dict(width=0), layer="below")
-        fig.add_annotation(x=(r["min"] + r["max"]) / 2, y=y_top + 0.75, text=f"<b>layer {l}</b>", showarrow=False,
-                           font=dict(size=14))
+        fig.add_shape(
+            type="rect",
+            x0=r["min"] - 0.45,
+            x1=r["max"] + 0.45,
+            y0=y_bottom,
+            y1=y_top + 0.9,
+            fillcolor="rgba(63,81,181,0.05)" if i % 2 == 0 else "rgba(0,150,136,0.05)",
+            line=dict(width=0),
+            layer="below",
+        )
+        fig.add_annotation(
+            x=(r["min"] + r["max"]) / 2, y=y_top + 0.75, text=f"<b>layer {l}</b>", showarrow=False, font=dict(size=14)
+        )
     for (x, kind), _ in nodes.groupby(["x", "kind"]):
         stage = _STAGE[kind]
         if kind in ("attn_bias", "mlp_bias"):
             continue
-        fig.add_annotation(x=x, y=y_top, text=_STAGE_TITLES[stage], showarrow=False, textangle=-30,
-                           font=dict(size=11, color="#555"))
+        fig.add_annotation(
+            x=x, y=y_top, text=_STAGE_TITLES[stage], showarrow=False, textangle=-30, font=dict(size=11, color="#555")
+        )
     # edges, bucketed by quantity and width (one line trace per bucket)
     maxima = edges.groupby("quantity")["value"].max().to_dict()
     mids_x, mids_y, mids_text = [], [], []
@@ -633,11 +799,31 @@ def _draw(graph: FlowGraph, colour: str = "rank", fit: bool = False) -> go.Figur
                 mids_x.append((x0 + x1) / 2)
                 mids_y.append((y0 + y1) / 2)
                 mids_text.append(f"{_pt(e.source)} → {_pt(e.target)}<br>{quantity}: {e.value:.4f}")
-            fig.add_trace(go.Scatter(x=ex, y=ey, mode="lines", line=dict(color=edge_colour, width=float(w)),
-                                     hoverinfo="skip", name=legend, legendgroup=quantity, showlegend=k == 0,
-                                     meta="edge"))
-    fig.add_trace(go.Scatter(x=mids_x, y=mids_y, mode="markers", marker=dict(size=9, color="rgba(0,0,0,0)"),
-                             hovertext=mids_text, hoverinfo="text", showlegend=False, meta="edge-hover"))
+            fig.add_trace(
+                go.Scatter(
+                    x=ex,
+                    y=ey,
+                    mode="lines",
+                    line=dict(color=edge_colour, width=float(w)),
+                    hoverinfo="skip",
+                    name=legend,
+                    legendgroup=quantity,
+                    showlegend=k == 0,
+                    meta="edge",
+                )
+            )
+    fig.add_trace(
+        go.Scatter(
+            x=mids_x,
+            y=mids_y,
+            mode="markers",
+            marker=dict(size=9, color="rgba(0,0,0,0)"),
+            hovertext=mids_text,
+            hoverinfo="text",
+            showlegend=False,
+            meta="edge-hover",
+        )
+    )
     # nodes: projected (coloured by the chosen colouring) and queries (grey); labels are annotations on a white
     # background (readable over the edges); memory values read from position 0 (the attention sink) are faded
     hover = [_hover(r, meta) for r in nodes.itertuples()]
@@ -647,48 +833,64 @@ def _draw(graph: FlowGraph, colour: str = "rank", fit: bool = False) -> go.Figur
     sink = _is_sink(proj, meta)
     markers = {mode: _node_marker(proj, meta, mode, sink) for mode in COLOURINGS}
     node_trace = len(fig.data)
-    fig.add_trace(go.Scatter(
-        x=proj["x"], y=proj["y"], mode="markers", text=[_pt(t) for t in proj["label"]],
-        hovertext=proj["hover"], hoverinfo="text", marker=markers[colour],
-        name="nodes", showlegend=False, meta="node", customdata=proj["id"],
-    ))
+    fig.add_trace(_node_scatter(proj, markers[colour], "nodes"))
     if not queries.empty:
-        fig.add_trace(go.Scatter(
-            x=queries["x"], y=queries["y"], mode="markers", text=[_pt(t) for t in queries["label"]],
-            hovertext=queries["hover"], hoverinfo="text",
-            marker=dict(size=12, color="#bdbdbd", symbol="diamond", line=dict(width=1, color="#555")),
-            name="queries", showlegend=False, meta="node", customdata=queries["id"],
-        ))
+        query_marker = dict(size=12, color="#bdbdbd", symbol="diamond", line=dict(width=1, color="#555"))
+        fig.add_trace(_node_scatter(queries, query_marker, "queries"))
     faded = dict(zip(proj["id"], sink))
     for r in nodes.itertuples():
         stream = r.kind in _STREAM_KINDS
         fig.add_annotation(
-            x=r.x, y=r.y, text=_pt(r.label), showarrow=False, yshift=17 if stream else 14, name="label",
+            x=r.x,
+            y=r.y,
+            text=_pt(r.label),
+            showarrow=False,
+            yshift=17 if stream else 14,
+            name="label",
             font=dict(size=13 if stream else 12, color="#9e9e9e" if faded.get(r.id) else "#111"),
-            bgcolor="rgba(255,255,255,0.85)", borderpad=1,
+            bgcolor="rgba(255,255,255,0.85)",
+            borderpad=1,
         )
     n_cols = int(nodes["x"].max() - nodes["x"].min()) + 1
     tallest = int(nodes.groupby("x").size().max())
     layers = meta["layers"]
     span = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}–{layers[-1]}"
-    title = (f"Flow graph, {span}, position {meta['position']} "
-             f"({_pt(repr(meta['position_token']))}), target {_pt(repr(meta['target_token']))} "
-             f"(p = {meta['target_prob']:.3f}); pruned by {meta['prune'].replace('_', ' ')}")
+    title = (
+        f"Flow graph, {span}, position {meta['position']} "
+        f"({_pt(repr(meta['position_token']))}), target {_pt(repr(meta['target_token']))} "
+        f"(p = {meta['target_prob']:.3f}); pruned by {meta['prune'].replace('_', ' ')}"
+    )
     fig.update_layout(
         title=dict(text=title, font=dict(size=15), x=0.01),
-        width=None if fit else max(900, 105 * n_cols + 220), height=max(520, 36 * tallest + 260),
-        autosize=fit, plot_bgcolor="white", paper_bgcolor="white", hovermode="closest",
+        width=None if fit else max(900, 105 * n_cols + 220),
+        height=max(520, 36 * tallest + 260),
+        autosize=fit,
+        plot_bgcolor="white",
+        paper_bgcolor="white",
+        hovermode="closest",
         margin=dict(l=10, r=100, t=110, b=60),
         xaxis=dict(visible=False, range=[float(nodes["x"].min()) - 0.6, float(nodes["x"].max()) + 0.6]),
         yaxis=dict(visible=False, range=[y_bottom - 0.3, y_top + 1.3]),
         legend=dict(orientation="h", x=0.0, y=0.0, yanchor="top"),
         hoverlabel=dict(align="left", font=dict(size=12)),
-        updatemenus=[dict(
-            type="buttons", direction="right", x=0.0, xanchor="left", y=1.0, yanchor="bottom", pad=dict(t=4, b=4),
-            showactive=True, active=COLOURINGS.index(colour), font=dict(size=12),
-            buttons=[dict(label=_COLOURING_LABELS[m], method="restyle", args=[{"marker": [markers[m]]}, [node_trace]])
-                     for m in COLOURINGS],
-        )],
+        updatemenus=[
+            dict(
+                type="buttons",
+                direction="right",
+                x=0.0,
+                xanchor="left",
+                y=1.0,
+                yanchor="bottom",
+                pad=dict(t=4, b=4),
+                showactive=True,
+                active=COLOURINGS.index(colour),
+                font=dict(size=12),
+                buttons=[
+                    dict(label=_COLOURING_LABELS[m], method="restyle", args=[{"marker": [markers[m]]}, [node_trace]])
+                    for m in COLOURINGS
+                ],
+            )
+        ],
     )
     return fig
 
@@ -698,15 +900,20 @@ Colouring = Literal["rank", "sign", "log_prob_increase"]
 #: projection (default), the sign of the coefficient (VISIT: neurons red when positive, blue when negative), or the
 #: node's log-probability increase of the target (nats, red helps, blue hurts).
 COLOURINGS: tuple[str, ...] = ("rank", "sign", "log_prob_increase")
-_COLOURING_LABELS = {"rank": "colour: target rank", "sign": "colour: sign of coefficient",
-                     "log_prob_increase": "colour: log-prob increase"}
+_COLOURING_LABELS = {
+    "rank": "colour: target rank",
+    "sign": "colour: sign of coefficient",
+    "log_prob_increase": "colour: log-prob increase",
+}
 
 
 def _is_sink(nodes: pd.DataFrame, meta: dict[str, Any]) -> list[bool]:
     """Memory values and attention neurons read from source position 0 (BOS, the usual attention sink) while the
     destination is later: drawn faded, since heads park attention there (their values are near-constant)."""
-    return [bool(k in ("memory_value", "attn_neuron") and p == 0 and meta["position"] > 0)
-            for k, p in zip(nodes["kind"], nodes["src_pos"])]
+    return [
+        bool(k in ("memory_value", "attn_neuron") and p == 0 and meta["position"] > 0)
+        for k, p in zip(nodes["kind"], nodes["src_pos"])
+    ]
 
 
 def _node_marker(nodes: pd.DataFrame, meta: dict[str, Any], mode: str, sink: list[bool]) -> dict[str, Any]:
@@ -715,21 +922,40 @@ def _node_marker(nodes: pd.DataFrame, meta: dict[str, Any], mode: str, sink: lis
     common = dict(size=sizes, opacity=[0.35 if s else 1.0 for s in sink], line=dict(width=1, color="#333"))
     if mode == "sign":
         neuron = nodes["kind"].isin(["ffn_neuron", "attn_neuron"])
-        colours = ["#d62728" if n and c > 0 else "#1f77b4" if n and c < 0 else "#e0e0e0"
-                   for n, c in zip(neuron, nodes["coefficient"])]
+        colours = [
+            "#d62728" if n and c > 0 else "#1f77b4" if n and c < 0 else "#e0e0e0"
+            for n, c in zip(neuron, nodes["coefficient"])
+        ]
         return dict(common, color=colours, showscale=False)
     if mode == "log_prob_increase":
         lpi = nodes["log_prob_increase"].fillna(0.0)
         top = max(float(lpi.abs().max()), 1e-6)
-        return dict(common, color=list(lpi), colorscale="RdBu", reversescale=True, cmin=-top, cmax=top,
-                    showscale=True, colorbar=dict(title=dict(text="log-prob<br>increase<br>(nats)"), len=0.6,
-                                                  thickness=14))
+        return dict(
+            common,
+            color=list(lpi),
+            colorscale="RdBu",
+            reversescale=True,
+            cmin=-top,
+            cmax=top,
+            showscale=True,
+            colorbar=dict(title=dict(text="log-prob<br>increase<br>(nats)"), len=0.6, thickness=14),
+        )
     d_vocab = meta.get("d_vocab", 50000)
-    return dict(common, color=[math.log10(max(r, 1)) for r in nodes["target_rank"]], colorscale=_RANK_COLORSCALE,
-                cmin=0, cmax=math.log10(max(d_vocab, 10)), showscale=True,
-                colorbar=dict(title=dict(text=f"rank of<br>{_pt(repr(meta['target_token']))}"),
-                              tickvals=[0, 1, 2, 3, 4, 5], len=0.6, thickness=14,
-                              ticktext=["1", "10", "100", "1k", "10k", "100k"]))
+    return dict(
+        common,
+        color=[math.log10(max(r, 1)) for r in nodes["target_rank"]],
+        colorscale=_RANK_COLORSCALE,
+        cmin=0,
+        cmax=math.log10(max(d_vocab, 10)),
+        showscale=True,
+        colorbar=dict(
+            title=dict(text=f"rank of<br>{_pt(repr(meta['target_token']))}"),
+            tickvals=[0, 1, 2, 3, 4, 5],
+            len=0.6,
+            thickness=14,
+            ticktext=["1", "10", "100", "1k", "10k", "100k"],
+        ),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -737,6 +963,19 @@ def _node_marker(nodes: pd.DataFrame, meta: dict[str, Any], mode: str, sink: lis
 # ----------------------------------------------------------------------------------------------
 
 _ATTN_COLOUR, _MLP_COLOUR = "#3f51b5", "#ef6c00"
+
+
+def _sublayer_bars(df: pd.DataFrame, column: str, hover: str) -> list[tuple[pd.DataFrame, go.Bar]]:
+    """One bar trace per sublayer (attention output, FFN output) of a per-layer table with ``layer``, ``kind``
+    (``attn`` / ``mlp``) and ``column``, each with the rows it draws; ``hover`` is the plotly hover template."""
+    bars = []
+    for kind, colour, name in (("attn", _ATTN_COLOUR, "attention output"), ("mlp", _MLP_COLOUR, "FFN output")):
+        sel = df[df["kind"] == kind]
+        bar = go.Bar(
+            x=sel["layer"], y=sel[column], name=name, marker_color=colour, hovertemplate=f"{hover}<extra>{name}</extra>"
+        )
+        bars.append((sel, bar))
+    return bars
 
 
 def layer_contributions_figure(layers: pd.DataFrame, title: str | None = None) -> go.Figure:
@@ -754,18 +993,18 @@ def layer_contributions_figure(layers: pd.DataFrame, title: str | None = None) -
         raise InvalidInputError(f"layers table lacks columns {sorted(missing)}; pass score_layers(ctx)'s table")
     df = layers.sort_values(["layer", "kind"])
     fig = go.Figure()
-    for kind, colour, name in (("attn", _ATTN_COLOUR, "attention output"), ("mlp", _MLP_COLOUR, "FFN output")):
-        sel = df[df["kind"] == kind]
+    for sel, bar in _sublayer_bars(df, "score", "layer %{x}: %{y:+.4f} nats<br>top tokens: %{hovertext}"):
         tops = [", ".join(repr(t) for t in list(tt)[:5]) for tt in sel.get("top_tokens", [[]] * len(sel))]
-        fig.add_trace(go.Bar(x=sel["layer"], y=sel["score"], name=name, marker_color=colour,
-                             hovertext=[_pt(t) for t in tops],
-                             hovertemplate="layer %{x}: %{y:+.4f} nats<br>top tokens: %{hovertext}<extra>" + name
-                             + "</extra>"))
+        fig.add_trace(bar.update(hovertext=[_pt(t) for t in tops]))
     target = layers.attrs.get("target_token") or layers.attrs.get("target")
     fig.update_layout(
         title=title or f"Layer-level log-probability increase of the target{f' ({target!r})' if target else ''}",
-        barmode="group", xaxis_title="layer", yaxis_title="log-prob increase (nats)", height=420,
-        plot_bgcolor="white", legend=dict(orientation="h", y=1.02, yanchor="bottom", x=1, xanchor="right"),
+        barmode="group",
+        xaxis_title="layer",
+        yaxis_title="log-prob increase (nats)",
+        height=420,
+        plot_bgcolor="white",
+        legend=dict(orientation="h", y=1.02, yanchor="bottom", x=1, xanchor="right"),
         xaxis=dict(dtick=1 if df["layer"].nunique() <= 32 else None, gridcolor="#eee"),
         yaxis=dict(gridcolor="#eee", zerolinecolor="#999"),
     )
@@ -773,7 +1012,11 @@ def layer_contributions_figure(layers: pd.DataFrame, title: str | None = None) -
 
 
 def bs_value_trajectory_figure(
-    model: Any, cache: Any, tokens: Sequence[int | str], position: int = -1, batch: int = 0,
+    model: Any,
+    cache: Any,
+    tokens: Sequence[int | str],
+    position: int = -1,
+    batch: int = 0,
     convention: Convention = "frozen",
 ) -> go.Figure:
     """Line plot of the tokens' bs-values (logits) along the residual stream ``Lin0, Lres0, Lout0, ...``
@@ -787,22 +1030,43 @@ def bs_value_trajectory_figure(
     steps = list(range(len(df)))
     fig = go.Figure()
     for token in token_cols:
-        fig.add_trace(go.Scatter(x=steps, y=df[token], mode="lines+markers", name=repr(token),
-                                 customdata=df["stream"], marker=dict(size=4),
-                                 hovertemplate="%{customdata}: %{y:.3f}<extra>" + _pt(repr(token)) + "</extra>"))
+        fig.add_trace(
+            go.Scatter(
+                x=steps,
+                y=df[token],
+                mode="lines+markers",
+                name=repr(token),
+                customdata=df["stream"],
+                marker=dict(size=4),
+                hovertemplate="%{customdata}: %{y:.3f}<extra>" + _pt(repr(token)) + "</extra>",
+            )
+        )
     every = max(1, len(df) // 20)
     fig.update_layout(
-        title=f"bs-values along the residual stream ({convention} lens)", height=420, plot_bgcolor="white",
-        xaxis=dict(title="residual stream (Lin0, Lres0, Lout0, Lres1, ...)", tickmode="array",
-                   tickvals=steps[::every], ticktext=df["stream"].tolist()[::every], gridcolor="#eee"),
+        title=f"bs-values along the residual stream ({convention} lens)",
+        height=420,
+        plot_bgcolor="white",
+        xaxis=dict(
+            title="residual stream (Lin0, Lres0, Lout0, Lres1, ...)",
+            tickmode="array",
+            tickvals=steps[::every],
+            ticktext=df["stream"].tolist()[::every],
+            gridcolor="#eee",
+        ),
         yaxis=dict(title="bs-value (logit)", gridcolor="#eee", zerolinecolor="#999"),
     )
     return fig
 
 
 def bs_value_minus_figure(
-    model: Any, cache: Any, token_a: int | str, token_b: int | str, position: int = -1, batch: int = 0,
-    convention: Convention = "frozen", with_bias: bool = False,
+    model: Any,
+    cache: Any,
+    token_a: int | str,
+    token_b: int | str,
+    position: int = -1,
+    batch: int = 0,
+    convention: Convention = "frozen",
+    with_bias: bool = False,
 ) -> go.Figure:
     """Bar chart of the bs-value minus score ``bs_a - bs_b`` (logits) of each layer's attention and FFN output,
     side by side (residual-stream paper Fig. 10, which removes the biases: ``with_bias=False``), from
@@ -814,14 +1078,17 @@ def bs_value_minus_figure(
     df = bs_minus_layers(model, cache, token_a, token_b, position, convention, with_bias, batch)
     ta, tb = df.attrs["token_a"], df.attrs["token_b"]
     fig = go.Figure()
-    for kind, colour, name in (("attn", _ATTN_COLOUR, "attention output"), ("mlp", _MLP_COLOUR, "FFN output")):
-        sel = df[df["kind"] == kind]
-        fig.add_trace(go.Bar(x=sel["layer"], y=sel["minus"], name=name, marker_color=colour,
-                             hovertemplate="layer %{x}: %{y:+.3f}<extra>" + name + "</extra>"))
+    for _, bar in _sublayer_bars(df, "minus", "layer %{x}: %{y:+.3f}"):
+        fig.add_trace(bar)
     fig.update_layout(
-        title=_pt(f"bs-value minus score bs({ta!r}) − bs({tb!r}) per layer ({convention} lens"
-                  f"{'' if with_bias else ', biases removed'})"),
-        barmode="group", height=420, plot_bgcolor="white", xaxis=dict(title="layer", dtick=1, gridcolor="#eee"),
+        title=_pt(
+            f"bs-value minus score bs({ta!r}) − bs({tb!r}) per layer ({convention} lens"
+            f"{'' if with_bias else ', biases removed'})"
+        ),
+        barmode="group",
+        height=420,
+        plot_bgcolor="white",
+        xaxis=dict(title="layer", dtick=1, gridcolor="#eee"),
         yaxis=dict(title="bs-value minus (logits)", gridcolor="#eee", zerolinecolor="#999"),
         legend=dict(orientation="h", y=1.02, yanchor="bottom", x=1, xanchor="right"),
     )
@@ -846,14 +1113,18 @@ def parts_table_figure(table: pd.DataFrame, title: str = "Top parts", n: int = 2
         ["" if c != c else f"{c:.4f}" for c in coef],
         [_pt(" ".join(repr(t) for t in list(tt)[:6])) for tt in tops],
     ]
-    fig = go.Figure(go.Table(
-        columnwidth=[90, 60, 60, 300],
-        header=dict(values=["<b>part</b>", "<b>score</b>", "<b>coefficient</b>", "<b>top tokens</b>"],
-                    fill_color="#e8eaf6", align="left"),
-        cells=dict(values=cells, align="left", fill_color="white", height=24),
-    ))
-    fig.update_layout(title=_pt(title), height=min(120 + 26 * len(df), 700),
-                      margin=dict(l=10, r=10, t=50, b=10))
+    fig = go.Figure(
+        go.Table(
+            columnwidth=[90, 60, 60, 300],
+            header=dict(
+                values=["<b>part</b>", "<b>score</b>", "<b>coefficient</b>", "<b>top tokens</b>"],
+                fill_color="#e8eaf6",
+                align="left",
+            ),
+            cells=dict(values=cells, align="left", fill_color="white", height=24),
+        )
+    )
+    fig.update_layout(title=_pt(title), height=min(120 + 26 * len(df), 700), margin=dict(l=10, r=10, t=50, b=10))
     return fig
 
 
@@ -925,11 +1196,19 @@ def display_table(df: pd.DataFrame, columns: list[str], tokens: Sequence[str] | 
     return out.reset_index(drop=True)
 
 
-def _table_html(df: pd.DataFrame, columns: list[str], table_id: str, tokens: Sequence[str] | None = None,
-                headers: dict[str, str] | None = None) -> str:
+def _table_html(
+    df: pd.DataFrame,
+    columns: list[str],
+    table_id: str,
+    tokens: Sequence[str] | None = None,
+    headers: dict[str, str] | None = None,
+) -> str:
     shown = display_table(df, columns, tokens).rename(columns=headers or {})
-    return "<div class='scroll'>" + shown.to_html(index=False, classes="parts", escape=True, border=0,
-                                                  table_id=table_id) + "</div>"
+    return (
+        "<div class='scroll'>"
+        + shown.to_html(index=False, classes="parts", escape=True, border=0, table_id=table_id)
+        + "</div>"
+    )
 
 
 def default_graph_layers(layers: pd.DataFrame, n: int = N_GRAPH_LAYERS) -> list[int]:
@@ -956,21 +1235,36 @@ def default_graph_layers(layers: pd.DataFrame, n: int = N_GRAPH_LAYERS) -> list[
 def _graph_layers(layers: int | Sequence[int] | None, explanation: Any, n_layers: int, n: int) -> list[int]:
     if layers is None:
         return default_graph_layers(explanation.layers, n)
-    raw = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else list(layers)
+    if isinstance(layers, bool):
+        raise InvalidInputError(f"graph layers must be layer indices (an int or a list of ints), got {layers!r}")
+    raw = [layers] if isinstance(layers, int) else list(layers)
     out = sorted(dict.fromkeys(D.resolve_layer(l, n_layers) for l in raw))
     if not out:
         raise InvalidInputError("graph layers is empty: give at least one layer, e.g. [23, 24]")
     return out
 
 
-_NODE_HEADERS = {"id": "node", "src_token": "source token", "label": "top token", "target_rank": "target rank",
-                 "target_prob": "target p", "log_prob_increase": "log-prob increase (nats)"}
+_NODE_HEADERS = {
+    "id": "node",
+    "src_token": "source token",
+    "label": "top token",
+    "target_rank": "target rank",
+    "target_prob": "target p",
+    "log_prob_increase": "log-prob increase (nats)",
+}
 
 
-def report_html(model: Any, explanation: Any, *, layers: int | Sequence[int] | None = None,
-                n_graph_layers: int = N_GRAPH_LAYERS, colour: str = "rank",
-                compare_with: int | str | None = None, trajectory_tokens: Sequence[int | str] | None = None,
-                **graph_kwargs: Any) -> str:
+def report_html(
+    model: Any,
+    explanation: Any,
+    *,
+    layers: int | Sequence[int] | None = None,
+    n_graph_layers: int = N_GRAPH_LAYERS,
+    colour: str = "rank",
+    compare_with: int | str | None = None,
+    trajectory_tokens: Sequence[int | str] | None = None,
+    **graph_kwargs: Any,
+) -> str:
     """The HTML text of :func:`write_report` (one page, plotly.js embedded once, no network access).
 
     The flow graph is drawn one layer per figure, each sized to the page (a 1600 px window shows it without
@@ -1005,8 +1299,9 @@ def report_html(model: Any, explanation: Any, *, layers: int | Sequence[int] | N
         if cache is None:
             _, cache = model.run_with_cache(tokens)
     pos, target, conv = explanation.position, explanation.target, explanation.convention
-    graphs = [flow_graph(model, cache, target, [l], pos, convention=conv, tokens=tokens, **graph_kwargs)
-              for l in graph_layers]
+    graphs = [
+        flow_graph(model, cache, target, [l], pos, convention=conv, tokens=tokens, **graph_kwargs) for l in graph_layers
+    ]
     top_ids = torch.topk(model_logits(model, cache, pos), 5).indices.tolist()
     others = [t for t in top_ids if t != target]
     traj = list(trajectory_tokens) if trajectory_tokens is not None else [target, *others[:4]]
@@ -1019,8 +1314,10 @@ def report_html(model: Any, explanation: Any, *, layers: int | Sequence[int] | N
     nav = " ".join(f"<a href='#graph-L{l}'>layer {l}</a>" for l in graph_layers)
     graph_sections = []
     for l, g in zip(graph_layers, graphs):
-        graph_sections.append(f"<h3 id='graph-L{l}'>Layer {l}</h3>"
-                              f"<div class='graph'>{_fig_div(g.figure(colour, fit=True), f'flow-graph-L{l}')}</div>")
+        graph_sections.append(
+            f"<h3 id='graph-L{l}'>Layer {l}</h3>"
+            f"<div class='graph'>{_fig_div(g.figure(colour, fit=True), f'flow-graph-L{l}')}</div>"
+        )
     nodes = pd.concat([g.nodes for g in graphs], ignore_index=True)
     shown_layers = ", ".join(str(l) for l in graph_layers)
     sections = [
@@ -1031,8 +1328,12 @@ def report_html(model: Any, explanation: Any, *, layers: int | Sequence[int] | N
         f"error {explanation.decomposition_rel_error:.2e}; scores: {esc(explanation.method)}, {esc(conv)} lens</div>",
         "<h2>Flow graph</h2>",
         f"<p class='note'>Layers {esc(shown_layers)}"
-        + (" (the layers whose attention or FFN output has the largest |log-prob increase|; choose others with "
-           "<code>--graph-layers</code>)" if layers is None else "")
+        + (
+            " (the layers whose attention or FFN output has the largest |log-prob increase|; choose others with "
+            "<code>--graph-layers</code>)"
+            if layers is None
+            else ""
+        )
         + f", one graph per layer, the top {graph_kwargs['n_heads']} heads by |log-prob increase|. Read left to "
         "right. Each node is labelled with the top token of its logit-lens projection; memory values read "
         "<i>source token ▸ top token</i>, query nodes (grey diamonds) <i>→ the token the head attends to most</i>. "
@@ -1055,19 +1356,49 @@ def report_html(model: Any, explanation: Any, *, layers: int | Sequence[int] | N
         "<h2>bs-value minus score per layer</h2>",
         _fig_div(bs_value_minus_figure(model, cache, target, other, pos, convention=conv), "bs-minus"),
         "<h2>Top parts</h2>",
-        _fig_div(parts_table_figure(pd.concat([explanation.attention_subvalues, explanation.ffn_neurons])
-                                    .sort_values("score", ascending=False), "Top parts by score"), "parts-table"),
+        _fig_div(
+            parts_table_figure(
+                pd.concat([explanation.attention_subvalues, explanation.ffn_neurons]).sort_values(
+                    "score", ascending=False
+                ),
+                "Top parts by score",
+            ),
+            "parts-table",
+        ),
         "<h3>Attention subvalues (head × source position)</h3>",
-        _table_html(explanation.attention_subvalues,
-                    ["name", "layer", "head", "src_pos", "src_token", "score", "coefficient", "top_tokens"],
-                    "attention-table", toks, {"src_token": "source token", "score": "score (nats)",
-                                              "coefficient": "attention weight"}),
+        _table_html(
+            explanation.attention_subvalues,
+            ["name", "layer", "head", "src_pos", "src_token", "score", "coefficient", "top_tokens"],
+            "attention-table",
+            toks,
+            {"src_token": "source token", "score": "score (nats)", "coefficient": "attention weight"},
+        ),
         "<h3>FFN neurons</h3>",
-        _table_html(explanation.ffn_neurons, ["name", "layer", "neuron", "score", "coefficient", "top_tokens"],
-                    "ffn-table", toks, {"score": "score (nats)", "coefficient": "activation"}),
+        _table_html(
+            explanation.ffn_neurons,
+            ["name", "layer", "neuron", "score", "coefficient", "top_tokens"],
+            "ffn-table",
+            toks,
+            {"score": "score (nats)", "coefficient": "activation"},
+        ),
         "<h3>Flow-graph nodes</h3>",
-        _table_html(nodes, ["id", "kind", "src_token", "label", "target_rank", "target_prob", "log_prob_increase",
-                            "coefficient", "norm"], "nodes-table", toks, _NODE_HEADERS),
+        _table_html(
+            nodes,
+            [
+                "id",
+                "kind",
+                "src_token",
+                "label",
+                "target_rank",
+                "target_prob",
+                "log_prob_increase",
+                "coefficient",
+                "norm",
+            ],
+            "nodes-table",
+            toks,
+            _NODE_HEADERS,
+        ),
     ]
     from plotly.offline import get_plotlyjs
 
@@ -1076,7 +1407,8 @@ def report_html(model: Any, explanation: Any, *, layers: int | Sequence[int] | N
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
         f"<title>tl-residual: {esc(explanation.prompt)}</title><style>{_CSS}</style>"
         f"<script type='text/javascript'>{get_plotlyjs()}</script></head><body>\n"
-        + "\n".join(sections) + "\n</body></html>\n"
+        + "\n".join(sections)
+        + "\n</body></html>\n"
     )
 
 
