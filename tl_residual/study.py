@@ -578,6 +578,19 @@ def _check_or_write_manifest(out: Path, manifest: dict[str, Any], is_main: bool)
         _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
+def distributed_state() -> Any:
+    """The process's ``accelerate.PartialState``: rank, world size and device under ``accelerate launch`` or
+    ``torchrun`` (gloo on CPU-only machines, NCCL on GPUs); a single process without a launcher.
+
+    CPU is forced where CUDA is absent or ``ACCELERATE_USE_CPU`` is set (``accelerate launch --cpu``), so that CPU
+    processes started by a launcher form a gloo group instead of running alone.
+    """
+    from accelerate import PartialState
+
+    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return PartialState(cpu=cpu)
+
+
 def run(
     model: Any,
     data: Any,
@@ -636,8 +649,6 @@ def run(
         InvalidInputError: bad options, unreadable data, a missing column, or ``out_dir`` holding a study with
             other options, data or model.
     """
-    from accelerate import PartialState
-
     from tl_residual.scorers import get_scorer
 
     kinds = tuple(dict.fromkeys(kinds))
@@ -674,7 +685,7 @@ def run(
     if filter == "paper" and (target_column is None or group_column is None):
         raise InvalidInputError("filter 'paper' needs a target column and a group column (knowledge type)")
 
-    state = PartialState()
+    state = distributed_state()
     rank, world = state.process_index, state.num_processes
     out = Path(out_dir)
     options = {
@@ -715,7 +726,7 @@ def run(
         if not isinstance(r.prompt, str) or not r.prompt.strip():
             tokenized.append((r, None, f"empty or non-text prompt {r.prompt!r}"))
             continue
-        toks = model.to_tokens(r.prompt)[0].cpu()
+        toks = model.to_tokens(r.prompt, truncate=False)[0].cpu()  # never cut silently: too long = failed
         if n_ctx and len(toks) > n_ctx:
             tokenized.append((r, toks, f"too long: {len(toks)} tokens, the model's context is {n_ctx}"))
             continue
@@ -853,6 +864,7 @@ __all__ = [
     "KINDS",
     "SCHEMAS",
     "StudyResults",
+    "distributed_state",
     "fingerprint",
     "load",
     "parse_top_k",
