@@ -467,17 +467,24 @@ def score_prompt(
         for i, (name, _) in enumerate(stream):
             rows["stream"].append({**base, "stream": name, "index": i, "log_prob": float(lp[i]),
                                    "prob": float(lp[i].exp()), "rank": int(rk[i])})
-    sub_groups = None
-    if "layer" in kinds:
-        sub_groups = [_sublayer_group(l, k, v) for _, l, k, v in layer_outputs(model, cache, ctx.position, batch)
-                      if k != "embed"]
+    sub_groups = [_sublayer_group(l, k, v) for _, l, k, v in layer_outputs(model, cache, ctx.position, batch)
+                  if k != "embed"]
+    # every base residual (resid_pre and resid_mid of each layer, and zero) primed in one matmul against W_U;
+    # the layer scores and every pruned search below reuse them
+    bases = torch.stack([ctx.base_for(g) for g in sub_groups])
+    ctx.prime(torch.cat([bases, torch.zeros_like(bases[:1])]))
     for method in methods:
         scorer = S.get_scorer(method)
-        if sub_groups is not None:
-            for g in sub_groups:
-                score = float(scorer.fn(ctx, g, ctx.base_for(g)).reshape(-1)[0])
+        if "layer" in kinds:
+            if scorer.bound is not None:  # such scorers take one base per part: all sublayers in one call
+                mixed = PartGroup("mixed", None, torch.ones(len(sub_groups), device=bases.device),
+                                  torch.stack([g.directions[0] for g in sub_groups]))
+                layer_scores = scorer.fn(ctx, mixed, bases).reshape(-1).tolist()
+            else:
+                layer_scores = [float(scorer.fn(ctx, g, ctx.base_for(g)).reshape(-1)[0]) for g in sub_groups]
+            for g, score in zip(sub_groups, layer_scores):
                 rows["layers"].append({**base, "method": method, "name": g.names[0], "layer": g.layer,
-                                       "sublayer": g.kind, "score": score})
+                                       "sublayer": g.kind, "score": float(score)})
         tables = {
             "ffn_neuron": lambda m: S.score_ffn_neurons(ctx, m, top_k=top_k["ffn_neuron"], n_top_tokens=0),
             "attn_neuron": lambda m: S.score_attention_neurons(ctx, m, top_k=top_k["attn_neuron"], n_top_tokens=0),
@@ -497,9 +504,11 @@ def score_prompt(
 
 
 def _query_rows(ctx: Any, n_value: int, top_k: int, base: dict[str, Any]) -> list[dict[str, Any]]:
-    """For each of the ``n_value`` FFN neurons with the largest log-probability increase ``Imp(a)``: its ``top_k``
-    query parts by ``Imp(a) * contribution_j(a) / input(a)`` (nats; neuron-level paper section 3.3). Summed over
-    value neurons and all parts these are :func:`tl_residual.query.query_neuron_scores`."""
+    """For each of the ``n_value`` FFN neurons ``a`` with the largest log-probability increase ``Imp(a)``: its
+    ``top_k`` query parts ``j`` by ``Imp(a) * contribution_j(a) / input(a)`` (nats; neuron-level paper section 3.3,
+    the per-value-neuron terms that :func:`tl_residual.query.query_neuron_scores` sums; input ``pre``, or ``up`` for
+    gated MLPs). One pass over the parts of ``resid_mid`` per layer for all of that layer's value neurons; value
+    neurons with ``|input| < 1e-6`` are skipped, as there."""
     from tl_residual import query as Q
     from tl_residual.scorers import score_ffn_neurons
 
@@ -507,20 +516,37 @@ def _query_rows(ctx: Any, n_value: int, top_k: int, base: dict[str, Any]) -> lis
     which = "up" if spec.gated_mlp else "pre"
     top = score_ffn_neurons(ctx, "log_prob_increase", top_k=n_value, n_top_tokens=0)
     out = []
-    for r in top.itertuples(index=False):
-        split = Q.split_ffn_neuron(ctx.model, ctx.cache, int(r.layer), int(r.neuron), ctx.position, ctx.batch)
-        value = split.attrs["cached"][which]
-        if abs(value) < 1e-6:
+    for layer, sel in top.groupby("layer", sort=True):
+        layer = int(layer)
+        neurons = torch.tensor(sel["neuron"].tolist())
+        w, _, hook = Q.ffn_key(ctx.model, layer, neurons, which)
+        value = tlm.cached(ctx.cache, hook, ctx.batch)[ctx.position][neurons].double()
+        keep = value.abs() >= 1e-6
+        if not bool(keep.any()):
             continue
-        parts = split[split["kind"] != "key_bias"]
-        score = parts[which].to_numpy() * (float(r.score) / value)
-        order = sorted(range(len(parts)), key=lambda i: -score[i])[:top_k]
-        for rank, i in enumerate(order, 1):
-            p = parts.iloc[i]
-            out.append({**base, "value_name": r.name, "value_score": float(r.score), "query_name": p["name"],
-                        "query_kind": p["kind"], "layer": _int(p["layer"]), "head": _int(p["head"]),
-                        "src_pos": _int(p["src_pos"]), "neuron": _int(p["neuron"]), "position": ctx.position,
-                        "score": float(score[i]), "rank": rank})
+        imp = torch.tensor(sel["score"].tolist(), dtype=torch.float64)
+        weight = torch.where(keep, imp / value.where(keep, torch.ones_like(value)), torch.zeros_like(value))
+        key = Q.folded_key(ctx.model, ctx.cache, f"{layer}.ln2", ctx.position, w, ctx.batch)
+        cand_scores, cand_parts = [], []
+        for group, contrib in Q.iter_query_contributions(ctx.model, ctx.cache, key, layer, "resid_mid",
+                                                         ctx.position, ctx.batch):
+            scores = contrib * weight.to(contrib.device)  # [n parts, n value neurons]
+            k = min(top_k, scores.shape[0])
+            vals, idx = torch.topk(scores.cpu(), k, dim=0)  # the best parts of this group for every value neuron
+            cand_scores.append(vals)
+            cand_parts.append([(group, idx[:, j].tolist()) for j in range(scores.shape[1])])
+        all_scores = torch.cat(cand_scores)  # [candidates, n value neurons]
+        for j, r in enumerate(sel.itertuples(index=False)):
+            if not bool(keep[j]):
+                continue
+            refs = [(g, i) for parts in cand_parts for g, idxs in [parts[j]] for i in idxs]
+            order = torch.argsort(all_scores[:, j], descending=True, stable=True)[:top_k].tolist()
+            for rank, c in enumerate(order, 1):
+                g, i = refs[c]
+                col = {k2: (int(g.index[k2][i]) if k2 in g.index else None) for k2 in ("head", "src_pos", "neuron")}
+                out.append({**base, "value_name": r.name, "value_score": float(r.score), "query_name": g.names[i],
+                            "query_kind": g.kind, "layer": g.layer, **col, "position": ctx.position,
+                            "score": float(all_scores[c, j]), "rank": rank})
     return out
 
 
