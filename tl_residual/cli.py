@@ -336,7 +336,16 @@ def study(
         st.read_data(data)  # a missing or unreadable file fails before the model loads
     except TLResidualError as exc:
         fail(str(exc))
-    m = load(model)
+    state = st.distributed_state()  # before loading: each process of a launcher loads onto its own device
+    if state.device.type == "cpu":
+        m = load(model)
+    else:
+        from tl_residual.model import load_model
+
+        try:
+            m = load_model(model, device=str(state.device))
+        except Exception as exc:
+            fail(f"could not load model {model!r} on {state.device}: {type(exc).__name__}: {exc}")
     try:
         summary = st.run(m, data, out, methods=method_list, top_k=top, kinds=kind_list, batch_size=batch_size,
                          position=position, prompt_column=prompt_column, target_column=target_column,
