@@ -256,6 +256,29 @@ def test_scores_equal_the_single_prompt_scorers(model, data_file, tmp_path):
         assert got["name"].tolist() == layers["name"].tolist()
 
 
+def test_head_top_k_and_query_rows_equal_the_library(model, data_file, tmp_path):
+    """Heads with a top-k (certified search) are the best rows of ``score_heads``; the query rows of each prompt,
+    summed over value neurons, are ``query.query_neuron_scores`` (with every query part kept)."""
+    from tl_residual import query as Q
+    from tl_residual import scorers as S
+
+    st.run(model, data_file, tmp_path / "q", kinds=("head", "query"), query_values=4, query_top_k=1000,
+           **{**FAST, "top_k": {"head": 3}})
+    res = st.load(tmp_path / "q")
+    for row in res.prompts.itertuples():
+        with torch.no_grad():
+            _, cache = model.run_with_cache(model.to_tokens(row.prompt))
+        ctx = S.make_context(model, cache, int(row.target_id))
+        heads = S.score_heads(ctx, n_top_tokens=0).head(3)
+        mine = res.parts[(res.parts["prompt_id"] == row.prompt_id)]
+        assert_same_parts(mine.assign(method="m", kind="k"), heads.assign(prompt_id=row.prompt_id, method="m", kind="k"))
+        ref = Q.query_neuron_scores(ctx, n_value=4)
+        ref = ref[ref["kind"] != "key_bias"].groupby("name")["score"].sum()
+        got = res.query[res.query["prompt_id"] == row.prompt_id].groupby("query_name")["score"].sum()
+        both = pd.concat([ref, got], axis=1).fillna(0.0)
+        np.testing.assert_allclose(both.iloc[:, 0], both.iloc[:, 1], atol=1e-6)
+
+
 def test_names_mean_the_same_component_to_intervene(model, tmp_path):
     """The shortest prompt of a right-padded batch: zeroing its top last-layer parts with ``intervene`` gives the
     target the log-probability that subtracting the part's vector (rebuilt here from the weights and the prompt's

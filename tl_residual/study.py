@@ -409,6 +409,21 @@ def _parts_rows(df: pd.DataFrame, pid: int, group: str | None, method: str, kind
     return rows
 
 
+def _head_groups(ctx: Any) -> list[PartGroup]:
+    """Every head's output at ``ctx.position`` (its subvalues summed over source positions), one group per layer,
+    as :func:`tl_residual.scorers.score_heads` builds them; with a ``top_k`` they go through the certified search."""
+    from tl_residual.decompose import attention_parts
+
+    spec = tlm.model_spec(ctx.model)
+    out = []
+    for l in range(spec.n_layers):
+        sub, _ = attention_parts(ctx.model, ctx.cache, l, ctx.position, ctx.batch)
+        per_head = sub.vectors.reshape(spec.n_heads, -1, spec.d_model).sum(1)
+        out.append(PartGroup("head", l, torch.ones(spec.n_heads, device=per_head.device), per_head,
+                             {"head": torch.arange(spec.n_heads)}, [N.head(l, h) for h in range(spec.n_heads)]))
+    return out
+
+
 def _sublayer_group(layer: int, kind: str, vec: torch.Tensor) -> PartGroup:
     return PartGroup(kind, layer, torch.ones(1, device=vec.device), vec[None, :], {}, [N.layer_output(layer, kind)])  # type: ignore[arg-type]
 
@@ -489,14 +504,13 @@ def score_prompt(
             "ffn_neuron": lambda m: S.score_ffn_neurons(ctx, m, top_k=top_k["ffn_neuron"], n_top_tokens=0),
             "attn_neuron": lambda m: S.score_attention_neurons(ctx, m, top_k=top_k["attn_neuron"], n_top_tokens=0),
             "attn_subvalue": lambda m: S.score_attention_subvalues(ctx, m, top_k=top_k["attn_subvalue"], n_top_tokens=0),
-            "head": lambda m: S.score_heads(ctx, m, n_top_tokens=0),
+            "head": lambda m: (S.score_heads(ctx, m, n_top_tokens=0) if top_k.get("head") is None
+                               else S.score_groups(ctx, _head_groups(ctx), m, top_k["head"], n_top_tokens=0)),
         }
         for kind, fn in tables.items():
             if kind not in kinds:
                 continue
             df = fn(method)
-            if kind == "head" and top_k.get("head") is not None:
-                df = df.head(top_k["head"])
             rows["parts"].extend(_parts_rows(df, pid, group, method, kind))
     if "query" in kinds:
         rows["query"] = _query_rows(ctx, query_values, query_top_k, base)
