@@ -37,12 +37,12 @@ warnings.filterwarnings("ignore")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's tl_residual
 
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
+import pandas as pd
+import torch
 
-from tl_residual import study as st  # noqa: E402
-from tl_residual.datasets import load_factual_prompts  # noqa: E402
-from tl_residual.model import load_model  # noqa: E402
+from tl_residual import study as st
+from tl_residual.datasets import load_factual_prompts
+from tl_residual.model import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("layer", "ffn_neuron", "attn_neuron", "attn_subvalue", "head")
@@ -147,9 +147,9 @@ def report(r: dict[str, Any]) -> str:
     m = r["main"]
     lines = [
         "# Study throughput (benchmarks/study.py)", "",
-        f"{r['model']}; {r['machine']['cpus']} CPUs, torch {r['machine']['torch']} "
+        (f"{r['model']}; {r['machine']['cpus']} CPUs, torch {r['machine']['torch']} "
         f"({r['machine']['torch_threads']} threads), 1-min load average {r['machine']['load_average_1min_at_start']:.1f} "
-        f"at start, {r.get('load_average_1min_at_end', float('nan')):.1f} at end (shared machine).", "",
+        f"at start, {r.get('load_average_1min_at_end', float('nan')):.1f} at end (shared machine)."), "",
         "| prompts | batch | mean tokens | forward with cache (s) | study (s) | study / forward | study prompts/s |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -161,8 +161,8 @@ def report(r: dict[str, Any]) -> str:
     lines.append(row(m))
     if "per_kind" in r:
         pk = r["per_kind"]
-        lines += ["", f"Each kind alone ({pk['n_prompts']} prompts; the study's own forward and writes included; "
-                  f"forward with cache alone {pk['forward_s']:.2f} s):", "", "| kind | seconds | / forward |", "|---|---|---|"]
+        lines += ["", (f"Each kind alone ({pk['n_prompts']} prompts; the study's own forward and writes included; "
+                  f"forward with cache alone {pk['forward_s']:.2f} s):"), "", "| kind | seconds | / forward |", "|---|---|---|"]
         for k, v in pk.items():
             if k not in ("forward_s", "n_prompts"):
                 lines.append(f"| {k} | {v:.2f} | {v / pk['forward_s']:.2f} |")

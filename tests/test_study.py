@@ -65,7 +65,7 @@ def model(model_dir):
 
     try:
         return load_model(model_dir)
-    except Exception as exc:  # pragma: no cover - a TransformerLens without a loader for local folders
+    except Exception as exc:  # noqa: BLE001 - a TransformerLens without a loader for local folders
         pytest.skip(f"this TransformerLens cannot load a saved model folder: {exc}")
 
 
@@ -76,8 +76,8 @@ def data_file(tmp_path_factory) -> Path:
     return path
 
 
-FAST = dict(target_column="target", group_column="kind", batch_size=4, progress=False,
-            top_k={"ffn_neuron": 10, "attn_neuron": 10, "attn_subvalue": 5, "head": None})
+FAST = {"target_column": "target", "group_column": "kind", "batch_size": 4, "progress": False,
+            "top_k": {"ffn_neuron": 10, "attn_neuron": 10, "attn_subvalue": 5, "head": None}}
 
 
 def assert_same_results(a: st.StudyResults, b: st.StudyResults, tol: float = 1e-5) -> None:
@@ -360,7 +360,7 @@ def test_cli_killed_run_resumes_to_the_same_results(model, model_dir, tmp_path):
     proc.wait(timeout=30)
     done = len(st.load(tmp_path / "cut").prompts)
     assert 2 <= done < len(rows), done
-    again = subprocess.run(_cli(*args), env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=240)
+    again = subprocess.run(_cli(*args), env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
     assert again.returncode == 0, again.stderr
     assert f"{done} already done" in " ".join(again.stdout.split())
     assert not [f for f in (tmp_path / "cut").rglob("*") if ".tmp-" in f.name]
@@ -381,7 +381,7 @@ def test_two_processes_equal_one(model, model_dir, data_file, tmp_path):
             "ffn_neuron=10,attn_neuron=10,attn_subvalue=5,head=all", "--quiet"]
     two = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "tl_residual", "study",
                           *args, "--out", str(tmp_path / "two")], env=_env(), cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, check=False)
     assert two.returncode == 0, two.stderr + two.stdout
     ranks = {f.name.split("-")[0] for f in (tmp_path / "two" / "prompts").glob("*.parquet")}
     assert ranks == {"rank0", "rank1"}
@@ -392,7 +392,7 @@ def test_two_processes_equal_one(model, model_dir, data_file, tmp_path):
 
 def test_cli_bad_input_is_a_clear_error(tmp_path):
     res = subprocess.run(_cli("--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")), env=_env(),
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+                         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert res.returncode == 2 and "does not exist" in res.stderr and "Traceback" not in res.stderr
 
 
@@ -425,3 +425,29 @@ def test_smollm2_builtin_factual_end_to_end(smollm2, tmp_path):
     # the capital prompt "The capital of France is" style fact: the answer's top FFN neurons are named in the
     # prompt's coordinates and scored in nats
     assert res.parts["score"].notna().all() and res.parts["name"].str.match(r"^L\d+\.").all()
+
+
+def test_hooked_transformer_llama_style(tmp_path):
+    """The runner on a TransformerLens 3.x ``HookedTransformer`` (RMSNorm, gated MLP, rotary, grouped-query
+    attention): every prompt scored, scores equal the single-prompt scorers (skipped where TransformerLens 4.x
+    has no HookedTransformer)."""
+    from conftest import make_hooked
+
+    from tl_residual import scorers as S
+
+    model = make_hooked("llama", n_kv_heads=2)
+    rows = [{"prompt": "t3 t4 t5 t6"}, {"prompt": "t7 t8"}, {"prompt": "t9 t3 t4 t5 t6 t7"}]
+    st.run(model, rows, tmp_path / "h", kinds=st.KINDS, progress=False, batch_size=3,
+           top_k={"ffn_neuron": 10, "attn_neuron": 10, "attn_subvalue": 5, "head": None})
+    res = st.load(tmp_path / "h")
+    assert (res.prompts["status"] == "ok").all() and (res.prompts["decomposition_error"] < 1e-5).all()
+    assert len(res.query)
+    for row in res.prompts.itertuples():
+        with torch.no_grad():
+            _, cache = model.run_with_cache(model.to_tokens(row.prompt))
+        ctx = S.make_context(model, cache, int(row.target_id))
+        for kind, ref in (("ffn_neuron", S.score_ffn_neurons(ctx, top_k=10, n_top_tokens=0)),
+                          ("attn_neuron", S.score_attention_neurons(ctx, top_k=10, n_top_tokens=0))):
+            mine = res.parts[(res.parts["prompt_id"] == row.prompt_id) & (res.parts["kind"] == kind)]
+            assert_same_parts(mine.assign(method="m", kind="k"), ref.assign(prompt_id=row.prompt_id, method="m",
+                                                                             kind="k"))
