@@ -49,6 +49,11 @@ KINDS = ("layer", "ffn_neuron", "attn_neuron", "attn_subvalue", "head")
 TOP_K = {"ffn_neuron": 100, "attn_neuron": 200, "attn_subvalue": 20, "head": None}
 
 
+#: CPU time (all threads of this process) of the last measurement: less sensitive than wall time to other
+#: processes on a shared machine.
+CPU: dict[str, float] = {}
+
+
 def forward_seconds(model: Any, prompts: list[str], batch_size: int) -> float:
     """Wall time of ``run_with_cache`` over right-padded, length-sorted batches (tokenization excluded)."""
     toks = sorted((model.to_tokens(p, truncate=False)[0] for p in prompts), key=len)
@@ -60,21 +65,23 @@ def forward_seconds(model: Any, prompts: list[str], batch_size: int) -> float:
         for i, x in enumerate(chunk):
             t[i, : len(x)] = x
         batches.append(t)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for t in batches:
         with torch.no_grad():
             _, cache = model.run_with_cache(t)
         del cache
+    CPU["last"] = time.process_time() - c0
     return time.perf_counter() - t0
 
 
 def study_seconds(model: Any, df: pd.DataFrame, batch_size: int, kinds: tuple[str, ...] = KINDS) -> float:
     out = Path(tempfile.mkdtemp(prefix="tlres-study-bench-"))
     try:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         summary = st.run(model, df, out / "s", kinds=kinds, top_k=TOP_K, batch_size=batch_size, progress=False,
                          target_column="answer", group_column="type")
         seconds = time.perf_counter() - t0
+        CPU["last"] = time.process_time() - c0
         if summary["failed"]:
             raise RuntimeError(f"{summary['failed']} prompts failed: {st.load(out / 's').prompts['reason'].dropna()}")
         return seconds
@@ -85,11 +92,14 @@ def study_seconds(model: Any, df: pd.DataFrame, batch_size: int, kinds: tuple[st
 def side_by_side(model: Any, df: pd.DataFrame, batch_size: int) -> dict[str, Any]:
     prompts = df["prompt"].tolist()
     fwd = forward_seconds(model, prompts, batch_size)
+    fwd_cpu = CPU["last"]
     stu = study_seconds(model, df, batch_size)
+    stu_cpu = CPU["last"]
     n_tok = [len(model.to_tokens(p, truncate=False)[0]) for p in prompts]
     return {"n_prompts": len(df), "batch_size": batch_size, "mean_tokens": sum(n_tok) / len(n_tok),
             "forward_s": fwd, "study_s": stu, "ratio": stu / fwd, "study_prompts_per_s": len(df) / stu,
-            "forward_prompts_per_s": len(df) / fwd}
+            "forward_prompts_per_s": len(df) / fwd, "forward_cpu_s": fwd_cpu, "study_cpu_s": stu_cpu,
+            "cpu_ratio": stu_cpu / fwd_cpu}
 
 
 def main() -> None:
@@ -150,13 +160,15 @@ def report(r: dict[str, Any]) -> str:
         (f"{r['model']}; {r['machine']['cpus']} CPUs, torch {r['machine']['torch']} "
         f"({r['machine']['torch_threads']} threads), 1-min load average {r['machine']['load_average_1min_at_start']:.1f} "
         f"at start, {r.get('load_average_1min_at_end', float('nan')):.1f} at end (shared machine)."), "",
-        "| prompts | batch | mean tokens | forward with cache (s) | study (s) | study / forward | study prompts/s |",
-        "|---|---|---|---|---|---|---|",
+        ("| prompts | batch | mean tokens | forward with cache (s) | study (s) | study / forward | study prompts/s "
+        "| CPU time: forward (s) | study (s) | study / forward |"),
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def row(x: dict[str, Any]) -> str:
         return (f"| {x['n_prompts']} | {x['batch_size']} | {x['mean_tokens']:.1f} | {x['forward_s']:.2f} | "
-                f"{x['study_s']:.2f} | {x['ratio']:.2f} | {x['study_prompts_per_s']:.2f} |")
+                f"{x['study_s']:.2f} | {x['ratio']:.2f} | {x['study_prompts_per_s']:.2f} | {x['forward_cpu_s']:.2f} | "
+                f"{x['study_cpu_s']:.2f} | {x['cpu_ratio']:.2f} |")
 
     lines.append(row(m))
     if "per_kind" in r:

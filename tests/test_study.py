@@ -343,10 +343,10 @@ def _env() -> dict[str, str]:
 
 
 def test_cli_killed_run_resumes_to_the_same_results(model, model_dir, tmp_path):
-    rows = _prompts(24, seed=1)
+    rows = _prompts(12, seed=1)
     data = tmp_path / "many.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    kinds = ("layer", "stream", "ffn_neuron", "attn_subvalue", "head", "query")
+    kinds = ("layer", "ffn_neuron", "attn_subvalue", "query")
     st.run(model, data, tmp_path / "full", kinds=kinds, **{**FAST, "batch_size": 1})  # uninterrupted, in process
     args = ["--data", str(data), "--model", model_dir, "--target-column", "target", "--group-column", "kind",
             "--batch-size", "1", "--kinds", ",".join(kinds), "--top-k",
