@@ -107,14 +107,15 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=None, help="first N shipped prompts (default all 442)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--quick", action="store_true", help="smaller sweeps; results to study-quick.*")
-    ap.add_argument("--no-sweeps", action="store_true", help="only the side-by-side measurement")
+    ap.add_argument("--no-sweeps", action="store_true", help="only the side-by-side measurement (and --per-kind)")
+    ap.add_argument("--per-kind", type=int, default=None, help="time each kind alone on the first N prompts")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     model = load_model("smollm2-135m")
     df = load_factual_prompts()
     if args.n:
         df = df.head(args.n)
-    sub = df.head(16 if args.quick else 32)
+    sub = df.head(args.per_kind or (16 if args.quick else 32))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     result: dict[str, Any] = {
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
@@ -126,14 +127,18 @@ def main() -> None:
     print("side by side ...", flush=True)
     result["main"] = side_by_side(model, df, args.batch_size)
     print(json.dumps(result["main"], indent=1), flush=True)
-    if not args.no_sweeps:
+    if not args.no_sweeps or args.per_kind:
         print("per kind ...", flush=True)
         fwd = forward_seconds(model, sub["prompt"].tolist(), args.batch_size)
         per_kind = {"forward_s": fwd, "n_prompts": len(sub)}
+        cpu = {"forward_s": CPU["last"]}
         for kind in ("layer", "ffn_neuron", "attn_neuron", "attn_subvalue", "head", "stream", "query"):
             per_kind[kind] = study_seconds(model, sub, args.batch_size, (kind,))
-            print(kind, per_kind[kind], flush=True)
+            cpu[kind] = CPU["last"]
+            print(kind, per_kind[kind], cpu[kind], flush=True)
         result["per_kind"] = per_kind
+        result["per_kind_cpu"] = cpu
+    if not args.no_sweeps:
         print("batch size ...", flush=True)
         result["batch_sizes"] = [side_by_side(model, sub, b) for b in ((1, 8, 32) if not args.quick else (1, 16))]
         print("prompt length ...", flush=True)
@@ -174,10 +179,15 @@ def report(r: dict[str, Any]) -> str:
     if "per_kind" in r:
         pk = r["per_kind"]
         lines += ["", (f"Each kind alone ({pk['n_prompts']} prompts; the study's own forward and writes included; "
-                  f"forward with cache alone {pk['forward_s']:.2f} s):"), "", "| kind | seconds | / forward |", "|---|---|---|"]
+                  f"forward with cache alone {pk['forward_s']:.2f} s):"), "",
+                  "| kind | seconds | / forward | CPU seconds | / forward (CPU) |", "|---|---|---|---|---|"]
+        cpu = r.get("per_kind_cpu", {})
         for k, v in pk.items():
             if k not in ("forward_s", "n_prompts"):
-                lines.append(f"| {k} | {v:.2f} | {v / pk['forward_s']:.2f} |")
+                c = cpu.get(k, float("nan"))
+                lines.append(f"| {k} | {v:.2f} | {v / pk['forward_s']:.2f} | {c:.2f} | "
+                             f"{c / cpu.get('forward_s', float('nan')):.2f} |")
+    if "batch_sizes" in r:
         lines += ["", "Batch size:", "", lines[4], lines[5]] + [row(x) for x in r["batch_sizes"]]
         lines += ["", "Prompt length:", "", lines[4], lines[5]] + [row(x) for x in r["lengths"]]
     return "\n".join(lines) + "\n"
