@@ -668,14 +668,16 @@ def run(
         kinds: any of :data:`KINDS` (default all but ``query``).
         batch_size: prompts per forward pass (memory grows linearly with it; results do not depend on it).
         position: destination position in the prompt's own tokens (``-1``: its last token).
-        prompt_column, target_column, group_column: column names; no ``target_column``: the model's top-1.
+        prompt_column: the column holding the prompt text.
+        target_column: the column holding the target (a one-token string or a token id); none: the model's top-1.
+        group_column: the column holding a group label (e.g. the knowledge type).
         filter: ``"paper"``: keep only prompts passing the neuron-level paper's filter
             (:func:`tl_residual.datasets.filter_prompts`; needs a target and a group column of its six knowledge
             types); the others are recorded with status ``filtered``.
         convention: lens convention (``frozen``, ``recomputed``, ``none``).
         chunk_size: parts per matmul against ``W_U`` (default :data:`tl_residual.scorers.DEFAULT_CHUNK_SIZE`).
-        query_values, query_top_k: for kind ``query``: value neurons split per prompt, query parts kept per value
-            neuron.
+        query_values: for kind ``query``: the FFN value neurons split per prompt.
+        query_top_k: for kind ``query``: the query parts kept per value neuron.
         max_prompts: only the first ``max_prompts`` rows of the data (part of the data fingerprint).
         model_name: the name recorded in the manifest (default: ``model.cfg.model_name``).
         progress: show a tqdm progress bar (rank 0) with rate and ETA.
