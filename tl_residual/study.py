@@ -397,13 +397,14 @@ def _int(v: Any) -> int | None:
 
 def _parts_rows(df: pd.DataFrame, pid: int, group: str | None, method: str, kind: str) -> list[dict[str, Any]]:
     rows = []
-    for rank, r in enumerate(df.itertuples(index=False), 1):
-        ref = N.parse(r.name)
+    coefs = df["coefficient"].tolist() if "coefficient" in df.columns else [None] * len(df)
+    for rank, (name, score, coef) in enumerate(zip(df["name"].tolist(), df["score"].tolist(), coefs), 1):
+        ref = N.parse(name)
         rows.append({
             "prompt_id": pid, "group": group, "method": method, "kind": kind, "name": N.format(ref),
             "layer": ref.layer, "head": ref.head, "dim": ref.dim, "src_pos": ref.src_pos, "neuron": ref.neuron,
-            "expert": ref.expert, "score": float(r.score),
-            "coefficient": None if r.coefficient is None or pd.isna(r.coefficient) else float(r.coefficient),
+            "expert": ref.expert, "score": float(score),
+            "coefficient": None if coef is None or pd.isna(coef) else float(coef),
             "rank": rank,
         })
     return rows
