@@ -252,8 +252,9 @@ def test_scores_equal_the_single_prompt_scorers(model, data_file, tmp_path):
                               heads.assign(prompt_id=row.prompt_id, method="m", kind="k"))
         layers = S.score_layers(ctx, n_top_tokens=0)
         got = res.layers[(res.layers["prompt_id"] == row.prompt_id) & (res.layers["method"] == "log_prob_increase")]
-        np.testing.assert_allclose(got["score"].to_numpy(), layers["score"].to_numpy(), rtol=1e-4, atol=1e-6)
-        assert got["name"].tolist() == layers["name"].tolist()
+        both = got.merge(layers, on="name", suffixes=("", "_ref"))
+        assert len(both) == len(got) == len(layers) == 2 * model.cfg.n_layers
+        np.testing.assert_allclose(both["score"].to_numpy(), both["score_ref"].to_numpy(), rtol=1e-4, atol=1e-6)
 
 
 def test_head_top_k_and_query_rows_equal_the_library(model, data_file, tmp_path):
