@@ -489,6 +489,73 @@ def methods() -> None:
     console.print(t)
 
 
+@app.command()
+def study(
+    data: str = typer.Option(..., "--data", "-d", help="Prompts: a .jsonl/.csv/.parquet file, a save_to_disk folder, "
+                             "a hub dataset name (name or name:split), or builtin:factual (the 442 shipped prompts)."),
+    out: str = typer.Option(..., "--out", "-o", help="Study folder (created; an existing one is resumed)."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model name or a saved Hugging Face model folder; "
+                              "default: the embedded SmolLM2-135M."),
+    prompt_column: str = typer.Option("prompt", "--prompt-column", help="Column holding the prompt text."),
+    target_column: Optional[str] = typer.Option(None, "--target-column", help="Column holding the target (a one-token "
+                                                "string or a token id); default: the model's top-1 (builtin: answer)."),
+    group_column: Optional[str] = typer.Option(None, "--group-column", help="Column holding a group label "
+                                               "(e.g. knowledge type; builtin: type)."),
+    filter_: Optional[str] = typer.Option(None, "--filter", help="paper: keep the prompts passing the neuron-level "
+                                          "paper's filter (needs target and group columns)."),
+    methods: str = typer.Option("log_prob_increase", "--methods", help="Comma-separated scoring methods "
+                                "(`tl-residual methods`), all from one forward pass."),
+    kinds: Optional[str] = typer.Option(None, "--kinds", help="Comma-separated subset of layer,stream,ffn_neuron,"
+                                        "attn_neuron,attn_subvalue,head,query (default: all but query)."),
+    top_k: Optional[str] = typer.Option(None, "--top-k", help="Parts kept per prompt: N for every neuron kind, or "
+                                        "ffn_neuron=100,attn_neuron=200,attn_subvalue=20,head=all (the default)."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Prompts per forward pass."),
+    position: int = typer.Option(-1, "--position", help="Destination position in each prompt (default -1, its last token)."),
+    max_prompts: Optional[int] = typer.Option(None, "--max-prompts", help="Only the first N prompts of the data."),
+    convention: str = typer.Option("frozen", "--lens", help="Lens convention: frozen (default), recomputed, none."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Score every prompt of a data set and write Parquet shards to OUT (resumable; data-parallel under
+    `accelerate launch -m tl_residual study ...`). Read the results with tl_residual.study.load(OUT)."""
+    from tl_residual import study as st
+
+    try:
+        kind_list = tuple(k.strip() for k in kinds.split(",") if k.strip()) if kinds else st.DEFAULT_KINDS
+        top = st.parse_top_k(top_k) if top_k else None
+        method_list = tuple(m.strip() for m in methods.split(",") if m.strip())
+        if batch_size < 1:
+            fail(f"--batch-size must be a positive integer, got {batch_size}")
+        if max_prompts is not None and max_prompts < 1:
+            fail(f"--max-prompts must be a positive integer, got {max_prompts}")
+        from tl_residual.scorers import get_scorer
+
+        for mth in method_list:
+            get_scorer(mth)
+        st.read_data(data)  # a missing or unreadable file fails before the model loads
+    except TLResidualError as exc:
+        fail(str(exc))
+    state = st.distributed_state()  # before loading: each process of a launcher loads onto its own device
+    if state.device.type == "cpu":
+        m = load(model)
+    else:
+        from tl_residual.model import load_model
+
+        try:
+            m = load_model(model, device=str(state.device))
+        except Exception as exc:
+            fail(f"could not load model {model!r} on {state.device}: {type(exc).__name__}: {exc}")
+    try:
+        summary = st.run(m, data, out, methods=method_list, top_k=top, kinds=kind_list, batch_size=batch_size,
+                         position=position, prompt_column=prompt_column, target_column=target_column,
+                         group_column=group_column, filter=filter_, convention=convention, max_prompts=max_prompts,
+                         model_name=model, progress=not quiet)
+    except TLResidualError as exc:
+        fail(str(exc))
+    rank = f"rank {summary['rank']}/{summary['world_size']}: " if summary["world_size"] > 1 else ""
+    console.print(f"{rank}{summary['ok']} prompts scored, {summary['failed']} failed, {summary['filtered']} filtered, "
+                  f"{summary['skipped']} already done, {summary['seconds']:.1f} s; results in {out}")
+
+
 def main() -> None:
     """Console-script entry point."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,454 @@
+"""tl_residual.study: dataset-scale runs on a tiny random GPT-2 saved to disk (loaded by path, as the CLI does).
+
+Checks: every input format gives the same results; a run killed with SIGKILL (and one interrupted by Ctrl-C)
+resumes to exactly the results of an uninterrupted run; other options into the same folder are refused; failing
+prompts are recorded; names mean the same component to ``intervene`` (checked against a computation from the
+weights and the single-prompt cache); scores equal the single-prompt scorers; two processes (torchrun, gloo) give
+the same merged results as one. The SmolLM2 end-to-end run of ``--data builtin:factual`` is marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from tl_residual import study as st
+from tl_residual.errors import InvalidInputError
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = [f"t{i}" for i in range(3, 10)]
+
+
+def _prompts(n: int, seed: int = 0) -> list[dict]:
+    g = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        length = int(g.integers(1, 7))
+        row = {"prompt": " ".join(g.choice(WORDS, length)), "kind": "ab"[i % 2]}
+        if i % 3 == 0:
+            row["target"] = str(g.choice(WORDS))
+        rows.append(row)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    """A random GPT-2 (2 layers, d_model 32) and the tests' word-level tokenizer, saved as a Hugging Face folder."""
+    from conftest import VOCAB, _randomize, tiny_tokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=4, n_inner=64, bos_token_id=1,
+                     eos_token_id=2)
+    hf = GPT2LMHeadModel(cfg)
+    _randomize(hf, 0)
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    hf.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    from tl_residual.model import load_model
+
+    try:
+        return load_model(model_dir)
+    except Exception as exc:  # noqa: BLE001 - a TransformerLens without a loader for local folders
+        pytest.skip(f"this TransformerLens cannot load a saved model folder: {exc}")
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _prompts(9)), encoding="utf-8")
+    return path
+
+
+FAST = {"target_column": "target", "group_column": "kind", "batch_size": 4, "progress": False,
+            "top_k": {"ffn_neuron": 10, "attn_neuron": 10, "attn_subvalue": 5, "head": None}}
+
+
+def assert_same_results(a: st.StudyResults, b: st.StudyResults, tol: float = 1e-5) -> None:
+    """Equal tables, up to float noise; parts whose scores tie (within ``tol``) at the top-k cut may differ."""
+    pd.testing.assert_frame_equal(a.prompts.drop(columns=["target_prob", "target_log_prob", "decomposition_error"]),
+                                  b.prompts.drop(columns=["target_prob", "target_log_prob", "decomposition_error"]))
+    for col in ("target_prob", "target_log_prob"):
+        np.testing.assert_allclose(a.prompts[col].astype(float), b.prompts[col].astype(float), rtol=1e-5, atol=1e-6)
+    pd.testing.assert_frame_equal(a.layers, b.layers, check_exact=False, rtol=1e-4, atol=tol)
+    pd.testing.assert_frame_equal(a.stream.drop(columns="rank"), b.stream.drop(columns="rank"), check_exact=False,
+                                  rtol=1e-4, atol=tol)
+    assert_same_parts(a.parts, b.parts, tol)
+
+
+def assert_same_parts(x: pd.DataFrame, y: pd.DataFrame, tol: float = 1e-5) -> None:
+    keys = ["prompt_id", "method", "kind"]
+    assert x.groupby(keys).size().to_dict() == y.groupby(keys).size().to_dict()
+    for key, gx in x.groupby(keys):
+        gy = y.set_index(keys).loc[key].reset_index()
+        np.testing.assert_allclose(gx["score"].to_numpy(), gy["score"].to_numpy(), rtol=1e-4, atol=tol)
+        m = gx.merge(gy, on="name", suffixes=("_x", "_y"))
+        np.testing.assert_allclose(m["score_x"], m["score_y"], rtol=1e-4, atol=tol)
+        cut = min(gx["score"].min(), gy["score"].min())
+        only = set(gx["name"]) ^ set(gy["name"])
+        both = pd.concat([gx, gy])
+        assert all(abs(both.loc[both["name"] == n, "score"].iloc[0] - cut) <= tol for n in only), (key, only)
+
+
+# ----------------------------------------------------------------------------------------------
+# Formats, schema, resumption in process
+# ----------------------------------------------------------------------------------------------
+
+
+def test_formats_give_the_same_results(model, data_file, tmp_path):
+    import datasets
+
+    rows = [json.loads(line) for line in data_file.read_text().splitlines()]
+    df = pd.DataFrame(rows)
+    csv = tmp_path / "p.csv"
+    df.to_csv(csv, index=False)
+    parquet = tmp_path / "p.parquet"
+    df.to_parquet(parquet)
+    disk = tmp_path / "ds"
+    datasets.Dataset.from_pandas(df).save_to_disk(str(disk))
+    kinds = ("layer", "ffn_neuron", "attn_subvalue")
+    ref = None
+    for i, src in enumerate((data_file, csv, parquet, disk, df)):
+        out = tmp_path / f"out{i}"
+        summary = st.run(model, src, out, kinds=kinds, **FAST)
+        assert summary["ok"] == len(rows)
+        res = st.load(out)
+        if ref is None:
+            ref = res
+            continue
+        assert_same_parts(res.parts, ref.parts)
+        pd.testing.assert_frame_equal(res.layers, ref.layers, check_exact=False, rtol=1e-4, atol=1e-5)
+        assert res.prompts["prompt"].tolist() == ref.prompts["prompt"].tolist()
+        assert res.manifest["data_fingerprint"] == ref.manifest["data_fingerprint"]
+
+
+def test_schema_and_contents(model, data_file, tmp_path):
+    st.run(model, data_file, tmp_path / "s", kinds=st.KINDS, methods=("log_prob_increase", "norm"), **FAST)
+    res = st.load(tmp_path / "s")
+    for table in st.TABLES:
+        df = getattr(res, table)
+        assert list(df.columns) == st.SCHEMAS[table].names, table
+        assert len(df), table
+    n_layers = res.manifest["model"]["n_layers"]
+    ok = res.prompts[res.prompts["status"] == "ok"]
+    assert len(ok) == 9 and set(res.prompts["group"]) == {"a", "b"}
+    # one stream row per Lin0, Lres_l, Lout_l; one layer row per sublayer and method
+    assert (res.stream.groupby("prompt_id").size() == 2 * n_layers + 1).all()
+    assert (res.layers.groupby(["prompt_id", "method"]).size() == 2 * n_layers).all()
+    sizes = res.parts.groupby(["prompt_id", "method", "kind"]).size()
+    assert (sizes.xs("ffn_neuron", level="kind") == 10).all() and (sizes.xs("head", level="kind") == 8).all()
+    for _, g in res.parts.groupby(["prompt_id", "method", "kind"]):
+        assert g["rank"].tolist() == list(range(1, len(g) + 1))
+        assert (np.diff(g["score"].to_numpy()) <= 1e-12).all()
+    sub = res.parts[res.parts["kind"] == "attn_subvalue"].merge(res.prompts[["prompt_id", "n_tokens"]], on="prompt_id")
+    assert (sub["src_pos"] < sub["n_tokens"]).all()  # prompt coordinates, never a padding position
+    # targets: the given one where there is one, else the model's top-1 (rank 1)
+    no_target = [i for i, r in enumerate(_prompts(9)) if "target" not in r]
+    assert (ok.set_index("prompt_id").loc[no_target, "target_rank"] == 1).all()
+    assert (ok["decomposition_error"] < 1e-5).all()
+    assert res.query["value_name"].str.match(r"^L\d+\.N\d+$").all()
+    assert res.manifest["options"]["methods"] == ["log_prob_increase", "norm"]
+    assert {"torch", "transformer-lens", "tl-residual"} <= set(res.manifest["versions"])
+
+
+def test_refuses_other_options_in_the_same_folder(model, data_file, tmp_path):
+    out = tmp_path / "r"
+    st.run(model, data_file, out, kinds=("layer",), **FAST)
+    st.run(model, data_file, out, kinds=("layer",), **FAST)  # same options: resumes (nothing left to do)
+    with pytest.raises(InvalidInputError, match="other settings.*kinds"):
+        st.run(model, data_file, out, kinds=("layer", "head"), **FAST)
+    with pytest.raises(InvalidInputError, match="data_fingerprint"):
+        st.run(model, data_file, out, kinds=("layer",), max_prompts=3, **FAST)
+    assert len(st.load(out).prompts) == 9
+
+
+def test_failed_prompts_are_recorded(model, tmp_path):
+    rows = [{"prompt": "t3 t4 t5", "target": "t6"}, {"prompt": "t3 t4", "target": "t6 t7"},  # target: 2 tokens
+            {"prompt": "   ", "target": None}, {"prompt": " ".join(["t5"] * 40), "target": None},  # empty; too long
+            {"prompt": "t8", "target": 999}]  # id out of range
+    summary = st.run(model, rows, tmp_path / "f", kinds=("layer", "ffn_neuron"), **{**FAST, "group_column": None})
+    assert summary == {**summary, "ok": 1, "failed": 4}
+    p = st.load(tmp_path / "f").prompts.set_index("prompt_id")
+    assert p["status"].tolist() == ["ok", "failed", "failed", "failed", "failed"]
+    assert "not one" in p.at[1, "reason"] and "empty" in p.at[2, "reason"]
+    assert "too long" in p.at[3, "reason"] and "out of range" in p.at[4, "reason"]
+    res = st.load(tmp_path / "f")
+    assert set(res.parts["prompt_id"]) == {0}
+    with pytest.raises(InvalidInputError, match="position"):
+        st.run(model, rows, tmp_path / "g", position=1.5, **FAST)  # type: ignore[arg-type]
+    st.run(model, rows[:1], tmp_path / "h", position=7, kinds=("layer",), **{**FAST, "group_column": None})
+    assert "outside the prompt" in st.load(tmp_path / "h").prompts.at[0, "reason"]
+
+
+def test_interrupted_in_process_resumes_to_the_same_results(model, data_file, tmp_path, monkeypatch):
+    kw = dict(FAST, batch_size=2, kinds=("layer", "ffn_neuron", "attn_neuron"))
+    st.run(model, data_file, tmp_path / "full", **kw)
+    calls = {"n": 0}
+    real = st._write_table
+
+    def flaky(path, table, rows):
+        calls["n"] += 1
+        if calls["n"] == 7:  # the middle of the second batch's files: Ctrl-C
+            raise KeyboardInterrupt
+        real(path, table, rows)
+
+    monkeypatch.setattr(st, "_write_table", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        st.run(model, data_file, tmp_path / "cut", **kw)
+    monkeypatch.setattr(st, "_write_table", real)
+    partial = st.load(tmp_path / "cut")
+    assert len(partial.prompts) == 2  # the first batch only
+    assert not [f for f in (tmp_path / "cut").rglob("*") if ".tmp-" in f.name]
+    summary = st.run(model, data_file, tmp_path / "cut", **kw)
+    assert summary["skipped"] == 2 and summary["ok"] == 7
+    assert_same_results(st.load(tmp_path / "cut"), st.load(tmp_path / "full"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Correctness: single-prompt scorers, names vs intervene
+# ----------------------------------------------------------------------------------------------
+
+
+def test_scores_equal_the_single_prompt_scorers(model, data_file, tmp_path):
+    from tl_residual import scorers as S
+
+    kw = dict(FAST, methods=("log_prob_increase", "coefficient"))
+    st.run(model, data_file, tmp_path / "s", kinds=st.DEFAULT_KINDS, **kw)
+    res = st.load(tmp_path / "s")
+    fns = {"ffn_neuron": (S.score_ffn_neurons, 10), "attn_neuron": (S.score_attention_neurons, 10),
+           "attn_subvalue": (S.score_attention_subvalues, 5)}
+    for row in res.prompts.itertuples():
+        tokens = model.to_tokens(row.prompt)
+        with torch.no_grad():
+            logits, cache = model.run_with_cache(tokens)
+        lp = torch.log_softmax(logits[0, -1].double(), -1)
+        assert row.target_log_prob == pytest.approx(float(lp[row.target_id]), abs=1e-5)  # the model's own forward
+        assert row.tokens.tolist() == [model.tokenizer.decode([t]) for t in tokens[0].tolist()]
+        ctx = S.make_context(model, cache, int(row.target_id))
+        for method in kw["methods"]:
+            mine = res.parts[(res.parts["prompt_id"] == row.prompt_id) & (res.parts["method"] == method)]
+            for kind, (fn, k) in fns.items():
+                ref = fn(ctx, method, top_k=k, n_top_tokens=0)
+                assert_same_parts(mine[mine["kind"] == kind].assign(method="m", kind="k"),
+                                  ref.assign(prompt_id=row.prompt_id, method="m", kind="k"))
+            heads = S.score_heads(ctx, method, n_top_tokens=0)
+            assert_same_parts(mine[mine["kind"] == "head"].assign(method="m", kind="k"),
+                              heads.assign(prompt_id=row.prompt_id, method="m", kind="k"))
+        layers = S.score_layers(ctx, n_top_tokens=0)
+        got = res.layers[(res.layers["prompt_id"] == row.prompt_id) & (res.layers["method"] == "log_prob_increase")]
+        both = got.merge(layers, on="name", suffixes=("", "_ref"))
+        assert len(both) == len(got) == len(layers) == 2 * model.cfg.n_layers
+        np.testing.assert_allclose(both["score"].to_numpy(), both["score_ref"].to_numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_head_top_k_and_query_rows_equal_the_library(model, data_file, tmp_path):
+    """Heads with a top-k (certified search) are the best rows of ``score_heads``; the query rows of each prompt,
+    summed over value neurons, are ``query.query_neuron_scores`` (with every query part kept)."""
+    from tl_residual import query as Q
+    from tl_residual import scorers as S
+
+    st.run(model, data_file, tmp_path / "q", kinds=("head", "query"), query_values=4, query_top_k=1000,
+           **{**FAST, "top_k": {"head": 3}})
+    res = st.load(tmp_path / "q")
+    for row in res.prompts.itertuples():
+        with torch.no_grad():
+            _, cache = model.run_with_cache(model.to_tokens(row.prompt))
+        ctx = S.make_context(model, cache, int(row.target_id))
+        heads = S.score_heads(ctx, n_top_tokens=0).head(3)
+        mine = res.parts[(res.parts["prompt_id"] == row.prompt_id)]
+        assert_same_parts(mine.assign(method="m", kind="k"), heads.assign(prompt_id=row.prompt_id, method="m", kind="k"))
+        ref = Q.query_neuron_scores(ctx, n_value=4)
+        ref = ref[ref["kind"] != "key_bias"].groupby("name")["score"].sum()
+        got = res.query[res.query["prompt_id"] == row.prompt_id].groupby("query_name")["score"].sum()
+        both = pd.concat([ref, got], axis=1).fillna(0.0)
+        np.testing.assert_allclose(both.iloc[:, 0], both.iloc[:, 1], atol=1e-6)
+
+
+def test_names_mean_the_same_component_to_intervene(model, tmp_path):
+    """The shortest prompt of a right-padded batch: zeroing its top last-layer parts with ``intervene`` gives the
+    target the log-probability that subtracting the part's vector (rebuilt here from the weights and the prompt's
+    own cache) from its sublayer's output (``hook_attn_out`` / ``hook_mlp_out``) gives. (On a TransformerBridge,
+    editing ``hook_resid_mid`` changes the FFN's input but not the residual skip path, so the outputs are edited.)"""
+    from tl_residual import model as tlm
+    from tl_residual.interventions import intervene
+
+    rows = [{"prompt": "t3 t4 t5 t6 t7 t8 t9"}, {"prompt": "t5 t4 t9"}, {"prompt": "t7 t7 t3 t5 t6"}]
+    st.run(model, rows, tmp_path / "n", kinds=("ffn_neuron", "attn_neuron", "attn_subvalue"), batch_size=3,
+           progress=False, top_k=400)
+    res = st.load(tmp_path / "n")
+    last = model.cfg.n_layers - 1
+    p = res.prompts.set_index("prompt_id").loc[1]
+    tokens = model.to_tokens(p.prompt)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+    pos = tokens.shape[1] - 1
+    assert p.position == pos and p.n_tokens == pos + 1
+    pattern = cache[f"blocks.{last}.attn.hook_pattern"][0]
+    v = cache[f"blocks.{last}.attn.hook_v"][0]
+    w_o, w_out = tlm.W_O(model, last), tlm.W_out(model, last)
+
+    def logp_without(hook: str, vec: torch.Tensor) -> float:
+        def sub(x, hook):
+            x = x.clone()
+            x[0, pos] -= vec.to(x.dtype)
+            return x
+
+        with torch.no_grad():
+            logits = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{last}.{hook}", sub)])
+        return float(torch.log_softmax(logits[0, pos].double(), -1)[int(p.target_id)])
+
+    parts = res.parts[(res.parts["prompt_id"] == 1) & (res.parts["layer"] == last)]
+    for kind in ("ffn_neuron", "attn_neuron", "attn_subvalue"):
+        r = parts[parts["kind"] == kind].iloc[0]
+        h, src, d, n = (None if pd.isna(r[c]) else int(r[c]) for c in ("head", "src_pos", "dim", "neuron"))
+        if kind == "ffn_neuron":
+            vec, hook = cache[f"blocks.{last}.mlp.hook_post"][0, pos, n] * w_out[n], "hook_mlp_out"
+        elif kind == "attn_neuron":
+            vec, hook = pattern[h, pos, src] * v[src, h, d] * w_o[h, d], "hook_attn_out"
+        else:
+            vec, hook = pattern[h, pos, src] * (v[src, h] @ w_o[h]), "hook_attn_out"
+        after = intervene(model, p.prompt, [r["name"]], int(p.target_id)).to_dataframe().iloc[0]
+        expected = logp_without(hook, vec)
+        assert after.logp_after == pytest.approx(expected, abs=1e-4), r["name"]
+        assert abs(after.logp_after - after.logp_before) > 1e-3  # the part matters, so a wrong one would show
+
+
+# ----------------------------------------------------------------------------------------------
+# Subprocesses: the CLI, a killed run, two processes
+# ----------------------------------------------------------------------------------------------
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tl_residual", "study", *args]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT),
+            "OMP_NUM_THREADS": "1"}
+
+
+def test_cli_killed_run_resumes_to_the_same_results(model, model_dir, tmp_path):
+    rows = _prompts(12, seed=1)
+    data = tmp_path / "many.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    kinds = ("layer", "ffn_neuron", "attn_subvalue", "query")
+    st.run(model, data, tmp_path / "full", kinds=kinds, **{**FAST, "batch_size": 1})  # uninterrupted, in process
+    args = ["--data", str(data), "--model", model_dir, "--target-column", "target", "--group-column", "kind",
+            "--batch-size", "1", "--kinds", ",".join(kinds), "--top-k",
+            "ffn_neuron=10,attn_neuron=10,attn_subvalue=5,head=all", "--quiet", "--out", str(tmp_path / "cut")]
+    proc = subprocess.Popen(_cli(*args), env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    prompts_dir = tmp_path / "cut" / "prompts"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(prompts_dir.glob("*.parquet")) if prompts_dir.exists() else []) < 2:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    done = len(st.load(tmp_path / "cut").prompts)
+    assert 2 <= done < len(rows), done
+    again = subprocess.run(_cli(*args), env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
+    assert again.returncode == 0, again.stderr
+    assert f"{done} already done" in " ".join(again.stdout.split())
+    assert not [f for f in (tmp_path / "cut").rglob("*") if ".tmp-" in f.name]
+    a, b = st.load(tmp_path / "cut"), st.load(tmp_path / "full")
+    assert_same_results(a, b)
+    pd.testing.assert_frame_equal(a.query.drop(columns=["score", "value_score"]),
+                                  b.query.drop(columns=["score", "value_score"]))
+    np.testing.assert_allclose(a.query["score"], b.query["score"], rtol=1e-4, atol=1e-6)
+
+
+def test_two_processes_equal_one(model, model_dir, data_file, tmp_path):
+    if shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None:
+        pytest.skip("torchrun is not installed next to this Python")
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    st.run(model, data_file, tmp_path / "one", kinds=("layer", "stream", "ffn_neuron", "attn_neuron"), **FAST)
+    args = ["--data", str(data_file), "--model", model_dir, "--target-column", "target", "--group-column", "kind",
+            "--batch-size", "4", "--kinds", "layer,stream,ffn_neuron,attn_neuron", "--top-k",
+            "ffn_neuron=10,attn_neuron=10,attn_subvalue=5,head=all", "--quiet"]
+    two = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "tl_residual", "study",
+                          *args, "--out", str(tmp_path / "two")], env=_env(), cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert two.returncode == 0, two.stderr + two.stdout
+    ranks = {f.name.split("-")[0] for f in (tmp_path / "two" / "prompts").glob("*.parquet")}
+    assert ranks == {"rank0", "rank1"}
+    a, b = st.load(tmp_path / "two"), st.load(tmp_path / "one")
+    assert a.manifest["run"]["world_size"] == 2 and b.manifest["run"]["world_size"] == 1
+    assert_same_results(a, b)
+
+
+def test_cli_bad_input_is_a_clear_error(tmp_path):
+    res = subprocess.run(_cli("--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")), env=_env(),
+                         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 2 and "does not exist" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_parse_top_k():
+    assert st.parse_top_k("50") == 50
+    assert st.parse_top_k("ffn_neuron=100,head=all") == {"ffn_neuron": 100, "head": None}
+    with pytest.raises(InvalidInputError):
+        st.parse_top_k("ffn=3")
+    with pytest.raises(InvalidInputError):
+        st.parse_top_k("ffn_neuron=-1")
+
+
+# ----------------------------------------------------------------------------------------------
+# The real model, end to end
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_builtin_factual_end_to_end(smollm2, tmp_path):
+    summary = st.run(smollm2, "builtin:factual", tmp_path / "f", max_prompts=6, batch_size=3, progress=False,
+                     filter="paper", top_k={"ffn_neuron": 20, "attn_neuron": 20, "attn_subvalue": 10, "head": None},
+                     model_name="smollm2-135m")
+    res = st.load(tmp_path / "f")
+    assert summary["ok"] + summary["filtered"] == 6 and summary["ok"] >= 3
+    assert set(res.prompts["status"]) <= {"ok", "filtered"}
+    ok = res.prompts[res.prompts["status"] == "ok"]
+    assert (ok["decomposition_error"] < 1e-5).all() and (ok["target_rank"] <= 10).all()
+    assert (res.layers.groupby("prompt_id").size() == 60).all()
+    assert res.manifest["model"]["name"] == "smollm2-135m" and res.manifest["options"]["filter"] == "paper"
+    # the capital prompt "The capital of France is" style fact: the answer's top FFN neurons are named in the
+    # prompt's coordinates and scored in nats
+    assert res.parts["score"].notna().all() and res.parts["name"].str.match(r"^L\d+\.").all()
+
+
+def test_hooked_transformer_llama_style(tmp_path):
+    """The runner on a TransformerLens 3.x ``HookedTransformer`` (RMSNorm, gated MLP, rotary, grouped-query
+    attention): every prompt scored, scores equal the single-prompt scorers (skipped where TransformerLens 4.x
+    has no HookedTransformer)."""
+    from conftest import make_hooked
+
+    from tl_residual import scorers as S
+
+    model = make_hooked("llama", n_kv_heads=2)
+    rows = [{"prompt": "t3 t4 t5 t6"}, {"prompt": "t7 t8"}, {"prompt": "t9 t3 t4 t5 t6 t7"}]
+    st.run(model, rows, tmp_path / "h", kinds=st.KINDS, progress=False, batch_size=3,
+           top_k={"ffn_neuron": 10, "attn_neuron": 10, "attn_subvalue": 5, "head": None})
+    res = st.load(tmp_path / "h")
+    assert (res.prompts["status"] == "ok").all() and (res.prompts["decomposition_error"] < 1e-5).all()
+    assert len(res.query)
+    for row in res.prompts.itertuples():
+        with torch.no_grad():
+            _, cache = model.run_with_cache(model.to_tokens(row.prompt))
+        ctx = S.make_context(model, cache, int(row.target_id))
+        for kind, ref in (("ffn_neuron", S.score_ffn_neurons(ctx, top_k=10, n_top_tokens=0)),
+                          ("attn_neuron", S.score_attention_neurons(ctx, top_k=10, n_top_tokens=0))):
+            mine = res.parts[(res.parts["prompt_id"] == row.prompt_id) & (res.parts["kind"] == kind)]
+            assert_same_parts(mine.assign(method="m", kind="k"), ref.assign(prompt_id=row.prompt_id, method="m",
+                                                                             kind="k"))

@@ -1,0 +1,917 @@
+"""Dataset-scale runs: attribution over many prompts, streamed to Parquet shards, resumable, data-parallel.
+
+:func:`run` scores every prompt of a data set (JSONL, CSV, Parquet, a ``datasets`` dataset saved with
+``save_to_disk`` or a hub name, or the built-in factual prompts ``"builtin:factual"``) with one batched forward
+pass and one ``ActivationCache`` per batch, reused by every method and every kind of part:
+
+* ``layer``: the log-probability increase (or any registered method) of every layer's attention and FFN output
+  (residual-stream paper Eq. 19; table ``layers``);
+* ``stream``: the target's log-probability, probability and rank along the residual stream ``Lin0, Lres0, Lout0,
+  Lres1, ...`` (residual-stream paper Eq. 1; table ``stream``);
+* ``ffn_neuron``, ``attn_neuron``, ``attn_subvalue``: the certified exact top-k per kind
+  (:func:`tl_residual.scorers.score_groups`; neuron-level paper section 3), and ``head``: every head (table
+  ``parts``);
+* ``query``: for the top FFN value neurons (by log-probability increase), the query parts that switched each on,
+  with score ``Imp(a) * contribution / input(a)`` (neuron-level paper section 3.3, the per-value-neuron terms of
+  :func:`tl_residual.query.query_neuron_scores`; table ``query``).
+
+Names are in prompt coordinates (source position 0 is the prompt's first token, BOS where the tokenizer prepends
+one): batches are padded on the right, so under the causal mask the real tokens of a prompt see exactly the
+activations they would see alone, and every position index is the prompt's own. Names are those of
+:mod:`tl_residual.names` and mean the same component in :func:`tl_residual.interventions.intervene`.
+
+Output layout under ``out_dir`` (the contract of ``docs/studies.md``): ``manifest.json`` and one folder per table
+(``parts/``, ``layers/``, ``stream/``, ``query/``, ``prompts/``) of Parquet shards named ``rank{R}-{K:05d}.parquet``,
+one shard per batch and rank. Every file is written to a temporary name and moved into place with
+:func:`os.replace`; the ``prompts`` shard of a batch is written last and is the batch's commit record:
+:func:`load` and resumption only see batches whose ``prompts`` shard exists. A run interrupted in any way (Ctrl-C,
+SIGTERM, ``kill -9``) therefore loses at most the batch in progress and never leaves a partial file under a final
+name; rerunning the same call skips every prompt already committed. Rerunning with different options (or
+different data, or another model) into the same folder raises :class:`~tl_residual.errors.InvalidInputError`.
+
+Data parallel: launched under Hugging Face Accelerate (``accelerate launch -m tl_residual study ...``) each
+process (``accelerate.PartialState``: rank ``R`` of ``N``) takes every ``N``-th pending prompt and writes its own
+shards; rank 0 writes the manifest. One process needs no launcher.
+
+Peak memory (beyond the model): one batch's ``ActivationCache`` (``batch_size * n_pos * (5 * n_layers + ...) *
+d_model`` floats for the residual hooks plus ``batch_size * n_layers * n_heads * n_pos**2`` for the attention
+patterns), plus for the prompt being scored the pruned search's per-part bounds (8 bytes per candidate part,
+``n_layers * (d_mlp + n_heads * n_pos * (d_head + 1))``) and ``3 * max(chunk_size, top_k) * d_vocab`` floats for
+the exact scores, plus the attention-neuron directions of one layer (``n_heads * n_pos * d_head * d_model``).
+Rows are written per batch and never accumulated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from tl_residual import model as tlm
+from tl_residual import names as N
+from tl_residual.decompose import (
+    PartGroup,
+    layer_outputs,
+    reconstruction_error,
+    residual_stream,
+)
+from tl_residual.errors import InvalidInputError, TLResidualError
+
+#: What a study can compute per prompt (``kinds=``).
+KINDS: tuple[str, ...] = ("layer", "stream", "ffn_neuron", "attn_neuron", "attn_subvalue", "head", "query")
+DEFAULT_KINDS: tuple[str, ...] = ("layer", "stream", "ffn_neuron", "attn_neuron", "attn_subvalue", "head")
+#: Parts kept per prompt, method and kind (``None``: all of them; heads are few).
+DEFAULT_TOP_K: dict[str, int | None] = {"ffn_neuron": 100, "attn_neuron": 200, "attn_subvalue": 20, "head": None}
+#: Relative error of the decomposition of the final ``resid_post`` above which a prompt is marked failed
+#: (float32 gives about 1e-7 to 1e-6).
+MAX_DECOMPOSITION_ERROR = 1e-4
+TABLES: tuple[str, ...] = ("parts", "layers", "stream", "query", "prompts")
+BUILTIN_FACTUAL = "builtin:factual"
+SCHEMA_VERSION = 1
+
+_INT = pa.int64()
+SCHEMAS: dict[str, pa.Schema] = {
+    "parts": pa.schema([
+        ("prompt_id", _INT), ("group", pa.string()), ("method", pa.string()), ("kind", pa.string()),
+        ("name", pa.string()), ("layer", _INT), ("head", _INT), ("dim", _INT), ("src_pos", _INT),
+        ("neuron", _INT), ("expert", _INT), ("score", pa.float64()), ("coefficient", pa.float64()), ("rank", _INT),
+    ]),
+    "layers": pa.schema([
+        ("prompt_id", _INT), ("group", pa.string()), ("method", pa.string()), ("name", pa.string()),
+        ("layer", _INT), ("sublayer", pa.string()), ("score", pa.float64()),
+    ]),
+    "stream": pa.schema([
+        ("prompt_id", _INT), ("group", pa.string()), ("stream", pa.string()), ("index", _INT),
+        ("log_prob", pa.float64()), ("prob", pa.float64()), ("rank", _INT),
+    ]),
+    "query": pa.schema([
+        ("prompt_id", _INT), ("group", pa.string()), ("value_name", pa.string()), ("value_score", pa.float64()),
+        ("query_name", pa.string()), ("query_kind", pa.string()), ("layer", _INT), ("head", _INT),
+        ("src_pos", _INT), ("neuron", _INT), ("position", _INT), ("score", pa.float64()), ("rank", _INT),
+    ]),
+    "prompts": pa.schema([
+        ("prompt_id", _INT), ("group", pa.string()), ("prompt", pa.string()), ("tokens", pa.list_(pa.string())),
+        ("n_tokens", _INT), ("position", _INT), ("target", pa.string()), ("target_id", _INT),
+        ("target_prob", pa.float64()), ("target_rank", _INT), ("target_log_prob", pa.float64()),
+        ("decomposition_error", pa.float64()), ("status", pa.string()), ("reason", pa.string()),
+    ]),
+}
+
+
+@dataclass
+class StudyResults:
+    """What :func:`load` returns: one DataFrame per table (columns as in :data:`SCHEMAS`) and the manifest."""
+
+    parts: pd.DataFrame
+    layers: pd.DataFrame
+    stream: pd.DataFrame
+    query: pd.DataFrame
+    prompts: pd.DataFrame
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------
+# Options
+# ----------------------------------------------------------------------------------------------
+
+
+def _resolve_top_k(top_k: int | Mapping[str, int | None] | None) -> dict[str, int | None]:
+    out = dict(DEFAULT_TOP_K)
+    if top_k is None:
+        return out
+    if isinstance(top_k, Mapping):
+        unknown = sorted(set(top_k) - set(DEFAULT_TOP_K))
+        if unknown:
+            raise InvalidInputError(f"top_k has unknown kind(s) {unknown}; kinds are {', '.join(DEFAULT_TOP_K)}")
+        out.update(top_k)
+    elif isinstance(top_k, int) and not isinstance(top_k, bool):
+        out.update({k: top_k for k in ("ffn_neuron", "attn_neuron", "attn_subvalue")})
+    else:
+        raise InvalidInputError(f"top_k must be an integer or a mapping kind -> integer, got {top_k!r}")
+    for k, v in out.items():
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise InvalidInputError(f"top_k[{k!r}] must be a positive integer or None, got {v!r}")
+    return out
+
+
+def parse_top_k(text: str) -> int | dict[str, int | None]:
+    """``"100"`` (every neuron kind) or ``"ffn_neuron=100,attn_neuron=200,head=all"`` (the CLI's ``--top-k``).
+
+    Raises:
+        InvalidInputError: a malformed entry.
+    """
+    text = text.strip()
+    if re.fullmatch(r"\d+", text):
+        return int(text)
+    out: dict[str, int | None] = {}
+    for item in text.split(","):
+        m = re.fullmatch(r"\s*(\w+)\s*=\s*(\d+|all)\s*", item)
+        if m is None:
+            raise InvalidInputError(f"--top-k entry {item!r} is not KIND=N or KIND=all (e.g. ffn_neuron=100)")
+        out[m.group(1)] = None if m.group(2) == "all" else int(m.group(2))
+    _resolve_top_k(out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """One input prompt: ``prompt_id`` is its row number in the data (0-based, stable across runs)."""
+
+    prompt_id: int
+    prompt: Any
+    target: Any = None
+    group: str | None = None
+
+
+def read_data(data: Any) -> pd.DataFrame:
+    """The data as a DataFrame: a DataFrame, a list of dicts or strings, a ``datasets.Dataset``, ``"builtin:factual"``
+    (:func:`tl_residual.datasets.load_factual_prompts`), a ``.jsonl``/``.json``/``.csv``/``.parquet`` file, a folder
+    written by ``Dataset.save_to_disk`` (or a ``DatasetDict``: its ``train`` split), or a hub dataset name (needs the
+    hub; ``name`` or ``name:split``). Files are read with ``datasets``/pyarrow.
+
+    Raises:
+        InvalidInputError: a missing file, an unknown format, or a hub name that cannot be loaded.
+    """
+    if isinstance(data, pd.DataFrame):
+        return data.reset_index(drop=True)
+    if isinstance(data, (list, tuple)):
+        rows = [{"prompt": r} if isinstance(r, str) else dict(r) for r in data]
+        return pd.DataFrame(rows)
+    if not isinstance(data, (str, os.PathLike)):
+        if hasattr(data, "to_pandas"):
+            return data.to_pandas().reset_index(drop=True)
+        raise InvalidInputError(f"data must be a file, folder, dataset name, DataFrame or list, got {type(data).__name__}")
+    text = os.fspath(data)
+    if text == BUILTIN_FACTUAL:
+        from tl_residual.datasets import load_factual_prompts
+
+        return load_factual_prompts()
+    import datasets
+
+    datasets.disable_progress_bars()
+    path = Path(text)
+    if path.is_dir():
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except Exception as exc:  # not a save_to_disk folder
+            raise InvalidInputError(f"{text!r} is a folder but not a dataset written by save_to_disk: {exc}") from exc
+        if isinstance(ds, datasets.DatasetDict):
+            split = "train" if "train" in ds else next(iter(ds))
+            ds = ds[split]
+        return ds.to_pandas().reset_index(drop=True)
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in (".jsonl", ".json", ".ndjson"):
+            return _read_jsonl(path)
+        if suffix in (".csv", ".tsv"):
+            return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", keep_default_na=False, na_values=[""])
+        if suffix in (".parquet", ".pq"):
+            return pq.read_table(path).to_pandas()
+        raise InvalidInputError(f"unknown data format {suffix!r} of {text!r}; use .jsonl, .csv, .parquet or a folder")
+    if os.sep in text or text.startswith(".") or re.search(r"\.(jsonl|json|csv|parquet)$", text):
+        raise InvalidInputError(f"data file {text!r} does not exist")
+    name, _, split = text.partition(":")
+    try:
+        ds = datasets.load_dataset(name, split=split or "train")
+    except Exception as exc:
+        raise InvalidInputError(f"could not load dataset {text!r} from the hub: {type(exc).__name__}: {exc}") from exc
+    return ds.to_pandas().reset_index(drop=True)
+
+
+def _read_jsonl(path: Path) -> pd.DataFrame:
+    """A JSON Lines file (one object per line; blank lines skipped), or a JSON array of objects."""
+    raw = path.read_text(encoding="utf-8")
+    if raw.lstrip().startswith("["):
+        rows = json.loads(raw)
+    else:
+        rows = []
+        for i, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise InvalidInputError(f"{path}:{i} is not valid JSON: {exc}") from exc
+    rows = [{"prompt": r} if isinstance(r, str) else r for r in rows if not (isinstance(r, dict) and r.get("_header"))]
+    return pd.DataFrame(rows)
+
+
+def _records(df: pd.DataFrame, prompt_column: str, target_column: str | None, group_column: str | None) -> list[PromptRecord]:
+    for label, col in (("prompt_column", prompt_column), ("target_column", target_column), ("group_column", group_column)):
+        if col is not None and col not in df.columns:
+            raise InvalidInputError(f"{label} {col!r} is not a column of the data; columns: {', '.join(map(str, df.columns))}")
+
+    def clean(v: Any) -> Any:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return None
+        if hasattr(v, "item") and not isinstance(v, str):
+            v = v.item()
+        return v
+
+    out = []
+    for i, d in enumerate(df.to_dict("records")):
+        target = clean(d[target_column]) if target_column else None
+        group = clean(d[group_column]) if group_column else None
+        out.append(PromptRecord(i, clean(d[prompt_column]), target, None if group is None else str(group)))
+    return out
+
+
+def fingerprint(records: Sequence[PromptRecord]) -> str:
+    """SHA-256 of the prompts, targets and groups (the data as the study sees it)."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps([r.prompt_id, r.prompt, r.target, r.group], ensure_ascii=False, default=str).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write through ``write(tmp_path)`` then ``os.replace`` into ``path`` (fsynced; the temp file is removed on
+    any failure)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(str(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _write_table(path: Path, table: str, rows: list[dict[str, Any]]) -> None:
+    schema = SCHEMAS[table]
+    cols = {name: [r.get(name) for r in rows] for name in schema.names}
+    tbl = pa.Table.from_pydict(cols, schema=schema)
+    _atomic_write(path, lambda tmp: pq.write_table(tbl, tmp))
+
+
+def _shard_files(out: Path, table: str) -> list[Path]:
+    d = out / table
+    return sorted(d.glob("rank*-*.parquet")) if d.is_dir() else []
+
+
+def _shard_rank_index(path: Path) -> tuple[int, int]:
+    m = re.fullmatch(r"rank(\d+)-(\d+)\.parquet", path.name)
+    return (int(m.group(1)), int(m.group(2))) if m else (-1, -1)
+
+
+def _committed_ids(out: Path) -> set[int]:
+    done: set[int] = set()
+    for f in _shard_files(out, "prompts"):
+        done.update(pq.read_table(f, columns=["prompt_id"]).column("prompt_id").to_pylist())
+    return done
+
+
+def _clean_rank(out: Path, rank: int) -> int:
+    """Remove this rank's temp files and uncommitted shards (no ``prompts`` shard); return the next shard index."""
+    committed = {f.name for f in _shard_files(out, "prompts")}
+    last = -1
+    for table in TABLES:
+        d = out / table
+        if not d.is_dir():
+            continue
+        for f in d.iterdir():
+            if f.name.startswith(f".rank{rank}-") and ".tmp-" in f.name:
+                f.unlink(missing_ok=True)
+                continue
+            r, k = _shard_rank_index(f)
+            if r != rank:
+                continue
+            if f.name not in committed:
+                f.unlink(missing_ok=True)
+            else:
+                last = max(last, k)
+    return last + 1
+
+
+def load(out_dir: str | os.PathLike[str]) -> StudyResults:
+    """Read a study folder written by :func:`run` (complete or not): every committed batch of every rank.
+
+    Tables are sorted by ``prompt_id`` (then method, kind, rank). Batches without a ``prompts`` shard (the one in
+    progress when a run was killed) are ignored.
+
+    Raises:
+        InvalidInputError: ``out_dir`` has no ``manifest.json``.
+    """
+    out = Path(out_dir)
+    mpath = out / "manifest.json"
+    if not mpath.is_file():
+        raise InvalidInputError(f"{out} is not a study folder: it has no manifest.json (write one with study.run)")
+    manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    committed = [f.name for f in _shard_files(out, "prompts")]
+    frames: dict[str, pd.DataFrame] = {}
+    sort_keys = {"parts": ["prompt_id", "method", "kind", "rank"], "layers": ["prompt_id", "method", "layer", "sublayer"],
+                 "stream": ["prompt_id", "index"], "query": ["prompt_id", "value_name", "rank"], "prompts": ["prompt_id"]}
+    for table in TABLES:
+        files = [out / table / n for n in committed if (out / table / n).is_file()]
+        if files:
+            tbl = pa.concat_tables([pq.read_table(f, schema=SCHEMAS[table]) for f in files])
+        else:
+            tbl = SCHEMAS[table].empty_table()
+        df = tbl.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
+        if table != "prompts":
+            for col in ("prompt_id", "index", "layer", "rank"):
+                if col in df and not df[col].isna().any():
+                    df[col] = df[col].astype("int64")
+        else:
+            df["prompt_id"] = df["prompt_id"].astype("int64")
+        frames[table] = df.sort_values(sort_keys[table], kind="stable").reset_index(drop=True)
+    return StudyResults(**frames, manifest=manifest)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring one prompt
+# ----------------------------------------------------------------------------------------------
+
+
+def _int(v: Any) -> int | None:
+    if v is None:
+        return None
+    v = int(v)
+    return None if v < 0 else v
+
+
+def _parts_rows(df: pd.DataFrame, pid: int, group: str | None, method: str, kind: str) -> list[dict[str, Any]]:
+    rows = []
+    coefs = df["coefficient"].tolist() if "coefficient" in df.columns else [None] * len(df)
+    for rank, (name, score, coef) in enumerate(zip(df["name"].tolist(), df["score"].tolist(), coefs), 1):
+        ref = N.parse(name)
+        rows.append({
+            "prompt_id": pid, "group": group, "method": method, "kind": kind, "name": N.format(ref),
+            "layer": ref.layer, "head": ref.head, "dim": ref.dim, "src_pos": ref.src_pos, "neuron": ref.neuron,
+            "expert": ref.expert, "score": float(score),
+            "coefficient": None if coef is None or pd.isna(coef) else float(coef),
+            "rank": rank,
+        })
+    return rows
+
+
+def _head_groups(ctx: Any) -> list[PartGroup]:
+    """Every head's output at ``ctx.position`` (its subvalues summed over source positions), one group per layer,
+    as :func:`tl_residual.scorers.score_heads` builds them; with a ``top_k`` they go through the certified search."""
+    from tl_residual.decompose import attention_parts
+
+    spec = tlm.model_spec(ctx.model)
+    out = []
+    for l in range(spec.n_layers):
+        sub, _ = attention_parts(ctx.model, ctx.cache, l, ctx.position, ctx.batch)
+        per_head = sub.vectors.reshape(spec.n_heads, -1, spec.d_model).sum(1)
+        out.append(PartGroup("head", l, torch.ones(spec.n_heads, device=per_head.device), per_head,
+                             {"head": torch.arange(spec.n_heads)}, [N.head(l, h) for h in range(spec.n_heads)]))
+    return out
+
+
+def _sublayer_group(layer: int, kind: str, vec: torch.Tensor) -> PartGroup:
+    return PartGroup(kind, layer, torch.ones(1, device=vec.device), vec[None, :], {}, [N.layer_output(layer, kind)])  # type: ignore[arg-type]
+
+
+def score_prompt(
+    model: Any,
+    cache: Any,
+    batch: int,
+    position: int,
+    target: int | str | None,
+    *,
+    methods: Sequence[str],
+    kinds: Sequence[str],
+    top_k: Mapping[str, int | None],
+    convention: str = "frozen",
+    chunk_size: int | None = None,
+    query_values: int = 10,
+    query_top_k: int = 20,
+    pid: int = 0,
+    group: str | None = None,
+) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """Every requested quantity for prompt ``batch`` of a right-padded batched ``cache`` at ``position`` (an index
+    into the prompt's own tokens): ``(prompt facts, rows per table)``.
+
+    Raises:
+        InvalidInputError: a bad target or position; UnsupportedArchitectureError: a model outside the
+            decomposition; also when the decomposition of the final ``resid_post`` misses the cached vector by more
+            than :data:`MAX_DECOMPOSITION_ERROR` (relative; the safety net).
+    """
+    from tl_residual import scorers as S
+
+    kw = {} if chunk_size is None else {"chunk_size": chunk_size}
+    ctx = S.make_context(model, cache, target, position, batch, convention, **kw)  # type: ignore[arg-type]
+    err = reconstruction_error(model, cache, -1, ctx.position, "resid_post", batch)
+    if not err <= MAX_DECOMPOSITION_ERROR:
+        raise InvalidInputError(
+            f"the parts miss the cached final resid_post by {err:.2e} (relative), above {MAX_DECOMPOSITION_ERROR:g}; "
+            f"scores would not be exact"
+        )
+    logits = S.model_logits(model, cache, ctx.position, batch)
+    logp = torch.log_softmax(logits.double(), -1)
+    facts = {
+        "target_id": ctx.target,
+        "target_log_prob": float(logp[ctx.target]),
+        "target_prob": float(logp[ctx.target].exp()),
+        "target_rank": int(1 + (logits > logits[ctx.target]).sum()),
+        "decomposition_error": err,
+    }
+    rows: dict[str, list[dict[str, Any]]] = {t: [] for t in TABLES if t != "prompts"}
+    base = {"prompt_id": pid, "group": group}
+    if "stream" in kinds:
+        stream = residual_stream(model, cache, ctx.position, batch)
+        z = ctx.lens.logits(torch.stack([v for _, v in stream]))
+        lp = torch.log_softmax(z.double(), -1)[:, ctx.target]
+        rk = 1 + (z > z[:, ctx.target : ctx.target + 1]).sum(-1)
+        for i, (name, _) in enumerate(stream):
+            rows["stream"].append({**base, "stream": name, "index": i, "log_prob": float(lp[i]),
+                                   "prob": float(lp[i].exp()), "rank": int(rk[i])})
+    sub_groups = [_sublayer_group(l, k, v) for _, l, k, v in layer_outputs(model, cache, ctx.position, batch)
+                  if k != "embed"]
+    # every base residual (resid_pre and resid_mid of each layer, and zero) primed in one matmul against W_U;
+    # the layer scores and every pruned search below reuse them
+    bases = torch.stack([ctx.base_for(g) for g in sub_groups])
+    ctx.prime(torch.cat([bases, torch.zeros_like(bases[:1])]))
+    for method in methods:
+        scorer = S.get_scorer(method)
+        if "layer" in kinds:
+            if scorer.bound is not None:  # such scorers take one base per part: all sublayers in one call
+                mixed = PartGroup("mixed", None, torch.ones(len(sub_groups), device=bases.device),
+                                  torch.stack([g.directions[0] for g in sub_groups]))
+                layer_scores = scorer.fn(ctx, mixed, bases).reshape(-1).tolist()
+            else:
+                layer_scores = [float(scorer.fn(ctx, g, ctx.base_for(g)).reshape(-1)[0]) for g in sub_groups]
+            for g, score in zip(sub_groups, layer_scores):
+                rows["layers"].append({**base, "method": method, "name": g.names[0], "layer": g.layer,
+                                       "sublayer": g.kind, "score": float(score)})
+        tables = {
+            "ffn_neuron": lambda m: S.score_ffn_neurons(ctx, m, top_k=top_k["ffn_neuron"], n_top_tokens=0),
+            "attn_neuron": lambda m: S.score_attention_neurons(ctx, m, top_k=top_k["attn_neuron"], n_top_tokens=0),
+            "attn_subvalue": lambda m: S.score_attention_subvalues(ctx, m, top_k=top_k["attn_subvalue"], n_top_tokens=0),
+            "head": lambda m: (S.score_heads(ctx, m, n_top_tokens=0) if top_k.get("head") is None
+                               else S.score_groups(ctx, _head_groups(ctx), m, top_k["head"], n_top_tokens=0)),
+        }
+        for kind, fn in tables.items():
+            if kind not in kinds:
+                continue
+            df = fn(method)
+            rows["parts"].extend(_parts_rows(df, pid, group, method, kind))
+    if "query" in kinds:
+        rows["query"] = _query_rows(ctx, query_values, query_top_k, base)
+    return facts, rows
+
+
+def _query_rows(ctx: Any, n_value: int, top_k: int, base: dict[str, Any]) -> list[dict[str, Any]]:
+    """For each of the ``n_value`` FFN neurons ``a`` with the largest log-probability increase ``Imp(a)``: its
+    ``top_k`` query parts ``j`` by ``Imp(a) * contribution_j(a) / input(a)`` (nats; neuron-level paper section 3.3,
+    the per-value-neuron terms that :func:`tl_residual.query.query_neuron_scores` sums; input ``pre``, or ``up`` for
+    gated MLPs). One pass over the parts of ``resid_mid`` per layer for all of that layer's value neurons; value
+    neurons with ``|input| < 1e-6`` are skipped, as there."""
+    from tl_residual import query as Q
+    from tl_residual.scorers import score_ffn_neurons
+
+    spec = tlm.model_spec(ctx.model)
+    which = "up" if spec.gated_mlp else "pre"
+    top = score_ffn_neurons(ctx, "log_prob_increase", top_k=n_value, n_top_tokens=0)
+    out = []
+    for layer, sel in top.groupby("layer", sort=True):
+        layer = int(layer)
+        neurons = torch.tensor(sel["neuron"].tolist())
+        w, _, hook = Q.ffn_key(ctx.model, layer, neurons, which)
+        value = tlm.cached(ctx.cache, hook, ctx.batch)[ctx.position][neurons].double()
+        keep = value.abs() >= 1e-6
+        if not bool(keep.any()):
+            continue
+        imp = torch.tensor(sel["score"].tolist(), dtype=torch.float64)
+        weight = torch.where(keep, imp / value.where(keep, torch.ones_like(value)), torch.zeros_like(value))
+        key = Q.folded_key(ctx.model, ctx.cache, f"{layer}.ln2", ctx.position, w, ctx.batch)
+        cand_scores, cand_parts = [], []
+        for group, contrib in Q.iter_query_contributions(ctx.model, ctx.cache, key, layer, "resid_mid",
+                                                         ctx.position, ctx.batch):
+            scores = contrib * weight.to(contrib.device)  # [n parts, n value neurons]
+            k = min(top_k, scores.shape[0])
+            vals, idx = torch.topk(scores.cpu(), k, dim=0)  # the best parts of this group for every value neuron
+            cand_scores.append(vals)
+            cand_parts.append([(group, idx[:, j].tolist()) for j in range(scores.shape[1])])
+        all_scores = torch.cat(cand_scores)  # [candidates, n value neurons]
+        for j, r in enumerate(sel.itertuples(index=False)):
+            if not bool(keep[j]):
+                continue
+            refs = [(g, i) for parts in cand_parts for g, idxs in [parts[j]] for i in idxs]
+            order = torch.argsort(all_scores[:, j], descending=True, stable=True)[:top_k].tolist()
+            for rank, c in enumerate(order, 1):
+                g, i = refs[c]
+                col = {k2: (int(g.index[k2][i]) if k2 in g.index else None) for k2 in ("head", "src_pos", "neuron")}
+                out.append({**base, "value_name": r.name, "value_score": float(r.score), "query_name": g.names[i],
+                            "query_kind": g.kind, "layer": g.layer, **col, "position": ctx.position,
+                            "score": float(all_scores[c, j]), "rank": rank})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The runner
+# ----------------------------------------------------------------------------------------------
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for pkg in ("tl-residual", "transformer-lens", "torch", "transformers", "accelerate", "datasets", "pyarrow"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _model_info(model: Any, model_name: str | None) -> dict[str, Any]:
+    spec = tlm.model_spec(model)
+    cfg = model.cfg
+    return {
+        "name": model_name or str(getattr(cfg, "model_name", "") or type(model).__name__),
+        "class": type(model).__name__,
+        "n_layers": spec.n_layers, "d_model": spec.d_model, "n_heads": spec.n_heads, "d_head": spec.d_head,
+        "d_mlp": spec.d_mlp, "d_vocab": int(getattr(cfg, "d_vocab", 0)), "n_ctx": int(getattr(cfg, "n_ctx", 0) or 0),
+        "dtype": str(getattr(cfg, "dtype", "")),
+    }
+
+
+def _check_or_write_manifest(out: Path, manifest: dict[str, Any], is_main: bool) -> None:
+    path = out / "manifest.json"
+    if path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        diffs = [k for k in ("options", "data_fingerprint", "model") if old.get(k) != manifest.get(k)]
+        if diffs:
+            detail = []
+            for k in diffs:
+                a, b = old.get(k) or {}, manifest.get(k) or {}
+                if isinstance(a, dict) and isinstance(b, dict):
+                    keys = sorted(k2 for k2 in set(a) | set(b) if a.get(k2) != b.get(k2))
+                    detail.append(f"{k}: " + ", ".join(f"{k2} was {a.get(k2)!r}, now {b.get(k2)!r}" for k2 in keys))
+                else:
+                    detail.append(f"{k} differs")
+            raise InvalidInputError(
+                f"{out} holds a study with other settings ({'; '.join(detail)}); rerun with the same options to resume, "
+                f"or write to a new folder"
+            )
+        return
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(manifest, indent=2, ensure_ascii=False, default=str)
+        _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def distributed_state() -> Any:
+    """The process's ``accelerate.PartialState``: rank, world size and device under ``accelerate launch`` or
+    ``torchrun`` (gloo on CPU-only machines, NCCL on GPUs); a single process without a launcher.
+
+    CPU is forced where CUDA is absent or ``ACCELERATE_USE_CPU`` is set (``accelerate launch --cpu``), so that CPU
+    processes started by a launcher form a gloo group instead of running alone.
+    """
+    from accelerate import PartialState
+
+    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return PartialState(cpu=cpu)
+
+
+def run(
+    model: Any,
+    data: Any,
+    out_dir: str | os.PathLike[str],
+    *,
+    methods: Sequence[str] = ("log_prob_increase",),
+    top_k: int | Mapping[str, int | None] | None = None,
+    kinds: Iterable[str] = DEFAULT_KINDS,
+    batch_size: int = 16,
+    position: int = -1,
+    prompt_column: str = "prompt",
+    target_column: str | None = None,
+    group_column: str | None = None,
+    filter: str | None = None,
+    convention: str = "frozen",
+    chunk_size: int | None = None,
+    query_values: int = 10,
+    query_top_k: int = 20,
+    max_prompts: int | None = None,
+    model_name: str | None = None,
+    progress: bool = True,
+    sort_by_length: bool = True,
+) -> dict[str, Any]:
+    """Score every prompt of ``data`` and write the results to ``out_dir`` (see the module doc for the layout).
+
+    Args:
+        model: a ``TransformerBridge`` or ``HookedTransformer`` (with a tokenizer). For a model split over devices
+            (``device_map``), the cache of each batch is moved to the device of ``W_U`` before scoring.
+        data: see :func:`read_data` (``"builtin:factual"`` implies ``target_column="answer"``, ``group_column="type"``).
+        out_dir: the study folder (created; an existing one is resumed).
+        methods: registered scorer names (:data:`tl_residual.scorers.SCORERS`), all computed from the same cache.
+        top_k: parts kept per prompt, method and kind: an integer for the three neuron kinds, or a mapping such as
+            ``{"ffn_neuron": 100, "attn_neuron": 200, "attn_subvalue": 20, "head": None}`` (the default;
+            :data:`DEFAULT_TOP_K`). Found by the certified exact search where the method has a bound.
+        kinds: any of :data:`KINDS` (default all but ``query``).
+        batch_size: prompts per forward pass (memory grows linearly with it; results do not depend on it).
+        position: destination position in the prompt's own tokens (``-1``: its last token).
+        prompt_column: the column holding the prompt text.
+        target_column: the column holding the target (a one-token string or a token id); none: the model's top-1.
+        group_column: the column holding a group label (e.g. the knowledge type).
+        filter: ``"paper"``: keep only prompts passing the neuron-level paper's filter
+            (:func:`tl_residual.datasets.filter_prompts`; needs a target and a group column of its six knowledge
+            types); the others are recorded with status ``filtered``.
+        convention: lens convention (``frozen``, ``recomputed``, ``none``).
+        chunk_size: parts per matmul against ``W_U`` (default :data:`tl_residual.scorers.DEFAULT_CHUNK_SIZE`).
+        query_values: for kind ``query``: the FFN value neurons split per prompt.
+        query_top_k: for kind ``query``: the query parts kept per value neuron.
+        max_prompts: only the first ``max_prompts`` rows of the data (part of the data fingerprint).
+        model_name: the name recorded in the manifest (default: ``model.cfg.model_name``).
+        progress: show a tqdm progress bar (rank 0) with rate and ETA.
+        sort_by_length: batch prompts of similar length together (less padding; the results are the same).
+
+    Returns:
+        A summary: ``{"ok", "failed", "filtered", "skipped" (already done), "seconds", "rank", "world_size"}`` of
+        this process.
+
+    Raises:
+        InvalidInputError: bad options, unreadable data, a missing column, or ``out_dir`` holding a study with
+            other options, data or model.
+    """
+    from tl_residual.scorers import get_scorer
+
+    kinds = tuple(dict.fromkeys(kinds))
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        raise InvalidInputError(f"kinds {bad or list(kinds)} are not a non-empty subset of {', '.join(KINDS)}")
+    methods = tuple(dict.fromkeys([methods] if isinstance(methods, str) else methods))
+    if not methods:
+        raise InvalidInputError("give at least one method")
+    for m in methods:
+        get_scorer(m)
+    top = _resolve_top_k(top_k)
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise InvalidInputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not isinstance(position, int) or isinstance(position, bool):
+        raise InvalidInputError(f"position must be an integer, got {position!r}")
+    if filter not in (None, "paper"):
+        raise InvalidInputError(f"filter {filter!r} is not supported; use 'paper' or none")
+    if convention not in ("frozen", "recomputed", "none"):
+        raise InvalidInputError(f"lens convention {convention!r} is not one of frozen, recomputed, none")
+    for label, v in (("query_values", query_values), ("query_top_k", query_top_k)):
+        if not isinstance(v, int) or v < 1:
+            raise InvalidInputError(f"{label} must be a positive integer, got {v!r}")
+    if getattr(model, "tokenizer", None) is None:
+        raise InvalidInputError("the model has no tokenizer; a study tokenizes text prompts")
+    is_builtin = isinstance(data, str) and data == BUILTIN_FACTUAL
+    if is_builtin:
+        target_column = target_column or "answer"
+        group_column = group_column or "type"
+    df = read_data(data)
+    if max_prompts is not None:
+        df = df.head(max_prompts)
+    records = _records(df, prompt_column, target_column, group_column)
+    if filter == "paper" and (target_column is None or group_column is None):
+        raise InvalidInputError("filter 'paper' needs a target column and a group column (knowledge type)")
+
+    state = distributed_state()
+    rank, world = state.process_index, state.num_processes
+    out = Path(out_dir)
+    options = {
+        "methods": list(methods), "kinds": list(kinds), "top_k": top, "position": position,
+        "prompt_column": prompt_column, "target_column": target_column, "group_column": group_column,
+        "filter": filter, "convention": convention, "query_values": query_values if "query" in kinds else None,
+        "query_top_k": query_top_k if "query" in kinds else None, "max_decomposition_error": MAX_DECOMPOSITION_ERROR,
+    }
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "model": _model_info(model, model_name),
+        "versions": _versions(),
+        "options": options,
+        "data": data if isinstance(data, str) else type(data).__name__,
+        "data_fingerprint": fingerprint(records),
+        "n_prompts": len(records),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "run": {"batch_size": batch_size, "chunk_size": chunk_size, "world_size": world},
+    }
+    if state.is_main_process:
+        _check_or_write_manifest(out, manifest, True)
+    state.wait_for_everyone()
+    _check_or_write_manifest(out, manifest, False)
+    for t in TABLES:
+        (out / t).mkdir(parents=True, exist_ok=True)
+    done = _committed_ids(out)
+    state.wait_for_everyone()  # every rank has read the same committed set before anyone writes
+    next_shard = _clean_rank(out, rank)
+    pending = [r for r in records if r.prompt_id not in done]
+    mine = pending[rank::world]
+    summary = {"ok": 0, "failed": 0, "filtered": 0, "skipped": len(records) - len(pending), "rank": rank,
+               "world_size": world, "seconds": 0.0}
+    t0 = time.perf_counter()
+
+    n_ctx = int(getattr(model.cfg, "n_ctx", 0) or 0)
+    tokenized: list[tuple[PromptRecord, torch.Tensor | None, str | None]] = []
+    for r in mine:
+        if not isinstance(r.prompt, str) or not r.prompt.strip():
+            tokenized.append((r, None, f"empty or non-text prompt {r.prompt!r}"))
+            continue
+        toks = model.to_tokens(r.prompt, truncate=False)[0].cpu()  # never cut silently: too long = failed
+        if n_ctx and len(toks) > n_ctx:
+            tokenized.append((r, toks, f"too long: {len(toks)} tokens, the model's context is {n_ctx}"))
+            continue
+        tokenized.append((r, toks, None))
+    if sort_by_length:
+        tokenized.sort(key=lambda t: (0 if t[1] is None else len(t[1]), t[0].prompt_id))
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(tokenized), disable=not (progress and state.is_main_process), unit="prompt",
+               desc=f"study rank {rank}/{world}" if world > 1 else "study", dynamic_ncols=True)
+    try:
+        for start in range(0, len(tokenized), batch_size):
+            chunk = tokenized[start : start + batch_size]
+            counts = _run_batch(model, chunk, out, rank, next_shard, methods=methods, kinds=kinds, top=top,
+                                position=position, convention=convention, chunk_size=chunk_size,
+                                query_values=query_values, query_top_k=query_top_k, filter=filter)
+            next_shard += 1
+            for k, v in counts.items():
+                summary[k] += v
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+    summary["seconds"] = time.perf_counter() - t0
+    state.wait_for_everyone()
+    return summary
+
+
+def _token_strs(model: Any, toks: torch.Tensor | None) -> list[str]:
+    if toks is None:
+        return []
+    return [model.tokenizer.decode([int(t)]) for t in toks.tolist()]
+
+
+def _target_text(model: Any, target: Any, target_id: int | None) -> str | None:
+    if isinstance(target, str):
+        return target
+    if target_id is not None:
+        return model.tokenizer.decode([int(target_id)])
+    return None
+
+
+def _run_batch(
+    model: Any,
+    chunk: list[tuple[PromptRecord, torch.Tensor | None, str | None]],
+    out: Path,
+    rank: int,
+    shard: int,
+    *,
+    methods: Sequence[str],
+    kinds: Sequence[str],
+    top: Mapping[str, int | None],
+    position: int,
+    convention: str,
+    chunk_size: int | None,
+    query_values: int,
+    query_top_k: int,
+    filter: str | None,
+) -> dict[str, int]:
+    """Forward one right-padded batch with cache, score each prompt, write the shards (prompts last)."""
+    counts = {"ok": 0, "failed": 0, "filtered": 0}
+    prompt_rows: list[dict[str, Any]] = []
+    rows: dict[str, list[dict[str, Any]]] = {t: [] for t in TABLES if t != "prompts"}
+    runnable = [(r, t) for r, t, why in chunk if why is None]
+    reasons = {r.prompt_id: why for r, _, why in chunk if why is not None}
+    statuses: dict[int, str] = {pid: "failed" for pid in reasons}
+    if filter == "paper" and runnable:
+        from tl_residual.datasets import filter_prompts
+
+        fdf = pd.DataFrame({"type": [r.group for r, _ in runnable], "prompt": [r.prompt for r, _ in runnable],
+                            "answer": [r.target for r, _ in runnable]})
+        fres = filter_prompts(model, fdf, batch_size=max(1, len(runnable)))
+        keep = []
+        for (r, t), row in zip(runnable, fres.itertuples(index=False)):
+            if bool(row.keep):
+                keep.append((r, t))
+            else:
+                why = ("answer is not one token" if not row.single_token else
+                       f"answer rank {row.answer_rank} > 10" if row.answer_rank > 10 else "another candidate ranks higher")
+                reasons[r.prompt_id] = f"paper filter: {why}"
+                statuses[r.prompt_id] = "filtered"
+        runnable = keep
+    facts: dict[int, dict[str, Any]] = {}
+    if runnable:
+        width = max(len(t) for _, t in runnable)
+        pad = getattr(model.tokenizer, "pad_token_id", None)
+        pad = int(pad if pad is not None else (getattr(model.tokenizer, "eos_token_id", None) or 0))
+        tokens = torch.full((len(runnable), width), pad, dtype=torch.long)
+        for i, (_, t) in enumerate(runnable):
+            tokens[i, : len(t)] = t  # right padding: under the causal mask real tokens never see the pads
+        device = tlm.W_U(model).device
+        with torch.no_grad():
+            _, cache = model.run_with_cache(tokens.to(device))
+        if hasattr(cache, "to") and any(v.device != device for v in cache.values()):
+            cache = cache.to(device)  # layers on several devices (device_map): score on W_U's device
+        for b, (r, t) in enumerate(runnable):
+            n = len(t)
+            pos = position + n if position < 0 else position
+            try:
+                if not 0 <= pos < n:
+                    raise InvalidInputError(f"position {position} is outside the prompt's {n} tokens")
+                f, prow = score_prompt(model, cache, b, pos, r.target, methods=methods, kinds=kinds, top_k=top,
+                                       convention=convention, chunk_size=chunk_size, query_values=query_values,
+                                       query_top_k=query_top_k, pid=r.prompt_id, group=r.group)
+            except TLResidualError as exc:
+                reasons[r.prompt_id], statuses[r.prompt_id] = str(exc), "failed"
+                continue
+            facts[r.prompt_id] = {**f, "position": pos}
+            statuses[r.prompt_id] = "ok"
+            for table, trows in prow.items():
+                rows[table].extend(trows)
+        del cache
+    for r, t, _ in chunk:
+        f = facts.get(r.prompt_id, {})
+        status = statuses[r.prompt_id]
+        counts[status] += 1
+        prompt_rows.append({
+            "prompt_id": r.prompt_id, "group": r.group, "prompt": r.prompt if isinstance(r.prompt, str) else repr(r.prompt),
+            "tokens": _token_strs(model, t), "n_tokens": None if t is None else len(t), "position": f.get("position"),
+            "target": _target_text(model, r.target, f.get("target_id")), "target_id": f.get("target_id"),
+            "target_prob": f.get("target_prob"), "target_rank": f.get("target_rank"),
+            "target_log_prob": f.get("target_log_prob"), "decomposition_error": f.get("decomposition_error"),
+            "status": status, "reason": reasons.get(r.prompt_id),
+        })
+    name = f"rank{rank}-{shard:05d}.parquet"
+    for table, trows in rows.items():
+        _write_table(out / table / name, table, trows)
+    _write_table(out / "prompts" / name, "prompts", prompt_rows)  # last: commits the batch
+    return counts
+
+
+__all__ = [
+    "DEFAULT_KINDS",
+    "DEFAULT_TOP_K",
+    "KINDS",
+    "SCHEMAS",
+    "StudyResults",
+    "distributed_state",
+    "fingerprint",
+    "load",
+    "parse_top_k",
+    "read_data",
+    "run",
+    "score_prompt",
+]
