@@ -289,3 +289,36 @@ def test_errors_name_what_is_missing():
         A.top_layers(s, method="norm")
     with pytest.raises(InvalidInputError, match="k must be"):
         A.top_layers(s, k=0)
+
+
+def test_report_and_loader(tmp_path):
+    s = study()
+    for name in ("parts", "layers", "stream", "query", "prompts"):
+        (tmp_path / name).mkdir()
+        getattr(s, name).to_parquet(tmp_path / name / "rank0-00000.parquet")
+    (tmp_path / "manifest.json").write_text('{"options": {"top_k": null}}')
+    loaded = A.load_study(str(tmp_path))
+    assert len(loaded.parts) == len(s.parts)
+    out = tmp_path / "report.html"
+    n = A.write_report(loaded, str(out))
+    text = out.read_text()
+    assert n == 11 and "Table 3" in text and text.count("plotly.js v") <= 2 and "class='missing'" not in text
+    with pytest.raises(InvalidInputError, match="not a folder"):
+        A.load_study(str(tmp_path / "nope"))
+
+
+def test_faithfulness_reader(tmp_path):
+    from tl_residual.faithfulness import read_prompts
+
+    model = tiny()
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "t5 t6", "target": " t7", "group": "a"}\n{"prompt": "t8 t9", "target_id": 3}\n')
+    with pytest.raises(InvalidInputError, match="no such file"):
+        read_prompts(model, str(tmp_path / "missing.jsonl"))
+    path.write_text('{"prompt": "t5 t6", "target": " t7", "group": "a"}\n{"prompt": "t8 t9", "target": " t3"}\n')
+    df = read_prompts(model, str(path))
+    assert sorted(df["type"]) == ["a", "all"] and len(df) == 2
+    csv = tmp_path / "p.csv"
+    pd.DataFrame({"prompt": ["t1 t2"], "answer": [" t4 t5"]}).to_csv(csv, index=False)
+    with pytest.raises(InvalidInputError, match="not one token"):
+        read_prompts(model, str(csv))

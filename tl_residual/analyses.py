@@ -849,3 +849,192 @@ def cross_layer_average(model: Any, data: Any, value_layer: int = -1) -> tuple[p
     fig.update_layout(title=f"Figure 8 (residual stream): cross-layer scores of FFN layer {lv} (Eq. 24)",
                       xaxis_title="query vector", yaxis_title="inner product")
     return out, fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading a run folder and the offline HTML report
+# ----------------------------------------------------------------------------------------------
+
+#: The papers' own numbers shown beside the run's (neuron-level paper: GPT2-large "G", Llama-7B "L").
+PAPER_NUMBERS: dict[str, pd.DataFrame] = {
+    "neuron_table3": pd.DataFrame(
+        {"language": [7.46, 0.63, 6.28, 1.74], "color": [4.10, 3.51, 3.81, 4.02], "number": [2.75, 4.70, 2.22, 5.60],
+         "capital": [6.61, 1.89, 5.03, 4.30], "country": [6.62, 1.67, 6.42, 2.90], "month": [4.82, 2.81, 5.10, 3.05]},
+        index=["GPT2 attn", "GPT2 FFN", "Llama attn", "Llama FFN"]),
+    "neuron_table5_12": pd.DataFrame(
+        {"language": [6.7, 30.5, 3.5, 5.0, 2.5, 77.4, 6.4, 8.2, 7.3, 28.8, 4.0, 5.7, 0.0, 70.1, 4.2, 6.0],
+         "color": [4.0, 32.0, 2.8, 4.1, 4.9, 90.6, 6.1, 8.0, 3.6, 24.7, 2.7, 4.0, 2.5, 72.0, 4.3, 6.1],
+         "number": [2.4, 24.8, 2.0, 3.0, 6.5, 71.6, 6.6, 8.5, 2.3, 18.2, 1.6, 2.5, 4.0, 62.3, 4.1, 5.7],
+         "capital": [5.5, 29.4, 3.0, 4.4, 5.1, 77.6, 6.3, 8.0, 6.7, 27.4, 3.7, 5.3, 1.9, 69.4, 4.6, 6.3],
+         "country": [6.9, 30.5, 3.6, 5.0, 3.6, 69.8, 5.5, 7.0, 6.6, 27.5, 3.5, 5.1, 1.4, 69.1, 4.3, 5.9],
+         "month": [5.4, 29.2, 2.8, 4.1, 2.8, 69.1, 7.0, 8.5, 4.3, 23.3, 2.5, 3.7, 1.9, 66.6, 4.7, 6.4]},
+        index=[f"{m} {k} {s}" for m in ("Llama", "GPT2") for k in ("attn", "FFN")
+               for s in ("all", "positive", "top100", "top200")]),
+    "neuron_table8": pd.DataFrame(
+        {"language": [5, 48, 1, 13], "color": [17, 57, 9, 23], "number": [104, 121, 39, 84],
+         "capital": [51, 71, 1, 18], "country": [26, 64, 1, 21], "month": [81, 137, 44, 95]},
+        index=["GPT2 query", "GPT2 value", "Llama query", "Llama value"]),
+    "neuron_table7": pd.DataFrame(
+        {"language": ["91/96", "78/92"], "color": ["95/97", "85/93"], "number": ["96/96", "90/96"],
+         "capital": ["98/99", "84/93"], "country": ["89/94", "91/98"], "month": ["83/88", "94/98"]},
+        index=["GPT2 MRR/prob decrease %", "Llama MRR/prob decrease %"]),
+    "residual_table1": pd.DataFrame({"contribution (Imp)": [1.75], "coefficient": [0.05], "coefficient x norm": [0.15],
+                                     "rank": [1.73]}, index=["GPT2-medium, nats"]),
+}
+
+
+def load_study(directory: str) -> Any:
+    """A run folder as an object with ``parts, layers, stream, query, prompts`` (DataFrames) and ``manifest``.
+
+    Uses ``tl_residual.study.load`` when available; otherwise reads the Parquet shards of each table folder and
+    ``manifest.json`` directly (the layout of docs/studies.md).
+
+    Raises:
+        InvalidInputError: ``directory`` is not a folder or holds none of the tables.
+    """
+    import json
+    import os
+    from types import SimpleNamespace
+
+    if not os.path.isdir(directory):
+        raise InvalidInputError(f"{directory!r} is not a folder; give the output folder of a study run")
+    try:
+        from tl_residual.study import load  # type: ignore[attr-defined]
+
+        return load(directory)
+    except ImportError:
+        pass
+    tables: dict[str, Any] = {}
+    for name in ("parts", "layers", "stream", "query", "prompts"):
+        path = os.path.join(directory, name)
+        files = sorted(f for f in os.listdir(path) if f.endswith(".parquet")) if os.path.isdir(path) else []
+        tables[name] = (pd.concat([pd.read_parquet(os.path.join(path, f)) for f in files], ignore_index=True)
+                        if files else pd.DataFrame())
+    if all(len(t) == 0 for t in tables.values()):
+        raise InvalidInputError(f"{directory!r} holds no study tables (parts/, layers/, stream/, query/, prompts/)")
+    manifest = {}
+    mpath = os.path.join(directory, "manifest.json")
+    if os.path.isfile(mpath):
+        with open(mpath, encoding="utf-8") as f:
+            manifest = json.load(f)
+    return SimpleNamespace(**tables, manifest=manifest)
+
+
+def _wide(df: pd.DataFrame, col: str, value: str = "score", fmt: str = "{:.2f}") -> pd.DataFrame:
+    """``group x rank`` table of ``label (score)`` cells, as the papers print their top-10 lists."""
+    cells = df.assign(cell=[f"{a} ({fmt.format(b)})" for a, b in zip(df[col], df[value])])
+    return cells.pivot(index="group", columns="rank", values="cell")
+
+
+def report_sections(results: Any, model: Any = None, max_prompts: int | None = None) -> list[dict[str, Any]]:
+    """Every analysis the run (and, if given, the model) allows: a list of ``{paper, title, table, figure,
+    paper_table, error}`` (``error`` says why an analysis is missing)."""
+    sections: list[dict[str, Any]] = []
+
+    def add(paper: str, title: str, fn: Any, paper_key: str | None = None, shape: Any = None) -> None:
+        entry: dict[str, Any] = {"paper": paper, "title": title, "table": None, "figure": None, "error": None,
+                                 "paper_table": PAPER_NUMBERS.get(paper_key) if paper_key else None}
+        try:
+            out = fn()
+            table, fig = out if isinstance(out, tuple) else (out, None)
+            entry["table"] = shape(table) if shape else table
+            entry["figure"] = fig
+        except Exception as exc:  # an analysis the run's contents do not allow: listed, not fatal
+            entry["error"] = f"{type(exc).__name__}: {exc}"
+        sections.append(entry)
+
+    neuron, resid = "Neuron-level paper (Yu & Ananiadou)", "Residual-stream paper (Yu et al.)"
+    add(neuron, "Table 3: sum of log-probability increase of attention / FFN layers",
+        lambda: layer_contributions(results), "neuron_table3")
+    add(neuron, "Table 4: top-10 layers", lambda: top_layers(results), shape=lambda t: _wide(t, "label"))
+    add(neuron, "Table 10: top-10 heads", lambda: top_heads(results), shape=lambda t: _wide(t, "name"))
+    add(neuron, "Tables 5 / 12: importance of all, positive, top-100 and top-200 neurons",
+        lambda: neuron_importance(results), "neuron_table5_12")
+    add(neuron, "Table 6: top-10 query layers of the top-100 FFN value neurons",
+        lambda: top_query_layers(results, "ffn_neuron"), shape=lambda t: _wide(t, "label"))
+    add(neuron, "Table 14: top-10 query layers of the top-200 attention value neurons",
+        lambda: top_query_layers(results, "attn_neuron"), shape=lambda t: _wide(t, "label"))
+    add(neuron, "Table 8: shared value and query neurons (top-300 in > 50% of a group's prompts)",
+        lambda: shared_neurons(results).drop(columns=["frequency"]).assign(
+            shared=lambda d: d["shared"].map(lambda x: ", ".join(x[:15]) + (" ..." if len(x) > 15 else ""))),
+        "neuron_table8")
+    add(neuron, "Figures 2 / 5: layers of the top-10 FFN neurons of methods a, b, c",
+        lambda: neuron_layer_distribution(results))
+    add(neuron, "Figure 4: query-only and query-value FFN neurons per layer", lambda: query_neuron_counts(results))
+    add(resid, "Figure 5: mean log probability of the target along the residual stream",
+        lambda: stream_log_prob(results))
+    add(resid, "Figure 6: helpful / unhelpful FFN subvalues per layer", lambda: ffn_subvalue_counts(results))
+    if model is not None:
+        data = prompt_table(results)
+        if max_prompts is not None:
+            data = data.head(max_prompts)
+        add(neuron, "Figures 3 / 6: log probability and probability along h0 -> hL (60 segments)",
+            lambda: segment_curves(model, data))
+        add(neuron, "Table 11: zeroing the top 1% heads of each group", lambda: head_ablation(model, results))
+        add(neuron, "Table 7: zeroing the top-1000 query FFN neurons against 1000 random",
+            lambda: query_neuron_ablation(model, results), "neuron_table7")
+        add(neuron, "Table 9: vocabulary projections of shared neurons", lambda: shared_neuron_projections(model, results))
+        add(resid, "Table 1: log-probability increase of the top-10 FFN subvalues by each selection rule",
+            lambda: subvalue_selection(model, data), "residual_table1")
+        add(resid, "Figure 3: C(v1 + ... + vn) against sum C(vi), helpful subvalues",
+            lambda: subvalue_additivity(model, data))
+        add(resid, "Figure 7: share of the top-10 in the layer's helpful / unhelpful sum", lambda: top10_share(model, data))
+        add(resid, "Figure 8: cross-layer scores of the last FFN layer", lambda: cross_layer_average(model, data))
+    return sections
+
+
+def _html_table(df: pd.DataFrame) -> str:
+    import html as _h
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        if isinstance(v, (list, tuple)):
+            return _h.escape(", ".join(map(str, v)))
+        return _h.escape(str(v))
+
+    df = df.reset_index() if not isinstance(df.index, pd.RangeIndex) else df
+    head = "".join(f"<th>{_h.escape(str(c))}</th>" for c in df.columns)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in df.itertuples(index=False))
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def write_report(results: Any, path: str, model: Any = None, max_prompts: int | None = None) -> int:
+    """Write the offline HTML report of :func:`report_sections` to ``path`` (atomically; plotly.js embedded once).
+
+    Returns:
+        The number of analyses computed (the missing ones are listed in the report with the reason).
+    """
+    import html as _h
+    import os
+
+    sections = report_sections(results, model, max_prompts)
+    manifest = getattr(results, "manifest", None) or {}
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>tl-residual study report</title><style>"
+             "body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse;font-size:12px}"
+             "td,th{border:1px solid #ccc;padding:2px 6px}.missing{color:#a00}</style></head><body>",
+             "<h1>tl-residual study report</h1>",
+             f"<pre>{_h.escape(str({k: manifest[k] for k in list(manifest)[:12]}))}</pre>"]
+    plotly_included = False
+    done = 0
+    for paper in dict.fromkeys(s["paper"] for s in sections):
+        parts.append(f"<h2>{_h.escape(paper)}</h2>")
+        for s in (x for x in sections if x["paper"] == paper):
+            parts.append(f"<h3>{_h.escape(s['title'])}</h3>")
+            if s["error"]:
+                parts.append(f"<p class='missing'>not available from this run: {_h.escape(s['error'])}</p>")
+                continue
+            done += 1
+            if s["table"] is not None:
+                parts.append(_html_table(s["table"]))
+            if s["figure"] is not None:
+                parts.append(s["figure"].to_html(full_html=False, include_plotlyjs=not plotly_included))
+                plotly_included = True
+            if s["paper_table"] is not None:
+                parts.append("<p>The paper's own numbers:</p>" + _html_table(s["paper_table"]))
+    parts.append("</body></html>")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("\n".join(parts))
+    os.replace(tmp, path)
+    return done
