@@ -322,3 +322,22 @@ def test_faithfulness_reader(tmp_path):
     pd.DataFrame({"prompt": ["t1 t2"], "answer": [" t4 t5"]}).to_csv(csv, index=False)
     with pytest.raises(InvalidInputError, match="not one token"):
         read_prompts(model, str(csv))
+
+
+def test_rank_table_buckets_equal_sorting():
+    """The sort-free rank table gives exactly the ranks of a direct count over each row."""
+    from tl_residual.faithfulness import target_rank_table
+    from tl_residual.lens import Lens
+
+    s, model = study(), tiny()
+    lens = Lens(model, s.ctxs[0].cache, -1, 0, "frozen")
+    targets = [3, 7, 7, 20, 0, 60]
+    fast = target_rank_table(model, lens, targets, chunk_rows=24)
+    ref = target_rank_table(model, lens, targets, algorithm="sort")
+    spec = tlm.model_spec(model)
+    for t in set(targets):
+        assert torch.equal(fast[t], ref[t])
+        for layer in range(spec.n_layers):
+            z = lens.logits(tlm.W_out(model, layer))
+            direct = 1 + (z > z[:, t : t + 1]).sum(1)
+            assert torch.equal(fast[t][layer * spec.d_mlp : (layer + 1) * spec.d_mlp], direct)
