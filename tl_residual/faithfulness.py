@@ -88,7 +88,7 @@ RANK_METHODS = ("inverse_rank", "coefficient_inverse_rank")
 
 def target_rank_table(
     model: Any, lens: Lens, targets: list[int], chunk_rows: int = 256, layers: list[int] | None = None,
-    algorithm: str = "buckets",
+    algorithm: str = "auto",
 ) -> dict[int, Int[Tensor, " n_neurons"]]:
     """Rank (1 = largest bs-value) of each target in the vocabulary projection of every FFN neuron's direction
     (row ``k`` of ``W_out`` of every layer, flattened layer-major: index ``l * d_mlp + k``).
@@ -100,7 +100,8 @@ def target_rank_table(
     ``T`` targets' bs-values of a row are sorted (``T`` values), every bs-value of the row is placed among them by
     binary search (``log2 T`` comparisons), the bucket sizes are counted and summed from the top: exactly the
     counts of strictly larger values, in ``O(d_vocab log T)`` per row instead of a full ``O(d_vocab log d_vocab)``
-    sort (``algorithm="sort"``, the previous method, kept as the reference). Peak memory about
+    sort (``algorithm="sort"``, the previous method, kept as the reference); with at most 4 distinct targets the
+    counts are direct comparisons ``(z > z_t).sum()`` (``algorithm="compare"``); ``"auto"`` picks. Peak memory about
     ``chunk_rows * d_vocab * 12`` bytes. ``layers`` restricts the work to those layers (the other entries are left
     at 0, which no rank takes).
 
@@ -109,11 +110,13 @@ def target_rank_table(
     """
     if not lens.linear:
         raise InvalidInputError("target_rank_table needs a linear lens (frozen or none)")
-    if algorithm not in ("buckets", "sort"):
-        raise InvalidInputError(f"algorithm {algorithm!r} is not 'buckets' or 'sort'")
+    if algorithm not in ("auto", "buckets", "sort", "compare"):
+        raise InvalidInputError(f"algorithm {algorithm!r} is not 'auto', 'buckets', 'compare' or 'sort'")
     spec = tlm.model_spec(model)
     t = torch.tensor(sorted(set(int(x) for x in targets)), dtype=torch.long)
     n_t = len(t)
+    if algorithm == "auto":
+        algorithm = "compare" if n_t <= 4 else "buckets"
     out = torch.zeros(spec.n_layers * spec.d_mlp, n_t, dtype=torch.long)
     for layer in range(spec.n_layers) if layers is None else layers:
         W = tlm.W_out(model, layer)
@@ -123,6 +126,8 @@ def target_rank_table(
             rows = slice(layer * spec.d_mlp + s, layer * spec.d_mlp + s + z.shape[0])
             if algorithm == "sort":
                 above = z.shape[1] - torch.searchsorted(torch.sort(z, dim=1).values, zt, right=True)
+            elif algorithm == "compare":
+                above = torch.stack([(z > zt[:, j : j + 1]).sum(1) for j in range(n_t)], dim=1)
             else:
                 zs, order = torch.sort(zt, dim=1)  # the targets' values, ascending
                 # bucket = #targets with value strictly below z_w (side="left"): z_w > zs[j]  <=>  bucket > j
