@@ -343,3 +343,33 @@ def test_rank_table_buckets_equal_sorting():
             z = lens.logits(tlm.W_out(model, layer))
             direct = 1 + (z > z[:, t : t + 1]).sum(1)
             assert torch.equal(fast[t][layer * spec.d_mlp : (layer + 1) * spec.d_mlp], direct)
+
+
+def test_visit_analyses():
+    s, model = study(), tiny()
+    out, _ = A.visit_intersections(model, s, k=5, n_values=3)
+    # direct: prompt set "all", layer 1, head 0 against the final prediction's top-5 tokens
+    vals = []
+    for i in range(4):
+        ctx = s.ctxs[i]
+        final = torch.topk(ctx.lens.logits(tlm.cached(ctx.cache, "blocks.1.hook_resid_post", 0)[-1]), 5).indices
+        z = tlm.cached(ctx.cache, "blocks.1.attn.hook_z", 0)[-1, 0]  # [d_head] of head 0
+        head_out = z @ tlm.W_O(model, 1)[0]
+        ids = torch.topk(ctx.lens.logits(head_out), 5).indices
+        vals.append(len(set(ids.tolist()) & set(final.tolist())) / 5)
+    got = out[(out.group == "all") & (out.layer == 1) & (out.component == "H0")]["with_final"].iloc[0]
+    assert got == pytest.approx(sum(vals) / 4)
+    reg = A.regularisation_neurons(model, s, k=3, layers=[0])
+    top = reg.iloc[0]
+    dh = []
+    for i in range(4):
+        ctx = s.ctxs[i]
+        mid = tlm.cached(ctx.cache, "blocks.0.hook_resid_mid", 0)[-1]
+        v = tlm.cached(ctx.cache, "blocks.0.mlp.hook_post", 0)[-1, top.neuron] * tlm.W_out(model, 0)[top.neuron]
+        def ent(x):
+            lp = ctx.lens.log_probs(x)
+            return float(-(lp.exp() * lp).sum())
+        dh.append(ent(mid + v) - ent(mid))
+    assert top.mean_entropy_change == pytest.approx(sum(dh) / 4, abs=1e-5)
+    nf = A.norm_filter(model, s, k=3)
+    assert len(nf) == 2 * 2 + 1 and nf["promoted"].map(len).eq(3).all()

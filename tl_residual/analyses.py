@@ -980,6 +980,10 @@ def report_sections(results: Any, model: Any = None, max_prompts: int | None = N
             lambda: subvalue_additivity(model, data))
         add(resid, "Figure 7: share of the top-10 in the layer's helpful / unhelpful sum", lambda: top10_share(model, data))
         add(resid, "Figure 8: cross-layer scores of the last FFN layer", lambda: cross_layer_average(model, data))
+        visit = "VISIT (Katz & Belinkov)"
+        add(visit, "Intersection of head / memory-value top-50 tokens with the block output and final prediction",
+            lambda: visit_intersections(model, data))
+        add(visit, "Layer norm as a filter: tokens most promoted / suppressed by each norm", lambda: norm_filter(model, data))
     return sections
 
 
@@ -1038,3 +1042,147 @@ def write_report(results: Any, path: str, model: Any = None, max_prompts: int | 
         f.write("\n".join(parts))
     os.replace(tmp, path)
     return done
+
+
+# ----------------------------------------------------------------------------------------------
+# VISIT (Katz & Belinkov): logit-lens intersections and regularisation neurons
+# ----------------------------------------------------------------------------------------------
+
+
+def _top_ids(lens: Any, vectors: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.topk(lens.logits(vectors.float()), k, dim=-1).indices
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``|a_i ∩ b| / k`` for each row ``a_i`` of ``a`` [n, k] against ``b`` [k]."""
+    return torch.isin(a, b).float().mean(-1)
+
+
+def visit_intersections(
+    model: Any, data: Any, k: int = 50, n_values: int = 10
+) -> tuple[pd.DataFrame, Any]:
+    """VISIT (Katz & Belinkov), Figures 2, 3, 5, 12, 13, 15-18: the intersection score between the top-``k``
+    logit-lens tokens of each head's output (and of each of the ``n_values`` most activated FFN memory values, by
+    coefficient ``m``, times ``W_out[k]``) and the top-``k`` tokens of the block output (``resid_post`` of the
+    layer) and of the final prediction (the model's last residual), at the last position, through the
+    frozen-scale lens. Score = |intersection| / ``k``, averaged over prompts (memory values: over the
+    ``n_values`` values too).
+
+    Returns:
+        ``(df, fig)``: columns ``group, n_prompts, layer, component`` (``H{h}`` or ``memory values``),
+        ``with_block_output, with_final``.
+    """
+    from tl_residual import model as tlm
+    from tl_residual.decompose import attention_parts
+
+    spec = tlm.model_spec(model)
+    rows = []
+    for row in prompt_table(data).itertuples():
+        ctx = _ctx(model, row)
+        final = _top_ids(ctx.lens, tlm.cached(ctx.cache, f"blocks.{spec.n_layers - 1}.hook_resid_post", 0)
+                         [ctx.position][None], k)[0]
+        for l in range(spec.n_layers):
+            block = _top_ids(ctx.lens, tlm.cached(ctx.cache, f"blocks.{l}.hook_resid_post", 0)[ctx.position][None], k)[0]
+            sub, _ = attention_parts(model, ctx.cache, l, ctx.position, ctx.batch)
+            heads = sub.vectors.reshape(spec.n_heads, -1, spec.d_model).sum(1)
+            ids = _top_ids(ctx.lens, heads, k)
+            for h, (wb, wf) in enumerate(zip(_overlap(ids, block).tolist(), _overlap(ids, final).tolist())):
+                rows.append({"prompt_id": row.prompt_id, "group": row.group, "layer": l, "component": f"H{h}",
+                             "with_block_output": wb, "with_final": wf})
+            m = tlm.cached(ctx.cache, f"blocks.{l}.mlp.hook_post", 0)[ctx.position].float()
+            top = torch.topk(m, min(n_values, m.shape[0])).indices
+            vids = _top_ids(ctx.lens, m[top, None] * tlm.W_out(model, l)[top].float(), k)
+            rows.append({"prompt_id": row.prompt_id, "group": row.group, "layer": l, "component": "memory values",
+                         "with_block_output": float(_overlap(vids, block).mean()),
+                         "with_final": float(_overlap(vids, final).mean())})
+    out = _summarise(pd.DataFrame(rows), ["layer", "component"], ["with_block_output", "with_final"])
+    fig = _figure()
+    s = out[out["group"] == OVERALL]
+    mv = s[s["component"] == "memory values"]
+    hd = s[s["component"] != "memory values"].groupby("layer")[["with_block_output", "with_final"]].max().reset_index()
+    fig.add_scatter(x=hd["layer"], y=hd["with_final"], mode="lines+markers", name="best head vs final prediction")
+    fig.add_scatter(x=mv["layer"], y=mv["with_final"], mode="lines+markers", name="memory values vs final prediction")
+    fig.add_scatter(x=hd["layer"], y=hd["with_block_output"], mode="lines", name="best head vs block output")
+    fig.update_layout(title=f"VISIT: top-{k} logit-lens token intersections", xaxis_title="layer",
+                      yaxis_title="|intersection| / k")
+    return out, fig
+
+
+def norm_filter(model: Any, data: Any, k: int = 10) -> pd.DataFrame:
+    """VISIT Figure 7 and Appendix E (Figures 21-23), the layer norm as a filter: for each norm (``ln1``, ``ln2``
+    of every layer, ``ln_final``) at the last position, the tokens whose logit-lens bs-value the norm raises and
+    lowers most: ``delta = z(N(x)) - z(x) * mean(gamma) / sigma`` with ``z(v) = v @ W_U`` (the input's projection
+    scaled to the normalised magnitude), averaged over prompts.
+
+    Returns:
+        Columns ``norm, promoted, suppressed`` (lists of ``k`` tokens, strongest first) and ``mean_abs_delta``.
+    """
+    from tl_residual import model as tlm
+
+    spec = tlm.model_spec(model)
+    W_U = tlm.W_U(model).float()
+    acc: dict[str, torch.Tensor] = {}
+    n = 0
+    hooks = [(f"blocks.{l}.{w}", f"blocks.{l}.hook_resid_{'pre' if w == 'ln1' else 'mid'}", f"{l}.{w}")
+             for l in range(spec.n_layers) for w in ("ln1", "ln2")]
+    hooks.append(("ln_final", f"blocks.{spec.n_layers - 1}.hook_resid_post", "final"))
+    for row in prompt_table(data).itertuples():
+        _, cache = _run(model, row.prompt)
+        n += 1
+        for name, resid, which in hooks:
+            x = tlm.cached(cache, resid, 0)[-1].float()
+            gamma = tlm.norm_weight(model, which).float()
+            beta = tlm.norm_bias(model, which).float()
+            scale = tlm.cached(cache, f"{name}.hook_scale", 0)[-1].reshape(-1)[0].float()
+            xc = x - x.mean() if spec.norm == "LN" else x
+            normed = xc / scale * gamma + beta
+            delta = normed @ W_U - (x / scale * gamma.mean()) @ W_U
+            acc[name] = acc.get(name, 0) + delta
+    tok = getattr(model, "tokenizer", None)
+
+    def words(ids: torch.Tensor) -> list[str]:
+        return [tok.decode([int(i)]) if tok is not None else f"<{int(i)}>" for i in ids]
+
+    rows = []
+    for name, total in acc.items():
+        d = total / max(n, 1)
+        rows.append({"norm": name, "promoted": words(torch.topk(d, k).indices),
+                     "suppressed": words(torch.topk(-d, k).indices), "mean_abs_delta": float(d.abs().mean())})
+    return pd.DataFrame(rows)
+
+
+def regularisation_neurons(
+    model: Any, data: Any, k: int = 20, layers: Sequence[int] | None = None
+) -> pd.DataFrame:
+    """VISIT Figures 8-9, regularisation neurons: the FFN neurons whose output changes the entropy of the
+    prediction most. Per prompt and neuron ``m_k W_out[k]`` of ``layers`` (default all; dense: one vocabulary
+    projection per neuron), ``dH = H(p(x + m_k W_out[k])) - H(p(x))`` with ``x`` = ``resid_mid`` of the layer and
+    ``p`` the frozen-scale lens (nats); averaged over prompts; the ``k`` most negative (sharpening) and ``k`` most
+    positive (flattening) neurons.
+
+    Returns:
+        Columns ``name, layer, neuron, mean_entropy_change`` (nats), sorted by ``|change|``, ``2 k`` rows.
+    """
+    from tl_residual import model as tlm
+
+    spec = tlm.model_spec(model)
+    layer_list = list(range(spec.n_layers)) if layers is None else list(layers)
+    acc: dict[int, torch.Tensor] = {}
+    n = 0
+    for row in prompt_table(data).itertuples():
+        ctx = _ctx(model, row)
+        n += 1
+        for l in layer_list:
+            group, base = _ffn_layer_groups(ctx, l)
+            zb = ctx.lens.logits(base[None].float())
+            h0 = -(torch.softmax(zb, -1) * torch.log_softmax(zb, -1)).sum(-1)
+            dh = []
+            for s in range(0, len(group), 256):
+                z = zb + ctx.lens.logits(group.vectors[s : s + 256].float())
+                dh.append(-(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1) - h0)
+            acc[l] = acc.get(l, 0) + torch.cat(dh)
+    rows = [{"name": names.ffn_neuron(l, i), "layer": l, "neuron": i, "mean_entropy_change": float(v) / max(n, 1)}
+            for l, t in acc.items() for i, v in enumerate(t.tolist())]
+    df = pd.DataFrame(rows).sort_values("mean_entropy_change", kind="stable")
+    out = pd.concat([df.head(k), df.tail(k).iloc[::-1]]).drop_duplicates("name")
+    return out.reset_index(drop=True)
