@@ -30,7 +30,12 @@ from tl_residual import analyses as A
 from tl_residual.datasets import filter_prompts, load_factual_prompts
 from tl_residual.decompose import residual_stream
 from tl_residual.model import load_model
-from tl_residual.scorers import make_context, score_ffn_neurons, score_heads, score_layers
+from tl_residual.scorers import (
+    make_context,
+    score_ffn_neurons,
+    score_heads,
+    score_layers,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

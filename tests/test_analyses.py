@@ -14,13 +14,19 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
+from conftest import HAS_BRIDGE, make_bridge, make_hooked
 
-from conftest import HAS_BRIDGE, HAS_HOOKED, make_bridge, make_hooked
 from tl_residual import analyses as A
 from tl_residual import model as tlm
 from tl_residual.errors import InvalidInputError
 from tl_residual.query import split_neuron
-from tl_residual.scorers import make_context, score_attention_neurons, score_ffn_neurons, score_heads, score_layers
+from tl_residual.scorers import (
+    make_context,
+    score_attention_neurons,
+    score_ffn_neurons,
+    score_heads,
+    score_layers,
+)
 
 PROMPTS = [("t5 t17 t33 t8", "g1"), ("t9 t23 t42", "g1"), ("t12 t3 t44 t7 t30", "g2"), ("t50 t6 t11", "g2")]
 METHODS = ("log_prob_increase", "log_prob", "prob_increase")
@@ -366,7 +372,7 @@ def test_visit_analyses():
         ctx = s.ctxs[i]
         mid = tlm.cached(ctx.cache, "blocks.0.hook_resid_mid", 0)[-1]
         v = tlm.cached(ctx.cache, "blocks.0.mlp.hook_post", 0)[-1, top.neuron] * tlm.W_out(model, 0)[top.neuron]
-        def ent(x):
+        def ent(x, ctx=ctx):
             lp = ctx.lens.log_probs(x)
             return float(-(lp.exp() * lp).sum())
         dh.append(ent(mid + v) - ent(mid))

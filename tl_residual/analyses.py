@@ -939,7 +939,7 @@ def report_sections(results: Any, model: Any = None, max_prompts: int | None = N
             table, fig = out if isinstance(out, tuple) else (out, None)
             entry["table"] = shape(table) if shape else table
             entry["figure"] = fig
-        except Exception as exc:  # an analysis the run's contents do not allow: listed, not fatal
+        except Exception as exc:  # noqa: BLE001 - an analysis the run does not allow is listed, not fatal
             entry["error"] = f"{type(exc).__name__}: {exc}"
         sections.append(entry)
 
@@ -1014,9 +1014,10 @@ def write_report(results: Any, path: str, model: Any = None, max_prompts: int | 
 
     sections = report_sections(results, model, max_prompts)
     manifest = getattr(results, "manifest", None) or {}
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>tl-residual study report</title><style>"
-             "body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse;font-size:12px}"
-             "td,th{border:1px solid #ccc;padding:2px 6px}.missing{color:#a00}</style></head><body>",
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse;font-size:12px}"
+             "td,th{border:1px solid #ccc;padding:2px 6px}.missing{color:#a00}")
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>tl-residual study report</title><style>"
+             f"{style}</style></head><body>",
              "<h1>tl-residual study report</h1>",
              f"<pre>{_h.escape(str({k: manifest[k] for k in list(manifest)[:12]}))}</pre>"]
     plotly_included = False

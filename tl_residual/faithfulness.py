@@ -44,7 +44,12 @@ from tl_residual import model as tlm
 from tl_residual.decompose import neuron_name
 from tl_residual.errors import InvalidInputError
 from tl_residual.lens import Lens
-from tl_residual.scorers import PAPER_METHODS, make_context, score_attention_neurons, score_ffn_neurons
+from tl_residual.scorers import (
+    PAPER_METHODS,
+    make_context,
+    score_attention_neurons,
+    score_ffn_neurons,
+)
 
 RANDOM = "random"
 LABELS = {
@@ -275,7 +280,9 @@ def run_benchmark(
                 )
                 t0 = _add(T, "score_appendix_c", t0)
 
-        def record(method: str, k: int, logits_after: Tensor) -> None:
+        def record(method: str, k: int, logits_after: Tensor, targets: Tensor = targets, batch: Any = batch,
+                   start: int = start, rows: pd.DataFrame = rows, r0: Tensor = r0, p0: Tensor = p0,
+                   lp0: Tensor = lp0) -> None:
             r1, p1, lp1 = I.target_metrics(logits_after, targets)
             for b in range(len(batch)):
                 res.records.append({
@@ -449,6 +456,7 @@ def read_prompts(model: Any, data: str = BUILTIN, paper_filter: bool | None = No
     Raises:
         InvalidInputError: an unreadable file or format, missing columns, an answer that is not one token.
     """
+    from tl_residual.datasets import filter_prompts, load_factual_prompts
     
     if data == BUILTIN:
         raw = load_factual_prompts()
