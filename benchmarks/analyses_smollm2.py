@@ -69,6 +69,7 @@ def build(model, kept: pd.DataFrame, neurons_per_type: int, k: int = 300) -> Sim
                                    rank=range(1, len(df) + 1))[
                 ["prompt_id", "group", "method", "kind", "name", "layer", "head", "neuron", "score", "rank"]])
         del cache
+        print(f"prompt {len(prompts)}/{len(kept)}", file=sys.stderr, flush=True)
     return SimpleNamespace(parts=pd.concat(parts, ignore_index=True), layers=pd.concat(layers, ignore_index=True),
                            stream=pd.DataFrame(stream), query=pd.DataFrame(), prompts=pd.DataFrame(prompts),
                            manifest={"model": "smollm2-135m", "options": {"top_k": k}})
@@ -78,11 +79,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--neurons-per-type", type=int, default=5)
     p.add_argument("--max-prompts", type=int, default=None)
+    p.add_argument("--sample-per-type", type=int, default=None,
+                   help="filter only a seeded sample of this many raw prompts per type (faster)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "analyses_smollm2"))
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     model = load_model("smollm2-135m")
-    filtered = filter_prompts(model, load_factual_prompts())
+    raw = load_factual_prompts()
+    if a.sample_per_type:
+        raw = raw.groupby("type", group_keys=False).apply(
+            lambda d: d.sample(min(len(d), a.sample_per_type), random_state=0)).reset_index(drop=True)
+    filtered = filter_prompts(model, raw)
     kept = filtered[filtered["keep"]].sample(frac=1.0, random_state=0).reset_index(drop=True)
     if a.max_prompts:
         kept = kept.head(a.max_prompts)

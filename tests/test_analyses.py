@@ -311,6 +311,15 @@ def test_report_and_loader(tmp_path):
     assert n == 11 and "Table 3" in text and text.count("plotly.js v") <= 2 and "class='missing'" not in text
     with pytest.raises(InvalidInputError, match="not a folder"):
         A.load_study(str(tmp_path / "nope"))
+    from typer.testing import CliRunner
+
+    from tl_residual.cli import app
+
+    cli_out = tmp_path / "cli.html"
+    r = CliRunner().invoke(app, ["study-report", str(tmp_path), "--html", str(cli_out)])
+    assert r.exit_code == 0 and cli_out.exists() and "Table 4" in cli_out.read_text()
+    r = CliRunner().invoke(app, ["study-report", str(tmp_path / "nope")])
+    assert r.exit_code == 2
 
 
 def test_faithfulness_reader(tmp_path):
