@@ -40,6 +40,19 @@ from tl_residual.scorers import (
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def md(df: pd.DataFrame, index: bool = False) -> str:
+    """A DataFrame as a markdown table (no tabulate dependency)."""
+    if index:
+        df = df.reset_index()
+
+    def cell(v: object) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
 def build(model, kept: pd.DataFrame, neurons_per_type: int, k: int = 300) -> SimpleNamespace:
     parts, layers, stream, prompts = [], [], [], []
     neuron_ids = set(kept.groupby("type").head(neurons_per_type).index)
@@ -81,42 +94,48 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-prompts", type=int, default=None)
     p.add_argument("--sample-per-type", type=int, default=None,
                    help="filter only a seeded sample of this many raw prompts per type (faster)")
+    p.add_argument("--from-tables", action="store_true", help="reuse the tables written by an earlier run")
     p.add_argument("--out", default=os.path.join(HERE, "results", "analyses_smollm2"))
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     model = load_model("smollm2-135m")
     raw = load_factual_prompts()
     if a.sample_per_type:
-        raw = raw.groupby("type", group_keys=False).apply(
-            lambda d: d.sample(min(len(d), a.sample_per_type), random_state=0)).reset_index(drop=True)
-    filtered = filter_prompts(model, raw)
+        raw = raw.sample(frac=1.0, random_state=0).groupby("type").head(a.sample_per_type).reset_index(drop=True)
+    filtered = filter_prompts(model, raw) if not a.from_tables else raw.assign(keep=True)
     kept = filtered[filtered["keep"]].sample(frac=1.0, random_state=0).reset_index(drop=True)
     if a.max_prompts:
         kept = kept.head(a.max_prompts)
-    res = build(model, kept, a.neurons_per_type)
-    os.makedirs(a.out, exist_ok=True)
-    for name in ("parts", "layers", "stream", "prompts"):
-        os.makedirs(os.path.join(a.out, name), exist_ok=True)
-        getattr(res, name).to_parquet(os.path.join(a.out, name, "rank0-00000.parquet"))
+    if a.from_tables:
+        res = A.load_study(a.out)
+        res.manifest = {"model": "smollm2-135m", "options": {"top_k": 300}}
+    else:
+        res = build(model, kept, a.neurons_per_type)
+        os.makedirs(a.out, exist_ok=True)
+        for name in ("parts", "layers", "stream", "prompts"):
+            os.makedirs(os.path.join(a.out, name), exist_ok=True)
+            getattr(res, name).to_parquet(os.path.join(a.out, name, "rank0-00000.parquet"))
     t3, _ = A.layer_contributions(res)
     t4 = A.top_layers(res)
     t10 = A.top_heads(res)
     t5 = A.neuron_importance(res, ks=(100, 200), kinds=("ffn_neuron",))
     f5, _ = A.stream_log_prob(res)
     seg, _ = A.segment_curves(model, res)
-    lines = [f"# Corpus analyses on SmolLM2-135M-Instruct ({len(kept)} filtered prompts; FFN neurons on "
-             f"{a.neurons_per_type} per type; {time.perf_counter() - t0:.0f} s)", "",
-             "## Neuron-level Table 3 (nats, mean per prompt)", "", t3.round(2).to_markdown(index=False), "",
+    n_ffn = res.parts.loc[res.parts["kind"] == "ffn_neuron", "prompt_id"].nunique()
+    lines = [f"# Corpus analyses on SmolLM2-135M-Instruct ({len(res.prompts)} prompts that survive the filter; "
+             f"FFN neurons (top-300) on {n_ffn} of them; {time.perf_counter() - t0:.0f} s)", "",
+             f"Command: `benchmarks/analyses_smollm2.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
+             "## Neuron-level Table 3 (nats, mean per prompt)", "", md(t3.round(2)), "",
              "## Neuron-level Table 4 (top-10 layers)", "",
-             A._wide(t4, "label").to_markdown(), "",
-             "## Neuron-level Table 10 (top-10 heads)", "", A._wide(t10, "name").to_markdown(), "",
+             md(A._wide(t4, "label"), index=True), "",
+             "## Neuron-level Table 10 (top-10 heads)", "", md(A._wide(t10, "name"), index=True), "",
              "## Neuron-level Table 5/12, FFN neurons (top-300 stored: 'all' not available)", "",
-             t5.round(2).to_markdown(index=False), "",
+             md(t5.round(2)), "",
              "## Residual-stream Figure 5: mean log p(target) at Lin0, Lout0, Lout14, Lout29", "",
-             f5[f5["stream"].isin(["Lin0", "Lout0", "Lout14", "Lout29"])].pivot(
-                 index="group", columns="stream", values="log_prob").round(2).to_markdown(), "",
+             md(f5[f5["stream"].isin(["Lin0", "Lout0", "Lout14", "Lout29"])].pivot(
+                 index="group", columns="stream", values="log_prob").round(2), index=True), "",
              "## Neuron-level Figure 3: log p / p at segments 0, 20, 40, 60 (all prompts)", "",
-             seg[(seg.group == "all") & seg.segment.isin([0, 20, 40, 60])].round(4).to_markdown(index=False), ""]
+             md(seg[(seg.group == "all") & seg.segment.isin([0, 20, 40, 60])].round(4)), ""]
     text = "\n".join(lines)
     with open(a.out + ".md", "w", encoding="utf-8") as f:
         f.write(text)

@@ -233,7 +233,7 @@ def neuron_importance(
 
     Per prompt and kind (attention neurons ``L.H.d.p``, FFN neurons ``L.N``): ``all`` = sum of every neuron's
     score (the paper's "total importance": the sum of Eq. 13 over all neurons of the kind at the last position),
-    ``positive`` = sum of the scores > 0, ``top{k}`` = sum of the ``k`` best; each averaged over the group's prompts.
+    ``positive`` = sum of the scores > 0, ``top{k}`` = sum of the ``k`` best; each averaged over the group's prompts that have rows of the kind.
     ``share_top{k} = top{k} / all`` is the share of the total importance held by the top-k (the paper's claim:
     the top-200 attention and top-100 FFN neurons hold about all of it, i.e. a share near or above 1; the
     positive sum is much larger, since helpful and unhelpful neurons cancel).
@@ -258,7 +258,8 @@ def neuron_importance(
         for k in ks:
             per[f"top{k}"] = per["prompt_id"].map(sub[sub["rank"] <= k].groupby("prompt_id")["score"].sum()).fillna(0.0)
         cols = ["all", "positive", *[f"top{k}" for k in ks]]
-        m = _per_prompt_mean(per, [], cols, prompts)
+        # averaged over the prompts whose neurons of this kind the run scored (a run may score a subset)
+        m = _per_prompt_mean(per, [], cols, prompts[prompts["prompt_id"].isin(sub["prompt_id"])])
         if not complete:
             m["all"] = float("nan")
             m["positive"] = float("nan")
