@@ -321,7 +321,7 @@ def faithfulness(
                     progress=True, paper_filter=paper_filter, model_name=model_name)
     except TLResidualError as exc:
         fail(str(exc))
-    console.print(F.markdown(res), highlight=False)
+    console.print(F.markdown(res), highlight=False, soft_wrap=True)
     console.print(f"wrote {out}.json and {out}.md")
 
 
