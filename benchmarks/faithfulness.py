@@ -1,24 +1,7 @@
 """Faithfulness benchmark: the neuron-level paper's Table 2 (and Appendix C) on SmolLM2-135M-Instruct.
 
-Yu & Ananiadou, "Neuron-Level Knowledge Attribution in Large Language Models", section 4.1: each method picks the
-top-10 FFN neurons for the correct token, their parameters are set to zero (at every position), the model is
-rerun, and the correct token's MRR, probability (%) and log-probability (nats) are reported. Lower is better.
-
-What runs (all on the prompts of ``tl_residual/data/factual_prompts.jsonl`` that survive the paper's filter for
-the model, :func:`tl_residual.datasets.filter_prompts`):
-
-* the eight methods of :data:`tl_residual.scorers.PAPER_METHODS` and a seeded random control, top-k FFN neurons
-  for k in {10, 100, 300} (the top-300 is computed once per prompt and method; top-10 and top-100 are its
-  prefixes), overall and per knowledge type;
-* Appendix C: the top-200 attention neurons (``L{l}.H{h}.d{d}.p{p}``, scored by log-probability increase) and the
-  top-100 FFN neurons zeroed together, against 200 random attention neurons + 100 random FFN neurons.
-
-Speed: ``log_prob_increase``, ``log_prob`` and ``prob_increase`` use the library's certified pruned top-k
-(exact). ``inverse_rank`` and ``coefficient_inverse_rank`` depend on a neuron only through the rank of the target
-in its direction's vocabulary projection, which under the frozen lens does not depend on the prompt (the frozen
-final-norm scale is a positive factor), so :func:`target_rank_table` computes that rank once per distinct target
-for all 46,080 neurons; the per-prompt scores are then ``1 / rank`` and ``|m| / rank`` (the registry's formulas).
-Interventions are batched.
+A thin caller of :mod:`tl_residual.faithfulness` (also ``tl-residual faithfulness --data ...``) on the built-in
+factual prompts that survive the paper's filter for the model.
 
 Reproduce::
 
@@ -34,370 +17,35 @@ import argparse
 import json
 import os
 import sys
-import time
-from dataclasses import dataclass, field
-from typing import Any
 
-import pandas as pd
-import torch
-from jaxtyping import Float, Int
-from torch import Tensor
-
-from tl_residual import interventions as I
 from tl_residual import model as tlm
-from tl_residual.datasets import filter_prompts, load_factual_prompts
-from tl_residual.decompose import neuron_name
-from tl_residual.errors import InvalidInputError
-from tl_residual.lens import Lens
-from tl_residual.scorers import PAPER_METHODS, make_context, score_attention_neurons, score_ffn_neurons
-
-RANDOM = "random"
-LABELS = {
-    "none": "o) no intervention",
-    "log_prob_increase": "a) log-prob increase",
-    "log_prob": "b) log prob",
-    "prob_increase": "c) prob increase",
-    "norm": "d) norm",
-    "coefficient": "e) coefficient",
-    "inverse_rank": "f) 1/rank",
-    "coefficient_norm": "g) coef x norm",
-    "coefficient_inverse_rank": "h) coef / rank",
-    RANDOM: "random (same count, seeded)",
-}
-#: Table 2 of the neuron-level paper (section 4.1): (MRR, prob %, logp) for GPT2-large and Llama-7B.
-PAPER_TABLE2 = {
-    "none": ((0.361, 7.1, -3.15), (0.551, 21.5, -2.24)),
-    "log_prob_increase": ((0.201, 3.4, -4.06), (0.312, 9.2, -3.91)),
-    "log_prob": ((0.214, 3.6, -3.91), (0.339, 10.8, -3.35)),
-    "prob_increase": ((0.219, 3.7, -3.92), (0.345, 10.0, -3.57)),
-    "norm": ((0.363, 7.1, -3.14), (0.549, 21.3, -2.25)),
-    "coefficient": ((0.439, 8.6, -3.10), (0.529, 22.9, -2.35)),
-    "inverse_rank": ((0.306, 5.8, -3.40), (0.493, 18.1, -2.49)),
-    "coefficient_norm": ((0.394, 8.1, -3.06), (0.523, 22.6, -2.39)),
-    "coefficient_inverse_rank": ((0.232, 4.0, -3.80), (0.389, 13.0, -3.06)),
-}
-#: Appendix C, Table 13: MRR / probability decrease (%) after zeroing the top-200 attention + top-100 FFN neurons.
-PAPER_TABLE13 = {
-    "GPT2-large": {"language": (96, 99), "color": (97, 99), "number": (96, 98), "capital": (96, 99),
-                   "country": (97, 99), "month": (96, 99)},
-    "Llama-7B": {"language": (97, 99), "color": (98, 99), "number": (96, 99), "capital": (97, 99),
-                 "country": (97, 99), "month": (97, 99)},
-}
-RANK_METHODS = ("inverse_rank", "coefficient_inverse_rank")
-
-
-# ----------------------------------------------------------------------------------------------
-# Rank-based methods: one pass over the FFN neurons per distinct target
-# ----------------------------------------------------------------------------------------------
-
-
-def target_rank_table(
-    model: Any, lens: Lens, targets: list[int], chunk_rows: int = 512, layers: list[int] | None = None
-) -> dict[int, Int[Tensor, " n_neurons"]]:
-    """Rank (1 = largest bs-value) of each target in the vocabulary projection of every FFN neuron's direction
-    (row ``k`` of ``W_out`` of every layer, flattened layer-major: index ``l * d_mlp + k``).
-
-    Neuron-level paper section 4.1, methods f and h. Under the ``frozen`` lens the projection is
-    ``(centre(v) * gamma / scale) @ W_U`` with a positive per-prompt ``scale``, so the ranks do not depend on the
-    prompt and one table serves every prompt with the same target. Streams ``chunk_rows x d_vocab`` logits; each
-    row is sorted once and every target's count of strictly larger bs-values found by binary search.
-    ``layers`` restricts the work to those layers (the other entries are left at 0, which no rank takes).
-
-    Raises:
-        InvalidInputError: a non-linear (``recomputed``) lens.
-    """
-    if not lens.linear:
-        raise InvalidInputError("target_rank_table needs a linear lens (frozen or none)")
-    spec = tlm.model_spec(model)
-    t = torch.tensor(sorted(set(int(x) for x in targets)), dtype=torch.long)
-    out = torch.zeros(spec.n_layers * spec.d_mlp, len(t), dtype=torch.long)
-    for layer in range(spec.n_layers) if layers is None else layers:
-        W = tlm.W_out(model, layer)
-        for s in range(0, spec.d_mlp, chunk_rows):
-            z = lens.logits(W[s : s + chunk_rows])  # [rows, d_vocab]
-            zt = z[:, t].contiguous()
-            rows = slice(layer * spec.d_mlp + s, layer * spec.d_mlp + s + z.shape[0])
-            # count of bs-values strictly above the target's: one sort per row serves every target
-            above = z.shape[1] - torch.searchsorted(torch.sort(z, dim=1).values, zt, right=True)
-            out[rows] = 1 + above
-    return {int(tok): out[:, j].clone() for j, tok in enumerate(t.tolist())}
-
-
-def rank_method_top_k(
-    model: Any, coefficients: Float[Tensor, " n_neurons"], ranks: Int[Tensor, " n_neurons"], method: str, k: int
-) -> list[str]:
-    """Top-``k`` FFN neuron names by ``1 / rank`` (``inverse_rank``) or ``|m| / rank``
-    (``coefficient_inverse_rank``); ties keep the lower (layer, neuron) index, as the registry's dense path."""
-    spec = tlm.model_spec(model)
-    if method == "inverse_rank":
-        scores = 1.0 / ranks.double()
-    elif method == "coefficient_inverse_rank":
-        scores = coefficients.double().abs() / ranks.double()
-    else:
-        raise InvalidInputError(f"{method!r} is not a rank-based method ({', '.join(RANK_METHODS)})")
-    picks = torch.argsort(scores, descending=True, stable=True)[:k].tolist()
-    return [neuron_name(i // spec.d_mlp, i % spec.d_mlp) for i in picks]
-
-
-def ffn_coefficients(model: Any, cache: Any, position: int, batch: int) -> Float[Tensor, " n_neurons"]:
-    """Every layer's ``mlp.hook_post`` at ``position``, flattened layer-major."""
-    n = tlm.model_spec(model).n_layers
-    return torch.cat([tlm.cached(cache, f"blocks.{l}.mlp.hook_post", batch)[position] for l in range(n)])
-
-
-def random_attention_neurons(model: Any, count: int, n_src: int, seed: int) -> list[str]:
-    """``count`` distinct random attention neurons ``L{l}.H{h}.d{d}.p{p}`` with ``p < n_src`` (seeded)."""
-    spec = tlm.model_spec(model)
-    per_layer = spec.n_heads * spec.d_head * n_src
-    gen = torch.Generator().manual_seed(seed)
-    picks = torch.randperm(spec.n_layers * per_layer, generator=gen)[:count].tolist()
-    out = []
-    for i in picks:
-        l, r = divmod(i, per_layer)
-        h, r = divmod(r, spec.d_head * n_src)
-        d, p = divmod(r, n_src)
-        out.append(f"L{l}.H{h}.d{d}.p{p}")
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# The run
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class BenchmarkResult:
-    """Per-prompt records (one per prompt x method x k) and timings."""
-
-    records: list[dict[str, Any]] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def frame(self) -> pd.DataFrame:
-        return pd.DataFrame(self.records)
-
-
-def _add(timings: dict[str, float], key: str, t0: float) -> float:
-    now = time.perf_counter()
-    timings[key] = timings.get(key, 0.0) + now - t0
-    return now
-
-
-def run_benchmark(
-    model: Any,
-    prompts: pd.DataFrame,
-    methods: tuple[str, ...] = PAPER_METHODS,
-    ks: tuple[int, ...] = (10, 100, 300),
-    attention: bool = True,
-    batch_size: int = 8,
-    seed: int = 0,
-    progress: bool = True,
-    checkpoint: Any = None,
-    intervention_rows: int = 64,
-) -> BenchmarkResult:
-    """Score, select, intervene and measure for every prompt of ``prompts`` (columns ``type``, ``prompt``,
-    ``answer_id``: the filtered dataset).
-
-    Interventions run as rows of batches of ``intervention_rows`` (each row one prompt with one method's
-    components). Records: ``prompt_index``, ``type``, ``method`` (a registry name, ``random``, ``none``, or ``appendix_c`` /
-    ``appendix_c_random``), ``k`` (neurons zeroed), ``rank``, ``prob``, ``logp`` (after), and the same before.
-    """
-    from tqdm.auto import tqdm
-
-    res = BenchmarkResult()
-    T = res.timings
-    kmax = max(ks)
-    t0 = time.perf_counter()
-    rank_table: dict[int, Tensor] = {}
-    if any(m in RANK_METHODS for m in methods):
-        first = I.tokenize_batch(model, [prompts.iloc[0]["prompt"]])
-        with torch.no_grad():
-            _, cache0 = model.run_with_cache(first.tokens)
-        lens = Lens(model, cache0, -1, 0, "frozen")
-        rank_table = target_rank_table(model, lens, prompts["answer_id"].astype(int).tolist())
-    t0 = _add(T, "rank_table", t0)
-    bar = tqdm(total=len(prompts), desc="faithfulness", unit="prompt", disable=not progress)
-    for start in range(0, len(prompts), batch_size):
-        rows = prompts.iloc[start : start + batch_size]
-        batch = I.tokenize_batch(model, rows["prompt"].tolist(), "right")
-        with torch.no_grad():
-            logits, cache = model.run_with_cache(batch.tokens)
-        last = batch.last_index
-        before = logits[torch.arange(len(batch)), last].float()
-        targets = torch.tensor(rows["answer_id"].astype(int).tolist())
-        r0, p0, lp0 = I.target_metrics(before, targets)
-        t0 = _add(T, "forward_cache", t0)
-        picks: dict[str, list[list[str]]] = {m: [] for m in (*methods, RANDOM)}
-        appendix: dict[str, list[list[str]]] = {"appendix_c": [], "appendix_c_random": []}
-        for b in range(len(batch)):
-            idx = start + b
-            ctx = make_context(model, cache, int(targets[b]), int(last[b]), b, "frozen")
-            coefs = None
-            for m in methods:
-                if m in RANK_METHODS:
-                    if coefs is None:
-                        coefs = ffn_coefficients(model, cache, int(last[b]), b)
-                    picks[m].append(rank_method_top_k(model, coefs, rank_table[int(targets[b])], m, kmax))
-                else:
-                    df = score_ffn_neurons(ctx, m, top_k=kmax, n_top_tokens=0)
-                    picks[m].append(df["name"].tolist())
-                t0 = _add(T, f"score_{m}", t0)
-            picks[RANDOM].append(I.random_components(model, kmax, seed=seed * 1_000_003 + idx))
-            if attention:
-                att = score_attention_neurons(ctx, "log_prob_increase", top_k=200, n_top_tokens=0)["name"].tolist()
-                ffn = (picks["log_prob_increase"][-1] if "log_prob_increase" in methods
-                       else score_ffn_neurons(ctx, "log_prob_increase", top_k=100, n_top_tokens=0)["name"].tolist())
-                appendix["appendix_c"].append(att + ffn[:100])
-                appendix["appendix_c_random"].append(
-                    random_attention_neurons(model, 200, int(batch.lengths[b]), seed * 1_000_003 + idx)
-                    + I.random_components(model, 100, seed=seed * 1_000_003 + idx + 500_000)
-                )
-                t0 = _add(T, "score_appendix_c", t0)
-
-        def record(method: str, k: int, logits_after: Tensor) -> None:
-            r1, p1, lp1 = I.target_metrics(logits_after, targets)
-            for b in range(len(batch)):
-                res.records.append({
-                    "prompt_index": start + b, "type": rows.iloc[b]["type"], "prompt": rows.iloc[b]["prompt"],
-                    "method": method, "k": k,
-                    "rank_before": int(r0[b]), "prob_before": float(p0[b]), "logp_before": float(lp0[b]),
-                    "rank": int(r1[b]), "prob": float(p1[b]), "logp": float(lp1[b]),
-                })
-
-        record("none", 0, before)
-        # Every (method, k, prompt) intervention as one row of a large batch: few forward passes.
-        jobs = [(m, k, [names[:k] for names in lists]) for m, lists in picks.items() for k in ks]
-        if attention:
-            jobs += [(m, 300, lists) for m, lists in appendix.items()]
-        rows_b = [b for _ in jobs for b in range(len(batch))]
-        rows_c = [I.parse_components(model, names) for _, _, lists in jobs for names in lists]
-        outs = []
-        for s in range(0, len(rows_b), intervention_rows):
-            sub = batch.select(rows_b[s : s + intervention_rows])
-            hooks = I.intervention_hooks(model, rows_c[s : s + intervention_rows], sub)
-            outs.append(I.last_token_logits(model, sub, hooks))
-        after = torch.cat(outs)
-        for j, (m, k, _) in enumerate(jobs):
-            record(m, k, after[j * len(batch) : (j + 1) * len(batch)])
-        t0 = _add(T, "interventions", t0)
-        del cache
-        bar.update(len(batch))
-        if checkpoint is not None:
-            checkpoint(res)
-    bar.close()
-    return res
-
-
-# ----------------------------------------------------------------------------------------------
-# Tables
-# ----------------------------------------------------------------------------------------------
-
-
-def summarise(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
-    """MRR, mean probability (%) and mean log-probability after the intervention, grouped by ``by``."""
-    g = df.assign(rr=1.0 / df["rank"], rr0=1.0 / df["rank_before"]).groupby(by, sort=False)
-    out = g.agg(n=("rr", "size"), mrr=("rr", "mean"), prob_pct=("prob", "mean"), logp=("logp", "mean"),
-                mrr_before=("rr0", "mean"), prob_before_pct=("prob_before", "mean")).reset_index()
-    out["prob_pct"] *= 100
-    out["prob_before_pct"] *= 100
-    out["mrr_decrease_pct"] = 100 * (1 - out["mrr"] / out["mrr_before"])
-    out["prob_decrease_pct"] = 100 * (1 - out["prob_pct"] / out["prob_before_pct"])
-    return out
-
-
-def markdown(res: BenchmarkResult) -> str:
-    """The results as markdown tables (Table 2 beside the paper; top-k; per type; Appendix C)."""
-    df = res.frame()
-    info = res.info
-    lines = [f"# Faithfulness benchmark: {info.get('model', '?')}", ""]
-    n_done = int((df["method"] == "none").sum()) if len(df) else 0
-    head = (f"Prompts run: {n_done} (a seeded random sample) of the {info.get('n_prompts')} prompts that survive the "
-            f"filter out of {info.get('n_dataset')}" if n_done != info.get("n_prompts")
-            else f"Prompts: {info.get('n_prompts')} of {info.get('n_dataset')} survive the filter")
-    lines.append(f"{head} ({', '.join(f'{k} {v}' for k, v in info.get('survivors', {}).items())}). "
-                 f"Runtime {info.get('runtime_s', 0):.0f} s on this machine"
-                 f"{'' if info.get('complete', True) else ' (INCOMPLETE: partial run)'}.")
-    lines += ["", "## Table 2: zero the top-10 FFN neurons of each method", "",
-              "| method | SmolLM2 MRR | prob % | logp | GPT2-large MRR | prob % | logp | Llama-7B MRR | prob % | logp |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    s = summarise(df, ["method", "k"]).set_index(["method", "k"])
-    order = ["none", *[m for m in LABELS if m not in ("none", RANDOM)], RANDOM]
-    for m in order:
-        key = (m, 0 if m == "none" else 10)
-        if key not in s.index:
-            continue
-        r = s.loc[key]
-        g, l = PAPER_TABLE2.get(m, (("", "", ""), ("", "", "")))
-        lines.append(f"| {LABELS[m]} | {r.mrr:.3f} | {r.prob_pct:.1f} | {r.logp:.2f} | "
-                     + " | ".join(str(x) for x in (*g, *l)) + " |")
-    ks = sorted(k for k in df["k"].unique() if k > 0 and k in set(df[df.method == "log_prob_increase"]["k"]))
-    lines += ["", "## Top-k: MRR / prob % / logp after zeroing the top-k FFN neurons", "",
-              "| method | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
-    for m in order[1:]:
-        cells = []
-        for k in ks:
-            if (m, k) in s.index:
-                r = s.loc[(m, k)]
-                cells.append(f"{r.mrr:.3f} / {r.prob_pct:.1f} / {r.logp:.2f}")
-            else:
-                cells.append("")
-        if any(cells):
-            lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
-    types = [t for t in ("language", "color", "number", "capital", "country", "month") if t in set(df["type"])]
-    st = summarise(df[df.k.isin([0, 10])], ["method", "type"]).set_index(["method", "type"])
-    counts = df[df.method == "none"].groupby("type").size()
-    lines += ["", "## Per knowledge type: MRR after zeroing the top-10 FFN neurons (prob % in brackets)", "",
-              "| method | " + " | ".join(f"{t} (n={int(counts.get(t, 0))})" for t in types) + " |",
-              "|---|" + "---|" * len(types)]
-    for m in order:
-        cells = [f"{st.loc[(m, t)].mrr:.3f} ({st.loc[(m, t)].prob_pct:.1f})" if (m, t) in st.index else ""
-                 for t in types]
-        lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
-    if "appendix_c" in set(df["method"]):
-        sa = summarise(df[df.method.isin(["appendix_c", "appendix_c_random"])], ["method", "type"])
-        sa_all = summarise(df[df.method.isin(["appendix_c", "appendix_c_random"])], ["method"]).set_index("method")
-        sa = sa.set_index(["method", "type"])
-        lines += ["", "## Appendix C: zero the top-200 attention neurons + top-100 FFN neurons "
-                  "(MRR decrease % / prob decrease %)", "",
-                  "| selection | all | " + " | ".join(types) + " |", "|---|---|" + "---|" * len(types)]
-        for m, label in (("appendix_c", "log-prob increase (SmolLM2)"), ("appendix_c_random", "random (SmolLM2)")):
-            if m not in sa_all.index:
-                continue
-            cells = [f"{sa.loc[(m, t)].mrr_decrease_pct:.1f} / {sa.loc[(m, t)].prob_decrease_pct:.1f}"
-                     if (m, t) in sa.index else "" for t in types]
-            a = sa_all.loc[m]
-            lines.append(f"| {label} | {a.mrr_decrease_pct:.1f} / {a.prob_decrease_pct:.1f} | " + " | ".join(cells) + " |")
-        for name, row in PAPER_TABLE13.items():
-            lines.append(f"| paper, {name} | | " + " | ".join(f"{row[t][0]} / {row[t][1]}" for t in types) + " |")
-    lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in res.timings.items()), ""]
-    return "\n".join(lines)
-
-
-def write(res: BenchmarkResult, out: str) -> None:
-    """Write ``{out}.md`` and ``{out}.json``."""
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    df = res.frame()
-    payload = {
-        "info": res.info,
-        "timings_s": res.timings,
-        "summary": summarise(df, ["method", "k"]).to_dict(orient="records") if len(df) else [],
-        "per_type": summarise(df, ["method", "k", "type"]).to_dict(orient="records") if len(df) else [],
-        "paper_table2": {m: {"GPT2-large": g, "Llama-7B": l} for m, (g, l) in PAPER_TABLE2.items()},
-        "paper_table13": PAPER_TABLE13,
-        "records": res.records,
-    }
-    with open(out + ".json", "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=1)
-    if len(df):
-        with open(out + ".md", "w", encoding="utf-8") as f:
-            f.write(markdown(res))
+from tl_residual.faithfulness import (  # noqa: F401 - re-exported for tests and notebooks
+    BUILTIN,
+    LABELS,
+    PAPER_TABLE2,
+    PAPER_TABLE13,
+    RANDOM,
+    RANK_METHODS,
+    BenchmarkResult,
+    ffn_coefficients,
+    markdown,
+    random_attention_neurons,
+    rank_method_top_k,
+    read_prompts,
+    run,
+    run_benchmark,
+    summarise,
+    target_rank_table,
+    write,
+)
+from tl_residual.scorers import PAPER_METHODS
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--data", default=BUILTIN, help="builtin:factual or a .jsonl/.csv/.parquet file")
     p.add_argument("--max-prompts", type=int, default=None, help="run only the first N surviving prompts")
-    p.add_argument("--types", default=None, help="comma-separated knowledge types (default all six)")
     p.add_argument("--ks", default="10,100,300")
     p.add_argument("--methods", default=",".join(PAPER_METHODS))
     p.add_argument("--no-attention", action="store_true", help="skip Appendix C (attention neurons)")
@@ -410,31 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.rewrite:
         with open(a.out + ".json", encoding="utf-8") as f:
             saved = json.load(f)
-        write(BenchmarkResult(saved["records"], saved["timings_s"], saved["info"]), a.out)
+        write(BenchmarkResult(saved["records"], saved["timings_s"], saved["info"], saved.get("selections", [])), a.out)
         return 0
-    t_start = time.perf_counter()
     model = tlm.load_model(a.model)
-    prompts = load_factual_prompts(a.types.split(",") if a.types else None)
-    t = time.perf_counter()
-    filtered = filter_prompts(model, prompts)
-    t_filter = time.perf_counter() - t
-    # Seeded shuffle: a partial run (--max-prompts, or a run stopped early) is a random sample of every type.
-    kept = filtered[filtered["keep"]].sample(frac=1.0, random_state=a.seed).reset_index(drop=True)
-    if a.max_prompts is not None:
-        kept = kept.head(a.max_prompts)
-    info = {"model": a.model, "n_dataset": len(prompts), "survivors": filtered.attrs["survivors"],
-            "n_prompts": len(kept), "ks": a.ks, "seed": a.seed, "batch_size": a.batch_size,
-            "torch_threads": torch.get_num_threads(), "command": " ".join(["benchmarks/faithfulness.py", *(argv or sys.argv[1:])])}
-
-    def checkpoint(res: BenchmarkResult) -> None:
-        res.info = {**info, "complete": False, "runtime_s": time.perf_counter() - t_start}
-        write(res, a.out)
-
-    res = run_benchmark(model, kept, tuple(a.methods.split(",")), tuple(int(k) for k in a.ks.split(",")),
-                        not a.no_attention, a.batch_size, a.seed, not a.no_progress, checkpoint)
-    res.timings = {"filter": t_filter, **res.timings}
-    res.info = {**info, "complete": True, "runtime_s": time.perf_counter() - t_start}
-    write(res, a.out)
+    res = run(model, a.data, a.out, a.max_prompts, tuple(a.methods.split(",")), tuple(int(k) for k in a.ks.split(",")),
+              not a.no_attention, a.batch_size, a.seed, not a.no_progress, model_name=a.model)
     print(markdown(res))
     return 0
 

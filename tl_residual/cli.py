@@ -556,6 +556,59 @@ def study(
                   f"{summary['skipped']} already done, {summary['seconds']:.1f} s; results in {out}")
 
 
+def faithfulness(
+    data: str = typer.Option("builtin:factual", "--data", help="builtin:factual, or a .jsonl/.csv/.parquet file with "
+                             "prompt, answer (or target / target_id) and optionally type (or group)."),
+    model_name: str = typer.Option("smollm2-135m", "--model", help="Model to load."),
+    out: str = typer.Option("faithfulness", "--out", help="Output prefix: writes OUT.json and OUT.md."),
+    max_prompts: Optional[int] = typer.Option(None, "--max-prompts", min=1, help="Run only the first N prompts."),
+    methods_: str = typer.Option("", "--methods", help="Comma-separated scorers (default: the paper's eight)."),
+    ks: str = typer.Option("10,100,300", "--ks", help="Comma-separated numbers of FFN neurons to zero."),
+    no_attention: bool = typer.Option(False, "--no-attention", help="Skip Appendix C (attention neurons)."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    seed: int = typer.Option(0, "--seed"),
+    paper_filter: Optional[bool] = typer.Option(None, "--filter/--no-filter", help="Apply the neuron-level paper's "
+                                                "prompt filter (default: only for builtin:factual)."),
+) -> None:
+    """Neuron-level paper Table 2 / Table 13: zero each method's top-k FFN neurons and measure MRR / prob / logp."""
+    from tl_residual import faithfulness as F
+    from tl_residual.scorers import PAPER_METHODS
+
+    try:
+        k_list = tuple(int(k) for k in ks.split(",") if k.strip())
+    except ValueError:
+        fail(f"--ks {ks!r} is not a comma-separated list of integers")
+    m_list = tuple(m.strip() for m in methods_.split(",") if m.strip()) or PAPER_METHODS
+    model = load(model_name)
+    try:
+        res = F.run(model, data, out, max_prompts, m_list, k_list, not no_attention, batch_size, seed,
+                    progress=True, paper_filter=paper_filter, model_name=model_name)
+    except TLResidualError as exc:
+        fail(str(exc))
+    console.print(F.markdown(res), highlight=False, soft_wrap=True)
+    console.print(f"wrote {out}.json and {out}.md")
+
+
+@app.command("study-report")
+def study_report(
+    directory: str = typer.Argument(..., help="A study run's output folder (tl_residual.study.run)."),
+    html: str = typer.Option("report.html", "--html", help="Where to write the self-contained HTML report."),
+    model_name: Optional[str] = typer.Option(None, "--model", help="Also compute the analyses that need the model "
+                                             "(rerunning the prompts)."),
+    max_prompts: Optional[int] = typer.Option(None, "--max-prompts", min=1, help="Prompts for model-based analyses."),
+) -> None:
+    """Write every table and figure of the three papers that the run allows into one offline HTML file."""
+    from tl_residual.analyses import load_study, write_report
+
+    try:
+        results = load_study(directory)
+        model = load(model_name) if model_name else None
+        sections = write_report(results, html, model=model, max_prompts=max_prompts)
+    except TLResidualError as exc:
+        fail(str(exc))
+    console.print(f"wrote {html} ({sections} analyses)")
+
+
 def main() -> None:
     """Console-script entry point."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,390 @@
+"""The corpus analyses (tl_residual.analyses) on a tiny random model.
+
+The study tables are built here from the library's single-prompt API (scorers, lens, query), so these tests do not
+depend on the dataset runner; each aggregate is checked against a direct computation written in the test (plain
+loops over the per-prompt tables, or the model's own forward pass).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import torch
+from conftest import HAS_BRIDGE, make_bridge, make_hooked
+
+from tl_residual import analyses as A
+from tl_residual import model as tlm
+from tl_residual.errors import InvalidInputError
+from tl_residual.query import split_neuron
+from tl_residual.scorers import (
+    make_context,
+    score_attention_neurons,
+    score_ffn_neurons,
+    score_heads,
+    score_layers,
+)
+
+PROMPTS = [("t5 t17 t33 t8", "g1"), ("t9 t23 t42", "g1"), ("t12 t3 t44 t7 t30", "g2"), ("t50 t6 t11", "g2")]
+METHODS = ("log_prob_increase", "log_prob", "prob_increase")
+
+
+@functools.lru_cache(maxsize=1)
+def tiny():
+    return make_bridge("gpt2") if HAS_BRIDGE else make_hooked("gpt2")
+
+
+def _ranked(df: pd.DataFrame) -> pd.DataFrame:
+    df = df.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
+    return df.assign(rank=range(1, len(df) + 1))
+
+
+@functools.lru_cache(maxsize=1)
+def study() -> SimpleNamespace:
+    model = tiny()
+    parts, layers, stream, query, prompts, ctxs = [], [], [], [], [], {}
+    for pid, (text, group) in enumerate(PROMPTS):
+        tokens = model.to_tokens(text)
+        with torch.no_grad():
+            logits, cache = model.run_with_cache(tokens)
+        ctx = make_context(model, cache)
+        ctxs[pid] = ctx
+        lp = torch.log_softmax(logits[0, -1].float(), -1)
+        prompts.append({"prompt_id": pid, "group": group, "prompt": text, "target_id": ctx.target,
+                        "target_prob": float(lp[ctx.target].exp()), "status": "ok"})
+        for m in METHODS:
+            for kind, df in (("ffn_neuron", score_ffn_neurons(ctx, m, n_top_tokens=0)),
+                             ("attn_neuron", score_attention_neurons(ctx, m, n_top_tokens=0)),
+                             ("head", score_heads(ctx, m, n_top_tokens=0))):
+                df = _ranked(df)
+                parts.append(df.assign(prompt_id=pid, group=group, method=m, kind=kind)[
+                    ["prompt_id", "group", "method", "kind", "name", "layer", "head", "neuron", "score", "rank"]])
+        ld = score_layers(ctx, n_top_tokens=0)
+        layers.append(pd.DataFrame({"prompt_id": pid, "group": group, "method": "log_prob_increase",
+                                    "name": ld["name"], "layer": ld["layer"], "sublayer": ld["kind"],
+                                    "score": ld["score"]}))
+        from tl_residual.decompose import residual_stream
+
+        for i, (name, vec) in enumerate(residual_stream(model, cache)):
+            v = float(ctx.lens.log_probs(vec.float())[ctx.target])
+            stream.append({"prompt_id": pid, "group": group, "stream": name, "index": i, "log_prob": v,
+                           "prob": math.exp(v)})
+        # query rows: the top value neurons' inputs split over the parts, weighted by Imp / input
+        lpi = [p for p in parts if p["prompt_id"].iloc[0] == pid and p["method"].iloc[0] == METHODS[0]]
+        for vdf in lpi:
+            if vdf["kind"].iloc[0] not in ("ffn_neuron", "attn_neuron"):
+                continue
+            for r in vdf.head(4).itertuples():
+                split = split_neuron(model, cache, r.name)
+                col = split.attrs["inputs"][0]
+                w = r.score / split.attrs["cached"][col]
+                query.append(pd.DataFrame({"prompt_id": pid, "group": group, "value_name": r.name,
+                                           "query_name": split["name"], "query_kind": split["kind"],
+                                           "layer": split["layer"], "score": split[col] * w}))
+    return SimpleNamespace(parts=pd.concat(parts, ignore_index=True), layers=pd.concat(layers, ignore_index=True),
+                           stream=pd.DataFrame(stream), query=pd.concat(query, ignore_index=True),
+                           prompts=pd.DataFrame(prompts), manifest={"options": {"top_k": None}}, ctxs=ctxs)
+
+
+def _frozen_log_prob(model, ctx, vec) -> float:
+    """log p(target) of ``vec`` under the frozen-scale final norm, written out: centre, times gamma / scale, W_U."""
+    scale = float(tlm.cached(ctx.cache, "ln_final.hook_scale", 0)[-1].reshape(-1)[0])
+    v = (vec - vec.mean()) * tlm.norm_weight(model, "final") / scale
+    return float(torch.log_softmax(v @ tlm.W_U(model), -1)[ctx.target])
+
+
+def _final_log_prob(model, ctx) -> float:
+    n = tlm.model_spec(model).n_layers
+    return _frozen_log_prob(model, ctx, tlm.cached(ctx.cache, f"blocks.{n - 1}.hook_resid_post", 0)[-1].float())
+
+
+def _groups():
+    return {"g1": [0, 1], "g2": [2, 3], "all": [0, 1, 2, 3]}
+
+
+def test_table3_layer_contributions():
+    s = study()
+    out, fig = A.layer_contributions(s)
+    for g, ids in _groups().items():
+        row = out[out.group == g].iloc[0]
+        for sub in ("attn", "mlp"):
+            tables = [score_layers(s.ctxs[i], n_top_tokens=0) for i in ids]
+            direct = sum(float(t.loc[t["kind"] == sub, "score"].sum()) for t in tables) / len(ids)
+            assert row[sub] == pytest.approx(direct, abs=1e-9)
+        assert row.n_prompts == len(ids)
+    assert len(fig.data) == 2
+
+
+def test_table4_and_table10_top_layers_and_heads():
+    s = study()
+    top = A.top_layers(s, k=3)
+    heads = A.top_heads(s, k=2)
+    for g, ids in _groups().items():
+        acc: dict[str, float] = {}
+        for i in ids:
+            for r in score_layers(s.ctxs[i], n_top_tokens=0).itertuples():
+                label = ("a" if r.kind == "attn" else "f") + str(r.layer)
+                acc[label] = acc.get(label, 0.0) + r.score / len(ids)
+        expect = sorted(acc, key=acc.get, reverse=True)[:3]
+        assert top[top.group == g]["label"].tolist() == expect
+        hacc: dict[str, float] = {}
+        for i in ids:
+            for r in score_heads(s.ctxs[i], n_top_tokens=0).itertuples():
+                hacc[r.name] = hacc.get(r.name, 0.0) + r.score / len(ids)
+        got = heads[heads.group == g]
+        assert got["name"].tolist() == sorted(hacc, key=hacc.get, reverse=True)[:2]
+        assert got["score"].tolist() == pytest.approx(sorted(hacc.values(), reverse=True)[:2])
+
+
+def test_tables5_12_neuron_importance():
+    s = study()
+    out = A.neuron_importance(s, ks=(5, 20))
+    for g, ids in _groups().items():
+        for kind, fn in (("ffn_neuron", score_ffn_neurons), ("attn_neuron", score_attention_neurons)):
+            scores = [sorted(fn(s.ctxs[i], n_top_tokens=0)["score"].tolist(), reverse=True) for i in ids]
+            row = out[(out.group == g) & (out.kind == kind)].iloc[0]
+            assert row["all"] == pytest.approx(sum(sum(x) for x in scores) / len(ids))
+            assert row["positive"] == pytest.approx(sum(sum(v for v in x if v > 0) for x in scores) / len(ids))
+            top5 = sum(sum(x[:5]) for x in scores) / len(ids)
+            assert row["top5"] == pytest.approx(top5)
+            assert row["share_top5"] == pytest.approx(top5 / row["all"])
+    partial = SimpleNamespace(**{**vars(s), "manifest": {"options": {"top_k": 50}}})
+    assert A.neuron_importance(partial)["all"].isna().all()
+    with pytest.raises(InvalidInputError, match="every FFN neuron"):
+        A.ffn_subvalue_counts(partial)
+
+
+def test_table8_shared_neurons():
+    s = study()
+    out = A.shared_neurons(s, k=10, threshold=0.5)
+    p = s.parts[(s.parts.method == "log_prob_increase") & s.parts.kind.isin(["ffn_neuron", "attn_neuron"])]
+    for g, ids in _groups().items():
+        counts: dict[str, int] = {}
+        for i in ids:
+            d = p[p.prompt_id == i].sort_values("score", ascending=False, kind="stable")
+            units = []
+            for n in d["name"]:
+                u = ".".join(n.split(".")[:3]) if n.count(".") == 3 else n  # L.H.d.p -> L.H.d
+                if u not in units:
+                    units.append(u)
+                if len(units) == 10:
+                    break
+            for u in units:
+                counts[u] = counts.get(u, 0) + 1
+        expect = {u for u, c in counts.items() if c / len(ids) > 0.5}
+        row = out[(out.group == g) & (out.side == "value")].iloc[0]
+        assert set(row["shared"]) == expect and row["n_shared"] == len(expect)
+    assert set(out["side"]) == {"value", "query"}
+
+
+def test_figure2_layer_distribution_and_figure4_counts():
+    s = study()
+    out, fig = A.neuron_layer_distribution(s, k=7)
+    p = s.parts
+    for m in METHODS:
+        sel = p[(p.kind == "ffn_neuron") & (p.method == m) & (p["rank"] <= 7)]
+        for layer, n in sel.groupby("layer").size().items():
+            row = out[(out.group == "all") & (out.method == m) & (out.layer == layer)].iloc[0]
+            assert row["count"] == n and row["share"] == pytest.approx(n / (7 * 4))
+    assert len(fig.data) == 3
+    counts, _ = A.query_neuron_counts(s, k=6)
+    q = s.query[s.query.query_kind == "ffn_neuron"]
+    tot = q.groupby(["prompt_id", "query_name", "layer"])["score"].sum().reset_index()
+    qv = qo = 0
+    for i in range(4):
+        top = tot[tot.prompt_id == i].sort_values("score", ascending=False, kind="stable").head(6)
+        value = set(p[(p.prompt_id == i) & (p.method == "log_prob_increase") & (p.kind == "ffn_neuron")
+                      & (p["rank"] <= 6)]["name"])
+        qv += sum(n in value for n in top["query_name"])
+        qo += sum(n not in value for n in top["query_name"])
+    allrows = counts[counts.group == "all"]
+    assert allrows["query_value"].sum() * 4 == pytest.approx(qv)
+    assert allrows["query_only"].sum() * 4 == pytest.approx(qo)
+
+
+def test_tables6_14_top_query_layers():
+    s = study()
+    out = A.top_query_layers(s, "ffn_neuron", n_value=4, k=3)
+    q = s.query[s.query.value_name.str.match(r"^L\d+\.N\d+$") & (s.query.query_kind != "key_bias")]
+    acc: dict[str, float] = {}
+    for r in q.itertuples():
+        label = "e" if r.query_kind == "embed" or r.layer < 0 else \
+            ("a" if r.query_kind.startswith("attn") else "f") + str(r.layer)
+        acc[label] = acc.get(label, 0.0) + r.score / 4
+    got = out[out.group == "all"]
+    assert got["label"].tolist() == sorted(acc, key=acc.get, reverse=True)[:3]
+    assert got["score"].tolist() == pytest.approx(sorted(acc.values(), reverse=True)[:3])
+    assert len(A.top_query_layers(s, "attn_neuron", k=3)) > 0
+
+
+def test_stream_and_subvalue_counts():
+    s = study()
+    out, _ = A.stream_log_prob(s)
+    last = out[out.group == "all"].iloc[-1]
+    # the last stream point is the final residual
+    direct = sum(_final_log_prob(tiny(), s.ctxs[i]) for i in range(4)) / 4
+    assert last["log_prob"] == pytest.approx(direct, abs=1e-4)
+    counts, _ = A.ffn_subvalue_counts(s)
+    for layer in (0, 1):
+        helpful = sum(int((score_ffn_neurons(s.ctxs[i], layers=[layer], n_top_tokens=0)["score"] > 0).sum())
+                      for i in range(4))
+        assert counts[(counts.group == "all") & (counts.layer == layer)]["helpful"].iloc[0] == pytest.approx(helpful / 4)
+
+
+def test_segment_curves_end_at_the_model_prediction():
+    s = study()
+    out, _ = A.segment_curves(tiny(), s, n_segments=4)
+    end = out[(out.group == "all") & (out.segment == 4)]["log_prob"].iloc[0]
+    assert end == pytest.approx(sum(_final_log_prob(tiny(), s.ctxs[i]) for i in range(4)) / 4, abs=1e-4)
+    start = out[(out.group == "g2") & (out.segment == 0)]["log_prob"].iloc[0]
+    direct = sum(_frozen_log_prob(tiny(), s.ctxs[i], tlm.cached(s.ctxs[i].cache, "blocks.0.hook_resid_pre", 0)[-1])
+                 for i in (2, 3)) / 2
+    assert start == pytest.approx(direct, abs=1e-4)
+    assert sorted(out["segment"].unique()) == [0, 1, 2, 3, 4]
+
+
+def test_residual_paper_model_analyses():
+    s, model = study(), tiny()
+    add, _ = A.subvalue_additivity(model, s)
+    ctx = s.ctxs[0]
+    for layer in (0, 1):
+        df = score_ffn_neurons(ctx, layers=[layer], n_top_tokens=0)
+        helpful = df[df.score > 0]
+        row = add[(add.prompt_id == 0) & (add.layer == layer)].iloc[0]
+        assert row.n_helpful == len(helpful) and row.sum_of_scores == pytest.approx(helpful["score"].sum(), abs=1e-5)
+        # C of the sum, written out: log p(t | resid_mid + sum_k m_k W_out[k]) - log p(t | resid_mid)
+        mid = tlm.cached(ctx.cache, f"blocks.{layer}.hook_resid_mid", 0)[-1]
+        post = tlm.cached(ctx.cache, f"blocks.{layer}.mlp.hook_post", 0)[-1]
+        v = (post[helpful.neuron.tolist(), None] * tlm.W_out(model, layer)[helpful.neuron.tolist()]).sum(0)
+        direct = float(ctx.lens.log_probs(mid + v)[ctx.target] - ctx.lens.log_probs(mid)[ctx.target])
+        assert row.score_of_sum == pytest.approx(direct, abs=1e-4)
+    sel = A.subvalue_selection(model, s, k=3)
+    assert set(sel["method"]) == set(A.TABLE1_METHODS) and sel["score"].notna().all()
+    share, _ = A.top10_share(model, s, k=200)  # k above d_mlp: the top-k is all, the share is 1
+    assert share["helpful"].dropna().to_numpy() == pytest.approx(1.0)
+    cl, _ = A.cross_layer_average(model, s, value_layer=1)
+    assert cl[cl.group == "all"]["query"].iloc[0] == "embed"
+
+
+def test_interventions_and_projections():
+    s, model = study(), tiny()
+    t11 = A.head_ablation(model, s, fraction=0.2)
+    assert set(t11["heads_of"]) == {"g1", "g2"} and t11["heads"].map(len).eq(2).all()
+    r = t11.iloc[0]
+    assert r.mrr_decrease_pct == pytest.approx(100 * (1 - r.mrr_after / r.mrr_before))
+    t7 = A.query_neuron_ablation(model, s, k=5)
+    assert set(t7["selection"]) == {"query", "random"}
+    proj = A.neuron_projections(model, ["L1.N3", "L0.H1.d2"], k=4)
+    v = tlm.W_out(model, 1)[3].float()
+    logits = ((v - v.mean()) * tlm.norm_weight(model, "final")) @ tlm.W_U(model)  # frozen lens up to a positive scale
+    assert proj.loc[0, "top_tokens"] == [model.tokenizer.decode([int(i)]) for i in torch.topk(logits, 4).indices]
+    with pytest.raises(InvalidInputError):
+        A.neuron_projections(model, ["L1.attn"])
+    t9 = A.shared_neuron_projections(model, s, k=3, n_per_group=2)
+    assert {"top_tokens", "name", "side"} <= set(t9.columns)
+
+
+def test_errors_name_what_is_missing():
+    s = study()
+    with pytest.raises(InvalidInputError, match="'layers'"):
+        A.layer_contributions(SimpleNamespace(layers=None, prompts=s.prompts))
+    with pytest.raises(InvalidInputError, match="no rows for method"):
+        A.top_layers(s, method="norm")
+    with pytest.raises(InvalidInputError, match="k must be"):
+        A.top_layers(s, k=0)
+
+
+def test_report_and_loader(tmp_path):
+    s = study()
+    for name in ("parts", "layers", "stream", "query", "prompts"):
+        (tmp_path / name).mkdir()
+        getattr(s, name).to_parquet(tmp_path / name / "rank0-00000.parquet")
+    (tmp_path / "manifest.json").write_text('{"options": {"top_k": null}}')
+    loaded = A.load_study(str(tmp_path))
+    assert len(loaded.parts) == len(s.parts)
+    out = tmp_path / "report.html"
+    n = A.write_report(loaded, str(out))
+    text = out.read_text()
+    assert n == 11 and "Table 3" in text and text.count("plotly.js v") <= 2 and "class='missing'" not in text
+    with pytest.raises(InvalidInputError, match="not a folder"):
+        A.load_study(str(tmp_path / "nope"))
+    from typer.testing import CliRunner
+
+    from tl_residual.cli import app
+
+    cli_out = tmp_path / "cli.html"
+    r = CliRunner().invoke(app, ["study-report", str(tmp_path), "--html", str(cli_out)])
+    assert r.exit_code == 0 and cli_out.exists() and "Table 4" in cli_out.read_text()
+    r = CliRunner().invoke(app, ["study-report", str(tmp_path / "nope")])
+    assert r.exit_code == 2
+
+
+def test_faithfulness_reader(tmp_path):
+    from tl_residual.faithfulness import read_prompts
+
+    model = tiny()
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "t5 t6", "target": " t7", "group": "a"}\n{"prompt": "t8 t9", "target_id": 3}\n')
+    with pytest.raises(InvalidInputError, match="no such file"):
+        read_prompts(model, str(tmp_path / "missing.jsonl"))
+    path.write_text('{"prompt": "t5 t6", "target": " t7", "group": "a"}\n{"prompt": "t8 t9", "target": " t3"}\n')
+    df = read_prompts(model, str(path))
+    assert sorted(df["type"]) == ["a", "all"] and len(df) == 2
+    csv = tmp_path / "p.csv"
+    pd.DataFrame({"prompt": ["t1 t2"], "answer": [" t4 t5"]}).to_csv(csv, index=False)
+    with pytest.raises(InvalidInputError, match="not one token"):
+        read_prompts(model, str(csv))
+
+
+def test_rank_table_buckets_equal_sorting():
+    """The sort-free rank table gives exactly the ranks of a direct count over each row."""
+    from tl_residual.faithfulness import target_rank_table
+    from tl_residual.lens import Lens
+
+    s, model = study(), tiny()
+    lens = Lens(model, s.ctxs[0].cache, -1, 0, "frozen")
+    targets = [3, 7, 7, 20, 0, 60]
+    fast = target_rank_table(model, lens, targets, chunk_rows=24)
+    ref = target_rank_table(model, lens, targets, algorithm="sort")
+    few = target_rank_table(model, lens, targets[:3])
+    assert all(torch.equal(few[t], ref[t]) for t in targets[:3])
+    spec = tlm.model_spec(model)
+    for t in set(targets):
+        assert torch.equal(fast[t], ref[t])
+        for layer in range(spec.n_layers):
+            z = lens.logits(tlm.W_out(model, layer))
+            direct = 1 + (z > z[:, t : t + 1]).sum(1)
+            assert torch.equal(fast[t][layer * spec.d_mlp : (layer + 1) * spec.d_mlp], direct)
+
+
+def test_visit_analyses():
+    s, model = study(), tiny()
+    out, _ = A.visit_intersections(model, s, k=5, n_values=3)
+    # direct: prompt set "all", layer 1, head 0 against the final prediction's top-5 tokens
+    vals = []
+    for i in range(4):
+        ctx = s.ctxs[i]
+        final = torch.topk(ctx.lens.logits(tlm.cached(ctx.cache, "blocks.1.hook_resid_post", 0)[-1]), 5).indices
+        z = tlm.cached(ctx.cache, "blocks.1.attn.hook_z", 0)[-1, 0]  # [d_head] of head 0
+        head_out = z @ tlm.W_O(model, 1)[0]
+        ids = torch.topk(ctx.lens.logits(head_out), 5).indices
+        vals.append(len(set(ids.tolist()) & set(final.tolist())) / 5)
+    got = out[(out.group == "all") & (out.layer == 1) & (out.component == "H0")]["with_final"].iloc[0]
+    assert got == pytest.approx(sum(vals) / 4)
+    reg = A.regularisation_neurons(model, s, k=3, layers=[0])
+    top = reg.iloc[0]
+    dh = []
+    for i in range(4):
+        ctx = s.ctxs[i]
+        mid = tlm.cached(ctx.cache, "blocks.0.hook_resid_mid", 0)[-1]
+        v = tlm.cached(ctx.cache, "blocks.0.mlp.hook_post", 0)[-1, top.neuron] * tlm.W_out(model, 0)[top.neuron]
+        def ent(x, ctx=ctx):
+            lp = ctx.lens.log_probs(x)
+            return float(-(lp.exp() * lp).sum())
+        dh.append(ent(mid + v) - ent(mid))
+    assert top.mean_entropy_change == pytest.approx(sum(dh) / 4, abs=1e-5)
+    nf = A.norm_filter(model, s, k=3)
+    assert len(nf) == 2 * 2 + 1 and nf["promoted"].map(len).eq(3).all()

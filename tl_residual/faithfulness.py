@@ -1,0 +1,551 @@
+"""Faithfulness benchmark: the neuron-level paper's Table 2 (and Appendix C, Table 13) on any model and prompts.
+
+Yu & Ananiadou, "Neuron-Level Knowledge Attribution in Large Language Models", section 4.1: each method picks the
+top-10 FFN neurons for the correct token, their parameters are set to zero (at every position), the model is
+rerun, and the correct token's MRR, probability (%) and log-probability (nats) are reported. Lower is better.
+
+What runs (:func:`run_benchmark`, on the prompts of :func:`read_prompts`: the built-in factual prompts that survive
+the paper's filter for the model, :func:`tl_residual.datasets.filter_prompts`, or the user's JSONL/CSV/Parquet):
+
+* the eight methods of :data:`tl_residual.scorers.PAPER_METHODS` and a seeded random control, top-k FFN neurons
+  for k in {10, 100, 300} (the top-300 is computed once per prompt and method; top-10 and top-100 are its
+  prefixes), overall and per knowledge type;
+* Appendix C: the top-200 attention neurons (``L{l}.H{h}.d{d}.p{p}``, scored by log-probability increase) and the
+  top-100 FFN neurons zeroed together, against 200 random attention neurons + 100 random FFN neurons.
+
+The selected component names are kept per prompt and method (``BenchmarkResult.selections``, written to the JSON).
+
+Speed: ``log_prob_increase``, ``log_prob`` and ``prob_increase`` use the library's certified pruned top-k
+(exact). ``inverse_rank`` and ``coefficient_inverse_rank`` depend on a neuron only through the rank of the target
+in its direction's vocabulary projection, which under the frozen lens does not depend on the prompt (the frozen
+final-norm scale is a positive factor), so :func:`target_rank_table` computes that rank once per distinct target
+for all FFN neurons; the per-prompt scores are then ``1 / rank`` and ``|m| / rank`` (the registry's formulas).
+Interventions are batched.
+
+Command line: ``tl-residual faithfulness --data prompts.jsonl`` (or ``--data builtin:factual``); the benchmark
+script ``benchmarks/faithfulness.py`` calls the same code on the built-in prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from tl_residual import interventions as I
+from tl_residual import model as tlm
+from tl_residual.decompose import neuron_name
+from tl_residual.errors import InvalidInputError
+from tl_residual.lens import Lens
+from tl_residual.scorers import (
+    PAPER_METHODS,
+    make_context,
+    score_attention_neurons,
+    score_ffn_neurons,
+)
+
+RANDOM = "random"
+LABELS = {
+    "none": "o) no intervention",
+    "log_prob_increase": "a) log-prob increase",
+    "log_prob": "b) log prob",
+    "prob_increase": "c) prob increase",
+    "norm": "d) norm",
+    "coefficient": "e) coefficient",
+    "inverse_rank": "f) 1/rank",
+    "coefficient_norm": "g) coef x norm",
+    "coefficient_inverse_rank": "h) coef / rank",
+    RANDOM: "random (same count, seeded)",
+}
+#: Table 2 of the neuron-level paper (REFERENCE.md): (MRR, prob %, logp) for GPT2-large and Llama-7B.
+PAPER_TABLE2 = {
+    "none": ((0.361, 7.1, -3.15), (0.551, 21.5, -2.24)),
+    "log_prob_increase": ((0.201, 3.4, -4.06), (0.312, 9.2, -3.91)),
+    "log_prob": ((0.214, 3.6, -3.91), (0.339, 10.8, -3.35)),
+    "prob_increase": ((0.219, 3.7, -3.92), (0.345, 10.0, -3.57)),
+    "norm": ((0.363, 7.1, -3.14), (0.549, 21.3, -2.25)),
+    "coefficient": ((0.439, 8.6, -3.10), (0.529, 22.9, -2.35)),
+    "inverse_rank": ((0.306, 5.8, -3.40), (0.493, 18.1, -2.49)),
+    "coefficient_norm": ((0.394, 8.1, -3.06), (0.523, 22.6, -2.39)),
+    "coefficient_inverse_rank": ((0.232, 4.0, -3.80), (0.389, 13.0, -3.06)),
+}
+#: Appendix C, Table 13: MRR / probability decrease (%) after zeroing the top-200 attention + top-100 FFN neurons.
+PAPER_TABLE13 = {
+    "GPT2-large": {"language": (96, 99), "color": (97, 99), "number": (96, 98), "capital": (96, 99),
+                   "country": (97, 99), "month": (96, 99)},
+    "Llama-7B": {"language": (97, 99), "color": (98, 99), "number": (96, 99), "capital": (97, 99),
+                 "country": (97, 99), "month": (97, 99)},
+}
+RANK_METHODS = ("inverse_rank", "coefficient_inverse_rank")
+
+
+# ----------------------------------------------------------------------------------------------
+# Rank-based methods: one pass over the FFN neurons per distinct target
+# ----------------------------------------------------------------------------------------------
+
+
+def target_rank_table(
+    model: Any, lens: Lens, targets: list[int], chunk_rows: int = 256, layers: list[int] | None = None,
+    algorithm: str = "auto",
+) -> dict[int, Int[Tensor, " n_neurons"]]:
+    """Rank (1 = largest bs-value) of each target in the vocabulary projection of every FFN neuron's direction
+    (row ``k`` of ``W_out`` of every layer, flattened layer-major: index ``l * d_mlp + k``).
+
+    Neuron-level paper section 4.1, methods f and h. Under the ``frozen`` lens the projection is
+    ``(centre(v) * gamma / scale) @ W_U`` with a positive per-prompt ``scale``, so the ranks do not depend on the
+    prompt and one table serves every prompt with the same target. Streams ``chunk_rows x d_vocab`` logits.
+    ``rank = 1 + #{w : z_w > z_t}``, counted without sorting the rows (``algorithm="buckets"``, the default): the
+    ``T`` targets' bs-values of a row are sorted (``T`` values), every bs-value of the row is placed among them by
+    binary search (``log2 T`` comparisons), the bucket sizes are counted and summed from the top: exactly the
+    counts of strictly larger values, in ``O(d_vocab log T)`` per row instead of a full ``O(d_vocab log d_vocab)``
+    sort (``algorithm="sort"``, the previous method, kept as the reference); with at most 4 distinct targets the
+    counts are direct comparisons ``(z > z_t).sum()`` (``algorithm="compare"``); ``"auto"`` picks. Peak memory about
+    ``chunk_rows * d_vocab * 12`` bytes. ``layers`` restricts the work to those layers (the other entries are left
+    at 0, which no rank takes).
+
+    Raises:
+        InvalidInputError: a non-linear (``recomputed``) lens or an unknown ``algorithm``.
+    """
+    if not lens.linear:
+        raise InvalidInputError("target_rank_table needs a linear lens (frozen or none)")
+    if algorithm not in ("auto", "buckets", "sort", "compare"):
+        raise InvalidInputError(f"algorithm {algorithm!r} is not 'auto', 'buckets', 'compare' or 'sort'")
+    spec = tlm.model_spec(model)
+    t = torch.tensor(sorted(set(int(x) for x in targets)), dtype=torch.long)
+    n_t = len(t)
+    if algorithm == "auto":
+        algorithm = "compare" if n_t <= 4 else "buckets"
+    out = torch.zeros(spec.n_layers * spec.d_mlp, n_t, dtype=torch.long)
+    for layer in range(spec.n_layers) if layers is None else layers:
+        W = tlm.W_out(model, layer)
+        for s in range(0, spec.d_mlp, chunk_rows):
+            z = lens.logits(W[s : s + chunk_rows]).contiguous()  # [rows, d_vocab]
+            zt = z[:, t.to(z.device)].contiguous()
+            rows = slice(layer * spec.d_mlp + s, layer * spec.d_mlp + s + z.shape[0])
+            if algorithm == "sort":
+                above = z.shape[1] - torch.searchsorted(torch.sort(z, dim=1).values, zt, right=True)
+            elif algorithm == "compare":
+                above = torch.stack([(z > zt[:, j : j + 1]).sum(1) for j in range(n_t)], dim=1)
+            else:
+                zs, order = torch.sort(zt, dim=1)  # the targets' values, ascending
+                # bucket = #targets with value strictly below z_w (side="left"): z_w > zs[j]  <=>  bucket > j
+                bucket = torch.searchsorted(zs, z, side="left")  # [rows, d_vocab] in 0..T
+                n_rows = z.shape[0]
+                flat = bucket + (n_t + 1) * torch.arange(n_rows, device=z.device)[:, None]
+                hist = torch.bincount(flat.reshape(-1), minlength=n_rows * (n_t + 1)).reshape(n_rows, n_t + 1)
+                above_sorted = hist.flip(1).cumsum(1).flip(1)[:, 1:]  # [rows, T]: #values above zs[j]
+                above = torch.empty_like(above_sorted)
+                above.scatter_(1, order, above_sorted)
+            out[rows] = 1 + above.cpu()
+    return {int(tok): out[:, j].clone() for j, tok in enumerate(t.tolist())}
+
+
+def rank_method_top_k(
+    model: Any, coefficients: Float[Tensor, " n_neurons"], ranks: Int[Tensor, " n_neurons"], method: str, k: int
+) -> list[str]:
+    """Top-``k`` FFN neuron names by ``1 / rank`` (``inverse_rank``) or ``|m| / rank``
+    (``coefficient_inverse_rank``); ties keep the lower (layer, neuron) index, as the registry's dense path."""
+    spec = tlm.model_spec(model)
+    if method == "inverse_rank":
+        scores = 1.0 / ranks.double()
+    elif method == "coefficient_inverse_rank":
+        scores = coefficients.double().abs() / ranks.double()
+    else:
+        raise InvalidInputError(f"{method!r} is not a rank-based method ({', '.join(RANK_METHODS)})")
+    picks = torch.argsort(scores, descending=True, stable=True)[:k].tolist()
+    return [neuron_name(i // spec.d_mlp, i % spec.d_mlp) for i in picks]
+
+
+def ffn_coefficients(model: Any, cache: Any, position: int, batch: int) -> Float[Tensor, " n_neurons"]:
+    """Every layer's ``mlp.hook_post`` at ``position``, flattened layer-major."""
+    n = tlm.model_spec(model).n_layers
+    return torch.cat([tlm.cached(cache, f"blocks.{l}.mlp.hook_post", batch)[position] for l in range(n)])
+
+
+def random_attention_neurons(model: Any, count: int, n_src: int, seed: int) -> list[str]:
+    """``count`` distinct random attention neurons ``L{l}.H{h}.d{d}.p{p}`` with ``p < n_src`` (seeded)."""
+    spec = tlm.model_spec(model)
+    per_layer = spec.n_heads * spec.d_head * n_src
+    gen = torch.Generator().manual_seed(seed)
+    picks = torch.randperm(spec.n_layers * per_layer, generator=gen)[:count].tolist()
+    out = []
+    for i in picks:
+        l, r = divmod(i, per_layer)
+        h, r = divmod(r, spec.d_head * n_src)
+        d, p = divmod(r, n_src)
+        out.append(f"L{l}.H{h}.d{d}.p{p}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchmarkResult:
+    """Per-prompt records (one per prompt x method x k), the selected component names (one per prompt x method,
+    the longest list: the top-k for smaller k are its prefixes) and timings."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    selections: list[dict[str, Any]] = field(default_factory=list)
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.records)
+
+
+def _add(timings: dict[str, float], key: str, t0: float) -> float:
+    now = time.perf_counter()
+    timings[key] = timings.get(key, 0.0) + now - t0
+    return now
+
+
+def run_benchmark(
+    model: Any,
+    prompts: pd.DataFrame,
+    methods: tuple[str, ...] = PAPER_METHODS,
+    ks: tuple[int, ...] = (10, 100, 300),
+    attention: bool = True,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+    checkpoint: Any = None,
+    intervention_rows: int = 64,
+) -> BenchmarkResult:
+    """Score, select, intervene and measure for every prompt of ``prompts`` (columns ``type``, ``prompt``,
+    ``answer_id``: the filtered dataset).
+
+    Interventions run as rows of batches of ``intervention_rows`` (each row one prompt with one method's
+    components). Records: ``prompt_index``, ``type``, ``method`` (a registry name, ``random``, ``none``, or ``appendix_c`` /
+    ``appendix_c_random``), ``k`` (neurons zeroed), ``rank``, ``prob``, ``logp`` (after), and the same before.
+    """
+    from tqdm.auto import tqdm
+
+    res = BenchmarkResult()
+    T = res.timings
+    kmax = max(ks)
+    t0 = time.perf_counter()
+    rank_table: dict[int, Tensor] = {}
+    if any(m in RANK_METHODS for m in methods):
+        first = I.tokenize_batch(model, [prompts.iloc[0]["prompt"]])
+        with torch.no_grad():
+            _, cache0 = model.run_with_cache(first.tokens)
+        lens = Lens(model, cache0, -1, 0, "frozen")
+        rank_table = target_rank_table(model, lens, prompts["answer_id"].astype(int).tolist())
+    t0 = _add(T, "rank_table", t0)
+    bar = tqdm(total=len(prompts), desc="faithfulness", unit="prompt", disable=not progress)
+    for start in range(0, len(prompts), batch_size):
+        rows = prompts.iloc[start : start + batch_size]
+        batch = I.tokenize_batch(model, rows["prompt"].tolist(), "right")
+        with torch.no_grad():
+            logits, cache = model.run_with_cache(batch.tokens)
+        last = batch.last_index
+        before = logits[torch.arange(len(batch)), last].float()
+        targets = torch.tensor(rows["answer_id"].astype(int).tolist())
+        r0, p0, lp0 = I.target_metrics(before, targets)
+        t0 = _add(T, "forward_cache", t0)
+        picks: dict[str, list[list[str]]] = {m: [] for m in (*methods, RANDOM)}
+        appendix: dict[str, list[list[str]]] = {"appendix_c": [], "appendix_c_random": []}
+        for b in range(len(batch)):
+            idx = start + b
+            ctx = make_context(model, cache, int(targets[b]), int(last[b]), b, "frozen")
+            coefs = None
+            for m in methods:
+                if m in RANK_METHODS:
+                    if coefs is None:
+                        coefs = ffn_coefficients(model, cache, int(last[b]), b)
+                    picks[m].append(rank_method_top_k(model, coefs, rank_table[int(targets[b])], m, kmax))
+                else:
+                    df = score_ffn_neurons(ctx, m, top_k=kmax, n_top_tokens=0)
+                    picks[m].append(df["name"].tolist())
+                t0 = _add(T, f"score_{m}", t0)
+            picks[RANDOM].append(I.random_components(model, kmax, seed=seed * 1_000_003 + idx))
+            if attention:
+                att = score_attention_neurons(ctx, "log_prob_increase", top_k=200, n_top_tokens=0)["name"].tolist()
+                ffn = (picks["log_prob_increase"][-1] if "log_prob_increase" in methods
+                       else score_ffn_neurons(ctx, "log_prob_increase", top_k=100, n_top_tokens=0)["name"].tolist())
+                appendix["appendix_c"].append(att + ffn[:100])
+                appendix["appendix_c_random"].append(
+                    random_attention_neurons(model, 200, int(batch.lengths[b]), seed * 1_000_003 + idx)
+                    + I.random_components(model, 100, seed=seed * 1_000_003 + idx + 500_000)
+                )
+                t0 = _add(T, "score_appendix_c", t0)
+
+        def record(method: str, k: int, logits_after: Tensor, targets: Tensor = targets, batch: Any = batch,
+                   start: int = start, rows: pd.DataFrame = rows, r0: Tensor = r0, p0: Tensor = p0,
+                   lp0: Tensor = lp0) -> None:
+            r1, p1, lp1 = I.target_metrics(logits_after, targets)
+            for b in range(len(batch)):
+                res.records.append({
+                    "prompt_index": start + b, "type": rows.iloc[b]["type"], "prompt": rows.iloc[b]["prompt"],
+                    "method": method, "k": k,
+                    "rank_before": int(r0[b]), "prob_before": float(p0[b]), "logp_before": float(lp0[b]),
+                    "rank": int(r1[b]), "prob": float(p1[b]), "logp": float(lp1[b]),
+                })
+
+        for m, lists in (*picks.items(), *appendix.items()):
+            for b, comps in enumerate(lists):
+                res.selections.append({"prompt_index": start + b, "type": rows.iloc[b]["type"], "method": m,
+                                       "components": list(comps)})
+        record("none", 0, before)
+        # Every (method, k, prompt) intervention as one row of a large batch: few forward passes.
+        jobs = [(m, k, [names[:k] for names in lists]) for m, lists in picks.items() for k in ks]
+        if attention:
+            jobs += [(m, 300, lists) for m, lists in appendix.items()]
+        rows_b = [b for _ in jobs for b in range(len(batch))]
+        rows_c = [I.parse_components(model, names) for _, _, lists in jobs for names in lists]
+        outs = []
+        for s in range(0, len(rows_b), intervention_rows):
+            sub = batch.select(rows_b[s : s + intervention_rows])
+            hooks = I.intervention_hooks(model, rows_c[s : s + intervention_rows], sub)
+            outs.append(I.last_token_logits(model, sub, hooks))
+        after = torch.cat(outs)
+        for j, (m, k, _) in enumerate(jobs):
+            record(m, k, after[j * len(batch) : (j + 1) * len(batch)])
+        t0 = _add(T, "interventions", t0)
+        del cache
+        bar.update(len(batch))
+        if checkpoint is not None:
+            checkpoint(res)
+    bar.close()
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+# ----------------------------------------------------------------------------------------------
+
+
+def summarise(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """MRR, mean probability (%) and mean log-probability after the intervention, grouped by ``by``."""
+    g = df.assign(rr=1.0 / df["rank"], rr0=1.0 / df["rank_before"]).groupby(by, sort=False)
+    out = g.agg(n=("rr", "size"), mrr=("rr", "mean"), prob_pct=("prob", "mean"), logp=("logp", "mean"),
+                mrr_before=("rr0", "mean"), prob_before_pct=("prob_before", "mean")).reset_index()
+    out["prob_pct"] *= 100
+    out["prob_before_pct"] *= 100
+    out["mrr_decrease_pct"] = 100 * (1 - out["mrr"] / out["mrr_before"])
+    out["prob_decrease_pct"] = 100 * (1 - out["prob_pct"] / out["prob_before_pct"])
+    return out
+
+
+def markdown(res: BenchmarkResult) -> str:
+    """The results as markdown tables (Table 2 beside the paper; top-k; per type; Appendix C)."""
+    df = res.frame()
+    info = res.info
+    lines = [f"# Faithfulness benchmark: {info.get('model', '?')}", ""]
+    n_done = int((df["method"] == "none").sum()) if len(df) else 0
+    head = (f"Prompts run: {n_done} (a seeded random sample) of the {info.get('n_prompts')} prompts that survive the "
+            f"filter out of {info.get('n_dataset')}" if n_done != info.get("n_prompts")
+            else f"Prompts: {info.get('n_prompts')} of {info.get('n_dataset')} survive the filter")
+    lines.append(f"{head} ({', '.join(f'{k} {v}' for k, v in info.get('survivors', {}).items())}). "
+                 f"Runtime {info.get('runtime_s', 0):.0f} s on this machine"
+                 f"{'' if info.get('complete', True) else ' (INCOMPLETE: partial run)'}.")
+    lines += ["", "## Table 2: zero the top-10 FFN neurons of each method", "",
+              "| method | SmolLM2 MRR | prob % | logp | GPT2-large MRR | prob % | logp | Llama-7B MRR | prob % | logp |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    s = summarise(df, ["method", "k"]).set_index(["method", "k"])
+    order = ["none", *[m for m in LABELS if m not in ("none", RANDOM)], RANDOM]
+    for m in order:
+        key = (m, 0 if m == "none" else 10)
+        if key not in s.index:
+            continue
+        r = s.loc[key]
+        g, l = PAPER_TABLE2.get(m, (("", "", ""), ("", "", "")))
+        lines.append(f"| {LABELS[m]} | {r.mrr:.3f} | {r.prob_pct:.1f} | {r.logp:.2f} | "
+                     + " | ".join(str(x) for x in (*g, *l)) + " |")
+    ks = sorted(k for k in df["k"].unique() if k > 0 and k in set(df[df.method == "log_prob_increase"]["k"]))
+    lines += ["", "## Top-k: MRR / prob % / logp after zeroing the top-k FFN neurons", "",
+              "| method | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+    for m in order[1:]:
+        cells = []
+        for k in ks:
+            if (m, k) in s.index:
+                r = s.loc[(m, k)]
+                cells.append(f"{r.mrr:.3f} / {r.prob_pct:.1f} / {r.logp:.2f}")
+            else:
+                cells.append("")
+        if any(cells):
+            lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
+    types = [t for t in ("language", "color", "number", "capital", "country", "month") if t in set(df["type"])]
+    st = summarise(df[df.k.isin([0, 10])], ["method", "type"]).set_index(["method", "type"])
+    counts = df[df.method == "none"].groupby("type").size()
+    lines += ["", "## Per knowledge type: MRR after zeroing the top-10 FFN neurons (prob % in brackets)", "",
+              "| method | " + " | ".join(f"{t} (n={int(counts.get(t, 0))})" for t in types) + " |",
+              "|---|" + "---|" * len(types)]
+    for m in order:
+        cells = [f"{st.loc[(m, t)].mrr:.3f} ({st.loc[(m, t)].prob_pct:.1f})" if (m, t) in st.index else ""
+                 for t in types]
+        lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
+    if "appendix_c" in set(df["method"]):
+        sa = summarise(df[df.method.isin(["appendix_c", "appendix_c_random"])], ["method", "type"])
+        sa_all = summarise(df[df.method.isin(["appendix_c", "appendix_c_random"])], ["method"]).set_index("method")
+        sa = sa.set_index(["method", "type"])
+        lines += ["", "## Appendix C: zero the top-200 attention neurons + top-100 FFN neurons "
+                  "(MRR decrease % / prob decrease %)", "",
+                  "| selection | all | " + " | ".join(types) + " |", "|---|---|" + "---|" * len(types)]
+        for m, label in (("appendix_c", "log-prob increase (SmolLM2)"), ("appendix_c_random", "random (SmolLM2)")):
+            if m not in sa_all.index:
+                continue
+            cells = [f"{sa.loc[(m, t)].mrr_decrease_pct:.1f} / {sa.loc[(m, t)].prob_decrease_pct:.1f}"
+                     if (m, t) in sa.index else "" for t in types]
+            a = sa_all.loc[m]
+            lines.append(f"| {label} | {a.mrr_decrease_pct:.1f} / {a.prob_decrease_pct:.1f} | " + " | ".join(cells) + " |")
+        for name, row in PAPER_TABLE13.items():
+            lines.append(f"| paper, {name} | | " + " | ".join(f"{row[t][0]} / {row[t][1]}" for t in types) + " |")
+    lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in res.timings.items()), ""]
+    return "\n".join(lines)
+
+
+def write(res: BenchmarkResult, out: str) -> None:
+    """Write ``{out}.md`` and ``{out}.json``."""
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    df = res.frame()
+    payload = {
+        "info": res.info,
+        "timings_s": res.timings,
+        "summary": summarise(df, ["method", "k"]).to_dict(orient="records") if len(df) else [],
+        "per_type": summarise(df, ["method", "k", "type"]).to_dict(orient="records") if len(df) else [],
+        "paper_table2": {m: {"GPT2-large": g, "Llama-7B": l} for m, (g, l) in PAPER_TABLE2.items()},
+        "paper_table13": PAPER_TABLE13,
+        "records": res.records,
+        "selections": res.selections,
+    }
+    _atomic_write(out + ".json", json.dumps(payload, indent=1))
+    if len(df):
+        _atomic_write(out + ".md", markdown(res))
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Input: the dataset runner's formats
+# ----------------------------------------------------------------------------------------------
+
+BUILTIN = "builtin:factual"
+
+
+def read_prompts(model: Any, data: str = BUILTIN, paper_filter: bool | None = None, seed: int = 0) -> pd.DataFrame:
+    """The benchmark's prompts: columns ``type``, ``prompt``, ``answer``, ``answer_id``, in a seeded random order
+    (so a partial run is a random sample of every type).
+
+    Args:
+        data: ``builtin:factual`` (the shipped prompts), or a ``.jsonl``/``.json``, ``.csv`` or ``.parquet`` file
+            with a ``prompt`` column, the answer as ``answer`` or ``target`` (a one-token string, with its
+            leading space) or ``target_id``/``answer_id``, and optionally ``type`` or ``group``.
+        paper_filter: apply the neuron-level paper's filter (:func:`tl_residual.datasets.filter_prompts`;
+            default: only for the built-in prompts, whose types have candidate lists). Without it, every prompt
+            whose answer is one token is kept.
+
+    Returns:
+        The kept prompts; ``df.attrs`` holds ``n_dataset`` and ``survivors`` (per type).
+
+    Raises:
+        InvalidInputError: an unreadable file or format, missing columns, an answer that is not one token.
+    """
+    from tl_residual.datasets import filter_prompts, load_factual_prompts
+    
+    if data == BUILTIN:
+        raw = load_factual_prompts()
+        paper_filter = True if paper_filter is None else paper_filter
+    else:
+        if not os.path.isfile(data):
+            raise InvalidInputError(f"--data {data!r}: no such file (give a .jsonl, .csv or .parquet file, or "
+                                    f"{BUILTIN})")
+        ext = os.path.splitext(data)[1].lower()
+        try:
+            if ext in (".jsonl", ".json"):
+                raw = pd.read_json(data, lines=ext == ".jsonl")
+            elif ext == ".csv":
+                raw = pd.read_csv(data)
+            elif ext in (".parquet", ".pq"):
+                raw = pd.read_parquet(data)
+            else:
+                raise InvalidInputError(f"--data {data!r}: unknown format {ext!r}; use .jsonl, .json, .csv or .parquet")
+        except InvalidInputError:
+            raise
+        except Exception as exc:
+            raise InvalidInputError(f"--data {data!r}: cannot read it ({exc})") from exc
+        raw = raw.rename(columns={"group": "type", "target": "answer", "target_id": "answer_id"})
+        if "prompt" not in raw.columns or not ({"answer", "answer_id"} & set(raw.columns)):
+            raise InvalidInputError(f"--data {data!r} needs a 'prompt' column and an 'answer'/'target' (string) or "
+                                    f"'target_id' column; it has {list(raw.columns)}")
+        if "type" not in raw.columns:
+            raw["type"] = "all"
+        raw["type"] = raw["type"].fillna("all").astype(str)
+        paper_filter = False if paper_filter is None else paper_filter
+    n_dataset = len(raw)
+    if paper_filter:
+        filtered = filter_prompts(model, raw)
+        kept = filtered[filtered["keep"]]
+        survivors = filtered.attrs["survivors"]
+    else:
+        if "answer_id" not in raw.columns:
+            tok = model.tokenizer
+            ids = [tok.encode(str(a), add_special_tokens=False) for a in raw["answer"]]
+            bad = [str(a) for a, i in zip(raw["answer"], ids) if len(i) != 1]
+            if bad:
+                raise InvalidInputError(f"{len(bad)} answers are not one token of the model's tokenizer, e.g. "
+                                        f"{bad[0]!r} (give the leading space: ' Paris'), or pass target_id")
+            raw = raw.assign(answer_id=[i[0] for i in ids])
+        kept = raw
+        survivors = {**{str(k): int(v) for k, v in kept.groupby("type").size().items()}, "total": len(kept)}
+    if "answer" not in kept.columns:
+        kept = kept.assign(answer=[model.tokenizer.decode([int(i)]) for i in kept["answer_id"]])
+    out = kept.sample(frac=1.0, random_state=seed).reset_index(drop=True)[["type", "prompt", "answer", "answer_id"]]
+    out.attrs.update(n_dataset=n_dataset, survivors=survivors)
+    return out
+
+
+def run(
+    model: Any, data: str = BUILTIN, out: str | None = None, max_prompts: int | None = None,
+    methods: tuple[str, ...] = PAPER_METHODS, ks: tuple[int, ...] = (10, 100, 300), attention: bool = True,
+    batch_size: int = 16, seed: int = 0, progress: bool = True, paper_filter: bool | None = None,
+    model_name: str = "?",
+) -> BenchmarkResult:
+    """Read the prompts (:func:`read_prompts`), run :func:`run_benchmark` and, with ``out``, write ``{out}.json``
+    (records, summaries, the selected names per prompt and method) and ``{out}.md`` (checkpointed per batch).
+
+    Raises:
+        InvalidInputError: bad data (see :func:`read_prompts`), ``ks`` or ``methods``.
+    """
+    from tl_residual.scorers import SCORERS
+
+    bad = [m for m in methods if m not in SCORERS]
+    if bad:
+        raise InvalidInputError(f"unknown method(s) {', '.join(bad)}; methods are {', '.join(SCORERS)}")
+    if not ks or any(not isinstance(k, int) or k < 1 for k in ks):
+        raise InvalidInputError(f"ks must be positive integers, got {ks!r}")
+    t_start = time.perf_counter()
+    kept = read_prompts(model, data, paper_filter, seed)
+    if max_prompts is not None:
+        kept = kept.head(max_prompts)
+    if len(kept) == 0:
+        raise InvalidInputError(f"no prompt of {data!r} survives (survivors: {kept.attrs.get('survivors')})")
+    info = {"model": model_name, "data": data, "n_dataset": kept.attrs["n_dataset"],
+            "survivors": kept.attrs["survivors"], "n_prompts": len(kept), "ks": ",".join(map(str, ks)),
+            "seed": seed, "batch_size": batch_size, "torch_threads": torch.get_num_threads()}
+
+    def checkpoint(res: BenchmarkResult) -> None:
+        res.info = {**info, "complete": False, "runtime_s": time.perf_counter() - t_start}
+        if out is not None:
+            write(res, out)
+
+    res = run_benchmark(model, kept, tuple(methods), tuple(ks), attention, batch_size, seed, progress, checkpoint)
+    res.info = {**info, "complete": True, "runtime_s": time.perf_counter() - t_start}
+    if out is not None:
+        write(res, out)
+    return res
