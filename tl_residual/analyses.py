@@ -885,40 +885,15 @@ PAPER_NUMBERS: dict[str, pd.DataFrame] = {
 
 
 def load_study(directory: str) -> Any:
-    """A run folder as an object with ``parts, layers, stream, query, prompts`` (DataFrames) and ``manifest``.
-
-    Uses ``tl_residual.study.load`` when available; otherwise reads the Parquet shards of each table folder and
-    ``manifest.json`` directly (the layout of docs/studies.md).
+    """A run folder of :func:`tl_residual.study.run` as a :class:`~tl_residual.study.StudyResults`
+    (``parts, layers, stream, query, prompts`` DataFrames and ``manifest``): :func:`tl_residual.study.load`.
 
     Raises:
-        InvalidInputError: ``directory`` is not a folder or holds none of the tables.
+        InvalidInputError: ``directory`` is not a study folder.
     """
-    import json
-    import os
-    from types import SimpleNamespace
+    from tl_residual.study import load
 
-    if not os.path.isdir(directory):
-        raise InvalidInputError(f"{directory!r} is not a folder; give the output folder of a study run")
-    try:
-        from tl_residual.study import load  # type: ignore[attr-defined]
-
-        return load(directory)
-    except ImportError:
-        pass
-    tables: dict[str, Any] = {}
-    for name in ("parts", "layers", "stream", "query", "prompts"):
-        path = os.path.join(directory, name)
-        files = sorted(f for f in os.listdir(path) if f.endswith(".parquet")) if os.path.isdir(path) else []
-        tables[name] = (pd.concat([pd.read_parquet(os.path.join(path, f)) for f in files], ignore_index=True)
-                        if files else pd.DataFrame())
-    if all(len(t) == 0 for t in tables.values()):
-        raise InvalidInputError(f"{directory!r} holds no study tables (parts/, layers/, stream/, query/, prompts/)")
-    manifest = {}
-    mpath = os.path.join(directory, "manifest.json")
-    if os.path.isfile(mpath):
-        with open(mpath, encoding="utf-8") as f:
-            manifest = json.load(f)
-    return SimpleNamespace(**tables, manifest=manifest)
+    return load(directory)
 
 
 def _wide(df: pd.DataFrame, col: str, value: str = "score", fmt: str = "{:.2f}") -> pd.DataFrame:
