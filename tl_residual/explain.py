@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from tl_residual import model as tlm
-from tl_residual.decompose import reconstruction_error
+from tl_residual.decompose import SOURCES, reconstruction_error, resolve_position
 from tl_residual.errors import InvalidInputError
 from tl_residual.lens import Convention, model_logits
 from tl_residual.scorers import (
@@ -137,18 +137,29 @@ def explain(
         convention: lens convention (``frozen``, ``recomputed``, ``none``).
         model_name: label for the output (default ``model.cfg.model_name``).
 
+    Memory: one forward pass caching only the hooks position ``position`` needs, with the attention pattern's
+    row ``position`` only (:func:`tl_residual.model.run_with_position_cache`): linear in the prompt length
+    (SmolLM2-135M, 2,048 tokens: about 2.5 GB peak resident memory, docs/performance.md). ``extra["cache"]`` is
+    that :class:`~tl_residual.model.PositionCache`: reading it at another destination position raises
+    :class:`~tl_residual.errors.MissingHookError`. With registered sources every hook is cached.
+
     Raises:
-        InvalidInputError: empty prompt, a target that is not one token, a position out of range, bad top_k.
+        InvalidInputError: empty prompt, a prompt longer than the model's ``n_ctx``, a target that is not one
+            token (or unknown to the tokenizer), a position out of range, bad top_k, a non-finite activation.
     """
     if not isinstance(prompt, str) or not prompt.strip():
         raise InvalidInputError("the prompt is empty: give some text, e.g. 'The capital of France is'")
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
         raise InvalidInputError(f"top_k must be a positive integer, got {top_k!r}")
     tlm.model_spec(model)
-    with torch.no_grad():
-        tokens = model.to_tokens(prompt)
-        _, cache = model.run_with_cache(tokens)
-    ctx = make_context(model, cache, target, position, convention=convention)
+    tokens = tlm.to_tokens(model, prompt)
+    pos = resolve_position(position, int(tokens.shape[-1]))
+    if SOURCES:  # a registered source may read any hook: cache them all (memory quadratic in the prompt length)
+        with torch.no_grad():
+            _, cache = model.run_with_cache(tokens)
+    else:  # only the hooks position `pos` needs, the attention pattern's row `pos` only: memory linear
+        cache = tlm.run_with_position_cache(model, tokens, pos)
+    ctx = make_context(model, cache, target, pos, convention=convention)
     logits = model_logits(model, cache, ctx.position)
     probs = torch.softmax(logits, -1)
     top = torch.topk(probs, 5)
