@@ -389,21 +389,26 @@ def check_finite(cache: Any, position: int, batch: int = 0) -> None:
     """Raise if any cached activation that can reach destination ``position`` of prompt ``batch`` is NaN or inf.
 
     Per-token hooks are checked at positions ``0..position`` (causal attention: later tokens cannot reach it);
-    attention patterns and scores at row ``position``. One pass over those entries, no copy.
+    attention patterns at row ``position`` (attention scores are skipped: their masked entries are ``-inf`` by
+    design). One pass over those entries, no copy.
 
     Raises:
         InvalidInputError: naming the hook, its layer and the first non-finite position.
     """
     keys = list(cache.keys()) if hasattr(cache, "keys") else []
-    n_pos = None
+    n_batch = n_pos = None
     if "blocks.0.hook_resid_pre" in keys:
-        n_pos = int(cache["blocks.0.hook_resid_pre"].shape[1])
+        n_batch, n_pos = (int(n) for n in cache["blocks.0.hook_resid_pre"].shape[:2])
     for name in keys:
         value = cache[name]
         if not isinstance(value, Tensor) or value.dim() < 2 or not value.is_floating_point():
             continue
+        if n_batch is not None and value.shape[0] != n_batch:  # not per prompt (e.g. shared rotary tables)
+            continue
+        if name.endswith("hook_attn_scores"):  # masked scores are -inf by design; the pattern is checked
+            continue
         v = value[batch]
-        if name.endswith(("hook_pattern", "hook_attn_scores")) and v.dim() == 3:
+        if name.endswith("hook_pattern") and v.dim() == 3:
             bad = ~torch.isfinite(v[:, position, : position + 1])  # [head, src]
             where = "source position {}".format(int(bad.any(0).nonzero()[0])) if bool(bad.any()) else ""
         elif n_pos is not None and v.shape[0] == n_pos:
