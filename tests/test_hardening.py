@@ -5,6 +5,7 @@ targets and padding sides. Tiny random models (tests/conftest.py) except where t
 from __future__ import annotations
 
 import functools
+import json
 import os
 
 import numpy as np
@@ -24,7 +25,7 @@ from tl_residual import scorers as S
 from tl_residual._io import atomic_write_text, check_writable
 from tl_residual.errors import InvalidInputError, MissingHookError, TLResidualError, UnsupportedArchitectureError
 from tl_residual.explain import explain
-from tl_residual.lens import resolve_target
+from tl_residual.lens import model_logits, resolve_target
 
 SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
 #: one HookedTransformer (TL3) or one bridge (TL4), Llama style (rotary, GQA) and GPT-2 style (learned positions)
@@ -271,7 +272,8 @@ def test_smollm2_left_padding_zeroes_the_same_subvalues(smollm2):
     for side in ("left", "right"):
         batch = I.tokenize_batch(smollm2, prompts, side)
         df = S.score_neurons_batch(smollm2, _batched_cache(smollm2, batch), top_k=2, kinds=("attn_subvalue",),
-                                   targets=[" Paris", None], offsets=batch.offsets.tolist(), n_top_tokens=0)
+                                   positions=batch.last_index.tolist(), targets=[" Paris", None],
+                                   offsets=batch.offsets.tolist(), n_top_tokens=0)
         top2 = df[df.prompt == 0]["name"].tolist()
         res = I.intervene(smollm2, prompts[0], top2, targets=" Paris").to_dataframe().iloc[0]
         probs[side] = (top2, res.prob_before, res.prob_after)
@@ -424,17 +426,20 @@ def test_library_errors_are_one_class():
 
 
 @pytest.mark.slow
-def test_cli_target_id_and_space_hint(smollm2, tmp_path):
-    paris = smollm2.tokenizer.encode(" Paris", add_special_tokens=False)[0]
+def test_cli_target_id_and_space_hint(paris, tmp_path):
+    smollm2, cache, _ = paris
+    paris_id = smollm2.tokenizer.encode(" Paris", add_special_tokens=False)[0]
     out = tmp_path / "e.json"
     out.write_text("old")
-    res = runner.invoke(cli.app, ["explain", "-p", "The capital of France is", "--target-id", str(paris), "-k", "2",
+    res = runner.invoke(cli.app, ["explain", "-p", "The capital of France is", "--target-id", str(paris_id), "-k", "2",
                                   "--json", str(out)])
     assert res.exit_code == 0, res.output
-    import json
-
     data = json.loads(out.read_text())
-    assert data["target_id"] == paris and abs(data["target_prob"] - 0.749) < 2e-3
+    assert data["target_id"] == paris_id and abs(data["target_prob"] - 0.749) < 2e-3
+    logits = model_logits(smollm2, cache, -1)
+    bare = smollm2.tokenizer.encode("Paris", add_special_tokens=False)
+    assert len(bare) == 1
     with pytest.warns(UserWarning, match=r"hint: target 'Paris'.*' Paris'"):
-        resolve_target(smollm2, "Paris", tlm.W_U(smollm2)[:, 0] * 0 + torch.nn.functional.one_hot(
-            torch.tensor(paris), tlm.W_U(smollm2).shape[1]).float() * 20)
+        assert resolve_target(smollm2, "Paris", logits) == bare[0]
+    res = runner.invoke(cli.app, ["ablate", "-p", "The capital of France is", "-n", "L24.N1005", "-t", "Paris"])
+    assert res.exit_code == 0 and "hint: target 'Paris'" in " ".join(res.output.split())
