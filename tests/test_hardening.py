@@ -383,7 +383,7 @@ runner = CliRunner()
 BAD_COMMANDS = [
     (["explain", "-p", "x", "--json", "/nonexistent-dir/a.json"], "/nonexistent-dir"),
     (["explain", "-p", "x", "--html", "/"], "is a folder"),
-    (["explain", "-p", "x", "--lens", "bogus"], "--lens 'bogus'"),
+    (["explain", "-p", "x", "--lens", "bogus"], "lens convention 'bogus'"),
     (["explain", "-p", "x", "--method", "bogus"], "unknown method 'bogus'"),
     (["explain", "-p", "x", "--top-k", "0"], "--top-k"),
     (["explain", "-p", "x", "--target", "a", "--target-id", "3"], "not both"),

@@ -105,8 +105,11 @@ def check_options(
 
         if method not in SCORERS:
             fail(f"unknown method {method!r}; choose one of: {', '.join(sorted(SCORERS))}")
-    if convention is not None and convention not in ("frozen", "recomputed", "none"):
-        fail(f"--lens {convention!r} is not one of frozen, recomputed, none")
+    if convention is not None:
+        from tl_residual.lens import CONVENTIONS
+
+        if convention not in CONVENTIONS:
+            fail(f"--lens: lens convention {convention!r} is not one of {', '.join(CONVENTIONS)}")
     if target is not None and target_id is not None:
         fail(f"give --target or --target-id, not both (got {target!r} and {target_id})")
     if target is not None and target == "":

@@ -471,9 +471,9 @@ def run_with_position_cache(
 ) -> PositionCache:
     """One forward pass caching only what scoring destination ``position`` needs (:class:`PositionCache`).
 
-    Memory: ``n_layers * n_pos * (3 d_model + 2 (d_model + 1) + d_model + n_kv_heads d_head + 2 d_model + d_mlp)``
-    floats for the per-token hooks (:func:`position_hooks`) plus ``n_layers * n_heads * n_pos`` for the pattern
-    rows; a full ``run_with_cache`` adds ``2 n_layers n_heads n_pos^2`` floats (patterns and scores), which
+    Memory: ``n_layers * n_pos * (7 d_model + 2 + n_heads d_head + n_kv_heads d_head + d_mlp)`` floats for the
+    per-token hooks (:func:`position_hooks`: three residual streams, two norm outputs and scales, attention and
+    FFN outputs, queries, values, FFN activations) plus ``n_layers * n_heads * n_pos`` for the pattern rows; a full ``run_with_cache`` adds ``2 n_layers n_heads n_pos^2`` floats (patterns and scores), which
     dominates long prompts (SmolLM2-135M, 2,048 tokens: 9 GB). Measured curve: docs/performance.md.
 
     Args:
