@@ -51,7 +51,11 @@ def child(mode: str, n_tokens: int) -> dict:
 
     from tl_residual import model as tlm
     from tl_residual.explain import explain
-    from tl_residual.scorers import make_context, score_attention_subvalues, score_ffn_neurons
+    from tl_residual.scorers import (
+        make_context,
+        score_attention_subvalues,
+        score_ffn_neurons,
+    )
 
     torch.set_grad_enabled(False)
     t0 = time.perf_counter()

@@ -11,19 +11,23 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import HAS_BRIDGE, HAS_HOOKED, _variant, run_cache
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from conftest import HAS_BRIDGE, HAS_HOOKED, _variant, run_cache
-from tl_residual import cli
+from tl_residual import cli, names
 from tl_residual import decompose as D
 from tl_residual import interventions as I
 from tl_residual import model as tlm
-from tl_residual import names
 from tl_residual import scorers as S
 from tl_residual._io import atomic_write_text, check_writable
-from tl_residual.errors import InvalidInputError, MissingHookError, TLResidualError, UnsupportedArchitectureError
+from tl_residual.errors import (
+    InvalidInputError,
+    MissingHookError,
+    TLResidualError,
+    UnsupportedArchitectureError,
+)
 from tl_residual.explain import explain
 from tl_residual.lens import model_logits, resolve_target
 
@@ -87,7 +91,7 @@ def test_names_malformed_strings_raise_invalid_input(ref, junk, data):
 # ----------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny_cache(i: int = 0):
     return run_cache(tiny(i))[1]
 
@@ -164,8 +168,8 @@ def test_non_finite_after_destination_is_harmless():
     assert ctx.position == 3
 
 
-@pytest.mark.parametrize("kwargs", [dict(mode="replace", value=float("nan")), dict(mode="scale", factor=float("inf")),
-                                    dict(mode="scale", factor=np.float32("nan"))])
+@pytest.mark.parametrize("kwargs", [{"mode": "replace", "value": float("nan")}, {"mode": "scale", "factor": float("inf")},
+                                    {"mode": "scale", "factor": np.float32("nan")}])
 def test_non_finite_intervention_values_raise(kwargs):
     with pytest.raises(InvalidInputError, match="finite"):
         I.intervene(tiny(), "t5 t6 t7", "L0.N1", **kwargs)
@@ -328,17 +332,16 @@ def test_opt_post_layer_norm_raises():
 
 @pytest.mark.skipif(not HAS_BRIDGE, reason="needs TransformerBridge")
 def test_real_opt_post_layer_norm_raises():
-    from transformers import OPTConfig, OPTForCausalLM
-    from transformer_lens.model_bridge import TransformerBridge
-
     from conftest import tiny_tokenizer
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import OPTConfig, OPTForCausalLM
 
     hf = OPTForCausalLM(OPTConfig(vocab_size=61, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
                                   num_attention_heads=2, max_position_embeddings=32, do_layer_norm_before=False,
                                   word_embed_proj_dim=16)).eval()
     try:
         bridge = TransformerBridge.boot_transformers("facebook/opt-125m", hf_model=hf, tokenizer=tiny_tokenizer())
-    except Exception as exc:  # pragma: no cover - needs the hub config offline
+    except Exception as exc:  # noqa: BLE001  # pragma: no cover - needs the hub config offline
         pytest.skip(f"cannot wrap a tiny OPT offline: {type(exc).__name__}")
     with pytest.raises(UnsupportedArchitectureError, match="do_layer_norm_before=False"):
         tlm.model_spec(bridge)

@@ -57,7 +57,7 @@ def atomic_write_text(path: str, text: str, encoding: str = "utf-8") -> None:
             os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:  # noqa: BLE001 - includes KeyboardInterrupt: never leave a temporary file behind
+    except BaseException:  # includes KeyboardInterrupt: never leave a temporary file behind
         try:
             os.unlink(tmp)
         except OSError:

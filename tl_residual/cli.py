@@ -184,7 +184,7 @@ def table(title: str, df: pd.DataFrame, columns: list[str], n: int | None = None
 def explain(
     prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt text."),
     target: Optional[str] = typer.Option(None, "--target", "-t", help="Target token (one token, e.g. ' Paris'); default: top-1."),
-    target_id: Optional[int] = typer.Option(None, "--target-id", help="Target as a token id (instead of --target)."),
+    target_id: int | None = typer.Option(None, "--target-id", help="Target as a token id (instead of --target)."),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model name; default: the embedded SmolLM2-135M."),
     position: int = typer.Option(-1, "--position", help="Destination position (default -1, the last token)."),
     top_k: int = typer.Option(20, "--top-k", "-k", help="Rows in the subvalue and neuron tables."),
@@ -313,7 +313,7 @@ def ablate(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model name; default: the embedded SmolLM2-135M."),
     target: Optional[str] = typer.Option(None, "--target", "-t", help="Target token (one token, e.g. ' Paris'); "
                                          "default: the top-1 before the intervention."),
-    target_id: Optional[int] = typer.Option(None, "--target-id", help="Target as a token id (instead of --target)."),
+    target_id: int | None = typer.Option(None, "--target-id", help="Target as a token id (instead of --target)."),
     mode: str = typer.Option("zero", "--mode", help="zero (default), scale (needs --factor) or replace (needs --value)."),
     factor: Optional[float] = typer.Option(None, "--factor", help="Multiplier for --mode scale."),
     value: Optional[float] = typer.Option(None, "--value", help="New coefficient for --mode replace."),

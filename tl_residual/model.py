@@ -410,10 +410,10 @@ def check_finite(cache: Any, position: int, batch: int = 0) -> None:
         v = value[batch]
         if name.endswith("hook_pattern") and v.dim() == 3:
             bad = ~torch.isfinite(v[:, position, : position + 1])  # [head, src]
-            where = "source position {}".format(int(bad.any(0).nonzero()[0])) if bool(bad.any()) else ""
+            where = f"source position {int(bad.any(0).nonzero()[0])}" if bool(bad.any()) else ""
         elif n_pos is not None and v.shape[0] == n_pos:
             bad = ~torch.isfinite(v[: position + 1].reshape(position + 1, -1))
-            where = "position {}".format(int(bad.any(1).nonzero()[0])) if bool(bad.any()) else ""
+            where = f"position {int(bad.any(1).nonzero()[0])}" if bool(bad.any()) else ""
         else:
             bad = ~torch.isfinite(v)
             where = "some entry" if bool(bad.any()) else ""
