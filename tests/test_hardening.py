@@ -308,6 +308,20 @@ def test_explain_position_cache_gives_the_full_cache_numbers():
         D.attention_parts(model, cache, 0, 1)
 
 
+def test_explain_streamed_subvalue_search_is_the_one_shot_top_k(monkeypatch):
+    import sys
+
+    E = sys.modules["tl_residual.explain"]  # the module (the package exports the function under the same name)
+    model = tiny()
+    prompt = "t5 t17 t33 t8 t42 t9 t23"
+    one_shot = explain(model, prompt, top_k=7).attention_subvalues
+    monkeypatch.setattr(E, "STREAM_BYTES", 0)  # force the layer-by-layer search
+    streamed = explain(model, prompt, top_k=7).attention_subvalues
+    assert streamed["name"].tolist() == one_shot["name"].tolist()
+    # float32 rounding of different matmul batches
+    np.testing.assert_allclose(streamed["score"].values, one_shot["score"].values, rtol=1e-5, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------
 # Models the decomposition cannot read
 # ----------------------------------------------------------------------------------------------

@@ -115,6 +115,29 @@ class Explanation:
         return "\n".join(parts)
 
 
+#: Above this many bytes of subvalue directions (``n_layers * n_heads * (position + 1) * d_model`` floats), the
+#: subvalue top-k is searched one layer at a time and merged: the same exact top-k, peak memory one layer's parts.
+STREAM_BYTES = 256 * 2**20
+
+
+def _top_subvalues(ctx: Any, method: str, top_k: int) -> pd.DataFrame:
+    """The exact top-k subvalues of all layers; for long prompts layer by layer (one layer's directions in memory,
+    ``n_heads * (position + 1) * d_model`` floats), merged. The global top-k is contained in the union of the
+    per-layer top-ks; a stable sort in layer order keeps the tie-breaking of the one-shot search."""
+    spec = tlm.model_spec(ctx.model)
+    size = 4 * spec.n_layers * spec.n_heads * (ctx.position + 1) * spec.d_model
+    if size <= STREAM_BYTES:
+        return score_attention_subvalues(ctx, method, top_k)
+    frames = [score_attention_subvalues(ctx, method, top_k, layers=[layer]) for layer in range(spec.n_layers)]
+    df = pd.concat(frames, ignore_index=True).sort_values("score", ascending=False, kind="stable")
+    df = df.head(top_k).reset_index(drop=True)
+    df.attrs.update(frames[0].attrs)
+    for key in ("n_scored", "n_candidates"):
+        if all(key in f.attrs for f in frames):
+            df.attrs[key] = sum(int(f.attrs[key]) for f in frames)
+    return df
+
+
 def explain(
     model: Any,
     prompt: str,
@@ -139,7 +162,8 @@ def explain(
 
     Memory: one forward pass caching only the hooks position ``position`` needs, with the attention pattern's
     row ``position`` only (:func:`tl_residual.model.run_with_position_cache`): linear in the prompt length
-    (SmolLM2-135M, 2,048 tokens: about 2.5 GB peak resident memory, docs/performance.md). ``extra["cache"]`` is
+    and the subvalue search streams one layer at a time for long prompts (:data:`STREAM_BYTES`); SmolLM2-135M,
+    2,048 tokens: see the measured peak in docs/performance.md. ``extra["cache"]`` is
     that :class:`~tl_residual.model.PositionCache`: reading it at another destination position raises
     :class:`~tl_residual.errors.MissingHookError`. With registered sources every hook is cached.
 
@@ -177,7 +201,7 @@ def explain(
         method=method,
         convention=convention,
         layers=score_layers(ctx).sort_values("score", ascending=False, kind="stable").reset_index(drop=True),
-        attention_subvalues=score_attention_subvalues(ctx, method, top_k),
+        attention_subvalues=_top_subvalues(ctx, method, top_k),
         ffn_neurons=score_ffn_neurons(ctx, method, top_k),
     )
     explanation.extra["cache"] = cache
