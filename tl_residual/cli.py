@@ -7,9 +7,13 @@ top vocabulary tokens. Bad input prints ``error: ...`` and exits with status 2, 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import sys
+import warnings
+from collections.abc import Iterator
 from typing import Any, Optional
 
 import pandas as pd
@@ -23,6 +27,7 @@ from tl_residual.errors import TLResidualError
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    rich_markup_mode=None,  # click's help layout: flags shown as flags (--flag / --no-flag), never as "<bool>"
     help="Which parts of a TransformerLens model produced this next token? Exact residual-stream attribution.",
 )
 console = Console()
@@ -62,13 +67,97 @@ def load(model_name: str) -> Any:
 
 
 def write_json(path: str, obj: Any) -> None:
-    """Write ``obj`` as indented UTF-8 JSON to ``path`` (the ``--json`` option), failing cleanly on an I/O error."""
+    """Write ``obj`` as indented UTF-8 JSON to ``path`` (the ``--json`` option) atomically (temporary file and
+    rename: a failed write leaves the previous file intact), failing cleanly on an I/O error."""
+    from tl_residual._io import atomic_write_text
+
     try:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-    except OSError as exc:
+        text = json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False)
+        atomic_write_text(path, text)
+    except (OSError, ValueError) as exc:
         fail(f"cannot write --json {path!r}: {exc}")
     console.print(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation before the model loads (a bad option costs no model load)
+# ----------------------------------------------------------------------------------------------
+
+
+def check_options(
+    prompt: str | None = None,
+    top_k: int | None = None,
+    paths: dict[str, str | None] | None = None,
+    method: str | None = None,
+    convention: str | None = None,
+    target: str | None = None,
+    target_id: int | None = None,
+) -> None:
+    """Validate the options every command shares; :func:`fail` (exit 2) on the first bad one."""
+    from tl_residual._io import check_writable
+
+    if prompt is not None and not prompt.strip():
+        fail("the prompt is empty: give some text, e.g. --prompt 'The capital of France is'")
+    if top_k is not None and top_k < 1:
+        fail(f"--top-k must be a positive integer, got {top_k}")
+    if method is not None:
+        from tl_residual.scorers import SCORERS
+
+        if method not in SCORERS:
+            fail(f"unknown method {method!r}; choose one of: {', '.join(sorted(SCORERS))}")
+    if convention is not None:
+        from tl_residual.lens import CONVENTIONS
+
+        if convention not in CONVENTIONS:
+            fail(f"--lens: lens convention {convention!r} is not one of {', '.join(CONVENTIONS)}")
+    if target is not None and target_id is not None:
+        fail(f"give --target or --target-id, not both (got {target!r} and {target_id})")
+    if target is not None and target == "":
+        fail("--target is empty: give one token, e.g. --target ' Paris', or a token id with --target-id")
+    if target_id is not None and target_id < 0:
+        fail(f"--target-id must be a non-negative token id, got {target_id}")
+    for option, path in (paths or {}).items():
+        if path is not None:
+            try:
+                check_writable(path, option)
+            except TLResidualError as exc:
+                fail(str(exc))
+
+
+def check_names(text: str, option: str, kinds: tuple[str, ...] | None = None) -> list[str]:
+    """Parse the comma-separated component names of ``option`` (syntax and kind; ranges need the model)."""
+    from tl_residual import names
+
+    items = [n.strip() for n in text.split(",") if n.strip()]
+    if not items:
+        fail(f"{option} is empty: name at least one component, e.g. {option} L24.N1005")
+    for item in items:
+        try:
+            ref = names.parse(item)
+        except TLResidualError as exc:
+            fail(f"{option}: {exc}")
+        if kinds is not None and ref.kind not in kinds:
+            fail(f"{option}: {item!r} is of kind {ref.kind}; this command takes {' or '.join(kinds)}")
+    return items
+
+
+def check_number(value: float | None, option: str) -> None:
+    """Refuse a NaN or infinite ``--factor`` / ``--value``."""
+    if value is not None and not math.isfinite(value):
+        fail(f"{option} must be a finite number, got {value}")
+
+
+@contextlib.contextmanager
+def hints() -> Iterator[None]:
+    """Print the library's warnings (e.g. a target without its leading space) as ``hint: ...`` on stderr."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            yield
+        finally:
+            for w in caught:
+                if issubclass(w.category, UserWarning) and str(w.message).startswith("hint:"):
+                    err_console.print(f"[yellow]{w.message}[/yellow]", highlight=False)
 
 
 #: Columns a table may drop, in this order, when the terminal is too narrow (the name already encodes them).
@@ -190,6 +279,7 @@ def explain(
                                                "Lines with \"prompt\" and an optional \"target\"; all explained "
                                                "with one model load."),
     target: Optional[str] = typer.Option(None, "--target", "-t", help="Target token (one token, e.g. ' Paris'); default: top-1."),
+    target_id: int | None = typer.Option(None, "--target-id", help="Target as a token id (instead of --target)."),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model name; default: the embedded SmolLM2-135M."),
     position: int = typer.Option(-1, "--position", help="Destination position (default -1, the last token)."),
     top_k: int = typer.Option(20, "--top-k", "-k", help="Rows in the layer, subvalue and neuron tables."),
@@ -208,14 +298,7 @@ def explain(
 
     if (prompt is None) == (prompts_file is None):
         fail("give exactly one of --prompt TEXT or --prompts FILE")
-    if prompt is not None and not prompt.strip():
-        fail("the prompt is empty: give some text, e.g. --prompt 'The capital of France is'")
-    if top_k < 1:
-        fail(f"--top-k must be a positive integer, got {top_k}")
-    from tl_residual.scorers import SCORERS
-
-    if method not in SCORERS:
-        fail(f"unknown method {method!r}; choose one of: {', '.join(sorted(SCORERS))}")
+    check_options(prompt, top_k, {"--json": json_path, "--html": html_path}, method, convention, target, target_id)
     layers = _parse_layers(graph_layers)
     if layers is not None and not html_path:
         fail("--graph-layers applies to the --html report: add --html report.html")
@@ -231,8 +314,8 @@ def explain(
         if len(jobs) > 1:
             console.rule(f"prompt {i}/{len(jobs)}")
         try:
-            with console.status("running and attributing ..."):
-                result = run_explain(m, text, target=tgt, position=position, top_k=top_k, method=method,
+            with console.status("running and attributing ..."), hints():
+                result = run_explain(m, text, target=tgt if target_id is None else target_id, position=position, top_k=top_k, method=method,
                                      convention=convention, model_name=model)  # type: ignore[arg-type]
         except TLResidualError as exc:
             fail(str(exc) if len(jobs) == 1 else f"prompt {i} ({text!r}): {exc}")
@@ -302,15 +385,16 @@ def query(
     scale and centring folded in (residual-stream paper Eq. 20-23); the contributions plus the key bias B sum to
     the cached pre-activation (gate and up separately for gated MLPs).
     """
+    from tl_residual.model import to_tokens
     from tl_residual.query import parse_neuron, split_neuron, top_query_parts
 
-    if not prompt.strip():
-        fail("the prompt is empty: give some text, e.g. --prompt 'The capital of France is'")
-    if top_k < 1:
-        fail(f"--top-k must be a positive integer, got {top_k}")
+    check_options(prompt, top_k, {"--json": json_path})
+    if "," in neuron:
+        fail(f"--neuron takes one neuron, got {neuron!r}")
+    check_names(neuron, "--neuron", ("ffn_neuron", "attn_neuron"))
     m = load(model)
     try:
-        tokens = m.to_tokens(prompt)
+        tokens = to_tokens(m, prompt)
         parse_neuron(m, neuron, int(tokens.shape[1]))  # a bad name fails before the forward pass
         with console.status("running and splitting ..."):
             import torch
@@ -392,6 +476,7 @@ def ablate(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model name; default: the embedded SmolLM2-135M."),
     target: Optional[str] = typer.Option(None, "--target", "-t", help="Target token (one token, e.g. ' Paris'); "
                                          "default: the top-1 before the intervention."),
+    target_id: int | None = typer.Option(None, "--target-id", help="Target as a token id (instead of --target)."),
     mode: str = typer.Option("zero", "--mode", help="zero (default), scale (needs --factor) or replace (needs --value)."),
     factor: Optional[float] = typer.Option(None, "--factor", help="Multiplier for --mode scale."),
     value: Optional[float] = typer.Option(None, "--value", help="New coefficient for --mode replace."),
@@ -403,10 +488,10 @@ def ablate(
     """
     from tl_residual.interventions import MODES, intervene
 
-    if not prompt.strip():
-        fail("the prompt is empty: give some text, e.g. --prompt 'The capital of France is'")
-    if not [n for n in neurons.split(",") if n.strip()]:
-        fail("--neurons is empty: name at least one component, e.g. --neurons L24.N1005,L27.N1392")
+    check_options(prompt, None, {"--json": json_path}, target=target, target_id=target_id)
+    check_names(neurons, "--neurons", ("ffn_neuron", "attn_neuron", "attn_subvalue", "head_dim", "head"))
+    check_number(factor, "--factor")
+    check_number(value, "--value")
     if mode not in MODES:
         fail(f"--mode {mode!r} is not one of {', '.join(MODES)}")
     if mode == "scale" and factor is None:
@@ -419,8 +504,9 @@ def ablate(
         fail(f"--value only applies to --mode replace (got --mode {mode})")
     m = load(model)
     try:
-        with console.status("running with and without the intervention ..."):
-            result = intervene(m, prompt, neurons, target, mode=mode, factor=factor, value=value)  # type: ignore[arg-type]
+        with console.status("running with and without the intervention ..."), hints():
+            result = intervene(m, prompt, neurons, target if target_id is None else target_id, mode=mode,
+                               factor=factor, value=value)  # type: ignore[arg-type]
     except TLResidualError as exc:
         fail(str(exc))
     row = result.to_dataframe().iloc[0]
@@ -610,9 +696,15 @@ def study_report(
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: bad input exits with status 2 and one ``error:`` line, never a traceback
+    (click's own usage errors are status 2 too). Ctrl-C stops with click's "Aborted!" (status 1); result files
+    are written atomically, so an interrupted write leaves the previous file intact."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    app(prog_name="tl-residual")
+    try:
+        app(prog_name="tl-residual")
+    except TLResidualError as exc:  # raised outside a command's own try (e.g. while printing a result)
+        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -328,6 +328,7 @@ def embedding_parts(model: Any, cache: Any, position: int, batch: int = 0) -> li
             (e.g. an embedding multiplier applied outside the hooks).
     """
     spec = tlm.model_spec(model)
+    position = resolve_position(position, n_positions(cache))
     parts = [_single("embed", None, "embed", tlm.cached(cache, "hook_embed", batch)[position])]
     if spec.learned_pos:
         parts.append(_single("pos_embed", None, "pos_embed", tlm.cached(cache, "hook_pos_embed", batch)[position]))
@@ -355,6 +356,8 @@ def pattern_and_values(
         UnsupportedArchitectureError: ``hook_v`` has neither ``n_heads`` nor ``n_key_value_heads`` heads.
     """
     spec = tlm.model_spec(model)
+    position = resolve_position(position, n_positions(cache))
+    tlm.check_pattern_position(cache, position)
     pattern = tlm.cached(cache, f"blocks.{layer}.attn.hook_pattern", batch)[:, position, : position + 1]
     v = tlm.cached(cache, f"blocks.{layer}.attn.hook_v", batch)[: position + 1]  # [src, kv_heads, d_head]
     if v.shape[1] not in (spec.n_heads, spec.n_kv_heads):
@@ -378,6 +381,7 @@ def attention_parts(
         ``index = {"head", "src_pos"}``; ``bias`` is the single part ``b_O``.
     """
     spec = tlm.model_spec(model)
+    position = resolve_position(position, n_positions(cache))
     pattern, v = pattern_and_values(model, cache, layer, position, batch)
     w_o = tlm.W_O(model, layer)
     directions = einops.einsum(v, w_o, "src head d_head, head d_head d_model -> head src d_model")
@@ -424,7 +428,7 @@ def ffn_parts(model: Any, cache: Any, layer: int, position: int, batch: int = 0)
     """
     if tlm.is_moe_layer(model, layer):
         raise UnsupportedArchitectureError(f"layer {layer}'s FFN is a mixture of experts: use mlp_parts / expert_parts")
-    m = tlm.cached(cache, f"blocks.{layer}.mlp.hook_post", batch)[position]
+    m = tlm.cached(cache, f"blocks.{layer}.mlp.hook_post", batch)[resolve_position(position, n_positions(cache))]
     neurons = torch.arange(m.shape[0])
     group = PartGroup(
         "ffn_neuron",

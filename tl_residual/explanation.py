@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from tl_residual import model as tlm
-from tl_residual.decompose import reconstruction_error
+from tl_residual.decompose import SOURCES, reconstruction_error, resolve_position
 from tl_residual.errors import InvalidInputError
 from tl_residual.lens import Convention, model_logits
 from tl_residual.scorers import DEFAULT_TOP_K, make_context, score, score_layers
@@ -117,6 +117,29 @@ class Explanation:
         return "\n".join(parts)
 
 
+#: Above this many bytes of subvalue directions (``n_layers * n_heads * (position + 1) * d_model`` floats), the
+#: subvalue top-k is searched one layer at a time and merged: the same exact top-k, peak memory one layer's parts.
+STREAM_BYTES = 256 * 2**20
+
+
+def _top_subvalues(ctx: Any, method: str, top_k: int) -> pd.DataFrame:
+    """The exact top-k subvalues of all layers; for long prompts layer by layer (one layer's directions in memory,
+    ``n_heads * (position + 1) * d_model`` floats), merged. The global top-k is contained in the union of the
+    per-layer top-ks; a stable sort in layer order keeps the tie-breaking of the one-shot search."""
+    spec = tlm.model_spec(ctx.model)
+    size = 4 * spec.n_layers * spec.n_heads * (ctx.position + 1) * spec.d_model
+    if size <= STREAM_BYTES:
+        return score(ctx, "attn_subvalue", method, top_k)
+    frames = [score(ctx, "attn_subvalue", method, top_k, layers=[layer]) for layer in range(spec.n_layers)]
+    df = pd.concat(frames, ignore_index=True).sort_values("score", ascending=False, kind="stable")
+    df = df.head(top_k).reset_index(drop=True)
+    df.attrs.update(frames[0].attrs)
+    for key in ("n_scored", "n_candidates"):
+        if all(key in f.attrs for f in frames):
+            df.attrs[key] = sum(int(f.attrs[key]) for f in frames)
+    return df
+
+
 def explain(
     model: Any,
     prompt: str,
@@ -139,21 +162,31 @@ def explain(
         convention: lens convention (``frozen``, ``recomputed``, ``none``).
         model_name: label for the output (default ``model.cfg.model_name``).
 
+    Memory: one forward pass caching only the hooks position ``position`` needs, with the attention pattern's
+    row ``position`` only (:func:`tl_residual.model.run_with_position_cache`): linear in the prompt length
+    and the subvalue search streams one layer at a time for long prompts (:data:`STREAM_BYTES`); SmolLM2-135M,
+    2,048 tokens: see the measured peak in docs/performance.md. ``extra["cache"]`` is
+    that :class:`~tl_residual.model.PositionCache`: reading it at another destination position raises
+    :class:`~tl_residual.errors.MissingHookError`. With registered sources every hook is cached.
+
     Raises:
-        InvalidInputError: empty prompt, a target that is not one token, a position out of range, bad top_k.
+        InvalidInputError: empty prompt, a prompt longer than the model's ``n_ctx``, a target that is not one
+            token (or unknown to the tokenizer), a position out of range, bad top_k, a non-finite activation.
     """
     if not isinstance(prompt, str) or not prompt.strip():
         raise InvalidInputError("the prompt is empty: give some text, e.g. 'The capital of France is'")
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
         raise InvalidInputError(f"top_k must be a positive integer, got {top_k!r}")
     tlm.model_spec(model)
-    with torch.no_grad():
-        tokens = model.to_tokens(prompt)
-        _, cache = model.run_with_cache(tokens)
-    token_texts = (
-        [model.tokenizer.decode([t]) for t in tokens[0].tolist()] if getattr(model, "tokenizer", None) else None
-    )
-    ctx = make_context(model, cache, target, position, convention=convention, tokens=token_texts)
+    tokens = tlm.to_tokens(model, prompt)
+    pos = resolve_position(position, int(tokens.shape[-1]))
+    if SOURCES:  # a registered source may read any hook: cache them all (memory quadratic in the prompt length)
+        with torch.no_grad():
+            _, cache = model.run_with_cache(tokens)
+    else:  # only the hooks position `pos` needs, the attention pattern's row `pos` only: memory linear
+        cache = tlm.run_with_position_cache(model, tokens, pos)
+    token_texts = [model.tokenizer.decode([t]) for t in tokens[0].tolist()] if getattr(model, "tokenizer", None) else None
+    ctx = make_context(model, cache, target, pos, convention=convention, tokens=token_texts)
     logits = model_logits(model, cache, ctx.position)
     probs = torch.softmax(logits, -1)
     top = torch.topk(probs, 5)
@@ -171,7 +204,7 @@ def explain(
         method=method,
         convention=convention,
         layers=score_layers(ctx, method),
-        attention_subvalues=score(ctx, "attn_subvalue", method, top_k),
+        attention_subvalues=_top_subvalues(ctx, method, top_k),
         ffn_neurons=score(ctx, "ffn_neuron", method, top_k),
         cache=cache,
     )

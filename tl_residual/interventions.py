@@ -44,6 +44,8 @@ scored position is each prompt's last real token.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -223,10 +225,13 @@ class PromptBatch:
 
 
 def tokenize_batch(model: Any, prompts: Sequence[str], padding_side: PaddingSide = "right") -> PromptBatch:
-    """Tokenize each prompt with ``model.to_tokens`` (so BOS handling is the model's own) and pad them.
+    """Tokenize each prompt with :func:`tl_residual.model.to_tokens` (the model's own BOS handling, never
+    truncated) and pad them. ``offsets`` (non-zero under left padding) map prompt positions to cache columns:
+    pass them to :func:`tl_residual.scorers.score_neurons_batch` so its names use prompt positions.
 
     Raises:
-        InvalidInputError: no prompts, an empty prompt, or an unknown ``padding_side``.
+        InvalidInputError: no prompts, an empty prompt, a prompt longer than the model's ``n_ctx``, or an unknown
+            ``padding_side``.
     """
     if padding_side not in ("left", "right"):
         raise InvalidInputError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
@@ -235,11 +240,7 @@ def tokenize_batch(model: Any, prompts: Sequence[str], padding_side: PaddingSide
     prompts = list(prompts)
     if not prompts:
         raise InvalidInputError("no prompts given")
-    seqs = []
-    for p in prompts:
-        if not isinstance(p, str) or not p.strip():
-            raise InvalidInputError(f"prompt {p!r} is empty: give some text")
-        seqs.append(model.to_tokens(p)[0].cpu())
+    seqs = [tlm.to_tokens(model, p)[0].cpu() for p in prompts]  # refuses empty prompts and prompts over n_ctx
     lengths = torch.tensor([len(s) for s in seqs])
     width = int(lengths.max())
     tok = getattr(model, "tokenizer", None)
@@ -297,6 +298,10 @@ def target_metrics(
 def _check_mode(mode: str, factor: float | None, value: float | None) -> tuple[float, float | None]:
     if mode not in MODES:
         raise InvalidInputError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    for label, given in (("factor", factor), ("value", value)):
+        if given is not None and (isinstance(given, bool) or not isinstance(given, numbers.Real)
+                                  or not math.isfinite(float(given))):
+            raise InvalidInputError(f"{label} must be a finite number, got {given!r} (mode {mode!r})")
     if mode == "zero":
         if value is not None or factor not in (None, 0, 0.0):
             raise InvalidInputError("mode 'zero' takes no factor or value (use mode='scale' with a factor)")

@@ -23,9 +23,12 @@ The bs-value tables (``bs_values``, ``bs_minus_layers``, ``bs_minus_parts``, ``b
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -168,26 +171,44 @@ def model_logits(model: Any, cache: Any, position: int = -1, batch: int = 0) -> 
     return lens.logits(resid)
 
 
-def resolve_target(model: Any, target: int | str | None, logits: Float[Tensor, " d_vocab"] | None = None) -> int:
+def resolve_target(model: Any, target: Any, logits: Float[Tensor, " d_vocab"] | None = None) -> int:
     """A target token id from an id, a one-token string, or ``None`` (the top-1 of ``logits``).
 
+    Ids may be a Python ``int``, a NumPy integer or a 0-d (or one-element) integer tensor. With ``logits``, a
+    string without a leading space whose spaced form (``"Paris"`` vs ``" Paris"``) is at least 10x more likely
+    gets a hint (a ``UserWarning``): most words inside a sentence are the spaced tokens.
+
     Raises:
-        InvalidInputError: a string that is not exactly one token (the message lists its tokens), an id out of
-            range, or ``None`` without logits.
+        InvalidInputError: a string that is not exactly one token (the message lists its tokens), a word the
+            tokenizer does not know (it would become the unknown token), an id out of range, a non-integer id
+            (a float, a bool), or ``None`` without logits.
     """
     d_vocab = int(getattr(model.cfg, "d_vocab_out", None) or model.cfg.d_vocab)
     if target is None:
         if logits is None:
             raise InvalidInputError("no target given and no logits to take the top-1 prediction from")
+        if not bool(torch.isfinite(logits).all()):
+            raise InvalidInputError("the model's logits are not finite (nan/inf): no top-1 prediction to explain")
         return int(logits.argmax())
-    if isinstance(target, bool):
+    if isinstance(target, Tensor):
+        if target.numel() != 1 or target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            raise InvalidInputError(
+                f"a target tensor must hold one integer token id, got shape {tuple(target.shape)} {target.dtype}"
+            )
+        target = int(target.item())
+    if isinstance(target, (bool, np.bool_)):
         raise InvalidInputError(f"target must be a token id or a string, got {target!r}")
+    if isinstance(target, np.integer):
+        target = int(target)
     if isinstance(target, int):
         if not 0 <= target < d_vocab:
             raise InvalidInputError(f"target token id {target} is out of range (0..{d_vocab - 1})")
         return target
     if not isinstance(target, str) or target == "":
-        raise InvalidInputError(f"target must be a non-empty string or a token id, got {target!r}")
+        raise InvalidInputError(
+            f"target must be a non-empty string or an integer token id (int, NumPy integer, 0-d tensor), got "
+            f"{target!r} of type {type(target).__name__}"
+        )
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise InvalidInputError("the model has no tokenizer: give the target as a token id")
@@ -198,6 +219,25 @@ def resolve_target(model: Any, target: int | str | None, logits: Float[Tensor, "
             f"target {target!r} is {len(ids)} tokens {pieces!r}, not one; give a single token "
             f"(mind the leading space, e.g. ' Paris') or a token id"
         )
+    unk_id, unk = getattr(tokenizer, "unk_token_id", None), getattr(tokenizer, "unk_token", None)
+    if unk_id is not None and int(ids[0]) == int(unk_id) and target != unk:
+        raise InvalidInputError(
+            f"target {target!r} is not in the vocabulary: the tokenizer maps it to the unknown token {unk!r} "
+            f"(id {unk_id}); give a word the tokenizer knows or a token id"
+        )
+    if logits is not None and not target.startswith((" ", "\u0120")):
+        spaced = tokenizer.encode(" " + target, add_special_tokens=False)
+        if len(spaced) == 1 and int(spaced[0]) != int(ids[0]):
+            logp = torch.log_softmax(logits.float(), -1)
+            gap = float(logp[int(spaced[0])] - logp[int(ids[0])])
+            if gap > math.log(10.0):
+                warnings.warn(
+                    f"hint: target {target!r} (id {int(ids[0])}) has no leading space; ' {target}' (id "
+                    f"{int(spaced[0])}) is {math.exp(min(gap, 700.0)):.3g}x more likely here. Inside a sentence "
+                    f"words are usually the spaced tokens: use target=' {target}'",
+                    UserWarning,
+                    stacklevel=2,
+                )
     return int(ids[0])
 
 

@@ -22,7 +22,7 @@ from functools import lru_cache
 from typing import Any, Literal
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_residual.errors import InvalidInputError, MissingHookError, UnsupportedArchitectureError
@@ -100,7 +100,11 @@ def model_spec(model: Any) -> ModelSpec:
         raise UnsupportedArchitectureError(
             f"expected a TransformerLens HookedTransformer or TransformerBridge, got {type(model).__name__}"
         )
+    _check_weights_loaded(model)
     problems = []
+    if _cfg(model, "do_layer_norm_before", None) is False or _hf_config(model, "do_layer_norm_before") is False:
+        problems.append("OPT with do_layer_norm_before=False (norms after each sublayer, e.g. opt-350m): the "
+                        "residual stream is normalised between sublayers, so its parts do not add up")
     if _cfg(model, "parallel_attn_mlp", False):
         problems.append("parallel attention+MLP (parallel_attn_mlp=True): the MLP reads resid_pre, not resid_mid")
     moe = _moe_facts(model, problems) if _cfg(model, "num_experts") else {}
@@ -150,6 +154,55 @@ def model_spec(model: Any) -> ModelSpec:
         norm_weight_offset=bool(_cfg(model, "rmsnorm_uses_offset", False)),
         **moe,
     )
+
+
+def _hf_config(model: Any, name: str) -> Any:
+    """``name`` of the wrapped Hugging Face config (a ``TransformerBridge``'s ``original_model``), or None."""
+    config = getattr(getattr(model, "original_model", None), "config", None)
+    return getattr(config, name, None) if config is not None else None
+
+
+def _check_weights_loaded(model: Any) -> None:
+    """Refuse a model whose weights are on the ``meta`` device (built without weights, e.g. ``init_empty_weights``).
+
+    Raises:
+        InvalidInputError: a parameter is on the ``meta`` device.
+    """
+    params = getattr(model, "parameters", None)
+    first = next(iter(params()), None) if callable(params) else None
+    if first is not None and first.device.type == "meta":
+        raise InvalidInputError(
+            "the model's weights are on the 'meta' device (created without weights, e.g. under "
+            "accelerate.init_empty_weights or device_map='meta'); load real weights, e.g. model.to('cpu') after "
+            "loading a checkpoint, before decomposing"
+        )
+
+
+def n_ctx(model: Any) -> int | None:
+    """The model's context length ``cfg.n_ctx`` (tokens), or ``None`` where the config does not say."""
+    value = _cfg(model, "n_ctx", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def to_tokens(model: Any, prompt: str) -> Int[Tensor, "1 pos"]:
+    """Tokenize one prompt with the model's own ``to_tokens`` (its BOS handling), never truncating.
+
+    The one place prompts are tokenized (``explain``, :func:`tl_residual.interventions.tokenize_batch`, the CLI).
+
+    Raises:
+        InvalidInputError: an empty prompt, or one longer than the model's context ``n_ctx`` (the message gives
+            both lengths; the prompt is never cut silently).
+    """
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InvalidInputError(f"the prompt {prompt!r} is empty: give some text, e.g. 'The capital of France is'")
+    tokens = model.to_tokens(prompt, truncate=False)
+    limit = n_ctx(model)
+    if limit is not None and tokens.shape[-1] > limit:
+        raise InvalidInputError(
+            f"the prompt is {tokens.shape[-1]} tokens long (BOS included) but the model's context is n_ctx={limit} "
+            f"tokens; shorten it (tl-residual never truncates a prompt silently)"
+        )
+    return tokens
 
 
 def _maybe(obj: Any, name: str) -> Tensor | None:
@@ -580,6 +633,132 @@ def cached(cache: Any, name: str, batch: int | None = 0) -> Tensor:
             raise InvalidInputError(f"batch index {batch} is out of range: the cache holds {value.shape[0]} prompts")
         value = value[batch]
     return value.detach().float()
+
+
+def has_hook(cache: Any, name: str) -> bool:
+    """Whether ``name`` is in the cache."""
+    try:
+        cache[name]
+    except KeyError:
+        return False
+    return True
+
+
+def check_finite(cache: Any, position: int, batch: int = 0) -> None:
+    """Raise if any cached activation that can reach destination ``position`` of prompt ``batch`` is NaN or inf.
+
+    Per-token hooks are checked at positions ``0..position`` (causal attention: later tokens cannot reach it);
+    attention patterns at row ``position`` (attention scores are skipped: their masked entries are ``-inf`` by
+    design). One pass over those entries, no copy.
+
+    Raises:
+        InvalidInputError: naming the hook, its layer and the first non-finite position.
+    """
+    keys = list(cache.keys()) if hasattr(cache, "keys") else []
+    n_batch = n_pos = None
+    if "blocks.0.hook_resid_pre" in keys:
+        n_batch, n_pos = (int(n) for n in cache["blocks.0.hook_resid_pre"].shape[:2])
+    for name in keys:
+        value = cache[name]
+        if not isinstance(value, Tensor) or value.dim() < 2 or not value.is_floating_point():
+            continue
+        if n_batch is not None and value.shape[0] != n_batch:  # not per prompt (e.g. shared rotary tables)
+            continue
+        if name.endswith("hook_attn_scores"):  # masked scores are -inf by design; the pattern is checked
+            continue
+        v = value[batch]
+        if name.endswith("hook_pattern") and v.dim() == 3:
+            bad = ~torch.isfinite(v[:, position, : position + 1])  # [head, src]
+            where = f"source position {int(bad.any(0).nonzero()[0])}" if bool(bad.any()) else ""
+        elif n_pos is not None and v.shape[0] == n_pos:
+            bad = ~torch.isfinite(v[: position + 1].reshape(position + 1, -1))
+            where = f"position {int(bad.any(1).nonzero()[0])}" if bool(bad.any()) else ""
+        else:
+            bad = ~torch.isfinite(v)
+            where = "some entry" if bool(bad.any()) else ""
+        if where:
+            layer = name.split(".")[1] if name.startswith("blocks.") else "none (embedding or final norm)"
+            kind = "nan" if bool(torch.isnan(v).any()) else "inf"
+            raise InvalidInputError(
+                f"the cached activation {name} (layer {layer}) is not finite ({kind}) at {where} of prompt {batch}, "
+                f"which reaches destination position {position}; scores and parts would be meaningless. Check the "
+                f"model's weights and dtype (float16 overflows) or the hooks that produced the cache"
+            )
+
+
+class PositionCache(dict):  # type: ignore[type-arg]
+    """An activation cache for ONE destination position: hook name -> ``[batch, pos, ...]`` tensor, like an
+    ``ActivationCache``, except that ``attn.hook_pattern`` holds only row ``position`` (repeated by a zero-stride
+    view, no memory): reading the pattern at any other destination raises :class:`MissingHookError`.
+
+    Attributes:
+        position: the destination position (non-negative) the pattern rows belong to.
+    """
+
+    def __init__(self, position: int) -> None:
+        super().__init__()
+        self.position = position
+
+    def check_position(self, position: int) -> None:
+        """Raise :class:`MissingHookError` unless ``position`` is the cache's destination position."""
+        if position != self.position:
+            raise MissingHookError(
+                f"this cache holds the attention pattern of destination position {self.position} only (it was "
+                f"built for that position, in memory linear in the prompt length); run model.run_with_cache for "
+                f"position {position}"
+            )
+
+
+def check_pattern_position(cache: Any, position: int) -> None:
+    """Raise :class:`MissingHookError` if ``cache`` is a :class:`PositionCache` for another destination position."""
+    if isinstance(cache, PositionCache):
+        cache.check_position(position)
+
+
+def position_hooks(model: Any) -> list[str]:
+    """The per-token hooks that explaining one position (and drawing its flow graph) reads, without the pattern."""
+    spec = model_spec(model)
+    names = ["hook_embed", "ln_final.hook_scale"] + (["hook_pos_embed"] if spec.learned_pos else [])
+    per_layer = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "ln1.hook_scale", "ln2.hook_scale",
+                 "ln1.hook_normalized", "ln2.hook_normalized", "attn.hook_q", "attn.hook_v", "hook_attn_out",
+                 "hook_mlp_out", "mlp.hook_post")
+    return names + [f"blocks.{layer}.{h}" for layer in range(spec.n_layers) for h in per_layer]
+
+
+def run_with_position_cache(
+    model: Any, tokens: Int[Tensor, "batch pos"], position: int, extra_hooks: tuple[str, ...] = ()
+) -> PositionCache:
+    """One forward pass caching only what scoring destination ``position`` needs (:class:`PositionCache`).
+
+    Memory: ``n_layers * n_pos * (7 d_model + 2 + n_heads d_head + n_kv_heads d_head + d_mlp)`` floats for the
+    per-token hooks (:func:`position_hooks`: three residual streams, two norm outputs and scales, attention and
+    FFN outputs, queries, values, FFN activations) plus ``n_layers * n_heads * n_pos`` for the pattern rows; a full ``run_with_cache`` adds ``2 n_layers n_heads n_pos^2`` floats (patterns and scores), which
+    dominates long prompts (SmolLM2-135M, 2,048 tokens: 9 GB). Measured curve: docs/performance.md.
+
+    Args:
+        position: non-negative destination position.
+        extra_hooks: further hooks to cache whole (e.g. those a registered source reads).
+    """
+    n_pos = int(tokens.shape[-1])
+    wanted = set(position_hooks(model)) | set(extra_hooks)
+    cache = PositionCache(position)
+
+    def save_row(x: Tensor, hook: Any, key: str = "") -> Tensor:
+        row = x[:, :, position : position + 1, :].detach().clone()
+        cache[key] = row.expand(-1, -1, n_pos, -1)
+        return x
+
+    layers = range(model_spec(model).n_layers)
+    hooks = [(f"blocks.{l}.attn.hook_pattern", lambda x, hook, key=f"blocks.{l}.attn.hook_pattern": save_row(
+        x, hook, key)) for l in layers]
+    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+        _, full = model.run_with_cache(tokens, names_filter=lambda name: name in wanted)
+    for name in wanted:
+        try:
+            cache[name] = full[name]
+        except KeyError:
+            continue  # a hook this architecture does not have (e.g. hook_pos_embed): reported when read
+    return cache
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ columns of :mod:`tl_residual.tables` its kinds use (``name``, ``kind``, ``layer`
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -210,6 +211,7 @@ def make_context(
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise InvalidInputError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     logits = model_logits(model, cache, pos, batch)
+    tlm.check_finite(cache, pos, batch)  # a NaN/inf activation would enter the top-k or make target id 0
     t = resolve_target(model, target, logits)
     lens = Lens(model, cache, pos, batch, convention)
     return ScoringContext(
@@ -1011,6 +1013,7 @@ def score_neurons_batch(
     targets: int | str | None | Iterable[int | str | None] = None,
     convention: Convention = "frozen",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    offsets: int | Iterable[int] | None = None,
 ) -> pd.DataFrame:
     """:func:`score` for every prompt of a batched cache: one exact top-k per prompt, each at its own destination
     position and for its own target. Arguments as :func:`score` (``model, cache`` build one context per prompt,
@@ -1026,6 +1029,11 @@ def score_neurons_batch(
             top-1 at that prompt's position).
         chunk_size: parts scored per matmul against ``W_U``; peak extra memory about
             ``3 * max(chunk_size, top_k) * d_vocab`` floats (plus the search's per-part bounds, 8 bytes each).
+        offsets: cache column of each prompt's first real token (``PromptBatch.offsets`` of
+            :func:`tl_residual.interventions.tokenize_batch`; non-zero under left padding), one for all or one per
+            prompt. ``positions`` index the cache (``-1`` or ``PromptBatch.last_index`` work for either padding
+            side); every name, ``src_pos`` and ``position`` of the result is in the prompt's own coordinates
+            (BOS = 0), the convention of every other function, and pad sources are never listed.
 
     Returns:
         The tables of :func:`score` stacked, with leading columns ``prompt`` (batch index), ``position`` and
@@ -1039,7 +1047,9 @@ def score_neurons_batch(
     n_batch = int(tlm.cached(cache, "blocks.0.hook_resid_pre", batch=None).shape[0])
     pos_list = [positions] * n_batch if isinstance(positions, int) else list(positions)
     tgt_list = [targets] * n_batch if targets is None or isinstance(targets, (int, str)) else list(targets)
-    for label, given in (("positions", pos_list), ("targets", tgt_list)):
+    off_list = [0 if offsets is None else offsets] * n_batch if offsets is None or isinstance(offsets, int) \
+        else [int(o) for o in offsets]
+    for label, given in (("positions", pos_list), ("targets", tgt_list), ("offsets", off_list)):
         if len(given) != n_batch:
             raise InvalidInputError(
                 f"{label} has {len(given)} entries but the cache holds {n_batch} prompts; "
@@ -1048,12 +1058,44 @@ def score_neurons_batch(
     frames, per_prompt = [], []
     for b in range(n_batch):
         ctx = make_context(model, cache, tgt_list[b], pos_list[b], b, convention, chunk_size)
-        df = score(ctx, kinds, scorer, top_k, layers, n_top_tokens)
+        df = _score_in_prompt_coordinates(ctx, off_list[b], scorer, top_k, layers, kinds, n_top_tokens)
         df.insert(0, "target", ctx.target)
-        df.insert(0, "position", ctx.position)
+        df.insert(0, "position", ctx.position - off_list[b])
         df.insert(0, "prompt", b)
         frames.append(df)
         per_prompt.append({k: df.attrs.get(k) for k in ("n_scored", "n_candidates")})
     out = pd.concat(frames, ignore_index=True)
     out.attrs.update(method=scorer.name, units=scorer.units, convention=convention, per_prompt=per_prompt)
     return out
+
+
+def _score_in_prompt_coordinates(
+    ctx: ScoringContext, offset: int, method: str | Scorer, top_k: int | None, layers: Iterable[int] | None,
+    kinds: Iterable[str], n_top_tokens: int,
+) -> pd.DataFrame:
+    """:func:`score_neurons` for a prompt whose first real token is cache column ``offset`` (left padding): pad
+    sources (``src_pos < offset``, attention weight 0) are dropped and positions renamed to the prompt's own
+    coordinates (BOS = 0), so that ``L3.H1.p2`` means the same component as in :func:`intervene`. The exact
+    top-k of the real parts: while pad parts fill the top-k, the search is repeated with ``k`` enlarged."""
+    if not isinstance(offset, int) or not 0 <= offset <= ctx.position:
+        raise InvalidInputError(f"offset {offset!r} must be an integer in 0..{ctx.position} (the destination "
+                                f"position {ctx.position} in the cache), e.g. PromptBatch.offsets[b]")
+    k = top_k
+    while True:
+        df = score(ctx, kinds, method, k, layers, n_top_tokens)
+        if offset == 0 or "src_pos" not in df.columns:
+            return df
+        real = df[(df["src_pos"] < 0) | (df["src_pos"] >= offset)]
+        if top_k is None or len(real) >= top_k or len(df) < k:
+            break
+        k += len(df) - len(real)
+    attrs = dict(df.attrs)
+    real = real.head(top_k).reset_index(drop=True) if top_k is not None else real.reset_index(drop=True)
+    shifted = real["src_pos"] >= 0
+    real.loc[shifted, "src_pos"] = real.loc[shifted, "src_pos"] - offset
+    real["name"] = [
+        names.format(dataclasses.replace(names.parse(n), src_pos=int(p))) if p >= 0 else n
+        for n, p in zip(real["name"], real["src_pos"])
+    ]
+    real.attrs.update(attrs, offset=offset)
+    return real

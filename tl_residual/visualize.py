@@ -1419,7 +1419,8 @@ def write_report(model: Any, explanation: Any, path: str, **kwargs: Any) -> str:
         OSError: ``path`` cannot be written.
         InvalidInputError: bad flow-graph arguments.
     """
+    from tl_residual._io import atomic_write_text
+
     page = report_html(model, explanation, **kwargs)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(page)
+    atomic_write_text(path, page)  # temp file + os.replace: a failed write leaves the previous file intact
     return path
