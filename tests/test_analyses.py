@@ -56,13 +56,14 @@ def study() -> SimpleNamespace:
         prompts.append({"prompt_id": pid, "group": group, "prompt": text, "target_id": ctx.target,
                         "target_prob": float(lp[ctx.target].exp()), "status": "ok"})
         for m in METHODS:
-            for kind, df in (("ffn_neuron", score_ffn_neurons(ctx, m, n_top_tokens=0)),
-                             ("attn_neuron", score_attention_neurons(ctx, m, n_top_tokens=0)),
+            for kind, df in (("ffn_neuron", score_ffn_neurons(ctx, m, top_k=None, n_top_tokens=0)),
+                             ("attn_neuron", score_attention_neurons(ctx, m, top_k=None, n_top_tokens=0)),
                              ("head", score_heads(ctx, m, n_top_tokens=0))):
                 df = _ranked(df)
-                parts.append(df.assign(prompt_id=pid, group=group, method=m, kind=kind)[
-                    ["prompt_id", "group", "method", "kind", "name", "layer", "head", "neuron", "score", "rank"]])
-        ld = score_layers(ctx, n_top_tokens=0)
+                parts.append(df.assign(prompt_id=pid, group=group, method=m, kind=kind).reindex(
+                    columns=["prompt_id", "group", "method", "kind", "name", "layer", "head", "neuron", "score",
+                             "rank"]).fillna({"head": -1, "neuron": -1}))
+        ld = score_layers(ctx, n_top_tokens=0).sort_values(["layer", "kind"]).reset_index(drop=True)
         layers.append(pd.DataFrame({"prompt_id": pid, "group": group, "method": "log_prob_increase",
                                     "name": ld["name"], "layer": ld["layer"], "sublayer": ld["kind"],
                                     "score": ld["score"]}))
@@ -144,7 +145,7 @@ def test_tables5_12_neuron_importance():
     out = A.neuron_importance(s, ks=(5, 20))
     for g, ids in _groups().items():
         for kind, fn in (("ffn_neuron", score_ffn_neurons), ("attn_neuron", score_attention_neurons)):
-            scores = [sorted(fn(s.ctxs[i], n_top_tokens=0)["score"].tolist(), reverse=True) for i in ids]
+            scores = [sorted(fn(s.ctxs[i], top_k=None, n_top_tokens=0)["score"].tolist(), reverse=True) for i in ids]
             row = out[(out.group == g) & (out.kind == kind)].iloc[0]
             assert row["all"] == pytest.approx(sum(sum(x) for x in scores) / len(ids))
             assert row["positive"] == pytest.approx(sum(sum(v for v in x if v > 0) for x in scores) / len(ids))
@@ -229,7 +230,7 @@ def test_stream_and_subvalue_counts():
     assert last["log_prob"] == pytest.approx(direct, abs=1e-4)
     counts, _ = A.ffn_subvalue_counts(s)
     for layer in (0, 1):
-        helpful = sum(int((score_ffn_neurons(s.ctxs[i], layers=[layer], n_top_tokens=0)["score"] > 0).sum())
+        helpful = sum(int((score_ffn_neurons(s.ctxs[i], top_k=None, layers=[layer], n_top_tokens=0)["score"] > 0).sum())
                       for i in range(4))
         assert counts[(counts.group == "all") & (counts.layer == layer)]["helpful"].iloc[0] == pytest.approx(helpful / 4)
 
@@ -251,7 +252,7 @@ def test_residual_paper_model_analyses():
     add, _ = A.subvalue_additivity(model, s)
     ctx = s.ctxs[0]
     for layer in (0, 1):
-        df = score_ffn_neurons(ctx, layers=[layer], n_top_tokens=0)
+        df = score_ffn_neurons(ctx, top_k=None, layers=[layer], n_top_tokens=0)
         helpful = df[df.score > 0]
         row = add[(add.prompt_id == 0) & (add.layer == layer)].iloc[0]
         assert row.n_helpful == len(helpful) and row.sum_of_scores == pytest.approx(helpful["score"].sum(), abs=1e-5)
@@ -309,7 +310,7 @@ def test_report_and_loader(tmp_path):
     n = A.write_report(loaded, str(out))
     text = out.read_text()
     assert n == 11 and "Table 3" in text and text.count("plotly.js v") <= 2 and "class='missing'" not in text
-    with pytest.raises(InvalidInputError, match="not a folder"):
+    with pytest.raises(InvalidInputError, match="not a study folder"):
         A.load_study(str(tmp_path / "nope"))
     from typer.testing import CliRunner
 
