@@ -28,7 +28,7 @@ from tl_residual.errors import (
     TLResidualError,
     UnsupportedArchitectureError,
 )
-from tl_residual.explain import explain
+from tl_residual import explain
 from tl_residual.lens import model_logits, resolve_target
 
 SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
@@ -50,7 +50,7 @@ _idx = st.integers(min_value=0, max_value=10**6)
 @st.composite
 def component_refs(draw):
     kind = draw(st.sampled_from(names.KINDS))
-    fields = names._FIELDS[kind]
+    fields = names.FIELDS[kind]
     return names.ComponentRef(kind, **{f: draw(_idx) for f in fields})
 
 
@@ -301,7 +301,7 @@ def test_explain_position_cache_gives_the_full_cache_numbers():
                      (e.ffn_neurons, S.score_ffn_neurons(ctx, "log_prob_increase", 6))):
         assert got["name"].tolist() == ref["name"].tolist()
         np.testing.assert_allclose(got["score"].values, ref["score"].values, rtol=1e-6, atol=1e-7)
-    cache = e.extra["cache"]
+    cache = e.cache
     assert isinstance(cache, tlm.PositionCache) and not any("attn_scores" in k for k in cache)
     assert cache["blocks.0.attn.hook_pattern"].stride()[2] == 0  # one row, repeated without memory
     with pytest.raises(MissingHookError, match=f"destination position {e.position} only"):
@@ -311,7 +311,7 @@ def test_explain_position_cache_gives_the_full_cache_numbers():
 def test_explain_streamed_subvalue_search_is_the_one_shot_top_k(monkeypatch):
     import sys
 
-    E = sys.modules["tl_residual.explain"]  # the module (the package exports the function under the same name)
+    E = sys.modules["tl_residual.explanation"]
     model = tiny()
     prompt = "t5 t17 t33 t8 t42 t9 t23"
     one_shot = explain(model, prompt, top_k=7).attention_subvalues

@@ -1065,6 +1065,11 @@ def score_neurons_batch(
         frames.append(df)
         per_prompt.append({k: df.attrs.get(k) for k in ("n_scored", "n_candidates")})
     out = pd.concat(frames, ignore_index=True)
+    for c in tables.INDEX_COLUMNS:  # a prompt whose top-k lacks a kind leaves NaN: the mixed-table -1 instead
+        if c in out.columns and out[c].isna().any():
+            out[c] = out[c].fillna(-1).astype("int64")
+    if "src_token" in out.columns:
+        out["src_token"] = out["src_token"].fillna("")
     out.attrs.update(method=scorer.name, units=scorer.units, convention=convention, per_prompt=per_prompt)
     return out
 
