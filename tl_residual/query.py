@@ -51,8 +51,9 @@ from tl_residual.decompose import (
     neuron_name,
     resolve_layer,
     resolve_position,
+    verify_exact,
 )
-from tl_residual.errors import InvalidInputError
+from tl_residual.errors import InvalidInputError, UnsupportedArchitectureError
 
 Input = Literal["pre", "gate", "up", "value"]
 
@@ -196,6 +197,11 @@ def folded_key(
         MissingHookError: the cache lacks the norm's ``hook_scale``.
     """
     spec = tlm.model_spec(model)
+    if not spec.pre_norm:
+        raise UnsupportedArchitectureError(
+            f"{spec.architecture}: the sublayers read the residual without a norm before them (norms only after the "
+            "sublayer output); query splits through a pre-norm are not defined for it"
+        )
     layer, ln = norm.split(".")
     sigma = tlm.cached(cache, f"blocks.{layer}.{ln}.hook_scale", batch)[position].reshape(-1)[0]
     k = tlm.norm_weight(model, norm)[:, None].double() * weights.double()
@@ -224,8 +230,12 @@ def iter_query_contributions(
     float64), one layer's groups at a time (:func:`~tl_residual.decompose.iter_parts`).
     """
     key64 = key.double()
+    total = None
     for group in iter_parts(model, cache, layer, position, stream, batch):
+        part = group.coefficients.double() @ group.directions.double()
+        total = part if total is None else total + part
         yield group, group.coefficients.double()[:, None] * (group.directions.double() @ key64)
+    verify_exact(model, cache, total, layer, position, stream, batch, "the query split's parts")  # safety net
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,7 +320,8 @@ def split_ffn_neuron(model: Any, cache: Any, layer: int, neuron: int, position: 
     for which in ffn_inputs(model):
         w, b, hook = ffn_key(model, layer, [neuron], which)
         columns[which] = (w, b, hook, neuron)
-    return _split_table(model, cache, layer, "resid_mid", position, f"{layer}.ln2", columns, batch,
+    stream: Stream = "resid_mid" if spec.has_resid_mid else "resid_pre"  # parallel attention+MLP reads resid_pre
+    return _split_table(model, cache, layer, stream, position, tlm.mlp_norm(model, layer), columns, batch,
                         neuron_name(layer, neuron))
 
 
@@ -449,7 +460,8 @@ def query_neuron_scores(
         for layer, rows in top.groupby("layer"):
             neurons = torch.tensor(rows["neuron"].tolist())
             w, b, hook = ffn_key(model, int(layer), neurons, which)
-            run(int(layer), "resid_mid", ctx.position, f"{int(layer)}.ln2", w, b, hook, neurons,
+            run(int(layer), "resid_mid" if spec.has_resid_mid else "resid_pre", ctx.position,
+                tlm.mlp_norm(model, int(layer)), w, b, hook, neurons,
                 torch.tensor(rows["score"].tolist()), list(rows["name"]))
     else:
         if which not in (None, "value"):
@@ -537,11 +549,11 @@ def cross_layer_scores(
         group, _ = ffn_parts(model, cache, lv, pos, batch)
         c = scorer.fn(ctx, group, ctx.base_for(group)).double()
         w, b, _ = ffn_key(model, lv, all_neurons, which)
-        key = folded_key(model, cache, f"{lv}.ln2", pos, w, batch).double()
+        key = folded_key(model, cache, tlm.mlp_norm(model, lv), pos, w, batch).double()
         helpful, unhelpful = c > 0, c < 0
-        biases[lv] = float(key_bias(model, f"{lv}.ln2", w, b).double()[helpful | unhelpful].sum())
+        biases[lv] = float(key_bias(model, tlm.mlp_norm(model, lv), w, b).double()[helpful | unhelpful].sum())
         for name, layer, kind, vec in queries:
-            if layer > lv or (layer == lv and kind == "mlp"):
+            if layer > lv or (layer == lv and (kind == "mlp" or not spec.has_resid_mid)):
                 continue
             inner = vec.double() @ key
             rows.append({

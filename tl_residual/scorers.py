@@ -34,6 +34,7 @@ from tl_residual.decompose import (
     PartGroup,
     attention_neuron_groups,
     attention_parts,
+    check_reconstruction,
     ffn_parts,
     head_name,
     layer_outputs,
@@ -149,7 +150,8 @@ class ScoringContext:
             return group.base
         if group.layer is None:
             return torch.zeros_like(self.resid("blocks.0.hook_resid_pre"))
-        if group.kind.startswith("ffn") or group.kind == "mlp":
+        if (group.kind.startswith("ffn") or group.kind == "mlp") and tlm.model_spec(self.model).has_resid_mid:
+            # parallel attention+MLP (no resid_mid): the MLP reads resid_pre, so its parts are added to resid_pre
             return self.resid(f"blocks.{group.layer}.hook_resid_mid")
         return self.resid(f"blocks.{group.layer}.hook_resid_pre")
 
@@ -176,6 +178,7 @@ def make_context(
     pos = resolve_position(position, n_positions(cache))
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise InvalidInputError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    check_reconstruction(model, cache, -1, pos, "resid_post", batch)  # the safety net (issue 11): exact or raise
     logits = model_logits(model, cache, pos, batch)
     t = resolve_target(model, target, logits)
     return ScoringContext(model, cache, Lens(model, cache, pos, batch, convention), pos, batch, t, chunk_size)
@@ -569,7 +572,7 @@ def score_groups(
     """
     _check_top_k(top_k)
     scorer = get_scorer(method)
-    if top_k is not None and pruned and scorer.bound is not None:
+    if top_k is not None and pruned and scorer.bound is not None and ctx.lens.certifiable:
         return _pruned(ctx, list(groups), top_k, n_top_tokens, method)
     frames = []
     for g in groups:
