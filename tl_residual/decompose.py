@@ -311,8 +311,8 @@ def embedding_parts(model: Any, cache: Any, position: int, batch: int = 0) -> li
     if spec.learned_pos:
         parts.append(_single("pos_embed", None, "pos_embed", tlm.cached(cache, tlm.hook_name("pos_embed"), batch)[position]))
     total = sum(p.total() for p in parts) + sum(g.total() for g in sources)
-    tol = spec.tolerance
-    if not torch.allclose(total, resid0, rtol=tol, atol=0.1 * tol * float(resid0.abs().max()) + 1e-8):
+    tol = tlm.tolerance(model, cache)
+    if not relative_error(total, resid0) <= tol:
         raise UnsupportedArchitectureError(
             "blocks.0.hook_resid_pre is not hook_embed + hook_pos_embed for this model (an embedding scale or "
             "extra embedding is applied outside the hooks); the decomposition would not be exact"
@@ -718,8 +718,9 @@ def verify_exact(
     """The safety net: check that ``total`` (the sum of the parts used) equals the cached vector it decomposes.
 
     Every public entry point that reports parts or scores calls it (:func:`decompose`, the scorers' contexts and
-    tables, query splits, ``explain``). Tolerance: :attr:`ModelSpec.tolerance` (float32 ``1e-4`` relative; float16
-    ``1e-2``, bfloat16 ``5e-2``, as their forward passes round every residual add).
+    tables, query splits, ``explain``). Tolerance: :func:`tl_residual.model.tolerance`, the looser of the model's
+    and the cache's dtype (float32 ``1e-4`` relative; float16 ``1e-2``, bfloat16 ``5e-2``, as their forward passes
+    round every residual add).
 
     Returns:
         The relative error found.
@@ -733,11 +734,12 @@ def verify_exact(
     pos_i = resolve_position(position, n_positions(cache))
     target = target_vector(cache, layer_i, pos_i, stream, batch)
     err = relative_error(total, target)
-    if not err <= spec.tolerance:  # also catches NaN
+    tol = tlm.tolerance(model, cache)
+    if not err <= tol:  # also catches NaN
         raise DecompositionError(
             f"{what} of {tlm.hook_name(stream, layer_i)}[batch {batch}, position {pos_i}] do not sum to the cached "
-            f"vector for {tlm.model_class(model)}: relative error {err:.3g} > tolerance {spec.tolerance:g} "
-            f"({spec.dtype}). Likely causes: the cache was taken from a different model than the one passed; a hook "
+            f"vector for {tlm.model_class(model)}: relative error {err:.3g} > tolerance {tol:g} "
+            f"(model {spec.dtype}). Likely causes: the cache was taken from a different model than the one passed; a hook "
             "edited activations without being registered (tl_residual.register_source); or the model has a feature "
             "the decomposition does not model. No number is reported."
         )

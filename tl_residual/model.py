@@ -581,6 +581,20 @@ def cached(cache: Any, name: str, batch: int = 0) -> Tensor:
     return value.detach().float()
 
 
+def tolerance(model: Any, cache: Any = None) -> float:
+    """The safety net's relative tolerance for ``model`` and ``cache``: the looser of :data:`TOLERANCE` for the
+    model's dtype and for the cache's dtype (a float32 model's cache cast to bfloat16 is rounded like a bfloat16 run).
+    """
+    tol = model_spec(model).tolerance
+    if cache is not None:
+        try:
+            dtype = str(cache[HOOKS["resid_pre"].format(l=0)].dtype).replace("torch.", "")
+        except (KeyError, AttributeError):
+            dtype = "float32"
+        tol = max(tol, TOLERANCE.get(dtype, tol))
+    return tol
+
+
 def has_hook(cache: Any, name: str) -> bool:
     """Whether ``name`` is in the cache."""
     try:
