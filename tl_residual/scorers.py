@@ -859,7 +859,8 @@ def score_layers(ctx: ScoringContext, n_top_tokens: int = 5) -> pd.DataFrame:
         if kind == "embed":
             embed_lp = float(ctx.lens.log_probs(vec)[ctx.target])
             continue
-        base = ctx.resid(f"blocks.{layer}.hook_resid_{'pre' if kind == 'attn' else 'mid'}")
+        mid = kind != "attn" and tlm.model_spec(ctx.model).has_resid_mid  # parallel blocks: the MLP reads resid_pre
+        base = ctx.resid(f"blocks.{layer}.hook_resid_{'mid' if mid else 'pre'}")
         score = float(log_prob_increase(ctx.lens, base, vec[None], ctx.target)[0])
         rows.append(
             {
