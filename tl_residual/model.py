@@ -185,10 +185,10 @@ def _module_norm_type(module: Any) -> NormType | None:
 def _post_norm_modules(model: Any, arch: str) -> tuple[str | None, str | None]:
     """The block's module names of the post-attention and post-MLP norms (``None`` where absent)."""
     kids = _children(model.blocks[0])
-    if not is_bridge(model) and arch in POST_NORM_ONLY_ARCHITECTURES:
-        return "ln1", "ln2"  # TransformerLens 3.x reuses ln1/ln2 for OLMo-2/3's post-norms
     attn = "ln1_post" if "ln1_post" in kids else None
     mlp = "ln2_post" if "ln2_post" in kids else None
+    if attn is None and mlp is None and arch in POST_NORM_ONLY_ARCHITECTURES and {"ln1", "ln2"} <= kids:
+        return "ln1", "ln2"  # HookedTransformer and the 3.x bridge name OLMo-2/3's post-norms ln1/ln2
     return attn, mlp
 
 
@@ -251,9 +251,7 @@ def model_spec(model: Any) -> ModelSpec:
     for mod in (post_attn, post_mlp):
         if mod is not None and _module_norm_type(getattr(model.blocks[0], mod)) != "RMS":
             problems.append(f"a LayerNorm after the sublayer output (blocks.0.{mod}): only RMSNorm is covered")
-    pre_norm = not (not is_bridge(model) and arch in POST_NORM_ONLY_ARCHITECTURES) and "ln1" in _children(
-        model.blocks[0]
-    )
+    pre_norm = "ln1" in _children(model.blocks[0]) and post_attn != "ln1"
     pos_type = _cfg(model, "positional_embedding_type", "standard")
     if pos_type not in ("standard", "rotary", "shortformer", "alibi"):
         problems.append(f"positional_embedding_type={pos_type!r}")
