@@ -4,7 +4,7 @@ For every family of ``tests/tiny_families.py`` and every TransformerLens API thi
 ``TransformerBridge``, and ``HookedTransformer`` under TransformerLens 3.x), unprocessed and with TransformerLens'
 weight processing, it measures the worst relative reconstruction error over every layer, stream and position, and
 the worst log-probability difference between the lens and the model's own output. Rows of an API this environment
-lacks are kept from the current table, so run it once per environment:
+lacks (or of another TransformerLens version) are kept from the current table, so run it once per environment:
 
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/architectures_table.py        # TransformerLens 4.x: bridge rows
     HF_HUB_OFFLINE=1 .venv-tl3/bin/python scripts/architectures_table.py    # TransformerLens 3.x: hooked rows
@@ -14,6 +14,7 @@ The table is written between ``<!-- families:start -->`` and ``<!-- families:end
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 import sys
@@ -42,7 +43,8 @@ START, END = "<!-- families:start -->", "<!-- families:end -->"
 HEADER = ("| family | repo id (adapter) | API | features | worst reconstruction error (raw / processed) | "
           "worst lens log-prob error | status |")
 TOKENS = torch.tensor([[1, 5, 17, 33, 8, 42]])
-API_LABEL = {"bridge": "TransformerBridge", "hooked": "HookedTransformer"}
+TL_VERSION = ".".join(importlib.metadata.version("transformer-lens").split(".")[:2])
+API_LABEL = {"bridge": f"TransformerBridge (TL {TL_VERSION})", "hooked": f"HookedTransformer (TL {TL_VERSION})"}
 
 
 def measure(family: str, api: str, processed: bool) -> tuple[float, float, str] | str:
@@ -50,7 +52,9 @@ def measure(family: str, api: str, processed: bool) -> tuple[float, float, str] 
     try:
         model = F.build(family, api, processed)
     except pytest.skip.Exception as exc:
-        return f"no loader: {str(exc.msg).split(': ', 1)[-1][:90]}"
+        if "no config-based" in str(exc.msg):
+            return "no HookedTransformer loader from a config (TransformerLens 3.x keys this family on fixed names)"
+        return f"TransformerLens' config conversion fails on transformers {importlib.metadata.version('transformers')}"
     with torch.no_grad():
         logits, cache = model.run_with_cache(TOKENS)
     try:
