@@ -28,15 +28,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore")
 logging.disable(logging.WARNING)
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import tiny_families as F
+import torch
+from conftest import HAS_BRIDGE, HAS_HOOKED
 
-import tiny_families as F  # noqa: E402
-from conftest import HAS_BRIDGE, HAS_HOOKED  # noqa: E402
-from tl_residual import decompose as D  # noqa: E402
-from tl_residual import model as tlm  # noqa: E402
-from tl_residual.errors import TLResidualError  # noqa: E402
-from tl_residual.lens import model_logits  # noqa: E402
+from tl_residual import decompose as D
+from tl_residual import model as tlm
+from tl_residual.errors import TLResidualError
+from tl_residual.lens import model_logits
 
 DOC = os.path.join(ROOT, "docs", "architectures.md")
 START, END = "<!-- families:start -->", "<!-- families:end -->"

@@ -14,14 +14,18 @@ import functools
 from typing import Any
 
 import pytest
-import torch
-
 import tiny_families as F
+import torch
 from conftest import HAS_BRIDGE, HAS_HOOKED, make_bridge, tiny_tokenizer
+
 from tl_residual import decompose as D
 from tl_residual import model as tlm
 from tl_residual import scorers as S
-from tl_residual.errors import DecompositionError, TLResidualError, UnsupportedArchitectureError
+from tl_residual.errors import (
+    DecompositionError,
+    TLResidualError,
+    UnsupportedArchitectureError,
+)
 from tl_residual.lens import Lens, model_logits
 
 TOKENS = torch.tensor([[1, 5, 17, 33, 8, 42]])
@@ -29,7 +33,7 @@ VARIANTS = [v for v in F.variants() if (v[1] == "bridge" and HAS_BRIDGE) or (v[1
 IDS = [f"{fam}-{api}{'-processed' if proc else ''}" for fam, api, proc in VARIANTS]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _run(family: str, api: str, processed: bool) -> tuple[Any, torch.Tensor, Any]:
     model = F.build(family, api, processed)
     with torch.no_grad():
@@ -39,6 +43,16 @@ def _run(family: str, api: str, processed: bool) -> tuple[Any, torch.Tensor, Any
 
 @pytest.fixture(params=VARIANTS, ids=IDS)
 def run(request: pytest.FixtureRequest) -> tuple[str, Any, torch.Tensor, Any]:
+    family, api, processed = request.param
+    return (family, *_run(family, api, processed))
+
+
+RAW = [(v, i) for v, i in zip(VARIANTS, IDS) if not v[2]]
+
+
+@pytest.fixture(params=[v for v, _ in RAW], ids=[i for _, i in RAW])
+def raw_run(request: pytest.FixtureRequest) -> tuple[str, Any, torch.Tensor, Any]:
+    """The unprocessed variants only (for the end-to-end tests; weight processing is covered by the others)."""
     family, api, processed = request.param
     return (family, *_run(family, api, processed))
 
@@ -69,24 +83,24 @@ def test_reconstruction_every_layer_stream_position(run):
 
 
 def test_lens_log_probs_equal_the_model(run):
-    family, model, logits, cache = run
+    _, model, logits, cache = run
     for pos in range(TOKENS.shape[1]):
         ours = torch.log_softmax(model_logits(model, cache, pos), -1)
         theirs = torch.log_softmax(logits[0, pos].float(), -1)
         torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=0)
 
 
-def test_explain_runs(run):
+def test_explain_runs(raw_run):
     from tl_residual.explain import explain
 
-    family, model, _, _ = run
+    _, model, _, _ = raw_run
     out = explain(model, "t5 t17 t33 t8", top_k=3)
     assert out.decomposition_rel_error < 1e-5
     assert len(out.ffn_neurons) == 3 and len(out.attention_subvalues) == 3
 
 
-def test_pruned_top_k_equals_dense(run):
-    family, model, _, cache = run
+def test_pruned_top_k_equals_dense(raw_run):
+    _, model, _, cache = raw_run
     ctx = S.make_context(model, cache)
     pruned = S.score_neurons(ctx, top_k=8, n_top_tokens=0)
     dense = S.score_neurons(ctx, top_k=8, n_top_tokens=0, pruned=False)
@@ -96,9 +110,9 @@ def test_pruned_top_k_equals_dense(run):
         assert not ctx.lens.certifiable and "n_scored" not in pruned.attrs  # scored densely, never pruned
 
 
-def test_base_rule(run):
+def test_base_rule(raw_run):
     """FFN parts are added to resid_mid, or to resid_pre where attention and MLP run in parallel."""
-    family, model, _, cache = run
+    _, model, _, cache = raw_run
     spec = tlm.model_spec(model)
     ctx = S.make_context(model, cache)
     group = D.ffn_parts(model, cache, 1, -1)[0]
@@ -116,7 +130,7 @@ def _scale_hook(model: Any, layer: int) -> str:
 def test_post_norm_parts_are_frozen_scale_times_raw_parts(run):
     """With a norm after the MLP, the FFN parts sum to the cached hook_mlp_out, and each is W_out[k] * w / sigma with
     sigma recomputed here from the raw MLP output m @ W_out + b_out."""
-    family, model, _, cache = run
+    _, model, _, cache = run
     spec = tlm.model_spec(model)
     if not spec.post_mlp_norm:
         pytest.skip("no post-MLP norm")
@@ -138,7 +152,7 @@ def test_zeroing_a_last_layer_neuron_removes_exactly_its_part(run):
     """A real forward pass with neuron k of the last layer zeroed at the last position (and any post-MLP norm's
     scale held at its cached value, the frozen convention): the final residual drops by exactly the part, and the
     frozen lens' logits by exactly the part's logits."""
-    family, model, _, cache = run
+    _, model, _, cache = run
     spec = tlm.model_spec(model)
     layer, pos = spec.n_layers - 1, TOKENS.shape[1] - 1
     neurons, _ = D.ffn_parts(model, cache, layer, pos)
@@ -182,7 +196,6 @@ def gpt2_pair() -> tuple[Any, Any, Any]:
 
 
 def test_safety_net_catches_a_cache_from_another_model(gpt2_pair):
-    from tl_residual.explain import Explanation  # noqa: F401  (explain itself runs the model; see below)
     from tl_residual import query as Q
 
     model, _, wrong = gpt2_pair
@@ -200,7 +213,7 @@ def test_safety_net_catches_a_cache_from_another_model(gpt2_pair):
 
 
 def test_safety_net_catches_an_edited_hook(gpt2_pair):
-    model, cache, _ = gpt2_pair
+    model, _, _ = gpt2_pair
     steer = torch.randn(F.D_MODEL)
     with torch.no_grad(), model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", lambda x, hook: x + steer)]):
         _, edited = model.run_with_cache(TOKENS)
@@ -225,7 +238,7 @@ def test_safety_net_catches_an_unsupported_feature_forced_through(monkeypatch):
 
 def test_unsupported_features_are_named(monkeypatch):
     api = "bridge" if HAS_BRIDGE else "hooked"
-    model, _, _ = _run("llama3", api, False)
+    model, *_ = _run("llama3", api, False)
     monkeypatch.setattr(model.cfg, "num_experts", 4, raising=False)
     with pytest.raises(UnsupportedArchitectureError, match="mixture-of-experts"):
         tlm.model_spec(model)

@@ -27,11 +27,10 @@ from typing import Any
 
 import pytest
 import torch
-
 from conftest import HAS_BRIDGE, HAS_HOOKED, VOCAB, tiny_tokenizer
 
 D_MODEL, N_HEADS, N_LAYERS, D_MLP, N_CTX = 64, 4, 2, 256, 32  # d_mlp = 4 d_model: TL3 assumes it for GPT-Neo/J
-COMMON = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+COMMON = {"vocab_size": VOCAB, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
 
 
 @dataclass(frozen=True)
@@ -127,7 +126,7 @@ def _randomize(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def hf_model(name: str, seed: int = 0) -> Any:
     """The random Hugging Face model of family ``name`` (cached; skips if ``transformers`` lacks the config)."""
     import transformers
@@ -146,7 +145,7 @@ def hf_model(name: str, seed: int = 0) -> Any:
     return model.eval()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bridge(name: str, compat: bool = False) -> Any:
     """``TransformerBridge`` around :func:`hf_model` (``compat``: ``enable_compatibility_mode``, weights processed)."""
     if not HAS_BRIDGE:
@@ -160,7 +159,7 @@ def bridge(name: str, compat: bool = False) -> Any:
     return model.eval()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def hooked(name: str, processed: bool = False) -> Any:
     """A ``HookedTransformer`` of family ``name`` through TransformerLens' own config and weight conversion.
 

@@ -182,9 +182,16 @@ def _module_norm_type(module: Any) -> NormType | None:
     return None
 
 
+def _block0(model: Any) -> Any:
+    try:
+        return model.blocks[0]
+    except (IndexError, TypeError, KeyError):
+        return None
+
+
 def _post_norm_modules(model: Any, arch: str) -> tuple[str | None, str | None]:
     """The block's module names of the post-attention and post-MLP norms (``None`` where absent)."""
-    kids = _children(model.blocks[0])
+    kids = _children(_block0(model))
     attn = "ln1_post" if "ln1_post" in kids else None
     mlp = "ln2_post" if "ln2_post" in kids else None
     if attn is None and mlp is None and arch in POST_NORM_ONLY_ARCHITECTURES and {"ln1", "ln2"} <= kids:
@@ -195,7 +202,7 @@ def _post_norm_modules(model: Any, arch: str) -> tuple[str | None, str | None]:
 def _is_moe(model: Any, arch: str) -> bool:
     if _cfg(model, "num_experts", None) or arch in MOE_ARCHITECTURES:
         return True
-    mlp = getattr(model.blocks[0], "mlp", None)
+    mlp = getattr(_block0(model), "mlp", None)
     kids = _children(mlp) if mlp is not None else set()
     return bool(kids & {"experts", "router", "gate_router"}) or hasattr(mlp, "experts")
 
@@ -231,7 +238,8 @@ def model_spec(model: Any) -> ModelSpec:
     problems = []
     if _is_moe(model, arch):
         problems.append("mixture-of-experts MLP (num_experts set): neurons are routed per token")
-    if _cfg(model, "attn_only", False) or "mlp" not in _children(model.blocks[0]):
+    block0 = _block0(model)
+    if _cfg(model, "attn_only", False) or (block0 is not None and "mlp" not in _children(block0)):
         problems.append("attention-only model (attn_only=True): no FFN neurons to attribute")
     if _cfg(model, "attention_dir", "causal") != "causal":
         problems.append("bidirectional attention (attention_dir != 'causal')")
@@ -249,9 +257,9 @@ def model_spec(model: Any) -> ModelSpec:
         final_norm = norm
     post_attn, post_mlp = _post_norm_modules(model, arch)
     for mod in (post_attn, post_mlp):
-        if mod is not None and _module_norm_type(getattr(model.blocks[0], mod)) != "RMS":
+        if mod is not None and _module_norm_type(getattr(block0, mod)) != "RMS":
             problems.append(f"a LayerNorm after the sublayer output (blocks.0.{mod}): only RMSNorm is covered")
-    pre_norm = "ln1" in _children(model.blocks[0]) and post_attn != "ln1"
+    pre_norm = "ln1" in _children(block0) and post_attn != "ln1"
     pos_type = _cfg(model, "positional_embedding_type", "standard")
     if pos_type not in ("standard", "rotary", "shortformer", "alibi"):
         problems.append(f"positional_embedding_type={pos_type!r}")
@@ -264,7 +272,7 @@ def model_spec(model: Any) -> ModelSpec:
     n_heads = int(model.cfg.n_heads)
     n_kv = int(_cfg(model, "n_key_value_heads", None) or n_heads)
     embed_kids = _children(getattr(model, "embed", None))
-    attn_kids = _children(model.blocks[0].attn)
+    attn_kids = _children(getattr(block0, "attn", None))
     dtype = str(_cfg(model, "dtype", None) or model.W_U.dtype).replace("torch.", "")
     return ModelSpec(
         n_layers=int(model.cfg.n_layers),

@@ -80,7 +80,7 @@ class ScoringContext:
 
     @property
     def n_layers(self) -> int:
-        return int(self.model.cfg.n_layers)
+        return tlm.n_layers(self.model)
 
     # -- per-base quantities, memoised per distinct base residual (one gemm for many bases) --------------
 
