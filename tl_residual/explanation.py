@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from tl_residual import model as tlm
-from tl_residual.decompose import reconstruction_error
+from tl_residual.decompose import check_reconstruction
 from tl_residual.errors import InvalidInputError
 from tl_residual.lens import Convention, model_logits
 from tl_residual.scorers import DEFAULT_TOP_K, make_context, score, score_layers
@@ -157,9 +157,9 @@ def explain(
     logits = model_logits(model, cache, ctx.position)
     probs = torch.softmax(logits, -1)
     top = torch.topk(probs, 5)
-    n_layers = int(model.cfg.n_layers)
+    n_layers = tlm.n_layers(model)
     explanation = Explanation(
-        model=model_name or str(getattr(model.cfg, "model_name", type(model).__name__)),
+        model=model_name or tlm.model_name(model),
         prompt=prompt,
         tokens=[ctx.lens.token_str(t) for t in tokens[0].tolist()],
         position=ctx.position,
@@ -167,7 +167,7 @@ def explain(
         target_token=ctx.lens.token_str(ctx.target),
         target_prob=float(probs[ctx.target]),
         predictions=[(ctx.lens.token_str(t), float(p)) for p, t in zip(top.values.tolist(), top.indices.tolist())],
-        decomposition_rel_error=reconstruction_error(model, cache, n_layers - 1, ctx.position, "resid_post"),
+        decomposition_rel_error=check_reconstruction(model, cache, n_layers - 1, ctx.position, "resid_post"),
         method=method,
         convention=convention,
         layers=score_layers(ctx, method),
