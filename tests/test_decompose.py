@@ -137,6 +137,6 @@ def test_unsupported_architecture_named():
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     cfg = HookedTransformerConfig(n_layers=1, d_model=16, n_ctx=8, d_head=4, n_heads=4, d_vocab=20, d_mlp=32,
-                                  act_fn="gelu", parallel_attn_mlp=True)
-    with pytest.raises(UnsupportedArchitectureError, match="parallel attention"):
+                                  act_fn="gelu", attn_only=True)  # parallel attention+MLP is covered since issue 11
+    with pytest.raises(UnsupportedArchitectureError, match="attention-only"):
         tlm.model_spec(HookedTransformer(cfg))

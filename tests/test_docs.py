@@ -102,16 +102,11 @@ def _fake_model(**cfg: object) -> SimpleNamespace:
     return SimpleNamespace(cfg=SimpleNamespace(**base), blocks=[])
 
 
-UNSUPPORTED = [
-    dict(parallel_attn_mlp=True),
+UNSUPPORTED = [  # parallel blocks, post-norms, post-embedding norm, soft-capping are covered since issue 11
     dict(num_experts=8),
-    dict(use_normalization_before_and_after=True),
-    dict(post_embedding_ln=True),
     dict(attn_only=True),
-    dict(output_logits_soft_cap=30.0),
     dict(attention_dir="bidirectional"),
     dict(normalization_type=None),
-    dict(normalization_type="LN", final_rms=True),
     dict(positional_embedding_type="shortformer"),
 ]
 

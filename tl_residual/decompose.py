@@ -38,7 +38,7 @@ from torch import Tensor
 
 from tl_residual import model as tlm
 from tl_residual import names, tables
-from tl_residual.errors import InvalidInputError, UnsupportedArchitectureError
+from tl_residual.errors import DecompositionError, InvalidInputError, UnsupportedArchitectureError
 
 Stream = Literal["resid_pre", "resid_mid", "resid_post"]
 STREAMS: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post")
@@ -69,12 +69,16 @@ def head_name(layer: int, head: int) -> str:
     return names.head(layer, head)
 
 
-def base_stream(kind: str) -> Stream | None:
+def base_stream(kind: str, spec: tlm.ModelSpec | None = None) -> Stream | None:
     """The residual stream a part of ``kind`` is added to, the ``x`` of the log-probability increase
     ``log p(t | x + v) - log p(t | x)``: the stream its sublayer reads (residual-stream paper section 3.2, Eq. 19;
     neuron-level paper section 3.3, Eq. 13): ``resid_pre`` of the part's layer for attention parts (``attn``,
     ``attn_bias``, ``head``, ``attn_subvalue``, ``head_dim``, ``attn_neuron``), ``resid_mid`` for FFN parts
     (``mlp``, ``ffn_bias``, ``ffn_neuron``, experts), ``None`` (the zero vector) for the embeddings.
+
+    Parallel attention+MLP (GPT-J, Pythia, Phi-1/2; ``spec.has_resid_mid`` False): the MLP reads ``resid_pre`` too,
+    so FFN parts are added to ``resid_pre``. Pass the model's ``spec`` (:func:`tl_residual.model.model_spec`) for
+    this rule; without it the sequential rule applies.
 
     The one place this rule lives (scorers, query splits and the flow graph use it).
 
@@ -85,7 +89,7 @@ def base_stream(kind: str) -> Stream | None:
     if kind in ("embed", "pos_embed"):
         return None
     if kind in ("mlp", "ffn_bias", "ffn_neuron", "expert", "expert_neuron", "shared_neuron"):
-        return "resid_mid"
+        return "resid_pre" if spec is not None and not spec.has_resid_mid else "resid_mid"
     if kind in ("attn", "attn_bias", "head", "attn_subvalue", "head_dim", "attn_neuron", "attn_heads"):
         return "resid_pre"
     raise InvalidInputError(f"no base stream for part kind {kind!r}; kinds are {', '.join(names.KINDS)}")
@@ -136,7 +140,7 @@ def resolve_stream(stream: str) -> Stream:
 
 def n_positions(cache: Any) -> int:
     """Sequence length of a cache (from ``blocks.0.hook_resid_pre``)."""
-    return int(tlm.cached(cache, "blocks.0.hook_resid_pre", batch=None).shape[1])
+    return int(tlm.cached(cache, tlm.hook_name("resid_pre", 0), batch=None).shape[1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,7 +235,7 @@ class Source:
             vec = tlm.cached(cache, self.vector, batch)[position]
         else:
             vec = torch.as_tensor(self.vector(model, cache, position, batch)).detach().float()
-        d_model = int(model.cfg.d_model)
+        d_model = tlm.d_model(model)
         if tuple(vec.shape) != (d_model,):
             raise InvalidInputError(
                 f"source {self.name!r} gave a vector of shape {tuple(vec.shape)} at position {position}; "
@@ -279,7 +283,9 @@ def register_source(
             f"at={at!r} is not a residual hook; use blocks.{{layer}}.hook_resid_pre, hook_resid_mid or hook_resid_post"
         )
     if not (isinstance(vector, str) or callable(vector)):
-        raise InvalidInputError("vector must be a cache hook name or a callable (model, cache, position, batch) -> vector")
+        raise InvalidInputError(
+            "vector must be a cache hook name or a callable (model, cache, position, batch) -> vector"
+        )
     if kind in get_args(PartKind):
         raise InvalidInputError(f"kind {kind!r} is a built-in part kind; choose another (e.g. 'source')")
     src = Source(name, at, int(m.group(1)), m.group(2), vector, kind, model)
@@ -311,8 +317,10 @@ def source_parts(
     for src in SOURCES.values():
         if not src.applies_to(model) or src.layer != layer or src.stream != stream:
             continue
-        if src.layer >= int(model.cfg.n_layers):
-            raise InvalidInputError(f"source {src.name!r} is at {src.at}, beyond the model's {model.cfg.n_layers} layers")
+        if src.layer >= tlm.n_layers(model):
+            raise InvalidInputError(
+                f"source {src.name!r} is at {src.at}, beyond the model's {tlm.n_layers(model)} layers"
+            )
         vec = src.value(model, cache, position, batch)
         group = _single(src.kind, layer, src.name, vec)
         group.base = tlm.cached(cache, src.at, batch)[position] - vec
@@ -323,19 +331,26 @@ def source_parts(
 def embedding_parts(model: Any, cache: Any, position: int, batch: int = 0) -> list[PartGroup]:
     """Token embedding (and learned position embedding) at ``position``.
 
+    With a norm after the embedding (BLOOM, ``ModelSpec.embed_norm``) the first residual is not linear in its
+    inputs: it is one ``embed`` part, whatever ``blocks.0.hook_resid_pre`` holds (minus registered sources).
+
     Raises:
         UnsupportedArchitectureError: ``blocks.0.hook_resid_pre`` is not ``hook_embed (+ hook_pos_embed)``
-            (e.g. an embedding multiplier applied outside the hooks).
+            within the dtype's tolerance (e.g. an embedding multiplier applied outside the hooks).
     """
     spec = tlm.model_spec(model)
     position = resolve_position(position, n_positions(cache))
-    parts = [_single("embed", None, "embed", tlm.cached(cache, "hook_embed", batch)[position])]
-    if spec.learned_pos:
-        parts.append(_single("pos_embed", None, "pos_embed", tlm.cached(cache, "hook_pos_embed", batch)[position]))
+    resid0 = tlm.cached(cache, tlm.hook_name("resid_pre", 0), batch)[position]
     sources = source_parts(model, cache, 0, "resid_pre", position, batch)
+    if spec.embed_norm:
+        return [_single("embed", None, "embed", resid0 - sum((g.total() for g in sources), torch.zeros_like(resid0)))]
+    parts = [_single("embed", None, "embed", tlm.cached(cache, tlm.hook_name("embed"), batch)[position])]
+    if spec.learned_pos:
+        pos = tlm.cached(cache, tlm.hook_name("pos_embed"), batch)[position]
+        parts.append(_single("pos_embed", None, "pos_embed", pos))
     total = torch.stack([g.total() for g in parts + sources]).sum(0)
-    resid0 = tlm.cached(cache, "blocks.0.hook_resid_pre", batch)[position]
-    if not torch.allclose(total, resid0, rtol=1e-4, atol=1e-5 * float(resid0.abs().max()) + 1e-8):
+    tol = tlm.tolerance(model, cache)
+    if not relative_error(total, resid0) <= tol:
         raise UnsupportedArchitectureError(
             "blocks.0.hook_resid_pre is not hook_embed + hook_pos_embed for this model (an embedding scale or "
             "extra embedding is applied outside the hooks); the decomposition would not be exact"
@@ -355,17 +370,49 @@ def pattern_and_values(
         MissingHookError: the cache lacks ``hook_pattern`` or ``hook_v`` of ``layer``.
         UnsupportedArchitectureError: ``hook_v`` has neither ``n_heads`` nor ``n_key_value_heads`` heads.
     """
-    spec = tlm.model_spec(model)
     position = resolve_position(position, n_positions(cache))
     tlm.check_pattern_position(cache, position)
-    pattern = tlm.cached(cache, f"blocks.{layer}.attn.hook_pattern", batch)[:, position, : position + 1]
-    v = tlm.cached(cache, f"blocks.{layer}.attn.hook_v", batch)[: position + 1]  # [src, kv_heads, d_head]
-    if v.shape[1] not in (spec.n_heads, spec.n_kv_heads):
-        raise UnsupportedArchitectureError(
-            f"blocks.{layer}.attn.hook_v has {v.shape[1]} heads; expected n_heads={spec.n_heads} or "
-            f"n_key_value_heads={spec.n_kv_heads}"
-        )
-    return pattern, einops.repeat(v, "src kv d_head -> src (kv rep) d_head", rep=spec.n_heads // v.shape[1])
+    pattern = tlm.cached(cache, tlm.hook_name("pattern", layer), batch)[:, position, : position + 1]
+    v = tlm.cached(cache, tlm.hook_name("v", layer), batch)[: position + 1]  # [src, kv_heads, d_head]
+    rep = tlm.value_heads(model, int(v.shape[1]))
+    return pattern, einops.repeat(v, "src kv d_head -> src (kv rep) d_head", rep=rep)
+
+
+def post_norm_factor(
+    model: Any,
+    cache: Any,
+    layer: int,
+    sublayer: Literal["attn", "mlp"],
+    position: int,
+    batch: int = 0,
+    raw_output: Tensor | None = None,
+) -> Float[Tensor, " d_model"] | None:
+    """``w / sigma``: what a norm after ``sublayer``'s output does to each of its parts at ``position``.
+
+    Gemma-2/3 and OLMo-2/3 add ``RMSNorm(out) = w * out / sigma`` to the residual, with
+    ``sigma = sqrt(mean(out^2) + eps)`` of the whole sublayer output ``out`` at that token. As the authors freeze the
+    final norm's scale (neuron-level paper Eq. 12), ``sigma`` is frozen at its value on this token, so a part ``v``
+    of the sublayer contributes ``w * v / sigma`` and the parts still sum exactly to ``hook_{attn,mlp}_out``.
+    ``w`` is the effective gain (``1 + w`` for Gemma's offset weights). ``sigma`` is the cached
+    ``{post-norm}.hook_scale``; where that hook is not cached it is recomputed from ``raw_output`` (the sum of the
+    sublayer's raw parts, exact), and the safety net checks the result against the cached residual.
+
+    Returns:
+        ``Float[Tensor, "d_model"]``, or ``None`` where the model has no such norm.
+
+    Raises:
+        MissingHookError: the scale is not cached and ``raw_output`` is not given.
+    """
+    spec = tlm.model_spec(model)
+    if not (spec.post_attn_norm if sublayer == "attn" else spec.post_mlp_norm):
+        return None
+    w = tlm.post_norm_weight(model, layer, sublayer)
+    hook = tlm.hook_name(f"post_{sublayer}_scale", layer, model)
+    if tlm.has_hook(cache, hook) or raw_output is None:
+        sigma = tlm.cached(cache, hook, batch)[position].reshape(-1)[0]
+    else:
+        sigma = (raw_output.double().pow(2).mean() + spec.eps).sqrt().float()
+    return w / sigma
 
 
 def attention_parts(
@@ -385,6 +432,12 @@ def attention_parts(
     pattern, v = pattern_and_values(model, cache, layer, position, batch)
     w_o = tlm.W_O(model, layer)
     directions = einops.einsum(v, w_o, "src head d_head, head d_head d_model -> head src d_model")
+    b_o = tlm.b_O(model, layer)
+    if spec.post_attn_norm:
+        raw = einops.einsum(pattern, directions, "head src, head src d_model -> d_model") + b_o
+        factor = post_norm_factor(model, cache, layer, "attn", position, batch, raw)
+        assert factor is not None  # spec.post_attn_norm
+        directions, b_o = directions * factor, b_o * factor
     n_src = position + 1
     heads = einops.repeat(torch.arange(spec.n_heads), "head -> (head src)", src=n_src)
     srcs = einops.repeat(torch.arange(n_src), "src -> (head src)", head=spec.n_heads)
@@ -397,12 +450,13 @@ def attention_parts(
         [subvalue_name(layer, int(h), int(p)) for h, p in zip(heads.tolist(), srcs.tolist())],
     )
     bias_name = names.format(names.ComponentRef("attn_bias", layer))
-    return subvalues, _single("attn_bias", layer, bias_name, tlm.b_O(model, layer))
+    return subvalues, _single("attn_bias", layer, bias_name, b_o)
 
 
 def head_outputs(model: Any, cache: Any, layer: int, position: int, batch: int = 0) -> Float[Tensor, "head d_model"]:
     """Each head's output at destination ``position`` without ``b_O``: ``sum_p pattern[h, position, p] *
-    (v[p, kv(h)] @ W_O[h])``, the sum of its subvalues over source positions (residual-stream paper Eq. 7).
+    (v[p, kv(h)] @ W_O[h])``, the sum of its subvalues over source positions (residual-stream paper Eq. 7), times
+    the frozen post-attention-norm factor where the model has that norm (:func:`post_norm_factor`).
 
     The one head-output computation (score tables and the flow graph use it). Memory: ``n_heads * d_model`` floats.
 
@@ -411,14 +465,16 @@ def head_outputs(model: Any, cache: Any, layer: int, position: int, batch: int =
     """
     pattern, v = pattern_and_values(model, cache, layer, position, batch)
     z = einops.einsum(pattern, v, "head src, src head d_head -> head d_head")
-    return einops.einsum(z, tlm.W_O(model, layer), "head d_head, head d_head d_model -> head d_model")
+    w_o = _scaled_w_o(model, cache, layer, position, batch)
+    return einops.einsum(z, w_o, "head d_head, head d_head d_model -> head d_model")
 
 
 def ffn_parts(model: Any, cache: Any, layer: int, position: int, batch: int = 0) -> tuple[PartGroup, PartGroup]:
     """FFN subvalues of ``layer`` at ``position``, ``m_k * W_out[k]`` (residual-stream paper Eq. 10), and ``b_out``.
 
     ``m`` is ``blocks.{layer}.mlp.hook_post`` (for gated MLPs ``act(gate) * up``). ``directions`` is a view of
-    ``W_out``: memory is ``d_mlp`` floats beyond the model's weights.
+    ``W_out``: memory is ``d_mlp`` floats beyond the model's weights. With a norm after the MLP output (Gemma-2/3,
+    OLMo-2/3) the directions are ``W_out * w / sigma`` (:func:`post_norm_factor`), a ``d_mlp * d_model`` copy.
 
     Returns:
         ``(neurons, bias)`` with ``neurons.index = {"neuron"}``.
@@ -428,18 +484,36 @@ def ffn_parts(model: Any, cache: Any, layer: int, position: int, batch: int = 0)
     """
     if tlm.is_moe_layer(model, layer):
         raise UnsupportedArchitectureError(f"layer {layer}'s FFN is a mixture of experts: use mlp_parts / expert_parts")
-    m = tlm.cached(cache, f"blocks.{layer}.mlp.hook_post", batch)[resolve_position(position, n_positions(cache))]
+    m = tlm.cached(cache, tlm.hook_name("mlp_post", layer), batch)[resolve_position(position, n_positions(cache))]
     neurons = torch.arange(m.shape[0])
+    w_out, b_out = tlm.W_out(model, layer), tlm.b_out(model, layer)
+    if tlm.model_spec(model).post_mlp_norm:
+        factor = post_norm_factor(model, cache, layer, "mlp", position, batch, m @ w_out + b_out)
+        assert factor is not None  # spec.post_mlp_norm
+        w_out, b_out = w_out * factor, b_out * factor
     group = PartGroup(
         "ffn_neuron",
         layer,
         m,
-        tlm.W_out(model, layer),
+        w_out,
         {"neuron": neurons},
         [neuron_name(layer, k) for k in range(m.shape[0])],
     )
     bias_name = names.format(names.ComponentRef("ffn_bias", layer))
-    return group, _single("ffn_bias", layer, bias_name, tlm.b_out(model, layer))
+    return group, _single("ffn_bias", layer, bias_name, b_out)
+
+
+def _scaled_w_o(model: Any, cache: Any, layer: int, position: int, batch: int) -> Float[Tensor, "head d_head d_model"]:
+    """``W_O`` times the frozen post-attention-norm factor where the model has that norm (else ``W_O`` itself)."""
+    w_o = tlm.W_O(model, layer)
+    if not tlm.model_spec(model).post_attn_norm:
+        return w_o
+    pattern, v = pattern_and_values(model, cache, layer, position, batch)
+    raw = einops.einsum(pattern, v, w_o, "head src, src head d_head, head d_head d_model -> d_model")
+    raw = raw + tlm.b_O(model, layer)
+    factor = post_norm_factor(model, cache, layer, "attn", position, batch, raw)
+    assert factor is not None  # spec.post_attn_norm
+    return w_o * factor
 
 
 def attention_neuron_name(layer: int, head: int, dim: int, src_pos: int) -> str:
@@ -485,7 +559,7 @@ def attention_neuron_parts(model: Any, cache: Any, layer: int, position: int, ba
     coefficients = attention_neuron_coefficients(model, cache, layer, position, batch)
     n_src = position + 1
     directions = einops.repeat(
-        tlm.W_O(model, layer), "head d_head d_model -> (head src d_head) d_model", src=n_src
+        _scaled_w_o(model, cache, layer, position, batch), "head d_head d_model -> (head src d_head) d_model", src=n_src
     )
     heads, srcs, dims = (
         t.reshape(-1)
@@ -561,7 +635,9 @@ def attention_neuron_groups(model: Any, cache: Any, layer: int, position: int, b
     layer = resolve_layer(layer, spec.n_layers)
     position = resolve_position(position, n_positions(cache))
     coefficients = attention_neuron_coefficients(model, cache, layer, position, batch)
-    w_o = einops.rearrange(tlm.W_O(model, layer), "head d_head d_model -> (head d_head) d_model")
+    w_o = einops.rearrange(
+        _scaled_w_o(model, cache, layer, position, batch), "head d_head d_model -> (head d_head) d_model"
+    )
     heads = einops.repeat(torch.arange(spec.n_heads), "head -> (head d_head)", d_head=spec.d_head)
     dims = einops.repeat(torch.arange(spec.d_head), "d_head -> (head d_head)", head=spec.n_heads)
     d_head = spec.d_head
@@ -637,7 +713,12 @@ def iter_parts(
 
     Order: embeddings, then for each layer its attention subvalues, ``b_O``, FFN subvalues, ``b_out``; registered
     sources (:func:`register_source`) where they enter (after the stream hook they were added at). The parts of
-    all groups sum to the cached vector (see :func:`reconstruction_error`).
+    all groups sum to the cached vector (see :func:`reconstruction_error`; :func:`verify_exact` checks it).
+
+    Parallel attention+MLP (GPT-J, Pythia, Phi-1/2; ``ModelSpec.parallel_attn_mlp``): both sublayers read
+    ``resid_pre`` and ``resid_post = resid_pre + attn_out + mlp_out``; there is no ``resid_mid`` (neither API
+    caches one), so ``stream="resid_mid"`` is refused. Norms after the sublayer output: see
+    :func:`post_norm_factor`.
 
     Memory: one layer at a time, at most ``max(n_heads * (position + 1), 1) * d_model`` new floats per group
     (FFN directions are views of ``W_out``).
@@ -645,10 +726,12 @@ def iter_parts(
     Raises:
         InvalidInputError: bad ``layer``, ``position``, ``stream`` or ``batch``.
         MissingHookError: the cache lacks a needed hook.
-        UnsupportedArchitectureError: the model is outside what the decomposition covers.
+        UnsupportedArchitectureError: the model is outside what the decomposition covers, or ``resid_mid`` of a
+            parallel attention+MLP model.
     """
     spec = tlm.model_spec(model)
     stream = resolve_stream(stream)
+    check_stream(spec, stream)
     layer = resolve_layer(layer, spec.n_layers)
     position = resolve_position(position, n_positions(cache))
     yield from embedding_parts(model, cache, position, batch)
@@ -664,9 +747,100 @@ def iter_parts(
         yield from source_parts(model, cache, l, "resid_post", position, batch)
 
 
+def check_stream(spec: tlm.ModelSpec, stream: str) -> None:
+    """Refuse ``resid_mid`` where it does not exist (parallel attention+MLP).
+
+    Raises:
+        UnsupportedArchitectureError: ``stream == "resid_mid"`` on a parallel attention+MLP model.
+    """
+    if stream == "resid_mid" and not spec.has_resid_mid:
+        raise UnsupportedArchitectureError(
+            f"{spec.architecture or 'this model'} runs attention and MLP in parallel (both read resid_pre; "
+            "resid_post = resid_pre + attn_out + mlp_out): there is no resid_mid; use resid_pre or resid_post"
+        )
+
+
 def target_vector(cache: Any, layer: int, position: int, stream: Stream, batch: int = 0) -> Float[Tensor, " d_model"]:
     """The cached ``blocks.{layer}.hook_{stream}[batch, position]``."""
-    return tlm.cached(cache, f"blocks.{layer}.hook_{stream}", batch)[position]
+    return tlm.cached(cache, tlm.hook_name(stream, layer), batch)[position]
+
+
+# ----------------------------------------------------------------------------------------------
+# The safety net
+# ----------------------------------------------------------------------------------------------
+
+
+def relative_error(total: Tensor, target: Tensor) -> float:
+    """``||total - target|| / ||target||`` in float64."""
+    total, target = total.double(), target.double().to(total.device)
+    return float((total - target).norm() / target.norm().clamp_min(1e-30))
+
+
+def verify_exact(
+    model: Any,
+    cache: Any,
+    total: Float[Tensor, " d_model"],
+    layer: int = -1,
+    position: int = -1,
+    stream: Stream = "resid_post",
+    batch: int = 0,
+    what: str = "the parts",
+) -> float:
+    """The safety net: check that ``total`` (the sum of the parts used) equals the cached vector it decomposes.
+
+    Every public entry point that reports parts or scores calls it (:func:`decompose`, the scorers' contexts and
+    tables, query splits, ``explain``). Tolerance: :func:`tl_residual.model.tolerance`, the looser of the model's
+    and the cache's dtype (float32 ``1e-4`` relative; float16 ``1e-2``, bfloat16 ``5e-2``, as their forward passes
+    round every residual add).
+
+    Returns:
+        The relative error found.
+
+    Raises:
+        DecompositionError: the relative error exceeds the tolerance. The message names the model class, the
+            vector (hook and position), the error and the likely causes.
+    """
+    spec = tlm.model_spec(model)
+    layer_i = resolve_layer(layer, spec.n_layers)
+    pos_i = resolve_position(position, n_positions(cache))
+    target = target_vector(cache, layer_i, pos_i, stream, batch)
+    err = relative_error(total, target)
+    tol = tlm.tolerance(model, cache)
+    if not err <= tol:  # also catches NaN
+        raise DecompositionError(
+            f"{what} of {tlm.hook_name(stream, layer_i)}[batch {batch}, position {pos_i}] do not sum to the cached "
+            f"vector for {tlm.model_class(model)}: relative error {err:.3g} > tolerance {tol:g} "
+            f"(model {spec.dtype}). Likely causes: the cache was taken from a different model than the one passed; "
+            "a hook "
+            "edited activations without being registered (tl_residual.register_source); or the model has a feature "
+            "the decomposition does not model. No number is reported."
+        )
+    return err
+
+
+def parts_total(
+    model: Any, cache: Any, layer: int = -1, position: int = -1, stream: Stream = "resid_post", batch: int = 0
+) -> Float[Tensor, " d_model"]:
+    """The float64 sum of every part of :func:`iter_parts` (one layer at a time)."""
+    total = None
+    for group in iter_parts(model, cache, layer, position, stream, batch):
+        part = group.coefficients.double() @ group.directions.double()
+        total = part if total is None else total + part
+    assert total is not None
+    return total
+
+
+def check_reconstruction(
+    model: Any, cache: Any, layer: int = -1, position: int = -1, stream: Stream = "resid_post", batch: int = 0
+) -> float:
+    """Decompose ``blocks.{layer}.hook_{stream}[batch, position]`` and :func:`verify_exact` the sum (cheap: one
+    pass over the parts). Returns the relative error.
+
+    Raises:
+        DecompositionError: the parts do not sum to the cached vector.
+    """
+    return verify_exact(model, cache, parts_total(model, cache, layer, position, stream, batch), layer, position,
+                        stream, batch)
 
 
 def reconstruction_error(
@@ -674,18 +848,14 @@ def reconstruction_error(
 ) -> float:
     """Relative error ``||sum(parts) - cached|| / ||cached||`` of the decomposition (float64 accumulation).
 
-    A value near float32 precision (about 1e-7 to 1e-6) means the decomposition is exact.
+    A value near float32 precision (about 1e-7 to 1e-6) means the decomposition is exact. This only measures; the
+    entry points that report numbers call :func:`verify_exact` / :func:`check_reconstruction`, which raise.
     """
     spec = tlm.model_spec(model)
     layer_i = resolve_layer(layer, spec.n_layers)
     pos_i = resolve_position(position, n_positions(cache))
-    total = None
-    for group in iter_parts(model, cache, layer_i, pos_i, stream, batch):
-        part = group.coefficients.double() @ group.directions.double()
-        total = part if total is None else total + part
-    target = target_vector(cache, layer_i, pos_i, stream, batch).double()
-    assert total is not None  # iter_parts always yields the embedding
-    return float((total - target).norm() / target.norm().clamp_min(1e-30))
+    total = parts_total(model, cache, layer_i, pos_i, stream, batch)
+    return relative_error(total, target_vector(cache, layer_i, pos_i, stream, batch))
 
 
 def decompose(
@@ -697,6 +867,9 @@ def decompose(
     embeddings), ``head``, ``src_pos``, ``src_token``, ``neuron``; -1 where a row's kind lacks the index), then
     ``coefficient``, ``norm`` (L2 norm of the part, in residual units). Vectors are not stored; use
     :func:`iter_parts` for them. ``df.attrs["rel_error"]`` holds :func:`reconstruction_error`.
+
+    Raises:
+        DecompositionError: the parts do not sum to the cached vector (:func:`verify_exact`).
     """
     rows: list[pd.DataFrame] = []
     total = None
@@ -709,12 +882,8 @@ def decompose(
             tables.part_frame(g, src_tokens=tokens, coefficient=g.coefficients.cpu().numpy(), norm=norms.cpu().numpy())
         )
     df = tables.concat(rows, ["coefficient", "norm"])
-    spec = tlm.model_spec(model)
-    target = target_vector(
-        cache, resolve_layer(layer, spec.n_layers), resolve_position(position, n_positions(cache)), stream, batch
-    ).double()
     assert total is not None  # iter_parts always yields the embedding
-    df.attrs["rel_error"] = float((total - target).norm() / target.norm().clamp_min(1e-30))
+    df.attrs["rel_error"] = verify_exact(model, cache, total, layer, position, stream, batch)
     return df
 
 
@@ -723,7 +892,7 @@ def decompose(
 # ----------------------------------------------------------------------------------------------
 
 
-_SUBLAYER_OUTPUTS: tuple[tuple[Literal["attn", "mlp"], str], ...] = (("attn", "hook_attn_out"), ("mlp", "hook_mlp_out"))
+_SUBLAYER_OUTPUTS: tuple[tuple[Literal["attn", "mlp"], str], ...] = (("attn", "attn_out"), ("mlp", "mlp_out"))
 
 
 def layer_outputs(model: Any, cache: Any, position: int = -1, batch: int = 0) -> list[tuple[str, int, str, Tensor]]:
@@ -735,24 +904,27 @@ def layer_outputs(model: Any, cache: Any, position: int = -1, batch: int = 0) ->
     spec = tlm.model_spec(model)
     position = resolve_position(position, n_positions(cache))
     out: list[tuple[str, int, str, Tensor]] = [
-        ("embed", -1, "embed", tlm.cached(cache, "blocks.0.hook_resid_pre", batch)[position])
+        ("embed", -1, "embed", tlm.cached(cache, tlm.hook_name("resid_pre", 0), batch)[position])
     ]
     for l in range(spec.n_layers):
         for kind, hook in _SUBLAYER_OUTPUTS:
-            out.append((names.layer_output(l, kind), l, kind, tlm.cached(cache, f"blocks.{l}.{hook}", batch)[position]))
+            vec = tlm.cached(cache, tlm.hook_name(hook, l), batch)[position]
+            out.append((names.layer_output(l, kind), l, kind, vec))
     return out
 
 
 def residual_stream(model: Any, cache: Any, position: int = -1, batch: int = 0) -> list[tuple[str, Tensor]]:
     """The residual stream of the residual-stream paper, Eq. 1: ``[("Lin0", resid_pre_0), ("Lres0", resid_mid_0),
     ("Lout0", resid_post_0), ("Lres1", ...), ...]``; ``Lin_{l+1} = Lout_l`` so only ``Lin0`` is listed.
+    Parallel attention+MLP models have no ``resid_mid``: their ``Lres`` entries are left out.
     """
     spec = tlm.model_spec(model)
     position = resolve_position(position, n_positions(cache))
-    out = [("Lin0", tlm.cached(cache, "blocks.0.hook_resid_pre", batch)[position])]
+    out = [("Lin0", tlm.cached(cache, tlm.hook_name("resid_pre", 0), batch)[position])]
     for l in range(spec.n_layers):
-        out.append((f"Lres{l}", tlm.cached(cache, f"blocks.{l}.hook_resid_mid", batch)[position]))
-        out.append((f"Lout{l}", tlm.cached(cache, f"blocks.{l}.hook_resid_post", batch)[position]))
+        if spec.has_resid_mid:
+            out.append((f"Lres{l}", tlm.cached(cache, tlm.hook_name("resid_mid", l), batch)[position]))
+        out.append((f"Lout{l}", tlm.cached(cache, tlm.hook_name("resid_post", l), batch)[position]))
     return out
 
 
@@ -826,9 +998,10 @@ def expert_parts(model: Any, cache: Any, layer: int, position: int, batch: int =
     Raises:
         InvalidInputError: bad ``layer``, ``position`` or ``batch``.
         MissingHookError: the cache lacks the MoE input hook or ``hook_mlp_out``.
-        UnsupportedArchitectureError: ``layer`` is not an MoE layer, or the parts do not sum to the cached
-            ``hook_mlp_out`` (relative error above :data:`MOE_TOLERANCE`: a cache from another model, edited
-            hooks, or a routing convention the decomposition does not reproduce).
+        UnsupportedArchitectureError: ``layer`` is not an MoE layer.
+        DecompositionError: the parts do not sum to the cached ``hook_mlp_out`` (relative error above
+            :data:`MOE_TOLERANCE`: a cache from another model, edited hooks, or a routing convention the
+            decomposition does not reproduce); the safety net.
     """
     from tl_residual import names
 
@@ -868,15 +1041,15 @@ def expert_parts(model: Any, cache: Any, layer: int, position: int, batch: int =
 
 
 def _check_moe_sum(model: Any, cache: Any, layer: int, position: int, batch: int, groups: list[PartGroup]) -> None:
-    hook = f"blocks.{layer}.hook_mlp_out"
+    hook = tlm.hook_name("mlp_out", layer)
     target = tlm.cached(cache, hook, batch)[position].double()
     total = sum((g.coefficients.double() @ g.directions.double() for g in groups), torch.zeros_like(target))
     err = float((total - target).norm() / target.norm().clamp_min(1e-30))
     low = cache[hook].dtype in (torch.float16, torch.bfloat16)
     tol = MOE_TOLERANCE_LOW_PRECISION if low else MOE_TOLERANCE
     if not err <= tol:
-        raise UnsupportedArchitectureError(
-            f"{type(model).__name__}: the expert parts of layer {layer} at position {position} do not sum to the "
+        raise DecompositionError(
+            f"{tlm.model_class(model)}: the expert parts of layer {layer} at position {position} do not sum to the "
             f"cached {hook} (relative error {err:.3g} > {tol:g}). Likely causes: a cache from another model, "
             f"hooks edited during the run, or a routing convention tl-residual does not reproduce"
         )
@@ -893,8 +1066,9 @@ def mlp_parts(model: Any, cache: Any, layer: int, position: int, batch: int = 0)
     if not tlm.is_moe_layer(model, layer):
         return list(ffn_parts(model, cache, layer, position, batch))
     groups = expert_parts(model, cache, layer, position, batch)
-    d_model = int(model.cfg.d_model)
-    groups.append(_single("ffn_bias", layer, f"L{layer}.mlp_bias", torch.zeros(d_model, device=groups[0].directions.device)))
+    d_model = tlm.d_model(model)
+    bias_name = names.format(names.ComponentRef("ffn_bias", layer))
+    groups.append(_single("ffn_bias", layer, bias_name, torch.zeros(d_model, device=groups[0].directions.device)))
     return groups
 
 

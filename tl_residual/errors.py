@@ -21,3 +21,12 @@ class InvalidInputError(TLResidualError):
 
 class MissingHookError(TLResidualError):
     """The ActivationCache lacks a hook the computation needs."""
+
+
+class DecompositionError(TLResidualError):
+    """The parts of a decomposition do not sum to the cached vector they decompose (the safety net).
+
+    Raised instead of returning a number that would be silently wrong: the cache comes from another model, a
+    hook edited an activation without being registered as a source, or the model has a feature the
+    decomposition does not model.
+    """

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from tl_residual import model as tlm
-from tl_residual.decompose import SOURCES, reconstruction_error, resolve_position
+from tl_residual.decompose import SOURCES, check_reconstruction, resolve_position
 from tl_residual.errors import InvalidInputError
 from tl_residual.lens import Convention, model_logits
 from tl_residual.scorers import DEFAULT_TOP_K, make_context, score, score_layers
@@ -185,14 +185,14 @@ def explain(
             _, cache = model.run_with_cache(tokens)
     else:  # only the hooks position `pos` needs, the attention pattern's row `pos` only: memory linear
         cache = tlm.run_with_position_cache(model, tokens, pos)
-    token_texts = [model.tokenizer.decode([t]) for t in tokens[0].tolist()] if getattr(model, "tokenizer", None) else None
+    token_texts = [tlm.decode(model, t) for t in tokens[0].tolist()] if getattr(model, "tokenizer", None) else None
     ctx = make_context(model, cache, target, pos, convention=convention, tokens=token_texts)
     logits = model_logits(model, cache, ctx.position)
     probs = torch.softmax(logits, -1)
     top = torch.topk(probs, 5)
-    n_layers = int(model.cfg.n_layers)
+    n_layers = tlm.n_layers(model)
     explanation = Explanation(
-        model=model_name or str(getattr(model.cfg, "model_name", type(model).__name__)),
+        model=model_name or tlm.model_name(model),
         prompt=prompt,
         tokens=[ctx.lens.token_str(t) for t in tokens[0].tolist()],
         position=ctx.position,
@@ -200,7 +200,7 @@ def explain(
         target_token=ctx.lens.token_str(ctx.target),
         target_prob=float(probs[ctx.target]),
         predictions=[(ctx.lens.token_str(t), float(p)) for p, t in zip(top.values.tolist(), top.indices.tolist())],
-        decomposition_rel_error=reconstruction_error(model, cache, n_layers - 1, ctx.position, "resid_post"),
+        decomposition_rel_error=check_reconstruction(model, cache, n_layers - 1, ctx.position, "resid_post"),
         method=method,
         convention=convention,
         layers=score_layers(ctx, method),

@@ -15,6 +15,12 @@ Eq. 12; ``docs/logit_lens.md``):
     ``W_U`` as TransformerLens exposes it, no scale, no centring, no bias (residual-stream paper Eq. 11). With
     ``fold_ln=True`` TransformerLens has folded gamma into ``W_U``; without it, ``W_U`` is the raw unembedding.
 
+Final logit soft-capping (Gemma-2, ``ModelSpec.logit_softcap = c``): the ``frozen`` and ``recomputed`` lenses apply
+``c * tanh(z / c)`` to the logits ``z`` of the whole vector, as the model does, so the log-probabilities of the final
+residual equal the model's and the log-probability increase ``log p(t | x + v) - log p(t | x)`` stays exact
+(``z(x + v) = z(x) + z(v)`` before the cap). The capped lens is not additive in logits, so :attr:`Lens.linear` is
+False there and the scorers score such models densely (:attr:`Lens.certifiable`). ``"none"`` stays uncapped.
+
 Units: logits (nats before softmax). Probabilities from :func:`torch.softmax` over them.
 
 The bs-value tables (``bs_values``, ``bs_minus_layers``, ``bs_minus_parts``, ``bs_trajectory``) live in
@@ -68,19 +74,31 @@ class Lens:
         spec = tlm.model_spec(model)
         self.convention: Convention = convention
         self.position = resolve_position(position, n_positions(cache))
-        self.center = spec.norm == "LN"
+        self.center = spec.final_norm == "LN"
+        self.softcap = spec.logit_softcap if convention != "none" else 0.0
         self.W_U: Float[Tensor, "d_model d_vocab"] = tlm.W_U(model)
         self.b_U: Float[Tensor, " d_vocab"] = tlm.b_U(model)
         self.gamma: Float[Tensor, " d_model"] = tlm.norm_weight(model, "final")
         self.beta: Float[Tensor, " d_model"] = tlm.norm_bias(model, "final")
-        self.eps = float(getattr(model.cfg, "eps", 1e-5))
-        self.scale = float(tlm.cached(cache, "ln_final.hook_scale", batch)[self.position].reshape(-1)[0])
+        self.eps = spec.eps
+        self.scale = float(tlm.cached(cache, tlm.hook_name("final_scale"), batch)[self.position].reshape(-1)[0])
         self.tokenizer = getattr(model, "tokenizer", None)
+        self._model = model
 
     @property
     def linear(self) -> bool:
-        """True for the linear conventions (``frozen``, ``none``), where ``z(x + v) = z(x) + z(v)``."""
-        return self.convention != "recomputed"
+        """True where ``logits(x + v) = logits(x) + logits(v)``: ``frozen`` and ``none`` without soft-capping."""
+        return self.convention != "recomputed" and not self.softcap
+
+    @property
+    def certifiable(self) -> bool:
+        """Whether the certified top-k bounds of :mod:`tl_residual.topk` hold for this lens (not under final logit
+        soft-capping, where scorers fall back to dense scoring)."""
+        return not self.softcap
+
+    def cap(self, z: Float[Tensor, "... d_vocab"]) -> Float[Tensor, "... d_vocab"]:
+        """The final soft-capping ``c * tanh(z / c)`` (identity without soft-capping), logits."""
+        return self.softcap * torch.tanh(z / self.softcap) if self.softcap else z
 
     def transform(self, v: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         """The linear map applied before ``W_U`` (``frozen``: centre for LayerNorm, times gamma / scale).
@@ -116,8 +134,8 @@ class Lens:
         """bs-values of ``v`` over the vocabulary under this lens's convention (logits)."""
         v = v.float()
         if self.convention == "recomputed":
-            return self.normalize(v) @ self.W_U + self.b_U
-        return self.transform(v) @ self.W_U
+            return self.cap(self.normalize(v) @ self.W_U + self.b_U)
+        return self.cap(self.transform(v) @ self.W_U)
 
     def log_probs(self, v: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
         """``log softmax(logits(v))`` (nats)."""
@@ -167,7 +185,7 @@ def model_logits(model: Any, cache: Any, position: int = -1, batch: int = 0) -> 
     """
     spec = tlm.model_spec(model)
     lens = Lens(model, cache, position, batch, "recomputed")
-    resid = tlm.cached(cache, f"blocks.{spec.n_layers - 1}.hook_resid_post", batch)[lens.position]
+    resid = tlm.cached(cache, tlm.hook_name("resid_post", spec.n_layers - 1), batch)[lens.position]
     return lens.logits(resid)
 
 
@@ -183,7 +201,7 @@ def resolve_target(model: Any, target: Any, logits: Float[Tensor, " d_vocab"] | 
             tokenizer does not know (it would become the unknown token), an id out of range, a non-integer id
             (a float, a bool), or ``None`` without logits.
     """
-    d_vocab = int(getattr(model.cfg, "d_vocab_out", None) or model.cfg.d_vocab)
+    d_vocab = tlm.d_vocab(model)
     if target is None:
         if logits is None:
             raise InvalidInputError("no target given and no logits to take the top-1 prediction from")

@@ -52,6 +52,7 @@ from tl_residual.decompose import (
     n_positions,
     resolve_layer,
     resolve_position,
+    verify_exact,
 )
 from tl_residual.errors import InvalidInputError, UnsupportedArchitectureError
 from tl_residual.names import ComponentRef
@@ -88,12 +89,15 @@ def parse_neuron(model: Any, name: str, n_pos: int | None = None) -> ComponentRe
     return ref.check(tlm.model_spec(model), n_pos)
 
 
-def _read_norm(kind: str, layer: int) -> tuple[Stream, str]:
-    """The stream a neuron of ``kind`` reads (:func:`~tl_residual.decompose.base_stream`) and the norm in front
-    of it (``{layer}.ln1`` before attention, ``{layer}.ln2`` before the FFN)."""
-    stream = base_stream(kind)
+def _read_norm(model: Any, kind: str, layer: int) -> tuple[Stream, str]:
+    """The stream a neuron of ``kind`` reads (:func:`~tl_residual.decompose.base_stream` of the model: ``resid_pre``
+    for FFN neurons of parallel attention+MLP blocks) and the norm in front of it (``{layer}.ln1`` before attention,
+    :func:`tl_residual.model.mlp_norm` before the FFN: ``{layer}.ln2``, or ``{layer}.ln1`` where the block shares
+    one norm)."""
+    stream = base_stream(kind, tlm.model_spec(model))
     assert stream is not None
-    return stream, f"{layer}.{'ln1' if stream == 'resid_pre' else 'ln2'}"
+    attention = base_stream(kind) == "resid_pre"
+    return stream, f"{layer}.ln1" if attention else tlm.mlp_norm(model, layer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,6 +164,11 @@ def folded_key(
         MissingHookError: the cache lacks the norm's ``hook_scale``.
     """
     spec = tlm.model_spec(model)
+    if not spec.pre_norm:
+        raise UnsupportedArchitectureError(
+            f"{spec.architecture}: the sublayers read the residual without a norm before them (norms only after the "
+            "sublayer output); query splits through a pre-norm are not defined for it"
+        )
     layer, ln = norm.split(".")
     sigma = tlm.cached(cache, f"blocks.{layer}.{ln}.hook_scale", batch)[position].reshape(-1)[0]
     k = tlm.norm_weight(model, norm)[:, None].double() * weights.double()
@@ -190,8 +199,13 @@ def iter_query_contributions(
     float64), one layer's groups at a time (:func:`~tl_residual.decompose.iter_parts`).
     """
     key64 = key.double()
+    total = None
     for group in iter_parts(model, cache, layer, position, stream, batch):
+        part = group.coefficients.double() @ group.directions.double()
+        total = part if total is None else total + part
         yield group, group.coefficients.double()[:, None] * (group.directions.double() @ key64)
+    assert total is not None  # iter_parts always yields the embedding
+    verify_exact(model, cache, total, layer, position, stream, batch, "the query split's parts")  # safety net
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,7 +284,7 @@ def split_ffn_neuron(
     for which in ffn_inputs(model):
         w, b, hook = ffn_key(model, layer, [neuron], which)
         columns[which] = (w, b, hook, neuron)
-    stream, norm = _read_norm("ffn_neuron", layer)
+    stream, norm = _read_norm(model, "ffn_neuron", layer)
     return _split_table(model, cache, layer, stream, position, norm, columns, batch, names.ffn_neuron(layer, neuron))
 
 
@@ -295,7 +309,7 @@ def split_value_neuron(
     w, b, hook = value_key(model, layer, h, [d])
     v_heads = tlm.cached(cache, hook, batch).shape[1]
     flat = (h // spec.heads_per_kv if v_heads == spec.n_kv_heads else h) * spec.d_head + d
-    stream, norm = _read_norm("attn_neuron", layer)
+    stream, norm = _read_norm(model, "attn_neuron", layer)
     return _split_table(model, cache, layer, stream, src_pos, norm, {"value": (w, b, hook, flat)}, batch, ref.name)
 
 
@@ -309,7 +323,9 @@ def split_neuron(model: Any, cache: Any, name: str, position: int = -1, batch: i
     """
     expert_ref = _expert_ref(name)
     if expert_ref is not None:
-        return split_expert_neuron(model, cache, expert_ref.layer, expert_ref.expert, expert_ref.neuron, position, batch)
+        return split_expert_neuron(
+            model, cache, expert_ref.layer, expert_ref.expert, expert_ref.neuron, position, batch
+        )
     ref = parse_neuron(model, name, n_positions(cache))
     assert ref.layer is not None
     if ref.kind == "ffn_neuron":
@@ -367,7 +383,7 @@ class _QueryScores:
         """
         w, b, hook = read
         imp, neuron_names = torch.tensor(rows["score"].tolist()), list(rows["name"])
-        stream, norm = _read_norm(kind, layer)
+        stream, norm = _read_norm(self.ctx.model, kind, layer)
         model, cache, batch = self.ctx.model, self.ctx.cache, self.ctx.batch
         value = tlm.cached(cache, hook, batch)[position].reshape(-1)[flat].double()
         keep = value.abs() >= self.min_abs_input
@@ -537,12 +553,12 @@ def cross_layer_scores(
         group, _ = ffn_parts(model, cache, lv, pos, batch)
         c = scorer(ctx, group, ctx.base_for(group)).double()
         w, b, _ = ffn_key(model, lv, all_neurons, which)
-        _, norm = _read_norm("ffn_neuron", lv)
+        _, norm = _read_norm(model, "ffn_neuron", lv)
         key = folded_key(model, cache, norm, pos, w, batch).double()
         helpful, unhelpful = c > 0, c < 0
         biases[lv] = float(key_bias(model, norm, w, b).double()[helpful | unhelpful].sum())
         for name, layer, kind, vec in queries:
-            if layer > lv or (layer == lv and kind == "mlp"):
+            if layer > lv or (layer == lv and (kind == "mlp" or not spec.has_resid_mid)):
                 continue
             inner = vec.double() @ key
             rows.append(

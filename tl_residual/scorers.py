@@ -47,6 +47,7 @@ from tl_residual.decompose import (
     attention_neuron_groups,
     attention_parts,
     base_stream,
+    check_reconstruction,
     ffn_neuron_groups,
     head_outputs,
     layer_outputs,
@@ -104,7 +105,7 @@ class ScoringContext:
     @property
     def n_layers(self) -> int:
         """Number of layers of the model."""
-        return int(self.model.cfg.n_layers)
+        return tlm.n_layers(self.model)
 
     # -- per-base quantities, memoised per distinct base residual (one gemm for many bases) --------------
 
@@ -172,10 +173,10 @@ class ScoringContext:
         the stream :func:`~tl_residual.decompose.base_stream` names for its kind (zero for the embeddings)."""
         if group.base is not None:
             return group.base
-        stream = base_stream(group.kind)
+        stream = base_stream(group.kind, tlm.model_spec(self.model))
         if stream is None or group.layer is None:
             return torch.zeros_like(self.resid("blocks.0.hook_resid_pre"))
-        return self.resid(f"blocks.{group.layer}.hook_{stream}")
+        return self.resid(tlm.hook_name(stream, group.layer))
 
     def target_log_prob(self) -> float:
         """The model's own log-probability of the target at this position (nats)."""
@@ -210,6 +211,7 @@ def make_context(
     pos = resolve_position(position, n_positions(cache))
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise InvalidInputError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    check_reconstruction(model, cache, -1, pos, "resid_post", batch)  # the safety net (issue 11): exact or raise
     logits = model_logits(model, cache, pos, batch)
     tlm.check_finite(cache, pos, batch)  # a NaN/inf activation would enter the top-k or make target id 0
     t = resolve_target(model, target, logits)
@@ -697,7 +699,7 @@ def score_groups(
     """
     _check_top_k(top_k)
     scorer = get_scorer(method)
-    if top_k is not None and pruned and scorer.bound is not None:
+    if top_k is not None and pruned and scorer.bound is not None and ctx.lens.certifiable:
         return _pruned(ctx, list(groups), top_k, n_top_tokens, scorer)
     frames = []
     for g in groups:
@@ -990,7 +992,8 @@ def score_layers(
     n_top_tokens: int = 5,
 ) -> pd.DataFrame:
     """:func:`score` of each layer's attention output (``hook_attn_out``, against ``resid_pre``) and FFN output
-    (``hook_mlp_out``, against ``resid_mid``): residual-stream paper Eq. 19 for ``log_prob_increase``. ``kind``
+    (``hook_mlp_out``, against ``resid_mid``; ``resid_pre`` for parallel attention+MLP,
+    :func:`~tl_residual.decompose.base_stream`): residual-stream paper Eq. 19 for ``log_prob_increase``. ``kind``
     is ``attn`` or ``mlp``; every row by default. ``df.attrs["embed_log_prob"]`` is ``log p(t | embedding)``
     (nats), so that under a linear lens it plus the ``log_prob_increase`` scores telescopes to the final
     residual's log-probability.
