@@ -29,8 +29,9 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -62,8 +63,8 @@ def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float], Any]
 
 def random_gpt2(name: str, seed: int = 0) -> Any:
     """A random-weight GPT-2 of the given shape as a TransformerBridge (no hub access)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
     from transformer_lens.model_bridge import TransformerBridge
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     n_layer, d, n_head = GPT2_SHAPES[name]
     torch.manual_seed(seed)

@@ -31,8 +31,8 @@ logging.disable(logging.WARNING)
 import pytest
 import tiny_families as F
 import torch
-from conftest import HAS_BRIDGE, HAS_HOOKED
 
+from conftest import HAS_BRIDGE, HAS_HOOKED
 from tl_residual import decompose as D
 from tl_residual import model as tlm
 from tl_residual.errors import TLResidualError

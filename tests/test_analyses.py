@@ -14,8 +14,8 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
-from conftest import HAS_BRIDGE, make_bridge, make_hooked
 
+from conftest import HAS_BRIDGE, make_bridge, make_hooked
 from tl_residual import analyses as A
 from tl_residual import model as tlm
 from tl_residual.errors import InvalidInputError

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import tiny_families as F
 import torch
-from conftest import HAS_BRIDGE, HAS_HOOKED, make_bridge, tiny_tokenizer
 
+from conftest import HAS_BRIDGE, HAS_HOOKED, make_bridge, tiny_tokenizer
 from tl_residual import decompose as D
 from tl_residual import model as tlm
 from tl_residual import scorers as S

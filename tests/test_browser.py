@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from conftest import TOKENS, make_bridge, make_hooked, run_cache, HAS_HOOKED
+from conftest import HAS_HOOKED, TOKENS, make_bridge, make_hooked, run_cache
 from tl_residual import visualize as V
 
 CHROMIUM = os.environ.get("TLR_CHROMIUM", "/usr/bin/chromium")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TOKENS, _variant
 
+from conftest import TOKENS, _variant
 from tl_residual import decompose as D
 from tl_residual import model as tlm
 from tl_residual import query as Q

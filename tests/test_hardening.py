@@ -11,12 +11,12 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import HAS_BRIDGE, HAS_HOOKED, _variant, run_cache
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from tl_residual import cli, names
+from conftest import HAS_BRIDGE, HAS_HOOKED, _variant, run_cache
+from tl_residual import cli, explain, names
 from tl_residual import decompose as D
 from tl_residual import interventions as I
 from tl_residual import model as tlm
@@ -28,7 +28,6 @@ from tl_residual.errors import (
     TLResidualError,
     UnsupportedArchitectureError,
 )
-from tl_residual import explain
 from tl_residual.lens import model_logits, resolve_target
 
 SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
@@ -346,9 +345,10 @@ def test_opt_post_layer_norm_raises():
 
 @pytest.mark.skipif(not HAS_BRIDGE, reason="needs TransformerBridge")
 def test_real_opt_post_layer_norm_raises():
-    from conftest import tiny_tokenizer
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import OPTConfig, OPTForCausalLM
+
+    from conftest import tiny_tokenizer
 
     hf = OPTForCausalLM(OPTConfig(vocab_size=61, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
                                   num_attention_heads=2, max_position_embeddings=32, do_layer_norm_before=False,

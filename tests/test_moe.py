@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import HAS_BRIDGE, HAS_HOOKED, VOCAB, tiny_tokenizer
 
+from conftest import HAS_BRIDGE, HAS_HOOKED, VOCAB, tiny_tokenizer
 from tl_residual import decompose as D
 from tl_residual import model as tlm
 

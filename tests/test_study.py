@@ -45,8 +45,9 @@ def _prompts(n: int, seed: int = 0) -> list[dict]:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> str:
     """A random GPT-2 (2 layers, d_model 32) and the tests' word-level tokenizer, saved as a Hugging Face folder."""
-    from conftest import VOCAB, _randomize, tiny_tokenizer
     from transformers import GPT2Config, GPT2LMHeadModel
+
+    from conftest import VOCAB, _randomize, tiny_tokenizer
 
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=4, n_inner=64, bos_token_id=1,
@@ -433,7 +434,6 @@ def test_hooked_transformer_llama_style(tmp_path):
     attention): every prompt scored, scores equal the single-prompt scorers (skipped where TransformerLens 4.x
     has no HookedTransformer)."""
     from conftest import make_hooked
-
     from tl_residual import scorers as S
 
     model = make_hooked("llama", n_kv_heads=2)

@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from conftest import HAS_BRIDGE, HAS_HOOKED, VOCAB, tiny_tokenizer
 
 D_MODEL, N_HEADS, N_LAYERS, D_MLP, N_CTX = 64, 4, 2, 256, 32  # d_mlp = 4 d_model: TL3 assumes it for GPT-Neo/J

@@ -14,7 +14,7 @@ import os
 import sys
 import warnings
 from collections.abc import Iterator
-from typing import Any, Optional
+from typing import Any
 
 import pandas as pd
 import typer
@@ -274,22 +274,22 @@ def _report_path(path: str, i: int, n: int) -> str:
 
 @app.command()
 def explain(
-    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The prompt text."),
-    prompts_file: Optional[str] = typer.Option(None, "--prompts", help="A file of prompts: one per line, or JSON "
+    prompt: str | None = typer.Option(None, "--prompt", "-p", help="The prompt text."),
+    prompts_file: str | None = typer.Option(None, "--prompts", help="A file of prompts: one per line, or JSON "
                                                "Lines with \"prompt\" and an optional \"target\"; all explained "
                                                "with one model load."),
-    target: Optional[str] = typer.Option(None, "--target", "-t", help="Target token (one token, e.g. ' Paris'); default: top-1."),
+    target: str | None = typer.Option(None, "--target", "-t", help="Target token (one token, e.g. ' Paris'); default: top-1."),
     target_id: int | None = typer.Option(None, "--target-id", help="Target as a token id (instead of --target)."),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model name; default: the embedded SmolLM2-135M."),
     position: int = typer.Option(-1, "--position", help="Destination position (default -1, the last token)."),
     top_k: int = typer.Option(20, "--top-k", "-k", help="Rows in the layer, subvalue and neuron tables."),
     method: str = typer.Option("log_prob_increase", "--method", help="Scoring method (see `tl-residual methods`)."),
     convention: str = typer.Option("frozen", "--lens", help="Lens convention: frozen (default), recomputed, none."),
-    json_path: Optional[str] = typer.Option(None, "--json", help="Write the result as one JSON object to this path "
+    json_path: str | None = typer.Option(None, "--json", help="Write the result as one JSON object to this path "
                                             "(with --prompts: a JSON array, one object per prompt)."),
-    html_path: Optional[str] = typer.Option(None, "--html", help="Write a self-contained HTML report to this path "
+    html_path: str | None = typer.Option(None, "--html", help="Write a self-contained HTML report to this path "
                                             "(with --prompts: PATH-1.html, PATH-2.html, ...)."),
-    graph_layers: Optional[str] = typer.Option(None, "--graph-layers", help="Layers of the report's flow graph, "
+    graph_layers: str | None = typer.Option(None, "--graph-layers", help="Layers of the report's flow graph, "
                                                "e.g. 23,24 or 22-25; default: the two layers whose attention or FFN "
                                                "output scores highest (|score|)."),
 ) -> None:
@@ -377,7 +377,7 @@ def query(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model name; default: the embedded SmolLM2-135M."),
     position: int = typer.Option(-1, "--position", help="Position of the FFN neuron (default -1, the last token)."),
     top_k: int = typer.Option(20, "--top-k", "-k", help="Query parts listed per input (largest |contribution|)."),
-    json_path: Optional[str] = typer.Option(None, "--json", help="Write the result as one JSON object to this path."),
+    json_path: str | None = typer.Option(None, "--json", help="Write the result as one JSON object to this path."),
 ) -> None:
     """Which upstream parts switched NEURON on: the exact split of its input(s) at one position.
 
@@ -474,13 +474,13 @@ def ablate(
     neurons: str = typer.Option(..., "--neurons", "-n", help="Comma-separated components: FFN neurons L24.N1005, "
                                 "attention neurons L12.H3.d7 (or L12.H3.d7.p4), subvalues L12.H3.p4, heads L12.H3."),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model name; default: the embedded SmolLM2-135M."),
-    target: Optional[str] = typer.Option(None, "--target", "-t", help="Target token (one token, e.g. ' Paris'); "
+    target: str | None = typer.Option(None, "--target", "-t", help="Target token (one token, e.g. ' Paris'); "
                                          "default: the top-1 before the intervention."),
     target_id: int | None = typer.Option(None, "--target-id", help="Target as a token id (instead of --target)."),
     mode: str = typer.Option("zero", "--mode", help="zero (default), scale (needs --factor) or replace (needs --value)."),
-    factor: Optional[float] = typer.Option(None, "--factor", help="Multiplier for --mode scale."),
-    value: Optional[float] = typer.Option(None, "--value", help="New coefficient for --mode replace."),
-    json_path: Optional[str] = typer.Option(None, "--json", help="Write the result as one JSON object to this path."),
+    factor: float | None = typer.Option(None, "--factor", help="Multiplier for --mode scale."),
+    value: float | None = typer.Option(None, "--value", help="New coefficient for --mode replace."),
+    json_path: str | None = typer.Option(None, "--json", help="Write the result as one JSON object to this path."),
 ) -> None:
     """Zero (or scale, or replace) components at every position, rerun, and compare the target before and after.
 
@@ -583,21 +583,21 @@ def study(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model name or a saved Hugging Face model folder; "
                               "default: the embedded SmolLM2-135M."),
     prompt_column: str = typer.Option("prompt", "--prompt-column", help="Column holding the prompt text."),
-    target_column: Optional[str] = typer.Option(None, "--target-column", help="Column holding the target (a one-token "
+    target_column: str | None = typer.Option(None, "--target-column", help="Column holding the target (a one-token "
                                                 "string or a token id); default: the model's top-1 (builtin: answer)."),
-    group_column: Optional[str] = typer.Option(None, "--group-column", help="Column holding a group label "
+    group_column: str | None = typer.Option(None, "--group-column", help="Column holding a group label "
                                                "(e.g. knowledge type; builtin: type)."),
-    filter_: Optional[str] = typer.Option(None, "--filter", help="paper: keep the prompts passing the neuron-level "
+    filter_: str | None = typer.Option(None, "--filter", help="paper: keep the prompts passing the neuron-level "
                                           "paper's filter (needs target and group columns)."),
     methods: str = typer.Option("log_prob_increase", "--methods", help="Comma-separated scoring methods "
                                 "(`tl-residual methods`), all from one forward pass."),
-    kinds: Optional[str] = typer.Option(None, "--kinds", help="Comma-separated subset of layer,stream,ffn_neuron,"
+    kinds: str | None = typer.Option(None, "--kinds", help="Comma-separated subset of layer,stream,ffn_neuron,"
                                         "attn_neuron,attn_subvalue,head,query (default: all but query)."),
-    top_k: Optional[str] = typer.Option(None, "--top-k", help="Parts kept per prompt: N for every neuron kind, or "
+    top_k: str | None = typer.Option(None, "--top-k", help="Parts kept per prompt: N for every neuron kind, or "
                                         "ffn_neuron=100,attn_neuron=200,attn_subvalue=20,head=all (the default)."),
     batch_size: int = typer.Option(16, "--batch-size", help="Prompts per forward pass."),
     position: int = typer.Option(-1, "--position", help="Destination position in each prompt (default -1, its last token)."),
-    max_prompts: Optional[int] = typer.Option(None, "--max-prompts", help="Only the first N prompts of the data."),
+    max_prompts: int | None = typer.Option(None, "--max-prompts", help="Only the first N prompts of the data."),
     convention: str = typer.Option("frozen", "--lens", help="Lens convention: frozen (default), recomputed, none."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
@@ -647,13 +647,13 @@ def faithfulness(
                              "prompt, answer (or target / target_id) and optionally type (or group)."),
     model_name: str = typer.Option("smollm2-135m", "--model", help="Model to load."),
     out: str = typer.Option("faithfulness", "--out", help="Output prefix: writes OUT.json and OUT.md."),
-    max_prompts: Optional[int] = typer.Option(None, "--max-prompts", min=1, help="Run only the first N prompts."),
+    max_prompts: int | None = typer.Option(None, "--max-prompts", min=1, help="Run only the first N prompts."),
     methods_: str = typer.Option("", "--methods", help="Comma-separated scorers (default: the paper's eight)."),
     ks: str = typer.Option("10,100,300", "--ks", help="Comma-separated numbers of FFN neurons to zero."),
     no_attention: bool = typer.Option(False, "--no-attention", help="Skip Appendix C (attention neurons)."),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
     seed: int = typer.Option(0, "--seed"),
-    paper_filter: Optional[bool] = typer.Option(None, "--filter/--no-filter", help="Apply the neuron-level paper's "
+    paper_filter: bool | None = typer.Option(None, "--filter/--no-filter", help="Apply the neuron-level paper's "
                                                 "prompt filter (default: only for builtin:factual)."),
 ) -> None:
     """Neuron-level paper Table 2 / Table 13: zero each method's top-k FFN neurons and measure MRR / prob / logp."""
@@ -679,9 +679,9 @@ def faithfulness(
 def study_report(
     directory: str = typer.Argument(..., help="A study run's output folder (tl_residual.study.run)."),
     html: str = typer.Option("report.html", "--html", help="Where to write the self-contained HTML report."),
-    model_name: Optional[str] = typer.Option(None, "--model", help="Also compute the analyses that need the model "
+    model_name: str | None = typer.Option(None, "--model", help="Also compute the analyses that need the model "
                                              "(rerunning the prompts)."),
-    max_prompts: Optional[int] = typer.Option(None, "--max-prompts", min=1, help="Prompts for model-based analyses."),
+    max_prompts: int | None = typer.Option(None, "--max-prompts", min=1, help="Prompts for model-based analyses."),
 ) -> None:
     """Write every table and figure of the three papers that the run allows into one offline HTML file."""
     from tl_residual.analyses import load_study, write_report

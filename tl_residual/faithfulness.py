@@ -457,7 +457,7 @@ def read_prompts(model: Any, data: str = BUILTIN, paper_filter: bool | None = No
         InvalidInputError: an unreadable file or format, missing columns, an answer that is not one token.
     """
     from tl_residual.datasets import filter_prompts, load_factual_prompts
-    
+
     if data == BUILTIN:
         raw = load_factual_prompts()
         paper_filter = True if paper_filter is None else paper_filter

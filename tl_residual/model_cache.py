@@ -26,8 +26,9 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 _MARKER = "complete.json"
 _DISABLED = {"off", "0", "none", "false", "no"}
