@@ -61,8 +61,19 @@ def main(argv: list[str] | None = None) -> int:
         write(BenchmarkResult(saved["records"], saved["timings_s"], saved["info"], saved.get("selections", [])), a.out)
         return 0
     model = tlm.load_model(a.model)
-    res = run(model, a.data, a.out, a.max_prompts, tuple(a.methods.split(",")), tuple(int(k) for k in a.ks.split(",")),
-              not a.no_attention, a.batch_size, a.seed, not a.no_progress, model_name=a.model)
+    res = run(
+        model,
+        a.data,
+        a.out,
+        a.max_prompts,
+        tuple(a.methods.split(",")),
+        tuple(int(k) for k in a.ks.split(",")),
+        not a.no_attention,
+        a.batch_size,
+        a.seed,
+        not a.no_progress,
+        model_name=a.model,
+    )
     print(markdown(res))
     return 0
 

@@ -32,8 +32,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-TEXT = ("The capital of France is Paris. The capital of Spain is Madrid. Rivers flow to the sea, and the "
-        "mountains rise above the clouds. ")
+TEXT = (
+    "The capital of France is Paris. The capital of Spain is Madrid. Rivers flow to the sea, and the "
+    "mountains rise above the clouds. "
+)
 
 
 def prompt_of(model, n_tokens: int) -> str:
@@ -71,15 +73,21 @@ def child(mode: str, n_tokens: int) -> dict:
         score_attention_subvalues(ctx, "log_prob_increase", 20)
         score_ffn_neurons(ctx, "log_prob_increase", 20)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
-    return {"mode": mode, "n_tokens": n, "peak_rss_gb": peak_kb / 1024**2, "seconds": time.perf_counter() - t1,
-            "load_seconds": t1 - t0}
+    return {
+        "mode": mode,
+        "n_tokens": n,
+        "peak_rss_gb": peak_kb / 1024**2,
+        "seconds": time.perf_counter() - t1,
+        "load_seconds": t1 - t0,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 1024])
-    parser.add_argument("--modes", nargs="+", default=["load", "explain", "full-cache"],
-                        choices=["load", "explain", "full-cache"])
+    parser.add_argument(
+        "--modes", nargs="+", default=["load", "explain", "full-cache"], choices=["load", "explain", "full-cache"]
+    )
     parser.add_argument("--child", nargs=2, metavar=("MODE", "N"), help=argparse.SUPPRESS)
     parser.add_argument("--timeout", type=int, default=600, help="seconds per measurement")
     args = parser.parse_args()
@@ -110,8 +118,9 @@ def main() -> None:
     results = Path(__file__).parent / "results" / "memory.json"
     results.parent.mkdir(exist_ok=True)
     old = json.loads(results.read_text()) if results.exists() else []
-    old.append({"machine": platform.platform(), "cpus": os.cpu_count(), "time": time.strftime("%Y-%m-%d %H:%M"),
-                "rows": rows})
+    old.append(
+        {"machine": platform.platform(), "cpus": os.cpu_count(), "time": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}
+    )
     from tl_residual._io import atomic_write_text
 
     atomic_write_text(str(results), json.dumps(old, indent=2))

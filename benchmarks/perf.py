@@ -68,8 +68,15 @@ def random_gpt2(name: str, seed: int = 0) -> Any:
 
     n_layer, d, n_head = GPT2_SHAPES[name]
     torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=n_layer, n_embd=d, n_head=n_head, n_inner=4 * d, vocab_size=50257, n_positions=1024,
-                     attn_implementation="eager")
+    cfg = GPT2Config(
+        n_layer=n_layer,
+        n_embd=d,
+        n_head=n_head,
+        n_inner=4 * d,
+        vocab_size=50257,
+        n_positions=1024,
+        attn_implementation="eager",
+    )
     hf = GPT2LMHeadModel(cfg).eval()
     tok = load_model("smollm2-135m").tokenizer  # only for the bridge's bookkeeping; prompts are given as ids
     return TransformerBridge.boot_transformers("gpt2", hf_model=hf, tokenizer=tok).eval()
@@ -100,8 +107,14 @@ def same_top(a: Any, b: Any, atol: float = 1e-5) -> dict[str, Any]:
     }
 
 
-def bench_prompt(model: Any, tokens: torch.Tensor, repeats: int, dense_layers: list[int] | None,
-                 dense_full: bool, dense_kinds: tuple[str, ...] | None = None) -> dict[str, Any]:
+def bench_prompt(
+    model: Any,
+    tokens: torch.Tensor,
+    repeats: int,
+    dense_layers: list[int] | None,
+    dense_full: bool,
+    dense_kinds: tuple[str, ...] | None = None,
+) -> dict[str, Any]:
     """Forward, dense and pruned timings for one prompt (same process, side by side)."""
     n_layers = int(model.cfg.n_layers)
     t_fwd, fwd_all, (_, cache) = timed(lambda: model.run_with_cache(tokens), repeats)
@@ -110,7 +123,7 @@ def bench_prompt(model: Any, tokens: torch.Tensor, repeats: int, dense_layers: l
     rec["target"] = ctx.target
     pruned = {}
     for k in KS:
-        t, ts, df = timed(lambda: S.score_neurons(S.make_context(model, cache), top_k=k, n_top_tokens=0), repeats)
+        t, ts, df = timed(lambda k=k: S.score_neurons(S.make_context(model, cache), top_k=k, n_top_tokens=0), repeats)
         pruned[k] = df
         rec[f"pruned_top{k}_s"] = t
         rec[f"pruned_top{k}_all_s"] = ts
@@ -119,8 +132,9 @@ def bench_prompt(model: Any, tokens: torch.Tensor, repeats: int, dense_layers: l
     t, _, df5 = timed(lambda: S.score_neurons(S.make_context(model, cache), top_k=100, n_top_tokens=5), repeats)
     rec["pruned_top100_with_tokens_s"] = t
     if dense_full:
-        t, _, dense = timed(lambda: S.score_neurons(S.make_context(model, cache), top_k=1000, pruned=False,
-                                                    n_top_tokens=0), 1)
+        t, _, dense = timed(
+            lambda: S.score_neurons(S.make_context(model, cache), top_k=1000, pruned=False, n_top_tokens=0), 1
+        )
         rec["dense_s"] = t
         rec["dense_measured"] = "all layers"
         for k in KS:
@@ -128,13 +142,18 @@ def bench_prompt(model: Any, tokens: torch.Tensor, repeats: int, dense_layers: l
     else:
         layers = dense_layers or list(range(n_layers))
         kinds = dense_kinds or ("ffn_neuron", "attn_neuron")
-        t, _, dense = timed(lambda: S.score_neurons(S.make_context(model, cache), top_k=1000, layers=layers,
-                                                    kinds=kinds, pruned=False, n_top_tokens=0), 1)
+        t, _, dense = timed(
+            lambda: S.score_neurons(
+                S.make_context(model, cache), top_k=1000, layers=layers, kinds=kinds, pruned=False, n_top_tokens=0
+            ),
+            1,
+        )
         sub = S.score_neurons(S.make_context(model, cache), top_k=100, layers=layers, kinds=kinds, n_top_tokens=0)
         n_cand_sub = int(sub.attrs["n_candidates"])
         rec["dense_s"] = t * rec["n_candidates"] / n_cand_sub
-        rec["dense_measured"] = (f"{'+'.join(kinds)} of layers {layers} ({n_cand_sub} candidates, {t:.2f} s), "
-                                 f"extrapolated linearly")
+        rec["dense_measured"] = (
+            f"{'+'.join(kinds)} of layers {layers} ({n_cand_sub} candidates, {t:.2f} s), extrapolated linearly"
+        )
         rec["check_top100_on_dense_layers"] = same_top(sub, dense.head(100))
     rec["pruned_top100_over_forward"] = rec["pruned_top100_s"] / t_fwd
     rec["dense_over_pruned_top100"] = rec["dense_s"] / rec["pruned_top100_s"]
@@ -152,23 +171,43 @@ def bench_seq_len(model: Any, lengths: list[int], repeats: int) -> list[dict[str
     text = model.to_tokens("The capital of France is Paris. " * 200)[0]
     for n in lengths:
         tokens = text[:n][None] if text.shape[0] >= n else torch.randint(0, 49152, (1, n), generator=g)
-        t_fwd, _, (_, cache) = timed(lambda: model.run_with_cache(tokens), repeats)
-        t_top, _, df = timed(lambda: S.score_neurons(S.make_context(model, cache), top_k=100, n_top_tokens=0),
-                             repeats)
+        t_fwd, _, (_, cache) = timed(lambda tokens=tokens: model.run_with_cache(tokens), repeats)
+        t_top, _, df = timed(
+            lambda cache=cache: S.score_neurons(S.make_context(model, cache), top_k=100, n_top_tokens=0), repeats
+        )
         # dense cost per candidate from the last layer's FFN neurons, times all candidates
         sample_layers = [int(model.cfg.n_layers) - 1]
-        t_d, _, _ = timed(lambda: S.score_neurons(S.make_context(model, cache), top_k=10, layers=sample_layers,
-                                                  kinds=("ffn_neuron",), pruned=False, n_top_tokens=0), 1)
+        t_d, _, _ = timed(
+            lambda cache=cache, sample_layers=sample_layers: S.score_neurons(
+                S.make_context(model, cache),
+                top_k=10,
+                layers=sample_layers,
+                kinds=("ffn_neuron",),
+                pruned=False,
+                n_top_tokens=0,
+            ),
+            1,
+        )
         n_sample = int(model.cfg.d_mlp)
         dense_est = t_d / n_sample * int(df.attrs["n_candidates"])
-        out.append({
-            "n_tokens": n, "forward_s": t_fwd, "pruned_top100_s": t_top, "n_candidates": int(df.attrs["n_candidates"]),
-            "n_scored": int(df.attrs["n_scored"]), "dense_estimated_s": dense_est,
-            "pruned_over_forward": t_top / t_fwd, "dense_over_pruned": dense_est / t_top,
-            "dense_sample": f"FFN neurons of layer {sample_layers[0]} ({n_sample} candidates, {t_d:.2f} s)",
-        })
-        print(f"  seq {n}: forward {t_fwd:.3f}s top-100 {t_top:.3f}s ({t_top / t_fwd:.1f}x) scored "
-              f"{df.attrs['n_scored']}/{df.attrs['n_candidates']} dense~{dense_est:.0f}s", flush=True)
+        out.append(
+            {
+                "n_tokens": n,
+                "forward_s": t_fwd,
+                "pruned_top100_s": t_top,
+                "n_candidates": int(df.attrs["n_candidates"]),
+                "n_scored": int(df.attrs["n_scored"]),
+                "dense_estimated_s": dense_est,
+                "pruned_over_forward": t_top / t_fwd,
+                "dense_over_pruned": dense_est / t_top,
+                "dense_sample": f"FFN neurons of layer {sample_layers[0]} ({n_sample} candidates, {t_d:.2f} s)",
+            }
+        )
+        print(
+            f"  seq {n}: forward {t_fwd:.3f}s top-100 {t_top:.3f}s ({t_top / t_fwd:.1f}x) scored "
+            f"{df.attrs['n_scored']}/{df.attrs['n_candidates']} dense~{dense_est:.0f}s",
+            flush=True,
+        )
     return out
 
 
@@ -184,28 +223,41 @@ def environment() -> dict[str, Any]:
     import transformer_lens
 
     return {
-        "python": sys.version.split()[0], "torch": torch.__version__,
-        "transformer_lens": getattr(transformer_lens, "__version__", "?"), "cpu": cpu,
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.is_available(), "loadavg_start": os.getloadavg(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformer_lens": getattr(transformer_lens, "__version__", "?"),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "loadavg_start": os.getloadavg(),
     }
 
 
 def write_md(res: dict[str, Any], path: Path) -> None:
-    L = ["# Exact top-k attribution: performance", "",
-         f"Command: `{res['command']}`", "",
-         f"Machine: {res['env']['cpu']}, {res['env']['cpu_count']} CPUs, torch {res['env']['torch']} "
-         f"({res['env']['torch_threads']} threads), TransformerLens {res['env']['transformer_lens']}, "
-         f"CUDA: {res['env']['cuda']}. Load average at start {res['env']['loadavg_start']}, at end "
-         f"{res['env'].get('loadavg_end')}.", "",
-         "Times are medians of repeats, in seconds, measured side by side in one process. `top-k` is the certified "
-         "exact top-k over every FFN neuron and attention neuron by log-probability increase (frozen lens, "
-         "`n_top_tokens=0`); `dense` scores every candidate against the full vocabulary.", ""]
+    L = [
+        "# Exact top-k attribution: performance",
+        "",
+        f"Command: `{res['command']}`",
+        "",
+        f"Machine: {res['env']['cpu']}, {res['env']['cpu_count']} CPUs, torch {res['env']['torch']} "
+        f"({res['env']['torch_threads']} threads), TransformerLens {res['env']['transformer_lens']}, "
+        f"CUDA: {res['env']['cuda']}. Load average at start {res['env']['loadavg_start']}, at end "
+        f"{res['env'].get('loadavg_end')}.",
+        "",
+        "Times are medians of repeats, in seconds, measured side by side in one process. `top-k` is the certified "
+        "exact top-k over every FFN neuron and attention neuron by log-probability increase (frozen lens, "
+        "`n_top_tokens=0`); `dense` scores every candidate against the full vocabulary.",
+        "",
+    ]
     for model, recs in res["models"].items():
-        L += [f"## {model}", "",
-              "| tokens | candidates | forward | top-10 | top-100 | top-1000 | scored (k=10/100/1000) | dense | "
-              "top-100 / forward | dense / top-100 | identical to dense | dense measured |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        L += [
+            f"## {model}",
+            "",
+            "| tokens | candidates | forward | top-10 | top-100 | top-1000 | scored (k=10/100/1000) | dense | "
+            "top-100 / forward | dense / top-100 | identical to dense | dense measured |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in recs:
             chk = r.get("check_top100") or r.get("check_top100_on_dense_layers")
             ident = "yes" if chk and chk["identical"] else f"NO {chk}"
@@ -214,18 +266,28 @@ def write_md(res: dict[str, Any], path: Path) -> None:
                 f"{r['pruned_top100_s']:.3f} | {r['pruned_top1000_s']:.3f} | {r['pruned_top10_n_scored']}/"
                 f"{r['pruned_top100_n_scored']}/{r['pruned_top1000_n_scored']} | {r['dense_s']:.1f} | "
                 f"{r['pruned_top100_over_forward']:.2f}x | {r['dense_over_pruned_top100']:.0f}x | {ident} | "
-                f"{r['dense_measured']} |")
+                f"{r['dense_measured']} |"
+            )
         L.append("")
     if res.get("seq_len"):
-        L += ["## Sequence length (SmolLM2-135M, top-100 over FFN + attention neurons)", "",
-              "| tokens | candidates | scored | forward | top-100 | top-100 / forward | dense (estimated) | "
-              "dense / top-100 |", "|---|---|---|---|---|---|---|---|"]
+        L += [
+            "## Sequence length (SmolLM2-135M, top-100 over FFN + attention neurons)",
+            "",
+            "| tokens | candidates | scored | forward | top-100 | top-100 / forward | dense (estimated) | "
+            "dense / top-100 |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in res["seq_len"]:
-            L.append(f"| {r['n_tokens']} | {r['n_candidates']} | {r['n_scored']} | {r['forward_s']:.3f} | "
-                     f"{r['pruned_top100_s']:.3f} | {r['pruned_over_forward']:.2f}x | {r['dense_estimated_s']:.0f} | "
-                     f"{r['dense_over_pruned']:.0f}x |")
-        L += ["", "Dense at these lengths is estimated: the time to score the last layer's FFN neurons densely, "
-              "per candidate, times all candidates (dense cost is linear in the candidate count)."]
+            L.append(
+                f"| {r['n_tokens']} | {r['n_candidates']} | {r['n_scored']} | {r['forward_s']:.3f} | "
+                f"{r['pruned_top100_s']:.3f} | {r['pruned_over_forward']:.2f}x | {r['dense_estimated_s']:.0f} | "
+                f"{r['dense_over_pruned']:.0f}x |"
+            )
+        L += [
+            "",
+            "Dense at these lengths is estimated: the time to score the last layer's FFN neurons densely, "
+            "per candidate, times all candidates (dense cost is linear in the candidate count).",
+        ]
     path.write_text("\n".join(L) + "\n")
 
 
@@ -245,8 +307,11 @@ def main() -> None:
     if args.quick:
         args.models, args.prompts, args.seq_lens = "smollm2-135m", 1, "8,64"
     torch.set_grad_enabled(False)
-    res: dict[str, Any] = {"command": "python benchmarks/perf.py " + " ".join(sys.argv[1:]), "env": environment(),
-                           "models": {}}
+    res: dict[str, Any] = {
+        "command": "python benchmarks/perf.py " + " ".join(sys.argv[1:]),
+        "env": environment(),
+        "models": {},
+    }
     for name in args.models.split(","):
         print(f"== {name}", flush=True)
         model = load_model(name) if name == "smollm2-135m" else random_gpt2(name)
@@ -259,10 +324,13 @@ def main() -> None:
             sample = None if full else ([0, n_layers // 2, n_layers - 1] if real else [n_layers - 1])
             r = bench_prompt(model, tokens, args.repeats, sample, full, None if real else ("ffn_neuron",))
             recs.append(r)
-            print(f"  prompt {i}: forward {r['forward_s']:.3f}s top-100 {r['pruned_top100_s']:.3f}s "
-                  f"({r['pruned_top100_over_forward']:.2f}x forward), dense {r['dense_s']:.1f}s "
-                  f"({r['dense_over_pruned_top100']:.0f}x top-100), scored {r['pruned_top100_n_scored']}/"
-                  f"{r['n_candidates']}", flush=True)
+            print(
+                f"  prompt {i}: forward {r['forward_s']:.3f}s top-100 {r['pruned_top100_s']:.3f}s "
+                f"({r['pruned_top100_over_forward']:.2f}x forward), dense {r['dense_s']:.1f}s "
+                f"({r['dense_over_pruned_top100']:.0f}x top-100), scored {r['pruned_top100_n_scored']}/"
+                f"{r['n_candidates']}",
+                flush=True,
+            )
         res["models"][name] = recs
         if name == "smollm2-135m" and args.seq_lens:
             res["seq_len"] = bench_seq_len(model, [int(x) for x in args.seq_lens.split(",")], args.repeats)

@@ -40,8 +40,10 @@ from tl_residual.lens import model_logits
 
 DOC = os.path.join(ROOT, "docs", "architectures.md")
 START, END = "<!-- families:start -->", "<!-- families:end -->"
-HEADER = ("| family | repo id (adapter) | API | features | worst reconstruction error (raw / processed) | "
-          "worst lens log-prob error | status |")
+HEADER = (
+    "| family | repo id (adapter) | API | features | worst reconstruction error (raw / processed) | "
+    "worst lens log-prob error | status |"
+)
 TOKENS = torch.tensor([[1, 5, 17, 33, 8, 42]])
 TL_VERSION = ".".join(importlib.metadata.version("transformer-lens").split(".")[:2])
 API_LABEL = {"bridge": f"TransformerBridge (TL {TL_VERSION})", "hooked": f"HookedTransformer (TL {TL_VERSION})"}
@@ -59,20 +61,37 @@ def measure(family: str, api: str, processed: bool) -> tuple[float, float, str] 
         logits, cache = model.run_with_cache(TOKENS)
     try:
         spec = tlm.model_spec(model)
-        err = max(D.reconstruction_error(model, cache, layer, pos, stream)
-                  for layer in range(spec.n_layers) for pos in range(TOKENS.shape[1])
-                  for stream in D.STREAMS if stream != "resid_mid" or spec.has_resid_mid)
-        lp = max(float((torch.log_softmax(model_logits(model, cache, pos), -1)
-                        - torch.log_softmax(logits[0, pos].float(), -1)).abs().max())
-                 for pos in range(TOKENS.shape[1]))
+        err = max(
+            D.reconstruction_error(model, cache, layer, pos, stream)
+            for layer in range(spec.n_layers)
+            for pos in range(TOKENS.shape[1])
+            for stream in D.STREAMS
+            if stream != "resid_mid" or spec.has_resid_mid
+        )
+        lp = max(
+            float(
+                (torch.log_softmax(model_logits(model, cache, pos), -1) - torch.log_softmax(logits[0, pos].float(), -1))
+                .abs()
+                .max()
+            )
+            for pos in range(TOKENS.shape[1])
+        )
     except TLResidualError as exc:
         return f"refused: {exc}"[:120]
-    feats = [name for name, on in (("parallel", spec.parallel_attn_mlp), ("post-norm", spec.post_mlp_norm),
-                                   ("no pre-norm", not spec.pre_norm), ("embed norm", spec.embed_norm),
-                                   (f"soft-cap {spec.logit_softcap:g}", spec.logit_softcap > 0),
-                                   ("GQA", spec.n_kv_heads < spec.n_heads), (spec.final_norm, True),
-                                   ("gated", spec.gated_mlp))
-             if on]
+    feats = [
+        name
+        for name, on in (
+            ("parallel", spec.parallel_attn_mlp),
+            ("post-norm", spec.post_mlp_norm),
+            ("no pre-norm", not spec.pre_norm),
+            ("embed norm", spec.embed_norm),
+            (f"soft-cap {spec.logit_softcap:g}", spec.logit_softcap > 0),
+            ("GQA", spec.n_kv_heads < spec.n_heads),
+            (spec.final_norm, True),
+            ("gated", spec.gated_mlp),
+        )
+        if on
+    ]
     return err, lp, ", ".join(feats)
 
 

@@ -90,22 +90,42 @@ def make_hooked(
     """A random-weight ``HookedTransformer``: ``arch`` is ``"gpt2"`` or ``"llama"``."""
     if not HAS_HOOKED:
         pytest.skip("HookedTransformer is not in this TransformerLens version")
-    common = dict(n_layers=n_layers, d_model=d_model, n_ctx=32, d_head=d_model // n_heads, n_heads=n_heads,
-                  d_vocab=VOCAB, d_mlp=d_mlp, seed=seed, tokenizer_name=None)
+    common = dict(
+        n_layers=n_layers,
+        d_model=d_model,
+        n_ctx=32,
+        d_head=d_model // n_heads,
+        n_heads=n_heads,
+        d_vocab=VOCAB,
+        d_mlp=d_mlp,
+        seed=seed,
+        tokenizer_name=None,
+    )
     if arch == "gpt2":
         cfg = HookedTransformerConfig(act_fn="gelu_new", normalization_type="LN", **common)
     else:
-        cfg = HookedTransformerConfig(act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary",
-                                      gated_mlp=True, n_key_value_heads=n_kv_heads or max(1, n_heads // 2),
-                                      final_rms=True, **common)
+        cfg = HookedTransformerConfig(
+            act_fn="silu",
+            normalization_type="RMS",
+            positional_embedding_type="rotary",
+            gated_mlp=True,
+            n_key_value_heads=n_kv_heads or max(1, n_heads // 2),
+            final_rms=True,
+            **common,
+        )
     model = HookedTransformer(cfg)
     _randomize(model, seed)
     model.set_tokenizer(tiny_tokenizer())
     if fold_ln or center_writing_weights or fold_value_biases:
         model.process_weights_(fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=False)
         if fold_value_biases:
-            model.load_and_process_state_dict(model.state_dict(), fold_ln=False, center_writing_weights=False,
-                                              center_unembed=False, fold_value_biases=True)
+            model.load_and_process_state_dict(
+                model.state_dict(),
+                fold_ln=False,
+                center_writing_weights=False,
+                center_unembed=False,
+                fold_value_biases=True,
+            )
     return model.eval()
 
 
@@ -128,15 +148,34 @@ def make_bridge(
 
     torch.manual_seed(seed)
     if arch == "gpt2":
-        cfg = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=d_model, n_layer=n_layers, n_head=n_heads,
-                         n_inner=d_mlp, bos_token_id=1, eos_token_id=2, attn_implementation="eager")
+        cfg = GPT2Config(
+            vocab_size=VOCAB,
+            n_positions=32,
+            n_embd=d_model,
+            n_layer=n_layers,
+            n_head=n_heads,
+            n_inner=d_mlp,
+            bos_token_id=1,
+            eos_token_id=2,
+            attn_implementation="eager",
+        )
         hf = GPT2LMHeadModel(cfg)
         name = "gpt2"
     else:
-        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
-                          num_attention_heads=n_heads, num_key_value_heads=n_kv_heads or max(1, n_heads // 2),
-                          max_position_embeddings=32, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-                          tie_word_embeddings=False, attn_implementation="eager")
+        cfg = LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=d_model,
+            intermediate_size=d_mlp,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            num_key_value_heads=n_kv_heads or max(1, n_heads // 2),
+            max_position_embeddings=32,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=2,
+            tie_word_embeddings=False,
+            attn_implementation="eager",
+        )
         hf = LlamaForCausalLM(cfg)
         name = "meta-llama/Llama-3.2-1B"
     _randomize(hf, seed)
@@ -151,8 +190,10 @@ def make_bridge(
 VARIANTS = [
     ("hooked-gpt2", lambda: make_hooked("gpt2")),
     ("hooked-gpt2-foldln", lambda: make_hooked("gpt2", fold_ln=True, center_writing_weights=True)),
-    ("hooked-gpt2-foldln-foldvb", lambda: make_hooked("gpt2", fold_ln=True, center_writing_weights=True,
-                                                      fold_value_biases=True)),
+    (
+        "hooked-gpt2-foldln-foldvb",
+        lambda: make_hooked("gpt2", fold_ln=True, center_writing_weights=True, fold_value_biases=True),
+    ),
     ("hooked-gpt2-foldvb", lambda: make_hooked("gpt2", fold_value_biases=True)),
     ("hooked-llama-gqa", lambda: make_hooked("llama", n_kv_heads=2)),
     ("hooked-llama-foldln", lambda: make_hooked("llama", n_kv_heads=2, fold_ln=True)),

@@ -53,26 +53,62 @@ def study() -> SimpleNamespace:
         ctx = make_context(model, cache)
         ctxs[pid] = ctx
         lp = torch.log_softmax(logits[0, -1].float(), -1)
-        prompts.append({"prompt_id": pid, "group": group, "prompt": text, "target_id": ctx.target,
-                        "target_prob": float(lp[ctx.target].exp()), "status": "ok"})
+        prompts.append(
+            {
+                "prompt_id": pid,
+                "group": group,
+                "prompt": text,
+                "target_id": ctx.target,
+                "target_prob": float(lp[ctx.target].exp()),
+                "status": "ok",
+            }
+        )
         for m in METHODS:
-            for kind, df in (("ffn_neuron", score_ffn_neurons(ctx, m, top_k=None, n_top_tokens=0)),
-                             ("attn_neuron", score_attention_neurons(ctx, m, top_k=None, n_top_tokens=0)),
-                             ("head", score_heads(ctx, m, n_top_tokens=0))):
+            for kind, df in (
+                ("ffn_neuron", score_ffn_neurons(ctx, m, top_k=None, n_top_tokens=0)),
+                ("attn_neuron", score_attention_neurons(ctx, m, top_k=None, n_top_tokens=0)),
+                ("head", score_heads(ctx, m, n_top_tokens=0)),
+            ):
                 df = _ranked(df)
-                parts.append(df.assign(prompt_id=pid, group=group, method=m, kind=kind).reindex(
-                    columns=["prompt_id", "group", "method", "kind", "name", "layer", "head", "neuron", "score",
-                             "rank"]).fillna({"head": -1, "neuron": -1}))
+                parts.append(
+                    df.assign(prompt_id=pid, group=group, method=m, kind=kind)
+                    .reindex(
+                        columns=[
+                            "prompt_id",
+                            "group",
+                            "method",
+                            "kind",
+                            "name",
+                            "layer",
+                            "head",
+                            "neuron",
+                            "score",
+                            "rank",
+                        ]
+                    )
+                    .fillna({"head": -1, "neuron": -1})
+                )
         ld = score_layers(ctx, n_top_tokens=0).sort_values(["layer", "kind"]).reset_index(drop=True)
-        layers.append(pd.DataFrame({"prompt_id": pid, "group": group, "method": "log_prob_increase",
-                                    "name": ld["name"], "layer": ld["layer"], "sublayer": ld["kind"],
-                                    "score": ld["score"]}))
+        layers.append(
+            pd.DataFrame(
+                {
+                    "prompt_id": pid,
+                    "group": group,
+                    "method": "log_prob_increase",
+                    "name": ld["name"],
+                    "layer": ld["layer"],
+                    "sublayer": ld["kind"],
+                    "score": ld["score"],
+                }
+            )
+        )
         from tl_residual.decompose import residual_stream
 
         for i, (name, vec) in enumerate(residual_stream(model, cache)):
             v = float(ctx.lens.log_probs(vec.float())[ctx.target])
-            stream.append({"prompt_id": pid, "group": group, "stream": name, "index": i, "log_prob": v,
-                           "prob": math.exp(v)})
+            stream.append(
+                {"prompt_id": pid, "group": group, "stream": name, "index": i, "log_prob": v, "prob": math.exp(v)}
+            )
         # query rows: the top value neurons' inputs split over the parts, weighted by Imp / input
         lpi = [p for p in parts if p["prompt_id"].iloc[0] == pid and p["method"].iloc[0] == METHODS[0]]
         for vdf in lpi:
@@ -82,12 +118,28 @@ def study() -> SimpleNamespace:
                 split = split_neuron(model, cache, r.name)
                 col = split.attrs["inputs"][0]
                 w = r.score / split.attrs["cached"][col]
-                query.append(pd.DataFrame({"prompt_id": pid, "group": group, "value_name": r.name,
-                                           "query_name": split["name"], "query_kind": split["kind"],
-                                           "layer": split["layer"], "score": split[col] * w}))
-    return SimpleNamespace(parts=pd.concat(parts, ignore_index=True), layers=pd.concat(layers, ignore_index=True),
-                           stream=pd.DataFrame(stream), query=pd.concat(query, ignore_index=True),
-                           prompts=pd.DataFrame(prompts), manifest={"options": {"top_k": None}}, ctxs=ctxs)
+                query.append(
+                    pd.DataFrame(
+                        {
+                            "prompt_id": pid,
+                            "group": group,
+                            "value_name": r.name,
+                            "query_name": split["name"],
+                            "query_kind": split["kind"],
+                            "layer": split["layer"],
+                            "score": split[col] * w,
+                        }
+                    )
+                )
+    return SimpleNamespace(
+        parts=pd.concat(parts, ignore_index=True),
+        layers=pd.concat(layers, ignore_index=True),
+        stream=pd.DataFrame(stream),
+        query=pd.concat(query, ignore_index=True),
+        prompts=pd.DataFrame(prompts),
+        manifest={"options": {"top_k": None}},
+        ctxs=ctxs,
+    )
 
 
 def _frozen_log_prob(model, ctx, vec) -> float:
@@ -197,8 +249,11 @@ def test_figure2_layer_distribution_and_figure4_counts():
     qv = qo = 0
     for i in range(4):
         top = tot[tot.prompt_id == i].sort_values("score", ascending=False, kind="stable").head(6)
-        value = set(p[(p.prompt_id == i) & (p.method == "log_prob_increase") & (p.kind == "ffn_neuron")
-                      & (p["rank"] <= 6)]["name"])
+        value = set(
+            p[(p.prompt_id == i) & (p.method == "log_prob_increase") & (p.kind == "ffn_neuron") & (p["rank"] <= 6)][
+                "name"
+            ]
+        )
         qv += sum(n in value for n in top["query_name"])
         qo += sum(n not in value for n in top["query_name"])
     allrows = counts[counts.group == "all"]
@@ -212,8 +267,11 @@ def test_tables6_14_top_query_layers():
     q = s.query[s.query.value_name.str.match(r"^L\d+\.N\d+$") & (s.query.query_kind != "key_bias")]
     acc: dict[str, float] = {}
     for r in q.itertuples():
-        label = "e" if r.query_kind == "embed" or r.layer < 0 else \
-            ("a" if r.query_kind.startswith("attn") else "f") + str(r.layer)
+        label = (
+            "e"
+            if r.query_kind == "embed" or r.layer < 0
+            else ("a" if r.query_kind.startswith("attn") else "f") + str(r.layer)
+        )
         acc[label] = acc.get(label, 0.0) + r.score / 4
     got = out[out.group == "all"]
     assert got["label"].tolist() == sorted(acc, key=acc.get, reverse=True)[:3]
@@ -230,9 +288,13 @@ def test_stream_and_subvalue_counts():
     assert last["log_prob"] == pytest.approx(direct, abs=1e-4)
     counts, _ = A.ffn_subvalue_counts(s)
     for layer in (0, 1):
-        helpful = sum(int((score_ffn_neurons(s.ctxs[i], top_k=None, layers=[layer], n_top_tokens=0)["score"] > 0).sum())
-                      for i in range(4))
-        assert counts[(counts.group == "all") & (counts.layer == layer)]["helpful"].iloc[0] == pytest.approx(helpful / 4)
+        helpful = sum(
+            int((score_ffn_neurons(s.ctxs[i], top_k=None, layers=[layer], n_top_tokens=0)["score"] > 0).sum())
+            for i in range(4)
+        )
+        assert counts[(counts.group == "all") & (counts.layer == layer)]["helpful"].iloc[0] == pytest.approx(
+            helpful / 4
+        )
 
 
 def test_segment_curves_end_at_the_model_prediction():
@@ -241,8 +303,13 @@ def test_segment_curves_end_at_the_model_prediction():
     end = out[(out.group == "all") & (out.segment == 4)]["log_prob"].iloc[0]
     assert end == pytest.approx(sum(_final_log_prob(tiny(), s.ctxs[i]) for i in range(4)) / 4, abs=1e-4)
     start = out[(out.group == "g2") & (out.segment == 0)]["log_prob"].iloc[0]
-    direct = sum(_frozen_log_prob(tiny(), s.ctxs[i], tlm.cached(s.ctxs[i].cache, "blocks.0.hook_resid_pre", 0)[-1])
-                 for i in (2, 3)) / 2
+    direct = (
+        sum(
+            _frozen_log_prob(tiny(), s.ctxs[i], tlm.cached(s.ctxs[i].cache, "blocks.0.hook_resid_pre", 0)[-1])
+            for i in (2, 3)
+        )
+        / 2
+    )
     assert start == pytest.approx(direct, abs=1e-4)
     assert sorted(out["segment"].unique()) == [0, 1, 2, 3, 4]
 
@@ -382,9 +449,11 @@ def test_visit_analyses():
         ctx = s.ctxs[i]
         mid = tlm.cached(ctx.cache, "blocks.0.hook_resid_mid", 0)[-1]
         v = tlm.cached(ctx.cache, "blocks.0.mlp.hook_post", 0)[-1, top.neuron] * tlm.W_out(model, 0)[top.neuron]
+
         def ent(x, ctx=ctx):
             lp = ctx.lens.log_probs(x)
             return float(-(lp.exp() * lp).sum())
+
         dh.append(ent(mid + v) - ent(mid))
     assert top.mean_entropy_change == pytest.approx(sum(dh) / 4, abs=1e-5)
     nf = A.norm_filter(model, s, k=3)

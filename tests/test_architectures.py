@@ -77,7 +77,9 @@ def test_reconstruction_every_layer_stream_position(run):
     spec = tlm.model_spec(model)
     worst = max(
         D.reconstruction_error(model, cache, layer, pos, stream)
-        for layer in range(spec.n_layers) for stream in _streams(spec) for pos in range(TOKENS.shape[1])
+        for layer in range(spec.n_layers)
+        for stream in _streams(spec)
+        for pos in range(TOKENS.shape[1])
     )
     assert worst < 1e-5, f"{family}: {worst}"
 
@@ -136,8 +138,9 @@ def test_post_norm_parts_are_frozen_scale_times_raw_parts(run):
         pytest.skip("no post-MLP norm")
     layer, pos = 1, 3
     neurons, bias = D.ffn_parts(model, cache, layer, pos)
-    torch.testing.assert_close(neurons.total() + bias.total(), cache[f"blocks.{layer}.hook_mlp_out"][0, pos].float(),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        neurons.total() + bias.total(), cache[f"blocks.{layer}.hook_mlp_out"][0, pos].float(), atol=1e-5, rtol=1e-5
+    )
     m = cache[f"blocks.{layer}.mlp.hook_post"][0, pos].float()
     mlp = model.blocks[layer].mlp
     w_out = mlp.W_out.detach().float()
@@ -175,8 +178,12 @@ def test_zeroing_a_last_layer_neuron_removes_exactly_its_part(run):
     after = edited[resid][0, pos].float()
     torch.testing.assert_close(before - after, part, atol=2e-5, rtol=1e-4)
     lens = Lens(model, cache, pos)
-    torch.testing.assert_close(lens.transform(before) @ lens.W_U - lens.transform(after) @ lens.W_U,
-                               lens.transform(part) @ lens.W_U, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        lens.transform(before) @ lens.W_U - lens.transform(after) @ lens.W_U,
+        lens.transform(part) @ lens.W_U,
+        atol=1e-4,
+        rtol=1e-4,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- the safety net

@@ -25,8 +25,17 @@ def test_explain_prints_paris_and_writes_json(smollm2, tmp_path):
     assert "prediction: ' Paris'" in res.output
     assert "L24.N1005" in res.output and "L23.H4.p4" in res.output
     data = json.loads(out.read_text())
-    for key in ("model", "prompt", "position", "target_token", "target_prob", "decomposition_rel_error",
-                "layers", "attention_subvalues", "ffn_neurons"):
+    for key in (
+        "model",
+        "prompt",
+        "position",
+        "target_token",
+        "target_prob",
+        "decomposition_rel_error",
+        "layers",
+        "attention_subvalues",
+        "ffn_neurons",
+    ):
         assert key in data
     assert data["target_token"] == " Paris" and 0.6 < data["target_prob"] < 0.9
     assert data["position"] == 5 and data["decomposition_rel_error"] < 1e-5
@@ -41,8 +50,19 @@ def test_explain_prints_paris_and_writes_json(smollm2, tmp_path):
 
 
 def test_explain_with_target_and_position(smollm2):
-    res = invoke("explain", "--prompt", "The capital of France is", "--target", " London", "--position", "-1",
-                 "--top-k", "3", "--method", "log_prob")
+    res = invoke(
+        "explain",
+        "--prompt",
+        "The capital of France is",
+        "--target",
+        " London",
+        "--position",
+        "-1",
+        "--top-k",
+        "3",
+        "--method",
+        "log_prob",
+    )
     assert res.exit_code == 0, res.output
     assert "target: ' London'" in res.output
 
@@ -67,8 +87,13 @@ def test_bad_input_is_a_clear_error(smollm2, args, message):
 
 def test_unknown_model_no_traceback():
     env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-m", "tl_residual", "explain", "--prompt", "hi", "--model",
-                           "no-such-model-xyz"], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tl_residual", "explain", "--prompt", "hi", "--model", "no-such-model-xyz"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert "error:" in proc.stderr and "no-such-model-xyz" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout

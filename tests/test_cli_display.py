@@ -56,8 +56,9 @@ def test_prompts_file_one_load(tiny, monkeypatch, tmp_path):
     f = tmp_path / "prompts.txt"
     f.write_text('t5 t33 t42\n\n{"prompt": "t7 t8 t9", "target": "t9"}\n', encoding="utf-8")
     out_json = tmp_path / "out.json"
-    out = _run(monkeypatch, 120, "explain", "--prompts", str(f), "--top-k", "2", "--json", str(out_json),
-               "--model", "tiny")
+    out = _run(
+        monkeypatch, 120, "explain", "--prompts", str(f), "--top-k", "2", "--json", str(out_json), "--model", "tiny"
+    )
     assert len(tiny) == 1 and "prompt 1/2" in out and "prompt 2/2" in out
     data = json.loads(out_json.read_text(encoding="utf-8"))
     assert [d["prompt"] for d in data] == ["t5 t33 t42", "t7 t8 t9"] and data[1]["target_token"] == "t9"
@@ -65,18 +66,32 @@ def test_prompts_file_one_load(tiny, monkeypatch, tmp_path):
 
 def test_graph_layers_choose_the_report_graphs(tiny, monkeypatch, tmp_path):
     page = tmp_path / "r.html"
-    _run(monkeypatch, 120, "explain", "--prompt", "t5 t33 t42", "--top-k", "2", "--html", str(page),
-         "--graph-layers", "0-1")
+    _run(
+        monkeypatch,
+        120,
+        "explain",
+        "--prompt",
+        "t5 t33 t42",
+        "--top-k",
+        "2",
+        "--html",
+        str(page),
+        "--graph-layers",
+        "0-1",
+    )
     text = page.read_text(encoding="utf-8")
     assert 'id="flow-graph-L0"' in text and 'id="flow-graph-L1"' in text and 'id="flow-graph-L2"' not in text
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--prompt", "t5", "--prompts", "x.txt"], "exactly one of"),
-    ([], "exactly one of"),
-    (["--prompt", "t5", "--graph-layers", "1"], "--html"),
-    (["--prompt", "t5", "--html", "r.html", "--graph-layers", "a,b"], "not understood"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--prompt", "t5", "--prompts", "x.txt"], "exactly one of"),
+        ([], "exactly one of"),
+        (["--prompt", "t5", "--graph-layers", "1"], "--html"),
+        (["--prompt", "t5", "--html", "r.html", "--graph-layers", "a,b"], "not understood"),
+    ],
+)
 def test_explain_option_errors(tiny, args, message):
     res = runner.invoke(cli.app, ["explain", *args])
     assert res.exit_code == 2 and message in res.output and not tiny

@@ -36,8 +36,9 @@ def test_attention_subvalues_match_hook_z(variant_model):
         z = cache[f"blocks.{layer}.attn.hook_z"][0, pos]
         expected = einops.einsum(z, variant_model.blocks[layer].attn.W_O.detach(), "h dh, h dh d -> h d")
         torch.testing.assert_close(per_head, expected, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(per_head.sum(0) + bias.total(), cache[f"blocks.{layer}.hook_attn_out"][0, pos],
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            per_head.sum(0) + bias.total(), cache[f"blocks.{layer}.hook_attn_out"][0, pos], rtol=1e-4, atol=1e-5
+        )
 
 
 def test_ffn_subvalues_match_mlp_out(variant_model):
@@ -45,8 +46,9 @@ def test_ffn_subvalues_match_mlp_out(variant_model):
     for layer in range(variant_model.cfg.n_layers):
         neurons, bias = D.ffn_parts(variant_model, cache, layer, 3)
         dense = sum(neurons.coefficients[k] * neurons.directions[k] for k in range(len(neurons)))
-        torch.testing.assert_close(dense + bias.total(), cache[f"blocks.{layer}.hook_mlp_out"][0, 3],
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            dense + bias.total(), cache[f"blocks.{layer}.hook_mlp_out"][0, 3], rtol=1e-4, atol=1e-5
+        )
 
 
 def test_decompose_table(variant_model):
@@ -66,11 +68,11 @@ def test_layer_stream_is_cumulative(variant_model):
     stream = D.residual_stream(variant_model, cache, position=-1)
     running = torch.zeros_like(parts[0][3])
     sums = []
-    for name, _, _, vec in parts:
+    for _name, _, _, vec in parts:
         running = running + vec
         sums.append(running.clone())
     assert [n for n, _ in stream][:3] == ["Lin0", "Lres0", "Lout0"]
-    for (name, vec), s in zip(stream, sums):
+    for (_name, vec), s in zip(stream, sums):
         torch.testing.assert_close(vec, s, rtol=1e-4, atol=1e-5)
 
 
@@ -136,7 +138,8 @@ def test_missing_hook_is_named(variant_model):
 def test_unsupported_architecture_named():
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    cfg = HookedTransformerConfig(n_layers=1, d_model=16, n_ctx=8, d_head=4, n_heads=4, d_vocab=20, d_mlp=32,
-                                  act_fn="gelu", attn_only=True)  # parallel attention+MLP is covered since issue 11
+    cfg = HookedTransformerConfig(
+        n_layers=1, d_model=16, n_ctx=8, d_head=4, n_heads=4, d_vocab=20, d_mlp=32, act_fn="gelu", attn_only=True
+    )  # parallel attention+MLP is covered since issue 11
     with pytest.raises(UnsupportedArchitectureError, match="attention-only"):
         tlm.model_spec(HookedTransformer(cfg))

@@ -122,7 +122,7 @@ def test_architectures_page_quotes_the_real_errors(cfg):
     message = str(info.value)
     prefix = "tl-residual's exact decomposition does not cover this model: "
     assert message.startswith(prefix)
-    for problem in message[len(prefix):].split("; "):
+    for problem in message[len(prefix) :].split("; "):
         if problem.startswith("positional_embedding_type="):
             continue  # the shortformer case adds a generic line besides its own
         assert problem in page, f"docs/architectures.md does not quote: {problem!r}"
@@ -200,10 +200,10 @@ def test_extending_custom_scorer_example_runs(paris, monkeypatch, tmp_path):
         bench = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = bench
         spec.loader.exec_module(bench)
-        prompts = pd.DataFrame({"type": ["capital"], "prompt": ["The capital of France is"],
-                                "answer_id": [ctx.target]})
-        frame = bench.run_benchmark(model, prompts, methods=("target_logit",), ks=(10,), attention=False,
-                                    batch_size=1, progress=False).frame()
+        prompts = pd.DataFrame({"type": ["capital"], "prompt": ["The capital of France is"], "answer_id": [ctx.target]})
+        frame = bench.run_benchmark(
+            model, prompts, methods=("target_logit",), ks=(10,), attention=False, batch_size=1, progress=False
+        ).frame()
         row = frame[frame.method == "target_logit"].iloc[0]
         assert row["k"] == 10 and row["prob"] < row["prob_before"]
 

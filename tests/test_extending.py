@@ -78,8 +78,12 @@ def test_cached_hook_source_and_resid_pre0(name, clean_registry):
         store["mlp"] = x
         return x
 
-    with torch.no_grad(), model.hooks(fwd_hooks=[("blocks.0.hook_mlp_out", keep),
-                                                 ("blocks.0.hook_resid_post", lambda x, hook: x + store["mlp"])]):
+    with (
+        torch.no_grad(),
+        model.hooks(
+            fwd_hooks=[("blocks.0.hook_mlp_out", keep), ("blocks.0.hook_resid_post", lambda x, hook: x + store["mlp"])]
+        ),
+    ):
         _, cache = model.run_with_cache(TOKENS)
     assert D.reconstruction_error(model, cache, 1, POS, "resid_post") > 1e-3
     D.register_source("mlp0_again", "blocks.0.hook_resid_post", "blocks.0.hook_mlp_out", model=model)

@@ -45,8 +45,12 @@ def test_filter_known_answers(smollm2):
     prompts = pd.DataFrame(
         {
             "type": ["capital", "capital", "capital", "month"],
-            "prompt": ["The capital of France is", "The capital of France is", "The capital of France is",
-                       "The capital of France is"],
+            "prompt": [
+                "The capital of France is",
+                "The capital of France is",
+                "The capital of France is",
+                "The capital of France is",
+            ],
             "answer": [" Paris", " Rome", " Parisian", " May"],
         }
     )
@@ -88,13 +92,17 @@ def test_reduced_benchmark_lowers_probability_more_than_random(smollm2):
     prompts = pd.DataFrame(
         {
             "type": ["capital", "language", "country"],
-            "prompt": ["The capital of France is", "In Spain, most people speak",
-                       "The Eiffel Tower is located in the country of"],
+            "prompt": [
+                "The capital of France is",
+                "In Spain, most people speak",
+                "The Eiffel Tower is located in the country of",
+            ],
             "answer_id": [tok.encode(w, add_special_tokens=False)[0] for w in (" Paris", " Spanish", " France")],
         }
     )
-    res = F.run_benchmark(smollm2, prompts, methods=("log_prob_increase",), ks=(10,), attention=False,
-                          batch_size=3, progress=False)
+    res = F.run_benchmark(
+        smollm2, prompts, methods=("log_prob_increase",), ks=(10,), attention=False, batch_size=3, progress=False
+    )
     df = res.frame()
     lpi = df[df.method == "log_prob_increase"].set_index("prompt_index")
     rnd = df[df.method == "random"].set_index("prompt_index")

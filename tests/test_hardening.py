@@ -110,8 +110,12 @@ def test_attention_parts_negative_position_has_subvalues():
 def test_positions_resolve_the_same_everywhere(position):
     model, cache = tiny(), _tiny_cache()
     n = D.n_positions(cache)
-    fns = [lambda p: D.attention_parts(model, cache, 1, p)[0], lambda p: D.ffn_parts(model, cache, 1, p)[0],
-           lambda p: D.attention_neuron_parts(model, cache, 1, p), lambda p: D.embedding_parts(model, cache, p)[0]]
+    fns = [
+        lambda p: D.attention_parts(model, cache, 1, p)[0],
+        lambda p: D.ffn_parts(model, cache, 1, p)[0],
+        lambda p: D.attention_neuron_parts(model, cache, 1, p),
+        lambda p: D.embedding_parts(model, cache, p)[0],
+    ]
     if not -n <= position < n:
         for fn in fns:
             with pytest.raises(InvalidInputError, match=f"position {position} is out of range"):
@@ -133,8 +137,12 @@ LONG = " ".join(f"t{5 + i % 50}" for i in range(40))  # 40 words + BOS > n_ctx =
 def test_long_prompt_refused_everywhere():
     model = tiny()
     assert tlm.n_ctx(model) == 32
-    for call in (lambda: tlm.to_tokens(model, LONG), lambda: explain(model, LONG),
-                 lambda: I.tokenize_batch(model, ["t5 t6", LONG]), lambda: I.intervene(model, LONG, "L0.N1")):
+    for call in (
+        lambda: tlm.to_tokens(model, LONG),
+        lambda: explain(model, LONG),
+        lambda: I.tokenize_batch(model, ["t5 t6", LONG]),
+        lambda: I.intervene(model, LONG, "L0.N1"),
+    ):
         with pytest.raises(InvalidInputError, match=r"the prompt is \d+ tokens long.*n_ctx=32"):
             call()
     assert tlm.to_tokens(model, "t5 t6").shape[-1] <= 3  # a short prompt is untouched
@@ -167,8 +175,14 @@ def test_non_finite_after_destination_is_harmless():
     assert ctx.position == 3
 
 
-@pytest.mark.parametrize("kwargs", [{"mode": "replace", "value": float("nan")}, {"mode": "scale", "factor": float("inf")},
-                                    {"mode": "scale", "factor": np.float32("nan")}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"mode": "replace", "value": float("nan")},
+        {"mode": "scale", "factor": float("inf")},
+        {"mode": "scale", "factor": np.float32("nan")},
+    ],
+)
 def test_non_finite_intervention_values_raise(kwargs):
     with pytest.raises(InvalidInputError, match="finite"):
         I.intervene(tiny(), "t5 t6 t7", "L0.N1", **kwargs)
@@ -191,8 +205,13 @@ def test_unknown_word_target_raises():
 @given(st.integers(min_value=-100, max_value=200), st.sampled_from(["int", "np64", "np32", "tensor0d", "tensor1"]))
 def test_target_ids_of_every_integer_type(token, kind):
     model = tiny()
-    value = {"int": token, "np64": np.int64(token), "np32": np.int32(token), "tensor0d": torch.tensor(token),
-             "tensor1": torch.tensor([token])}[kind]
+    value = {
+        "int": token,
+        "np64": np.int64(token),
+        "np32": np.int32(token),
+        "tensor0d": torch.tensor(token),
+        "tensor1": torch.tensor([token]),
+    }[kind]
     d_vocab = model.cfg.d_vocab
     if 0 <= token < d_vocab:
         got = resolve_target(model, value)
@@ -221,20 +240,31 @@ def _batched_cache(model, batch):
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
-@given(st.lists(st.lists(st.integers(min_value=3, max_value=60), min_size=1, max_size=6), min_size=2, max_size=3),
-       st.sampled_from(["left", "right"]), st.integers(min_value=0, max_value=1))
+@given(
+    st.lists(st.lists(st.integers(min_value=3, max_value=60), min_size=1, max_size=6), min_size=2, max_size=3),
+    st.sampled_from(["left", "right"]),
+    st.integers(min_value=0, max_value=1),
+)
 def test_batched_names_match_single_prompts(words, side, which):
     model = tiny(which)
     prompts = [" ".join(f"t{w}" for w in ws) for ws in words]
     batch = I.tokenize_batch(model, prompts, side)
     cache = _batched_cache(model, batch)
     kinds = ("attn_subvalue", "ffn_neuron", "attn_neuron")
-    df = S.score_neurons_batch(model, cache, top_k=8, positions=batch.last_index.tolist(), kinds=kinds,
-                               offsets=batch.offsets.tolist(), n_top_tokens=0)
+    df = S.score_neurons_batch(
+        model,
+        cache,
+        top_k=8,
+        positions=batch.last_index.tolist(),
+        kinds=kinds,
+        offsets=batch.offsets.tolist(),
+        n_top_tokens=0,
+    )
     for b, p in enumerate(prompts):
         _, single = run_cache(model, tlm.to_tokens(model, p))
-        ref = S.score_neurons(S.make_context(model, single, int(df[df.prompt == b].target.iloc[0])), top_k=8,
-                              kinds=kinds, n_top_tokens=0)
+        ref = S.score_neurons(
+            S.make_context(model, single, int(df[df.prompt == b].target.iloc[0])), top_k=8, kinds=kinds, n_top_tokens=0
+        )
         got = df[df.prompt == b].reset_index(drop=True)
         assert (got["position"] == int(batch.lengths[b]) - 1).all()
         assert set(got["name"]) == set(ref["name"]) or np.allclose(sorted(got.score), sorted(ref.score), atol=1e-4)
@@ -247,8 +277,14 @@ def test_left_padded_names_zero_the_same_component_tiny(side):
     model = tiny()
     prompts = ["t5 t17 t33 t8 t42 t9", "t9 t23"]
     batch = I.tokenize_batch(model, prompts, side)
-    df = S.score_neurons_batch(model, _batched_cache(model, batch), top_k=2, kinds=("attn_subvalue",),
-                               offsets=batch.offsets.tolist(), n_top_tokens=0)
+    df = S.score_neurons_batch(
+        model,
+        _batched_cache(model, batch),
+        top_k=2,
+        kinds=("attn_subvalue",),
+        offsets=batch.offsets.tolist(),
+        n_top_tokens=0,
+    )
     tops = [df[df.prompt == b]["name"].tolist() for b in range(len(prompts))]
     padded = I.intervene(model, prompts, tops, padding_side=side).to_dataframe()
     for b, p in enumerate(prompts):
@@ -274,9 +310,16 @@ def test_smollm2_left_padding_zeroes_the_same_subvalues(smollm2):
     probs = {}
     for side in ("left", "right"):
         batch = I.tokenize_batch(smollm2, prompts, side)
-        df = S.score_neurons_batch(smollm2, _batched_cache(smollm2, batch), top_k=2, kinds=("attn_subvalue",),
-                                   positions=batch.last_index.tolist(), targets=[" Paris", None],
-                                   offsets=batch.offsets.tolist(), n_top_tokens=0)
+        df = S.score_neurons_batch(
+            smollm2,
+            _batched_cache(smollm2, batch),
+            top_k=2,
+            kinds=("attn_subvalue",),
+            positions=batch.last_index.tolist(),
+            targets=[" Paris", None],
+            offsets=batch.offsets.tolist(),
+            n_top_tokens=0,
+        )
         top2 = df[df.prompt == 0]["name"].tolist()
         res = I.intervene(smollm2, prompts[0], top2, targets=" Paris").to_dataframe().iloc[0]
         probs[side] = (top2, res.prob_before, res.prob_after)
@@ -296,8 +339,10 @@ def test_explain_position_cache_gives_the_full_cache_numbers():
     e = explain(model, prompt, top_k=6)
     _, full = run_cache(model, tlm.to_tokens(model, prompt))
     ctx = S.make_context(model, full, None, -1)
-    for got, ref in ((e.attention_subvalues, S.score_attention_subvalues(ctx, "log_prob_increase", 6)),
-                     (e.ffn_neurons, S.score_ffn_neurons(ctx, "log_prob_increase", 6))):
+    for got, ref in (
+        (e.attention_subvalues, S.score_attention_subvalues(ctx, "log_prob_increase", 6)),
+        (e.ffn_neurons, S.score_ffn_neurons(ctx, "log_prob_increase", 6)),
+    ):
         assert got["name"].tolist() == ref["name"].tolist()
         np.testing.assert_allclose(got["score"].values, ref["score"].values, rtol=1e-6, atol=1e-7)
     cache = e.cache
@@ -350,9 +395,18 @@ def test_real_opt_post_layer_norm_raises():
 
     from conftest import tiny_tokenizer
 
-    hf = OPTForCausalLM(OPTConfig(vocab_size=61, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
-                                  num_attention_heads=2, max_position_embeddings=32, do_layer_norm_before=False,
-                                  word_embed_proj_dim=16)).eval()
+    hf = OPTForCausalLM(
+        OPTConfig(
+            vocab_size=61,
+            hidden_size=16,
+            num_hidden_layers=1,
+            ffn_dim=32,
+            num_attention_heads=2,
+            max_position_embeddings=32,
+            do_layer_norm_before=False,
+            word_embed_proj_dim=16,
+        )
+    ).eval()
     try:
         bridge = TransformerBridge.boot_transformers("facebook/opt-125m", hf_model=hf, tokenizer=tiny_tokenizer())
     except Exception as exc:  # noqa: BLE001  # pragma: no cover - needs the hub config offline
@@ -385,8 +439,11 @@ def test_failed_write_leaves_previous_file(tmp_path, monkeypatch, fault):
 
 
 def test_check_writable(tmp_path):
-    for bad, what in ((str(tmp_path), "is a folder"), (str(tmp_path / "no" / "x.json"), "does not exist"),
-                      ("", "empty")):
+    for bad, what in (
+        (str(tmp_path), "is a folder"),
+        (str(tmp_path / "no" / "x.json"), "does not exist"),
+        ("", "empty"),
+    ):
         with pytest.raises(InvalidInputError, match=what):
             check_writable(bad, "--json")
 
@@ -448,8 +505,10 @@ def test_cli_target_id_and_space_hint(paris, tmp_path):
     paris_id = smollm2.tokenizer.encode(" Paris", add_special_tokens=False)[0]
     out = tmp_path / "e.json"
     out.write_text("old")
-    res = runner.invoke(cli.app, ["explain", "-p", "The capital of France is", "--target-id", str(paris_id), "-k", "2",
-                                  "--json", str(out)])
+    res = runner.invoke(
+        cli.app,
+        ["explain", "-p", "The capital of France is", "--target-id", str(paris_id), "-k", "2", "--json", str(out)],
+    )
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
     assert data["target_id"] == paris_id and abs(data["target_prob"] - 0.749) < 2e-3

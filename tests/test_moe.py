@@ -27,16 +27,40 @@ PROMPT = "t1 t5 t9 t12 t3 t40 t7"
 
 #: family -> (config class, model class, real repo id, extra config, TransformerLens 3.x loader?)
 FAMILIES: dict[str, tuple[str, str, str, dict[str, Any], bool]] = {
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", "mistralai/Mixtral-8x7B-v0.1",
-                {"num_local_experts": N_EXPERTS, "intermediate_size": D_EXPERT}, True),
-    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", "allenai/OLMoE-1B-7B-0924",
-              {"num_experts": N_EXPERTS, "intermediate_size": D_EXPERT, "norm_topk_prob": False}, True),
-    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", "Qwen/Qwen1.5-MoE-A2.7B",
-                  {"num_experts": N_EXPERTS, "moe_intermediate_size": D_EXPERT, "intermediate_size": 96,
-                   "shared_expert_intermediate_size": D_SHARED, "norm_topk_prob": False}, False),
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", "Qwen/Qwen3-30B-A3B",
-                  {"num_experts": N_EXPERTS, "moe_intermediate_size": D_EXPERT, "intermediate_size": 96,
-                   "norm_topk_prob": True}, False),
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        "mistralai/Mixtral-8x7B-v0.1",
+        {"num_local_experts": N_EXPERTS, "intermediate_size": D_EXPERT},
+        True,
+    ),
+    "olmoe": (
+        "OlmoeConfig",
+        "OlmoeForCausalLM",
+        "allenai/OLMoE-1B-7B-0924",
+        {"num_experts": N_EXPERTS, "intermediate_size": D_EXPERT, "norm_topk_prob": False},
+        True,
+    ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        "Qwen/Qwen1.5-MoE-A2.7B",
+        {
+            "num_experts": N_EXPERTS,
+            "moe_intermediate_size": D_EXPERT,
+            "intermediate_size": 96,
+            "shared_expert_intermediate_size": D_SHARED,
+            "norm_topk_prob": False,
+        },
+        False,
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        "Qwen/Qwen3-30B-A3B",
+        {"num_experts": N_EXPERTS, "moe_intermediate_size": D_EXPERT, "intermediate_size": 96, "norm_topk_prob": True},
+        False,
+    ),
 }
 
 
@@ -49,9 +73,19 @@ def hf_moe(family: str) -> Any:
     if not hasattr(transformers, cfg_cls):
         pytest.skip(f"transformers has no {cfg_cls}")
     cfg = getattr(transformers, cfg_cls)(
-        vocab_size=VOCAB, hidden_size=D_MODEL, num_hidden_layers=N_LAYERS, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-        tie_word_embeddings=False, num_experts_per_tok=TOP_K, architectures=[model_cls], **extra,
+        vocab_size=VOCAB,
+        hidden_size=D_MODEL,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=False,
+        num_experts_per_tok=TOP_K,
+        architectures=[model_cls],
+        **extra,
     )
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
@@ -95,13 +129,19 @@ def moe_hooked(family: str, processed: bool = False) -> Any:
     hf = hf_moe(family)
     folder = os.path.join(tempfile.mkdtemp(prefix="tlres-moe-"), "model")  # no family word: TL keys names on them
     hf.config.save_pretrained(folder)
-    cfg = lfp.get_pretrained_model_config(folder, hf_cfg=hf.config.to_dict(), fold_ln=processed, device="cpu",
-                                          dtype=torch.float32)
+    cfg = lfp.get_pretrained_model_config(
+        folder, hf_cfg=hf.config.to_dict(), fold_ln=processed, device="cpu", dtype=torch.float32
+    )
     state = lfp.get_pretrained_state_dict(folder, cfg, hf_model=hf)
     model = HookedTransformer(cfg, tokenizer=tiny_tokenizer(), move_to_device=False)
-    model.load_and_process_state_dict(state, fold_ln=processed, center_writing_weights=processed,
-                                      center_unembed=False, fold_value_biases=processed,
-                                      refactor_factored_attn_matrices=False)
+    model.load_and_process_state_dict(
+        state,
+        fold_ln=processed,
+        center_writing_weights=processed,
+        center_unembed=False,
+        fold_value_biases=processed,
+        refactor_factored_attn_matrices=False,
+    )
     return _final_rms(model.eval(), family)
 
 
@@ -116,9 +156,11 @@ def _final_rms(model: Any, family: str) -> Any:
 
 #: (family, api, processed): the four bridges first (the single-variant tests take ``VARIANTS[:4]``), then
 #: ``HookedTransformer`` (Mixtral first), then the bridges in compatibility mode.
-VARIANTS = [(f, "bridge", False) for f in FAMILIES] + [
-    (f, "hooked", p) for f in FAMILIES if FAMILIES[f][4] for p in (False, True)
-] + [(f, "bridge", True) for f in FAMILIES]
+VARIANTS = (
+    [(f, "bridge", False) for f in FAMILIES]
+    + [(f, "hooked", p) for f in FAMILIES if FAMILIES[f][4] for p in (False, True)]
+    + [(f, "bridge", True) for f in FAMILIES]
+)
 IDS = [f"{f}-{api}{'-processed' if p else ''}" for f, api, p in VARIANTS]
 
 
@@ -158,8 +200,15 @@ def reference_layer(family: str, layer: int, x: torch.Tensor) -> dict[str, Any]:
     weight = torch.zeros(x.shape[0], N_EXPERTS).scatter(1, top_i, top_w)  # 0 for experts not routed
     coef = weight[:, :, None] * h
     out = torch.einsum("pef,edf->pd", coef, down)
-    ref = {"top_i": top_i, "weight": weight, "coef": coef, "gate_pre": gate_pre, "up_pre": up_pre, "down": down,
-           "out": out}
+    ref = {
+        "top_i": top_i,
+        "weight": weight,
+        "coef": coef,
+        "gate_pre": gate_pre,
+        "up_pre": up_pre,
+        "down": down,
+        "out": out,
+    }
     if family == "qwen2_moe":
         se = block.shared_expert
         s_gate = x @ se.gate_proj.weight.detach().T
@@ -244,7 +293,9 @@ def test_scorer_topk_pruned_equals_dense(family: str, api: str, processed: bool)
     for k in (1, 10, 40):
         pruned = score_ffn_neurons(ctx, top_k=k, n_top_tokens=0)
         assert pruned["name"].tolist() == dense["name"].head(k).tolist()
-        torch.testing.assert_close(torch.tensor(pruned["score"].to_numpy()), torch.tensor(dense["score"].head(k).to_numpy()))
+        torch.testing.assert_close(
+            torch.tensor(pruned["score"].to_numpy()), torch.tensor(dense["score"].head(k).to_numpy())
+        )
     mixed = score_neurons(ctx, top_k=20, n_top_tokens=0)
     mixed_dense = score_neurons(ctx, top_k=20, n_top_tokens=0, pruned=False)
     assert mixed["name"].tolist() == mixed_dense["name"].tolist()
@@ -258,7 +309,9 @@ def _frozen_lens_logits(family: str, cache: Any, resid: torch.Tensor) -> torch.T
 
 
 @pytest.mark.parametrize("family,api,processed", VARIANTS[:4] + [VARIANTS[4]], ids=IDS[:5])
-def test_zeroing_an_expert_neuron_changes_final_logits_by_its_contribution(family: str, api: str, processed: bool) -> None:
+def test_zeroing_an_expert_neuron_changes_final_logits_by_its_contribution(
+    family: str, api: str, processed: bool
+) -> None:
     from tl_residual.lens import Lens
 
     model, _, cache = run(family, api, processed)
@@ -280,8 +333,9 @@ def test_zeroing_an_expert_neuron_changes_final_logits_by_its_contribution(famil
         lens = Lens(model, cache, -1, 0, "frozen")
         direct = _frozen_lens_logits(family, cache, expect * contribution)
         torch.testing.assert_close(lens.logits(after_resid) - lens.logits(before_resid), direct, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(lens.logits(before_resid), _frozen_lens_logits(family, cache, before_resid),
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            lens.logits(before_resid), _frozen_lens_logits(family, cache, before_resid), rtol=1e-4, atol=1e-4
+        )
 
 
 @pytest.mark.parametrize("family,api,processed", VARIANTS[:5], ids=IDS[:5])
@@ -313,8 +367,14 @@ def test_cache_from_another_model_raises() -> None:
         D.expert_parts(model, cache, 1, -1)
 
 
-def _resid_after(model: Any, names: list[str], layer: int, mode: str = "zero", factor: float | None = None,
-                 value: float | None = None) -> torch.Tensor:
+def _resid_after(
+    model: Any,
+    names: list[str],
+    layer: int,
+    mode: str = "zero",
+    factor: float | None = None,
+    value: float | None = None,
+) -> torch.Tensor:
     from tl_residual.interventions import (
         intervention_hooks,
         parse_components,
@@ -325,8 +385,11 @@ def _resid_after(model: Any, names: list[str], layer: int, mode: str = "zero", f
     hooks = intervention_hooks(model, [parse_components(model, names)], batch, mode, factor, value)
     grabbed: list[torch.Tensor] = []
     with torch.no_grad():
-        model.run_with_hooks(batch.tokens, fwd_hooks=hooks + [
-            (f"blocks.{layer}.hook_resid_post", lambda t, hook: grabbed.append(t.detach().clone()) or t)])
+        model.run_with_hooks(
+            batch.tokens,
+            fwd_hooks=hooks
+            + [(f"blocks.{layer}.hook_resid_post", lambda t, hook: grabbed.append(t.detach().clone()) or t)],
+        )
     return grabbed[0][0].float()
 
 

@@ -90,8 +90,17 @@ def test_final_node_is_the_models_prediction(variant_model):
 def test_pruning_and_scores_match_dense(gpt2, prune):
     model, cache = gpt2
     pos, layer, target = N_POS - 1, 2, 7
-    g = V.flow_graph(model, cache, target=target, layers=[layer], prune=prune, n_memory=2, n_neurons=3,
-                     n_attn_neurons=0, convention="none")
+    g = V.flow_graph(
+        model,
+        cache,
+        target=target,
+        layers=[layer],
+        prune=prune,
+        n_memory=2,
+        n_neurons=3,
+        n_attn_neurons=0,
+        convention="none",
+    )
     nodes = g.nodes.set_index("id")
     sub = _subvalues(model, cache, layer, pos)  # [head, src, d_model]
     x_pre = cache[f"blocks.{layer}.hook_resid_pre"][0, pos].float()
@@ -124,8 +133,17 @@ def test_pruning_and_scores_match_dense(gpt2, prune):
 def test_n_heads_keeps_the_heads_with_largest_abs_log_prob_increase(gpt2):
     model, cache = gpt2
     pos, layer, target = N_POS - 1, 1, 11
-    g = V.flow_graph(model, cache, target=target, layers=[layer], n_heads=2, n_memory=1, n_attn_neurons=0,
-                     n_neurons=0, convention="none")
+    g = V.flow_graph(
+        model,
+        cache,
+        target=target,
+        layers=[layer],
+        n_heads=2,
+        n_memory=1,
+        n_attn_neurons=0,
+        n_neurons=0,
+        convention="none",
+    )
     sub = _subvalues(model, cache, layer, pos)
     x_pre = cache[f"blocks.{layer}.hook_resid_pre"][0, pos].float()
     imp = _raw_imp(model, x_pre, sub.sum(1), target)
@@ -212,7 +230,8 @@ def test_bs_value_plots_match_dense(gpt2):
     fig = V.bs_value_trajectory_figure(model, cache, [3, 9], convention="none")
     assert [t.name for t in fig.data] == ["'t3'", "'t9'"]
     stream = [cache["blocks.0.hook_resid_pre"][0, -1]] + [
-        cache[f"blocks.{l}.hook_resid_{s}"][0, -1] for l in range(n_layers) for s in ("mid", "post")]
+        cache[f"blocks.{l}.hook_resid_{s}"][0, -1] for l in range(n_layers) for s in ("mid", "post")
+    ]
     expected = torch.stack(stream).float() @ W_U[:, 9]
     assert list(fig.data[1].y) == pytest.approx(expected.tolist(), rel=1e-4, abs=1e-4)
     assert list(fig.layout.xaxis.ticktext)[:3] == ["Lin0", "Lres0", "Lout0"]
@@ -250,14 +269,21 @@ def test_write_report_random_model(gpt2, tmp_path, convention):
     path = V.write_report(model, result, str(tmp_path / "r.html"), layers=[1, 2], n_neurons=2)
     page = (tmp_path / "r.html").read_text(encoding="utf-8")
     assert path == str(tmp_path / "r.html")
-    for div in ("flow-graph-L1", "flow-graph-L2", "layer-contributions", "bs-trajectories", "bs-minus", "parts-table",
-                "nodes-table"):
+    for div in (
+        "flow-graph-L1",
+        "flow-graph-L2",
+        "layer-contributions",
+        "bs-trajectories",
+        "bs-minus",
+        "parts-table",
+        "nodes-table",
+    ):
         assert f'id="{div}"' in page
     assert page.count("Plotly.newPlot(") == 6 and not re.search(r"<(script|link)[^>]*(src|href)=", page)
     # the tables read cleanly: a source-token column, no NaN / -1 placeholders, no bare 0.0000 probability
-    tables = page[page.index('id="attention-table"'):]
+    tables = page[page.index('id="attention-table"') :]
     assert "source token" in tables and ">nan<" not in tables.lower() and ">-1<" not in tables
-    assert ">0.0000<" not in page[page.index('id="nodes-table"'):]
+    assert ">0.0000<" not in page[page.index('id="nodes-table"') :]
     shown = result._repr_html_()  # the notebook display: token lists as text, and where the graph is
     assert "write_report" in shown and "[&#x27;" not in shown and "['" not in shown.split("<h4>")[1]
     result.cache = None  # without the cache the report reruns the model: same flow graph
@@ -285,10 +311,21 @@ def test_default_graph_layers_are_the_top_scoring_layers(gpt2):
 def test_display_table_has_src_token_and_no_placeholders():
     import pandas as pd
 
-    df = pd.DataFrame({"name": ["L1.H0.p2", "L1.mlp"], "head": [0, -1], "src_pos": [2, -1],
-                       "score": [0.5, float("nan")], "target_prob": [1e-7, 0.25], "top_tokens": [["a", " b"], []]})
-    shown = V.display_table(df, ["name", "head", "src_pos", "src_token", "score", "target_prob", "top_tokens"],
-                            tokens=["<bos>", "x", " Paris"])
+    df = pd.DataFrame(
+        {
+            "name": ["L1.H0.p2", "L1.mlp"],
+            "head": [0, -1],
+            "src_pos": [2, -1],
+            "score": [0.5, float("nan")],
+            "target_prob": [1e-7, 0.25],
+            "top_tokens": [["a", " b"], []],
+        }
+    )
+    shown = V.display_table(
+        df,
+        ["name", "head", "src_pos", "src_token", "score", "target_prob", "top_tokens"],
+        tokens=["<bos>", "x", " Paris"],
+    )
     assert list(shown["src_token"]) == ["' Paris'", ""] and list(shown["head"]) == ["0", ""]
     assert list(shown["score"]) == ["+0.5000", ""] and list(shown["target_prob"]) == ["1.0e-07", "0.2500"]
     assert shown.loc[0, "top_tokens"] == "'a' ' b'"

@@ -37,8 +37,9 @@ def test_versions_agree():
 
 
 def test_python_m_tl_residual_version():
-    proc = subprocess.run([sys.executable, "-m", "tl_residual", "--version"], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tl_residual", "--version"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"tl-residual {tl_residual.__version__}"
 
@@ -66,7 +67,9 @@ def test_citation_file_matches_the_package_and_cites_the_papers():
 
 def _run(cmd: list[str], timeout: int, **kwargs) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, (
+        f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    )
     return proc
 
 
@@ -107,7 +110,8 @@ def test_wheel_installs_and_explains(tmp_path):
     where = _run([py, "-c", "import tl_residual, sys; print(tl_residual.__file__)"], timeout=120, cwd=tmp_path)
     assert str(venv) in where.stdout, where.stdout
     cli = str(venv / "bin" / "tl-residual")
-    result = _run([cli, "explain", "--prompt", "The capital of France is", "--top-k", "3"], timeout=600, env=env,
-                  cwd=tmp_path)
+    result = _run(
+        [cli, "explain", "--prompt", "The capital of France is", "--top-k", "3"], timeout=600, env=env, cwd=tmp_path
+    )
     assert "prediction: ' Paris'" in result.stdout, result.stdout[-3000:]
     assert "L23.H4.p4" in result.stdout

@@ -51,9 +51,16 @@ class Family:
 
 def _llama_like(cls: str, **extra: Any) -> Callable[[Any], Any]:
     def make(tf: Any) -> Any:
-        kw = dict(hidden_size=D_MODEL, intermediate_size=D_MLP, num_hidden_layers=N_LAYERS,
-                  num_attention_heads=N_HEADS, num_key_value_heads=2, max_position_embeddings=N_CTX,
-                  tie_word_embeddings=False, **COMMON)
+        kw = dict(
+            hidden_size=D_MODEL,
+            intermediate_size=D_MLP,
+            num_hidden_layers=N_LAYERS,
+            num_attention_heads=N_HEADS,
+            num_key_value_heads=2,
+            max_position_embeddings=N_CTX,
+            tie_word_embeddings=False,
+            **COMMON,
+        )
         kw.update(extra)
         return getattr(tf, cls)(**kw)
 
@@ -61,57 +68,149 @@ def _llama_like(cls: str, **extra: Any) -> Callable[[Any], Any]:
 
 
 FAMILIES: dict[str, Family] = {
-    "gpt2": Family(lambda tf: tf.GPT2Config(n_positions=N_CTX, n_ctx=N_CTX, n_embd=D_MODEL, n_layer=N_LAYERS, n_head=N_HEADS,
-                                            n_inner=D_MLP, **COMMON), "gpt2"),
-    "gpt-neo": Family(lambda tf: tf.GPTNeoConfig(max_position_embeddings=N_CTX, hidden_size=D_MODEL,
-                                                 num_layers=N_LAYERS, num_heads=N_HEADS, intermediate_size=D_MLP,
-                                                 attention_types=[[["global", "local"], 1]], window_size=4, **COMMON),
-                      "EleutherAI/gpt-neo-125M"),
-    "gpt-j": Family(lambda tf: tf.GPTJConfig(n_positions=N_CTX, n_embd=D_MODEL, n_layer=N_LAYERS, n_head=N_HEADS,
-                                             n_inner=D_MLP, rotary_dim=8, tie_word_embeddings=False, **COMMON),
-                    "EleutherAI/gpt-j-6B", features=frozenset({"parallel"})),
-    "pythia": Family(lambda tf: tf.GPTNeoXConfig(max_position_embeddings=N_CTX, hidden_size=D_MODEL,
-                                                 num_hidden_layers=N_LAYERS, num_attention_heads=N_HEADS,
-                                                 intermediate_size=D_MLP, rotary_pct=0.25, use_parallel_residual=True,
-                                                 tie_word_embeddings=False, **COMMON),
-                     "EleutherAI/pythia-70m", features=frozenset({"parallel"})),
-    "neox-sequential": Family(lambda tf: tf.GPTNeoXConfig(max_position_embeddings=N_CTX, hidden_size=D_MODEL,
-                                                          num_hidden_layers=N_LAYERS, num_attention_heads=N_HEADS,
-                                                          intermediate_size=D_MLP, rotary_pct=0.25,
-                                                          use_parallel_residual=False, tie_word_embeddings=False,
-                                                          **COMMON),
-                              "EleutherAI/pythia-70m"),
-    "opt": Family(lambda tf: tf.OPTConfig(max_position_embeddings=N_CTX, hidden_size=D_MODEL, num_hidden_layers=N_LAYERS,
-                                          num_attention_heads=N_HEADS, ffn_dim=D_MLP, word_embed_proj_dim=D_MODEL,
-                                          **COMMON), "facebook/opt-125m"),
-    "bloom": Family(lambda tf: tf.BloomConfig(hidden_size=D_MODEL, n_layer=N_LAYERS, n_head=N_HEADS, **COMMON),
-                    "bigscience/bloom-560m", features=frozenset({"embed_norm"})),
+    "gpt2": Family(
+        lambda tf: tf.GPT2Config(
+            n_positions=N_CTX, n_ctx=N_CTX, n_embd=D_MODEL, n_layer=N_LAYERS, n_head=N_HEADS, n_inner=D_MLP, **COMMON
+        ),
+        "gpt2",
+    ),
+    "gpt-neo": Family(
+        lambda tf: tf.GPTNeoConfig(
+            max_position_embeddings=N_CTX,
+            hidden_size=D_MODEL,
+            num_layers=N_LAYERS,
+            num_heads=N_HEADS,
+            intermediate_size=D_MLP,
+            attention_types=[[["global", "local"], 1]],
+            window_size=4,
+            **COMMON,
+        ),
+        "EleutherAI/gpt-neo-125M",
+    ),
+    "gpt-j": Family(
+        lambda tf: tf.GPTJConfig(
+            n_positions=N_CTX,
+            n_embd=D_MODEL,
+            n_layer=N_LAYERS,
+            n_head=N_HEADS,
+            n_inner=D_MLP,
+            rotary_dim=8,
+            tie_word_embeddings=False,
+            **COMMON,
+        ),
+        "EleutherAI/gpt-j-6B",
+        features=frozenset({"parallel"}),
+    ),
+    "pythia": Family(
+        lambda tf: tf.GPTNeoXConfig(
+            max_position_embeddings=N_CTX,
+            hidden_size=D_MODEL,
+            num_hidden_layers=N_LAYERS,
+            num_attention_heads=N_HEADS,
+            intermediate_size=D_MLP,
+            rotary_pct=0.25,
+            use_parallel_residual=True,
+            tie_word_embeddings=False,
+            **COMMON,
+        ),
+        "EleutherAI/pythia-70m",
+        features=frozenset({"parallel"}),
+    ),
+    "neox-sequential": Family(
+        lambda tf: tf.GPTNeoXConfig(
+            max_position_embeddings=N_CTX,
+            hidden_size=D_MODEL,
+            num_hidden_layers=N_LAYERS,
+            num_attention_heads=N_HEADS,
+            intermediate_size=D_MLP,
+            rotary_pct=0.25,
+            use_parallel_residual=False,
+            tie_word_embeddings=False,
+            **COMMON,
+        ),
+        "EleutherAI/pythia-70m",
+    ),
+    "opt": Family(
+        lambda tf: tf.OPTConfig(
+            max_position_embeddings=N_CTX,
+            hidden_size=D_MODEL,
+            num_hidden_layers=N_LAYERS,
+            num_attention_heads=N_HEADS,
+            ffn_dim=D_MLP,
+            word_embed_proj_dim=D_MODEL,
+            **COMMON,
+        ),
+        "facebook/opt-125m",
+    ),
+    "bloom": Family(
+        lambda tf: tf.BloomConfig(hidden_size=D_MODEL, n_layer=N_LAYERS, n_head=N_HEADS, **COMMON),
+        "bigscience/bloom-560m",
+        features=frozenset({"embed_norm"}),
+    ),
     "llama2": Family(_llama_like("LlamaConfig", num_key_value_heads=N_HEADS), "meta-llama/Llama-2-7b-hf"),
-    "llama3": Family(_llama_like("LlamaConfig", rope_scaling={"rope_type": "llama3", "factor": 8.0,
-                                                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                                              "original_max_position_embeddings": 16}),
-                     "meta-llama/Llama-3.2-1B"),
+    "llama3": Family(
+        _llama_like(
+            "LlamaConfig",
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        ),
+        "meta-llama/Llama-3.2-1B",
+    ),
     "mistral": Family(_llama_like("MistralConfig", sliding_window=None), "mistralai/Mistral-7B-v0.1"),
     "qwen2": Family(_llama_like("Qwen2Config"), "Qwen/Qwen2-0.5B"),
     "qwen3": Family(_llama_like("Qwen3Config", head_dim=D_MODEL // N_HEADS), "Qwen/Qwen3-0.6B"),
     "gemma": Family(_llama_like("GemmaConfig", head_dim=D_MODEL // N_HEADS), "google/gemma-2b"),
-    "gemma2": Family(_llama_like("Gemma2Config", head_dim=D_MODEL // N_HEADS, sliding_window=4,
-                                 final_logit_softcapping=30.0, attn_logit_softcapping=50.0),
-                     "google/gemma-2-2b", features=frozenset({"post_norm", "softcap"})),
-    "gemma3": Family(_llama_like("Gemma3TextConfig", head_dim=D_MODEL // N_HEADS, sliding_window=4),
-                     "google/gemma-3-1b-pt", model_class="Gemma3ForCausalLM", features=frozenset({"post_norm"})),
-    "phi": Family(lambda tf: tf.PhiConfig(hidden_size=D_MODEL, intermediate_size=D_MLP, num_hidden_layers=N_LAYERS,
-                                          num_attention_heads=N_HEADS, max_position_embeddings=N_CTX,
-                                          partial_rotary_factor=0.5, **COMMON),
-                  "microsoft/phi-2", features=frozenset({"parallel"})),
+    "gemma2": Family(
+        _llama_like(
+            "Gemma2Config",
+            head_dim=D_MODEL // N_HEADS,
+            sliding_window=4,
+            final_logit_softcapping=30.0,
+            attn_logit_softcapping=50.0,
+        ),
+        "google/gemma-2-2b",
+        features=frozenset({"post_norm", "softcap"}),
+    ),
+    "gemma3": Family(
+        _llama_like("Gemma3TextConfig", head_dim=D_MODEL // N_HEADS, sliding_window=4),
+        "google/gemma-3-1b-pt",
+        model_class="Gemma3ForCausalLM",
+        features=frozenset({"post_norm"}),
+    ),
+    "phi": Family(
+        lambda tf: tf.PhiConfig(
+            hidden_size=D_MODEL,
+            intermediate_size=D_MLP,
+            num_hidden_layers=N_LAYERS,
+            num_attention_heads=N_HEADS,
+            max_position_embeddings=N_CTX,
+            partial_rotary_factor=0.5,
+            **COMMON,
+        ),
+        "microsoft/phi-2",
+        features=frozenset({"parallel"}),
+    ),
     "phi3": Family(_llama_like("Phi3Config", num_key_value_heads=N_HEADS), "microsoft/Phi-3-mini-4k-instruct"),
     "olmo": Family(_llama_like("OlmoConfig", num_key_value_heads=N_HEADS), "allenai/OLMo-1B-hf"),
-    "olmo2": Family(_llama_like("Olmo2Config", num_key_value_heads=N_HEADS), "allenai/OLMo-2-0425-1B",
-                    features=frozenset({"post_norm"})),
-    "olmo3": Family(_llama_like("Olmo3Config", num_key_value_heads=N_HEADS, sliding_window=4),
-                    "allenai/Olmo-3-1025-7B", features=frozenset({"post_norm"})),
-    "stablelm": Family(_llama_like("StableLmConfig", num_key_value_heads=N_HEADS, partial_rotary_factor=0.25),
-                       "stabilityai/stablelm-2-1_6b"),
+    "olmo2": Family(
+        _llama_like("Olmo2Config", num_key_value_heads=N_HEADS),
+        "allenai/OLMo-2-0425-1B",
+        features=frozenset({"post_norm"}),
+    ),
+    "olmo3": Family(
+        _llama_like("Olmo3Config", num_key_value_heads=N_HEADS, sliding_window=4),
+        "allenai/Olmo-3-1025-7B",
+        features=frozenset({"post_norm"}),
+    ),
+    "stablelm": Family(
+        _llama_like("StableLmConfig", num_key_value_heads=N_HEADS, partial_rotary_factor=0.25),
+        "stabilityai/stablelm-2-1_6b",
+    ),
 }
 
 
@@ -185,8 +284,14 @@ def hooked(name: str, processed: bool = False) -> Any:
         pytest.skip(f"{name}: TransformerLens 3.x's config conversion fails on this transformers version ({exc})")
     state = lfp.get_pretrained_state_dict(folder, cfg, hf_model=hf)
     model = HookedTransformer(cfg, tokenizer=tiny_tokenizer(), move_to_device=False)
-    model.load_and_process_state_dict(state, fold_ln=processed, center_writing_weights=processed,
-                                      center_unembed=False, fold_value_biases=processed, refactor_factored_attn_matrices=False)
+    model.load_and_process_state_dict(
+        state,
+        fold_ln=processed,
+        center_writing_weights=processed,
+        center_unembed=False,
+        fold_value_biases=processed,
+        refactor_factored_attn_matrices=False,
+    )
     return model.eval()
 
 

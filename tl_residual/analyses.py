@@ -47,8 +47,10 @@ FIGURE2_METHODS: tuple[str, ...] = ("log_prob_increase", "log_prob", "prob_incre
 def _table(results: Any, attr: str, need: Sequence[str] = ()) -> pd.DataFrame:
     df = getattr(results, attr, None)
     if df is None or not isinstance(df, pd.DataFrame) or len(df) == 0:
-        raise InvalidInputError(f"the study results have no {attr!r} rows; this analysis needs the run's {attr!r} "
-                                f"table (see docs/studies.md for the options that write it)")
+        raise InvalidInputError(
+            f"the study results have no {attr!r} rows; this analysis needs the run's {attr!r} "
+            f"table (see docs/studies.md for the options that write it)"
+        )
     missing = [c for c in need if c not in df.columns]
     if missing:
         raise InvalidInputError(f"the study's {attr!r} table lacks column(s) {', '.join(missing)}")
@@ -116,8 +118,10 @@ def _kind(df: pd.DataFrame, kinds: str | Sequence[str]) -> pd.DataFrame:
     kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
     out = df[df["kind"].isin(kinds)]
     if len(out) == 0:
-        raise InvalidInputError(f"the study's parts table has no rows of kind {', '.join(kinds)} "
-                                f"(it has {sorted(set(df['kind']))}); run the study with those kinds")
+        raise InvalidInputError(
+            f"the study's parts table has no rows of kind {', '.join(kinds)} "
+            f"(it has {sorted(set(df['kind']))}); run the study with those kinds"
+        )
     return out
 
 
@@ -174,8 +178,11 @@ def layer_contributions(results: Any, method: str = "log_prob_increase") -> tupl
     fig = _figure()
     for c, label in (("attn", "attention layers"), ("mlp", "FFN layers")):
         fig.add_bar(x=out["group"], y=out[c], name=label)
-    fig.update_layout(title=f"Table 3: sum of {method} over attention / FFN layers", barmode="group",
-                      yaxis_title="nats" if "log" in method else method)
+    fig.update_layout(
+        title=f"Table 3: sum of {method} over attention / FFN layers",
+        barmode="group",
+        yaxis_title="nats" if "log" in method else method,
+    )
     return out, fig
 
 
@@ -189,8 +196,9 @@ def top_layers(results: Any, k: int = 10, method: str = "log_prob_increase") -> 
     """
     df = _method(_table(results, "layers", ["prompt_id", "name", "layer", "sublayer", "score"]), method)
     df = df.assign(label=[layer_label(l, s) for l, s in zip(df["layer"], df["sublayer"])])
-    mean = _per_prompt_mean(df[["prompt_id", "label", "name", "score"]], ["label", "name"], ["score"],
-                            _prompt_groups(results, df))
+    mean = _per_prompt_mean(
+        df[["prompt_id", "label", "name", "score"]], ["label", "name"], ["score"], _prompt_groups(results, df)
+    )
     return _top(mean, ["label", "name"], k)
 
 
@@ -215,8 +223,12 @@ def top_heads(results: Any, k: int = 10, method: str = "log_prob_increase") -> p
         Columns ``group, rank, name, layer, head, score``.
     """
     df = _kind(_method(_table(results, "parts", ["prompt_id", "kind", "name", "score"]), method), "head")
-    mean = _per_prompt_mean(df[["prompt_id", "name", "layer", "head", "score"]], ["name", "layer", "head"],
-                            ["score"], _prompt_groups(results, df))
+    mean = _per_prompt_mean(
+        df[["prompt_id", "name", "layer", "head", "score"]],
+        ["name", "layer", "head"],
+        ["score"],
+        _prompt_groups(results, df),
+    )
     return _top(mean, ["name", "layer", "head"], k)
 
 
@@ -226,14 +238,17 @@ def top_heads(results: Any, k: int = 10, method: str = "log_prob_increase") -> p
 
 
 def neuron_importance(
-    results: Any, ks: Sequence[int] = (100, 200), method: str = "log_prob_increase",
+    results: Any,
+    ks: Sequence[int] = (100, 200),
+    method: str = "log_prob_increase",
     kinds: Sequence[str] = ("attn_neuron", "ffn_neuron"),
 ) -> pd.DataFrame:
     """Neuron-level paper Tables 5 (Llama) and 12 (GPT2): sums of importance of all, positive and top-k neurons.
 
     Per prompt and kind (attention neurons ``L.H.d.p``, FFN neurons ``L.N``): ``all`` = sum of every neuron's
     score (the paper's "total importance": the sum of Eq. 13 over all neurons of the kind at the last position),
-    ``positive`` = sum of the scores > 0, ``top{k}`` = sum of the ``k`` best; each averaged over the group's prompts that have rows of the kind.
+    ``positive`` = sum of the scores > 0, ``top{k}`` = sum of the ``k`` best; each averaged over the group's prompts
+    that have rows of the kind.
     ``share_top{k} = top{k} / all`` is the share of the total importance held by the top-k (the paper's claim:
     the top-200 attention and top-100 FFN neurons hold about all of it, i.e. a share near or above 1; the
     positive sum is much larger, since helpful and unhelpful neurons cancel).
@@ -285,8 +300,13 @@ def _top_units_value(df: pd.DataFrame, k: int) -> pd.DataFrame:
     return d.groupby("prompt_id", sort=False).head(k)[["prompt_id", "unit"]]
 
 
-def _query_totals(results: Any, value_kind: str | None = None, query_kinds: Sequence[str] = ("ffn_neuron",),
-                  value_top: int | None = None, method: str = "log_prob_increase") -> pd.DataFrame:
+def _query_totals(
+    results: Any,
+    value_kind: str | None = None,
+    query_kinds: Sequence[str] = ("ffn_neuron",),
+    value_top: int | None = None,
+    method: str = "log_prob_increase",
+) -> pd.DataFrame:
     """Per prompt and query part: the sum of its scores over the value neurons (``query`` table)."""
     q = _table(results, "query", ["prompt_id", "value_name", "query_name", "query_kind", "layer", "score"])
     if value_kind is not None:
@@ -303,8 +323,9 @@ def _query_totals(results: Any, value_kind: str | None = None, query_kinds: Sequ
     if query_kinds:
         q = q[q["query_kind"].isin(tuple(query_kinds))]
     if len(q) == 0:
-        raise InvalidInputError(f"the study's query table has no rows for value kind {value_kind!r} and query "
-                                f"kinds {query_kinds!r}")
+        raise InvalidInputError(
+            f"the study's query table has no rows for value kind {value_kind!r} and query kinds {query_kinds!r}"
+        )
     return q.groupby(["prompt_id", "query_name", "query_kind", "layer"], dropna=False)["score"].sum().reset_index()
 
 
@@ -323,16 +344,18 @@ def shared_neurons(
         One row per group and side (``value`` / ``query``): ``group, side, n_prompts, n_shared, shared`` (the names,
         most frequent first), ``frequency`` (their share of prompts).
     """
-    parts = _kind(_method(_table(results, "parts", ["prompt_id", "kind", "name", "score"]), method),
-                  ("ffn_neuron", "attn_neuron"))
+    parts = _kind(
+        _method(_table(results, "parts", ["prompt_id", "kind", "name", "score"]), method), ("ffn_neuron", "attn_neuron")
+    )
     prompts = _prompt_groups(results, parts)
     sides = {"value": _top_units_value(parts, k)}
     q = getattr(results, "query", None)
     if isinstance(q, pd.DataFrame) and len(q):
         qt = _query_totals(results)
         qt = qt.sort_values(["prompt_id", "score"], ascending=[True, False], kind="stable")
-        sides["query"] = qt.groupby("prompt_id", sort=False).head(k).rename(columns={"query_name": "unit"})[
-            ["prompt_id", "unit"]]
+        sides["query"] = (
+            qt.groupby("prompt_id", sort=False).head(k).rename(columns={"query_name": "unit"})[["prompt_id", "unit"]]
+        )
     rows = []
     gmap = prompts.set_index("prompt_id")["group"]
     for side, top in sides.items():
@@ -343,8 +366,16 @@ def shared_neurons(
             sub = top if g == OVERALL else top[top["group"] == g]
             freq = sub.groupby("unit")["prompt_id"].nunique() / max(n, 1)
             freq = freq[freq > threshold].sort_values(ascending=False, kind="stable")
-            rows.append({"group": g, "side": side, "n_prompts": n, "n_shared": len(freq),
-                         "shared": list(freq.index), "frequency": [float(x) for x in freq.to_numpy()]})
+            rows.append(
+                {
+                    "group": g,
+                    "side": side,
+                    "n_prompts": n,
+                    "n_shared": len(freq),
+                    "shared": list(freq.index),
+                    "frequency": [float(x) for x in freq.to_numpy()],
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -377,13 +408,19 @@ def neuron_layer_distribution(
     for m in methods:
         s = out[(out["group"] == OVERALL) & (out["method"] == m)].sort_values("layer")
         fig.add_scatter(x=s["layer"], y=s["share"], mode="lines+markers", name=m)
-    fig.update_layout(title=f"Figures 2/5: layers of the top-{k} {kind}s per method", xaxis_title="layer",
-                      yaxis_title="share of picks")
+    fig.update_layout(
+        title=f"Figures 2/5: layers of the top-{k} {kind}s per method",
+        xaxis_title="layer",
+        yaxis_title="share of picks",
+    )
     return out, fig
 
 
 def top_query_layers(
-    results: Any, value_kind: str = "ffn_neuron", n_value: int | None = None, k: int = 10,
+    results: Any,
+    value_kind: str = "ffn_neuron",
+    n_value: int | None = None,
+    k: int = 10,
     method: str = "log_prob_increase",
 ) -> pd.DataFrame:
     """Neuron-level paper Tables 6 (query layers of the top-100 FFN value neurons) and 14 (of the top-200
@@ -415,22 +452,31 @@ def query_neuron_counts(results: Any, k: int = 1000, method: str = "log_prob_inc
     Returns:
         ``(df, fig)``: columns ``group, n_prompts, layer, query_value, query_only``.
     """
-    parts = _kind(_method(_table(results, "parts", ["prompt_id", "kind", "name", "layer", "rank"]), method),
-                  "ffn_neuron")
+    parts = _kind(
+        _method(_table(results, "parts", ["prompt_id", "kind", "name", "layer", "rank"]), method), "ffn_neuron"
+    )
     value = set(zip(*[parts.loc[parts["rank"] <= k, c] for c in ("prompt_id", "name")]))
     qt = _query_totals(results).sort_values(["prompt_id", "score"], ascending=[True, False], kind="stable")
     top = qt.groupby("prompt_id", sort=False).head(k).copy()
     both = [(p, n) in value for p, n in zip(top["prompt_id"], top["query_name"])]
     top["query_value"] = [float(b) for b in both]
     top["query_only"] = [1.0 - float(b) for b in both]
-    out = _per_prompt_mean(top[["prompt_id", "layer", "query_value", "query_only"]], ["layer"],
-                           ["query_value", "query_only"], _prompt_groups(results, parts))
+    out = _per_prompt_mean(
+        top[["prompt_id", "layer", "query_value", "query_only"]],
+        ["layer"],
+        ["query_value", "query_only"],
+        _prompt_groups(results, parts),
+    )
     fig = _figure()
     s = out[out["group"] == OVERALL].sort_values("layer")
     fig.add_bar(x=s["layer"], y=s["query_only"], name="query-only")
     fig.add_bar(x=s["layer"], y=s["query_value"], name="query-value")
-    fig.update_layout(title=f"Figure 4: top-{k} query FFN neurons per layer", barmode="stack", xaxis_title="layer",
-                      yaxis_title="neurons per prompt")
+    fig.update_layout(
+        title=f"Figure 4: top-{k} query FFN neurons per layer",
+        barmode="stack",
+        xaxis_title="layer",
+        yaxis_title="neurons per prompt",
+    )
     return out, fig
 
 
@@ -447,15 +493,22 @@ def stream_log_prob(results: Any) -> tuple[pd.DataFrame, Any]:
         ``(df, fig)``: columns ``group, n_prompts, index, stream, log_prob, prob`` (nats; probabilities).
     """
     df = _table(results, "stream", ["prompt_id", "stream", "index", "log_prob", "prob"])
-    out = _per_prompt_mean(df[["prompt_id", "index", "stream", "log_prob", "prob"]], ["index", "stream"],
-                           ["log_prob", "prob"], _prompt_groups(results, df))
+    out = _per_prompt_mean(
+        df[["prompt_id", "index", "stream", "log_prob", "prob"]],
+        ["index", "stream"],
+        ["log_prob", "prob"],
+        _prompt_groups(results, df),
+    )
     out = out.sort_values(["group", "index"], kind="stable").reset_index(drop=True)
     fig = _figure()
     for g in _group_order(out["group"]):
         s = out[out["group"] == g]
         fig.add_scatter(x=s["index"], y=s["log_prob"], mode="lines", name=g, text=s["stream"])
-    fig.update_layout(title="Figure 5 (residual stream): mean log p(target) along the stream",
-                      xaxis_title="stream index (0 = Lin0, 1 = Lres0, 2 = Lout0, ...)", yaxis_title="log prob (nats)")
+    fig.update_layout(
+        title="Figure 5 (residual stream): mean log p(target) along the stream",
+        xaxis_title="stream index (0 = Lin0, 1 = Lres0, 2 = Lout0, ...)",
+        yaxis_title="log prob (nats)",
+    )
     return out, fig
 
 
@@ -472,14 +525,22 @@ def ffn_subvalue_counts(results: Any, method: str = "log_prob_increase") -> tupl
         raise InvalidInputError("ffn_subvalue_counts needs every FFN neuron's score; the run stored only a top_k")
     df = _kind(_method(_table(results, "parts", ["prompt_id", "kind", "layer", "score"]), method), "ffn_neuron")
     df = df.assign(helpful=(df["score"] > 0).astype(float), unhelpful=(df["score"] < 0).astype(float))
-    out = _per_prompt_mean(df[["prompt_id", "layer", "helpful", "unhelpful"]], ["layer"], ["helpful", "unhelpful"],
-                           _prompt_groups(results, df))
+    out = _per_prompt_mean(
+        df[["prompt_id", "layer", "helpful", "unhelpful"]],
+        ["layer"],
+        ["helpful", "unhelpful"],
+        _prompt_groups(results, df),
+    )
     fig = _figure()
     s = out[out["group"] == OVERALL].sort_values("layer")
     fig.add_bar(x=s["layer"], y=s["helpful"], name="helpful")
     fig.add_bar(x=s["layer"], y=s["unhelpful"], name="unhelpful")
-    fig.update_layout(title="Figure 6 (residual stream): helpful / unhelpful FFN subvalues per layer",
-                      barmode="group", xaxis_title="FFN layer", yaxis_title="subvalues per prompt")
+    fig.update_layout(
+        title="Figure 6 (residual stream): helpful / unhelpful FFN subvalues per layer",
+        barmode="group",
+        xaxis_title="FFN layer",
+        yaxis_title="subvalues per prompt",
+    )
     return out, fig
 
 
@@ -569,8 +630,9 @@ def segment_curves(model: Any, data: Any, n_segments: int = 60) -> tuple[pd.Data
         s = torch.arange(n_segments + 1, dtype=torch.float32)[:, None]
         lp = ctx.lens.log_probs(h0 + s * (hl - h0) / n_segments)[:, ctx.target]
         for i, v in enumerate(lp.tolist()):
-            rows.append({"prompt_id": row.prompt_id, "group": row.group, "segment": i, "log_prob": v,
-                         "prob": math.exp(v)})
+            rows.append(
+                {"prompt_id": row.prompt_id, "group": row.group, "segment": i, "log_prob": v, "prob": math.exp(v)}
+            )
     out = _summarise(pd.DataFrame(rows), ["segment"], ["log_prob", "prob"])
     from plotly.subplots import make_subplots
 
@@ -584,8 +646,18 @@ def segment_curves(model: Any, data: Any, n_segments: int = 60) -> tuple[pd.Data
 
 def _decrease(res: Any) -> dict[str, float]:
     s = res.summary()
-    return {k: s[k] for k in ("n_prompts", "mrr_before", "mrr_after", "prob_before_pct", "prob_after_pct",
-                              "mrr_decrease_pct", "prob_decrease_pct")}
+    return {
+        k: s[k]
+        for k in (
+            "n_prompts",
+            "mrr_before",
+            "mrr_after",
+            "prob_before_pct",
+            "prob_after_pct",
+            "mrr_decrease_pct",
+            "prob_decrease_pct",
+        )
+    }
 
 
 def head_ablation(
@@ -618,9 +690,7 @@ def head_ablation(
     return pd.DataFrame(rows)
 
 
-def query_neuron_ablation(
-    model: Any, results: Any, k: int = 1000, seed: int = 0, batch_size: int = 16
-) -> pd.DataFrame:
+def query_neuron_ablation(model: Any, results: Any, k: int = 1000, seed: int = 0, batch_size: int = 16) -> pd.DataFrame:
     """Neuron-level paper Table 7: MRR / probability decrease (%) when zeroing each prompt's top-``k`` query FFN
     neurons (the FFN neurons of the ``query`` table with the largest summed score over the attention value neurons
     they activate), against ``k`` random FFN neurons (seeded, per prompt).
@@ -639,9 +709,10 @@ def query_neuron_ablation(
     for g in _group_order(prompts["group"]):
         p = prompts if g == OVERALL else prompts[prompts["group"] == g]
         tg = [None if pd.isna(t) else int(t) for t in p["target_id"]]
-        sel = {"query": [picks[i] for i in p["prompt_id"]],
-               "random": [random_components(model, len(picks[i]), seed=seed * 1_000_003 + int(i))
-                          for i in p["prompt_id"]]}
+        sel = {
+            "query": [picks[i] for i in p["prompt_id"]],
+            "random": [random_components(model, len(picks[i]), seed=seed * 1_000_003 + int(i)) for i in p["prompt_id"]],
+        }
         for name, comps in sel.items():
             res = intervene(model, p["prompt"].tolist(), comps, tg, batch_size=batch_size)
             rows.append({"group": g, "selection": name, **_decrease(res)})
@@ -662,8 +733,16 @@ def neuron_projections(model: Any, neuron_names: Sequence[str], k: int = 10, dat
     from tl_residual.lens import Lens
 
     if data is None:
-        tokens = torch.tensor([[int(getattr(model.cfg, "default_prepend_bos", True) and
-                                    (getattr(model.tokenizer, "bos_token_id", None) or 0))]])
+        tokens = torch.tensor(
+            [
+                [
+                    int(
+                        getattr(model.cfg, "default_prepend_bos", True)
+                        and (getattr(model.tokenizer, "bos_token_id", None) or 0)
+                    )
+                ]
+            ]
+        )
         with torch.no_grad():
             _, cache = model.run_with_cache(tokens)
     else:
@@ -678,12 +757,19 @@ def neuron_projections(model: Any, neuron_names: Sequence[str], k: int = 10, dat
             v = tlm.W_O(model, ref.layer)[ref.head, ref.dim]
         else:
             raise InvalidInputError(f"{n}: only FFN neurons (L.N) and attention neurons (L.H.d) have a fixed direction")
-        rows.append({"name": n, "top_tokens": lens.top_tokens(v.float(), k),
-                     "bottom_tokens": lens.top_tokens(v.float(), k, largest=False)})
+        rows.append(
+            {
+                "name": n,
+                "top_tokens": lens.top_tokens(v.float(), k),
+                "bottom_tokens": lens.top_tokens(v.float(), k, largest=False),
+            }
+        )
     return pd.DataFrame(rows)
 
 
-def shared_neuron_projections(model: Any, results: Any, k: int = 10, n_per_group: int = 5, **kwargs: Any) -> pd.DataFrame:
+def shared_neuron_projections(
+    model: Any, results: Any, k: int = 10, n_per_group: int = 5, **kwargs: Any
+) -> pd.DataFrame:
     """Table 9 on the shared neurons of :func:`shared_neurons` (``kwargs`` go to it): the ``n_per_group`` most
     shared value and query neurons of each group, with their top-``k`` tokens.
 
@@ -746,8 +832,15 @@ def subvalue_selection(model: Any, data: Any, k: int = 10, layers: Sequence[int]
                 top = score_ffn_neurons(ctx, method, top_k=k, layers=[l], n_top_tokens=0)
                 idx = torch.tensor(top["neuron"].tolist(), dtype=torch.long)
                 v = group.vectors[idx].sum(0, keepdim=True).float()
-                rows.append({"prompt_id": row.prompt_id, "group": row.group, "layer": l, "method": label,
-                             "score": float(_lpi(ctx, base, v)[0])})
+                rows.append(
+                    {
+                        "prompt_id": row.prompt_id,
+                        "group": row.group,
+                        "layer": l,
+                        "method": label,
+                        "score": float(_lpi(ctx, base, v)[0]),
+                    }
+                )
     per = pd.DataFrame(rows)
     out = _summarise(per, ["method"], ["score"])
     out.attrs["per_layer"] = _summarise(per, ["method", "layer"], ["score"])
@@ -768,18 +861,28 @@ def subvalue_additivity(model: Any, data: Any, layers: Sequence[int] | None = No
     rows = []
     for row in prompt_table(data).itertuples():
         ctx = _ctx(model, row)
-        for l in (range(n_layers) if layers is None else layers):
+        for l in range(n_layers) if layers is None else layers:
             group, base = _ffn_layer_groups(ctx, l)
             c = _lpi(ctx, base, group.vectors.float())
             h = c > 0
-            rows.append({"prompt_id": row.prompt_id, "group": row.group, "layer": l, "n_helpful": int(h.sum()),
-                         "sum_of_scores": float(c[h].double().sum()),
-                         "score_of_sum": float(_lpi(ctx, base, group.vectors[h].float().sum(0, keepdim=True))[0])})
+            rows.append(
+                {
+                    "prompt_id": row.prompt_id,
+                    "group": row.group,
+                    "layer": l,
+                    "n_helpful": int(h.sum()),
+                    "sum_of_scores": float(c[h].double().sum()),
+                    "score_of_sum": float(_lpi(ctx, base, group.vectors[h].float().sum(0, keepdim=True))[0]),
+                }
+            )
     df = pd.DataFrame(rows)
     fig = _figure()
     fig.add_scatter(x=df["sum_of_scores"], y=df["score_of_sum"], mode="markers", text=df["layer"], name="layer")
-    fig.update_layout(title="Figure 3 (residual stream): C(v1+...+vn) against sum C(vi), helpful FFN subvalues",
-                      xaxis_title="sum of C(v_i) (nats)", yaxis_title="C(sum v_i) (nats)")
+    fig.update_layout(
+        title="Figure 3 (residual stream): C(v1+...+vn) against sum C(vi), helpful FFN subvalues",
+        xaxis_title="sum of C(v_i) (nats)",
+        yaxis_title="C(sum v_i) (nats)",
+    )
     return df, fig
 
 
@@ -797,7 +900,7 @@ def top10_share(model: Any, data: Any, k: int = 10, layers: Sequence[int] | None
     rows = []
     for row in prompt_table(data).itertuples():
         ctx = _ctx(model, row)
-        for l in (range(n_layers) if layers is None else layers):
+        for l in range(n_layers) if layers is None else layers:
             group, base = _ffn_layer_groups(ctx, l)
             c = _lpi(ctx, base, group.vectors.float())
             rec = {"prompt_id": row.prompt_id, "group": row.group, "layer": l}
@@ -817,8 +920,11 @@ def top10_share(model: Any, data: Any, k: int = 10, layers: Sequence[int] | None
     s = out[out["group"] == OVERALL]
     for side in ("helpful", "unhelpful"):
         fig.add_scatter(x=s["layer"], y=s[side], mode="lines+markers", name=side)
-    fig.update_layout(title=f"Figure 7 (residual stream): share of the top-{k} in the layer's helpful / unhelpful sum",
-                      xaxis_title="FFN layer", yaxis_title="C(top-k) / C(all)")
+    fig.update_layout(
+        title=f"Figure 7 (residual stream): share of the top-{k} in the layer's helpful / unhelpful sum",
+        xaxis_title="FFN layer",
+        yaxis_title="C(top-k) / C(all)",
+    )
     return out, fig
 
 
@@ -847,8 +953,11 @@ def cross_layer_average(model: Any, data: Any, value_layer: int = -1) -> tuple[p
     s = out[out["group"] == OVERALL]
     fig.add_scatter(x=s["query"], y=s["helpful_eq24"], mode="lines+markers", name="helpful")
     fig.add_scatter(x=s["query"], y=s["unhelpful_eq24"], mode="lines+markers", name="unhelpful")
-    fig.update_layout(title=f"Figure 8 (residual stream): cross-layer scores of FFN layer {lv} (Eq. 24)",
-                      xaxis_title="query vector", yaxis_title="inner product")
+    fig.update_layout(
+        title=f"Figure 8 (residual stream): cross-layer scores of FFN layer {lv} (Eq. 24)",
+        xaxis_title="query vector",
+        yaxis_title="inner product",
+    )
     return out, fig
 
 
@@ -859,28 +968,58 @@ def cross_layer_average(model: Any, data: Any, value_layer: int = -1) -> tuple[p
 #: The papers' own numbers shown beside the run's (neuron-level paper: GPT2-large "G", Llama-7B "L").
 PAPER_NUMBERS: dict[str, pd.DataFrame] = {
     "neuron_table3": pd.DataFrame(
-        {"language": [7.46, 0.63, 6.28, 1.74], "color": [4.10, 3.51, 3.81, 4.02], "number": [2.75, 4.70, 2.22, 5.60],
-         "capital": [6.61, 1.89, 5.03, 4.30], "country": [6.62, 1.67, 6.42, 2.90], "month": [4.82, 2.81, 5.10, 3.05]},
-        index=["GPT2 attn", "GPT2 FFN", "Llama attn", "Llama FFN"]),
+        {
+            "language": [7.46, 0.63, 6.28, 1.74],
+            "color": [4.10, 3.51, 3.81, 4.02],
+            "number": [2.75, 4.70, 2.22, 5.60],
+            "capital": [6.61, 1.89, 5.03, 4.30],
+            "country": [6.62, 1.67, 6.42, 2.90],
+            "month": [4.82, 2.81, 5.10, 3.05],
+        },
+        index=["GPT2 attn", "GPT2 FFN", "Llama attn", "Llama FFN"],
+    ),
     "neuron_table5_12": pd.DataFrame(
-        {"language": [6.7, 30.5, 3.5, 5.0, 2.5, 77.4, 6.4, 8.2, 7.3, 28.8, 4.0, 5.7, 0.0, 70.1, 4.2, 6.0],
-         "color": [4.0, 32.0, 2.8, 4.1, 4.9, 90.6, 6.1, 8.0, 3.6, 24.7, 2.7, 4.0, 2.5, 72.0, 4.3, 6.1],
-         "number": [2.4, 24.8, 2.0, 3.0, 6.5, 71.6, 6.6, 8.5, 2.3, 18.2, 1.6, 2.5, 4.0, 62.3, 4.1, 5.7],
-         "capital": [5.5, 29.4, 3.0, 4.4, 5.1, 77.6, 6.3, 8.0, 6.7, 27.4, 3.7, 5.3, 1.9, 69.4, 4.6, 6.3],
-         "country": [6.9, 30.5, 3.6, 5.0, 3.6, 69.8, 5.5, 7.0, 6.6, 27.5, 3.5, 5.1, 1.4, 69.1, 4.3, 5.9],
-         "month": [5.4, 29.2, 2.8, 4.1, 2.8, 69.1, 7.0, 8.5, 4.3, 23.3, 2.5, 3.7, 1.9, 66.6, 4.7, 6.4]},
-        index=[f"{m} {k} {s}" for m in ("Llama", "GPT2") for k in ("attn", "FFN")
-               for s in ("all", "positive", "top100", "top200")]),
+        {
+            "language": [6.7, 30.5, 3.5, 5.0, 2.5, 77.4, 6.4, 8.2, 7.3, 28.8, 4.0, 5.7, 0.0, 70.1, 4.2, 6.0],
+            "color": [4.0, 32.0, 2.8, 4.1, 4.9, 90.6, 6.1, 8.0, 3.6, 24.7, 2.7, 4.0, 2.5, 72.0, 4.3, 6.1],
+            "number": [2.4, 24.8, 2.0, 3.0, 6.5, 71.6, 6.6, 8.5, 2.3, 18.2, 1.6, 2.5, 4.0, 62.3, 4.1, 5.7],
+            "capital": [5.5, 29.4, 3.0, 4.4, 5.1, 77.6, 6.3, 8.0, 6.7, 27.4, 3.7, 5.3, 1.9, 69.4, 4.6, 6.3],
+            "country": [6.9, 30.5, 3.6, 5.0, 3.6, 69.8, 5.5, 7.0, 6.6, 27.5, 3.5, 5.1, 1.4, 69.1, 4.3, 5.9],
+            "month": [5.4, 29.2, 2.8, 4.1, 2.8, 69.1, 7.0, 8.5, 4.3, 23.3, 2.5, 3.7, 1.9, 66.6, 4.7, 6.4],
+        },
+        index=[
+            f"{m} {k} {s}"
+            for m in ("Llama", "GPT2")
+            for k in ("attn", "FFN")
+            for s in ("all", "positive", "top100", "top200")
+        ],
+    ),
     "neuron_table8": pd.DataFrame(
-        {"language": [5, 48, 1, 13], "color": [17, 57, 9, 23], "number": [104, 121, 39, 84],
-         "capital": [51, 71, 1, 18], "country": [26, 64, 1, 21], "month": [81, 137, 44, 95]},
-        index=["GPT2 query", "GPT2 value", "Llama query", "Llama value"]),
+        {
+            "language": [5, 48, 1, 13],
+            "color": [17, 57, 9, 23],
+            "number": [104, 121, 39, 84],
+            "capital": [51, 71, 1, 18],
+            "country": [26, 64, 1, 21],
+            "month": [81, 137, 44, 95],
+        },
+        index=["GPT2 query", "GPT2 value", "Llama query", "Llama value"],
+    ),
     "neuron_table7": pd.DataFrame(
-        {"language": ["91/96", "78/92"], "color": ["95/97", "85/93"], "number": ["96/96", "90/96"],
-         "capital": ["98/99", "84/93"], "country": ["89/94", "91/98"], "month": ["83/88", "94/98"]},
-        index=["GPT2 MRR/prob decrease %", "Llama MRR/prob decrease %"]),
-    "residual_table1": pd.DataFrame({"contribution (Imp)": [1.75], "coefficient": [0.05], "coefficient x norm": [0.15],
-                                     "rank": [1.73]}, index=["GPT2-medium, nats"]),
+        {
+            "language": ["91/96", "78/92"],
+            "color": ["95/97", "85/93"],
+            "number": ["96/96", "90/96"],
+            "capital": ["98/99", "84/93"],
+            "country": ["89/94", "91/98"],
+            "month": ["83/88", "94/98"],
+        },
+        index=["GPT2 MRR/prob decrease %", "Llama MRR/prob decrease %"],
+    ),
+    "residual_table1": pd.DataFrame(
+        {"contribution (Imp)": [1.75], "coefficient": [0.05], "coefficient x norm": [0.15], "rank": [1.73]},
+        index=["GPT2-medium, nats"],
+    ),
 }
 
 
@@ -908,8 +1047,14 @@ def report_sections(results: Any, model: Any = None, max_prompts: int | None = N
     sections: list[dict[str, Any]] = []
 
     def add(paper: str, title: str, fn: Any, paper_key: str | None = None, shape: Any = None) -> None:
-        entry: dict[str, Any] = {"paper": paper, "title": title, "table": None, "figure": None, "error": None,
-                                 "paper_table": PAPER_NUMBERS.get(paper_key) if paper_key else None}
+        entry: dict[str, Any] = {
+            "paper": paper,
+            "title": title,
+            "table": None,
+            "figure": None,
+            "error": None,
+            "paper_table": PAPER_NUMBERS.get(paper_key) if paper_key else None,
+        }
         try:
             out = fn()
             table, fig = out if isinstance(out, tuple) else (out, None)
@@ -920,46 +1065,103 @@ def report_sections(results: Any, model: Any = None, max_prompts: int | None = N
         sections.append(entry)
 
     neuron, resid = "Neuron-level paper (Yu & Ananiadou)", "Residual-stream paper (Yu et al.)"
-    add(neuron, "Table 3: sum of log-probability increase of attention / FFN layers",
-        lambda: layer_contributions(results), "neuron_table3")
+    add(
+        neuron,
+        "Table 3: sum of log-probability increase of attention / FFN layers",
+        lambda: layer_contributions(results),
+        "neuron_table3",
+    )
     add(neuron, "Table 4: top-10 layers", lambda: top_layers(results), shape=lambda t: _wide(t, "label"))
     add(neuron, "Table 10: top-10 heads", lambda: top_heads(results), shape=lambda t: _wide(t, "name"))
-    add(neuron, "Tables 5 / 12: importance of all, positive, top-100 and top-200 neurons",
-        lambda: neuron_importance(results), "neuron_table5_12")
-    add(neuron, "Table 6: top-10 query layers of the top-100 FFN value neurons",
-        lambda: top_query_layers(results, "ffn_neuron"), shape=lambda t: _wide(t, "label"))
-    add(neuron, "Table 14: top-10 query layers of the top-200 attention value neurons",
-        lambda: top_query_layers(results, "attn_neuron"), shape=lambda t: _wide(t, "label"))
-    add(neuron, "Table 8: shared value and query neurons (top-300 in > 50% of a group's prompts)",
-        lambda: shared_neurons(results).drop(columns=["frequency"]).assign(
-            shared=lambda d: d["shared"].map(lambda x: ", ".join(x[:15]) + (" ..." if len(x) > 15 else ""))),
-        "neuron_table8")
-    add(neuron, "Figures 2 / 5: layers of the top-10 FFN neurons of methods a, b, c",
-        lambda: neuron_layer_distribution(results))
+    add(
+        neuron,
+        "Tables 5 / 12: importance of all, positive, top-100 and top-200 neurons",
+        lambda: neuron_importance(results),
+        "neuron_table5_12",
+    )
+    add(
+        neuron,
+        "Table 6: top-10 query layers of the top-100 FFN value neurons",
+        lambda: top_query_layers(results, "ffn_neuron"),
+        shape=lambda t: _wide(t, "label"),
+    )
+    add(
+        neuron,
+        "Table 14: top-10 query layers of the top-200 attention value neurons",
+        lambda: top_query_layers(results, "attn_neuron"),
+        shape=lambda t: _wide(t, "label"),
+    )
+    add(
+        neuron,
+        "Table 8: shared value and query neurons (top-300 in > 50% of a group's prompts)",
+        lambda: (
+            shared_neurons(results)
+            .drop(columns=["frequency"])
+            .assign(shared=lambda d: d["shared"].map(lambda x: ", ".join(x[:15]) + (" ..." if len(x) > 15 else "")))
+        ),
+        "neuron_table8",
+    )
+    add(
+        neuron,
+        "Figures 2 / 5: layers of the top-10 FFN neurons of methods a, b, c",
+        lambda: neuron_layer_distribution(results),
+    )
     add(neuron, "Figure 4: query-only and query-value FFN neurons per layer", lambda: query_neuron_counts(results))
-    add(resid, "Figure 5: mean log probability of the target along the residual stream",
-        lambda: stream_log_prob(results))
+    add(
+        resid,
+        "Figure 5: mean log probability of the target along the residual stream",
+        lambda: stream_log_prob(results),
+    )
     add(resid, "Figure 6: helpful / unhelpful FFN subvalues per layer", lambda: ffn_subvalue_counts(results))
     if model is not None:
         data = prompt_table(results)
         if max_prompts is not None:
             data = data.head(max_prompts)
-        add(neuron, "Figures 3 / 6: log probability and probability along h0 -> hL (60 segments)",
-            lambda: segment_curves(model, data))
+        add(
+            neuron,
+            "Figures 3 / 6: log probability and probability along h0 -> hL (60 segments)",
+            lambda: segment_curves(model, data),
+        )
         add(neuron, "Table 11: zeroing the top 1% heads of each group", lambda: head_ablation(model, results))
-        add(neuron, "Table 7: zeroing the top-1000 query FFN neurons against 1000 random",
-            lambda: query_neuron_ablation(model, results), "neuron_table7")
-        add(neuron, "Table 9: vocabulary projections of shared neurons", lambda: shared_neuron_projections(model, results))
-        add(resid, "Table 1: log-probability increase of the top-10 FFN subvalues by each selection rule",
-            lambda: subvalue_selection(model, data), "residual_table1")
-        add(resid, "Figure 3: C(v1 + ... + vn) against sum C(vi), helpful subvalues",
-            lambda: subvalue_additivity(model, data))
-        add(resid, "Figure 7: share of the top-10 in the layer's helpful / unhelpful sum", lambda: top10_share(model, data))
+        add(
+            neuron,
+            "Table 7: zeroing the top-1000 query FFN neurons against 1000 random",
+            lambda: query_neuron_ablation(model, results),
+            "neuron_table7",
+        )
+        add(
+            neuron,
+            "Table 9: vocabulary projections of shared neurons",
+            lambda: shared_neuron_projections(model, results),
+        )
+        add(
+            resid,
+            "Table 1: log-probability increase of the top-10 FFN subvalues by each selection rule",
+            lambda: subvalue_selection(model, data),
+            "residual_table1",
+        )
+        add(
+            resid,
+            "Figure 3: C(v1 + ... + vn) against sum C(vi), helpful subvalues",
+            lambda: subvalue_additivity(model, data),
+        )
+        add(
+            resid,
+            "Figure 7: share of the top-10 in the layer's helpful / unhelpful sum",
+            lambda: top10_share(model, data),
+        )
         add(resid, "Figure 8: cross-layer scores of the last FFN layer", lambda: cross_layer_average(model, data))
         visit = "VISIT (Katz & Belinkov)"
-        add(visit, "Intersection of head / memory-value top-50 tokens with the block output and final prediction",
-            lambda: visit_intersections(model, data))
-        add(visit, "Layer norm as a filter: tokens most promoted / suppressed by each norm", lambda: norm_filter(model, data))
+        add(
+            visit,
+            "Intersection of head / memory-value top-50 tokens with the block output and final prediction",
+            lambda: visit_intersections(model, data),
+        )
+        add(
+            visit,
+            "Layer norm as a filter: tokens most promoted / suppressed by each norm",
+            lambda: norm_filter(model, data),
+        )
     return sections
 
 
@@ -990,12 +1192,16 @@ def write_report(results: Any, path: str, model: Any = None, max_prompts: int | 
 
     sections = report_sections(results, model, max_prompts)
     manifest = getattr(results, "manifest", None) or {}
-    style = ("body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse;font-size:12px}"
-             "td,th{border:1px solid #ccc;padding:2px 6px}.missing{color:#a00}")
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>tl-residual study report</title><style>"
-             f"{style}</style></head><body>",
-             "<h1>tl-residual study report</h1>",
-             f"<pre>{_h.escape(str({k: manifest[k] for k in list(manifest)[:12]}))}</pre>"]
+    style = (
+        "body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse;font-size:12px}"
+        "td,th{border:1px solid #ccc;padding:2px 6px}.missing{color:#a00}"
+    )
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>tl-residual study report</title><style>"
+        f"{style}</style></head><body>",
+        "<h1>tl-residual study report</h1>",
+        f"<pre>{_h.escape(str({k: manifest[k] for k in list(manifest)[:12]}))}</pre>",
+    ]
     plotly_included = False
     done = 0
     for paper in dict.fromkeys(s["paper"] for s in sections):
@@ -1035,9 +1241,7 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.isin(a, b).float().mean(-1)
 
 
-def visit_intersections(
-    model: Any, data: Any, k: int = 50, n_values: int = 10
-) -> tuple[pd.DataFrame, Any]:
+def visit_intersections(model: Any, data: Any, k: int = 50, n_values: int = 10) -> tuple[pd.DataFrame, Any]:
     """VISIT (Katz & Belinkov), Figures 2, 3, 5, 12, 13, 15-18: the intersection score between the top-``k``
     logit-lens tokens of each head's output (and of each of the ``n_values`` most activated FFN memory values, by
     coefficient ``m``, times ``W_out[k]``) and the top-``k`` tokens of the block output (``resid_post`` of the
@@ -1056,22 +1260,40 @@ def visit_intersections(
     rows = []
     for row in prompt_table(data).itertuples():
         ctx = _ctx(model, row)
-        final = _top_ids(ctx.lens, tlm.cached(ctx.cache, f"blocks.{spec.n_layers - 1}.hook_resid_post", 0)
-                         [ctx.position][None], k)[0]
+        final = _top_ids(
+            ctx.lens, tlm.cached(ctx.cache, f"blocks.{spec.n_layers - 1}.hook_resid_post", 0)[ctx.position][None], k
+        )[0]
         for l in range(spec.n_layers):
-            block = _top_ids(ctx.lens, tlm.cached(ctx.cache, f"blocks.{l}.hook_resid_post", 0)[ctx.position][None], k)[0]
+            block = _top_ids(ctx.lens, tlm.cached(ctx.cache, f"blocks.{l}.hook_resid_post", 0)[ctx.position][None], k)[
+                0
+            ]
             sub, _ = attention_parts(model, ctx.cache, l, ctx.position, ctx.batch)
             heads = sub.vectors.reshape(spec.n_heads, -1, spec.d_model).sum(1)
             ids = _top_ids(ctx.lens, heads, k)
             for h, (wb, wf) in enumerate(zip(_overlap(ids, block).tolist(), _overlap(ids, final).tolist())):
-                rows.append({"prompt_id": row.prompt_id, "group": row.group, "layer": l, "component": f"H{h}",
-                             "with_block_output": wb, "with_final": wf})
+                rows.append(
+                    {
+                        "prompt_id": row.prompt_id,
+                        "group": row.group,
+                        "layer": l,
+                        "component": f"H{h}",
+                        "with_block_output": wb,
+                        "with_final": wf,
+                    }
+                )
             m = tlm.cached(ctx.cache, f"blocks.{l}.mlp.hook_post", 0)[ctx.position].float()
             top = torch.topk(m, min(n_values, m.shape[0])).indices
             vids = _top_ids(ctx.lens, m[top, None] * tlm.W_out(model, l)[top].float(), k)
-            rows.append({"prompt_id": row.prompt_id, "group": row.group, "layer": l, "component": "memory values",
-                         "with_block_output": float(_overlap(vids, block).mean()),
-                         "with_final": float(_overlap(vids, final).mean())})
+            rows.append(
+                {
+                    "prompt_id": row.prompt_id,
+                    "group": row.group,
+                    "layer": l,
+                    "component": "memory values",
+                    "with_block_output": float(_overlap(vids, block).mean()),
+                    "with_final": float(_overlap(vids, final).mean()),
+                }
+            )
     out = _summarise(pd.DataFrame(rows), ["layer", "component"], ["with_block_output", "with_final"])
     fig = _figure()
     s = out[out["group"] == OVERALL]
@@ -1080,8 +1302,9 @@ def visit_intersections(
     fig.add_scatter(x=hd["layer"], y=hd["with_final"], mode="lines+markers", name="best head vs final prediction")
     fig.add_scatter(x=mv["layer"], y=mv["with_final"], mode="lines+markers", name="memory values vs final prediction")
     fig.add_scatter(x=hd["layer"], y=hd["with_block_output"], mode="lines", name="best head vs block output")
-    fig.update_layout(title=f"VISIT: top-{k} logit-lens token intersections", xaxis_title="layer",
-                      yaxis_title="|intersection| / k")
+    fig.update_layout(
+        title=f"VISIT: top-{k} logit-lens token intersections", xaxis_title="layer", yaxis_title="|intersection| / k"
+    )
     return out, fig
 
 
@@ -1100,8 +1323,11 @@ def norm_filter(model: Any, data: Any, k: int = 10) -> pd.DataFrame:
     W_U = tlm.W_U(model).float()
     acc: dict[str, torch.Tensor] = {}
     n = 0
-    hooks = [(f"blocks.{l}.{w}", f"blocks.{l}.hook_resid_{'pre' if w == 'ln1' else 'mid'}", f"{l}.{w}")
-             for l in range(spec.n_layers) for w in ("ln1", "ln2")]
+    hooks = [
+        (f"blocks.{l}.{w}", f"blocks.{l}.hook_resid_{'pre' if w == 'ln1' else 'mid'}", f"{l}.{w}")
+        for l in range(spec.n_layers)
+        for w in ("ln1", "ln2")
+    ]
     hooks.append(("ln_final", f"blocks.{spec.n_layers - 1}.hook_resid_post", "final"))
     for row in prompt_table(data).itertuples():
         _, cache = _run(model, row.prompt)
@@ -1123,14 +1349,18 @@ def norm_filter(model: Any, data: Any, k: int = 10) -> pd.DataFrame:
     rows = []
     for name, total in acc.items():
         d = total / max(n, 1)
-        rows.append({"norm": name, "promoted": words(torch.topk(d, k).indices),
-                     "suppressed": words(torch.topk(-d, k).indices), "mean_abs_delta": float(d.abs().mean())})
+        rows.append(
+            {
+                "norm": name,
+                "promoted": words(torch.topk(d, k).indices),
+                "suppressed": words(torch.topk(-d, k).indices),
+                "mean_abs_delta": float(d.abs().mean()),
+            }
+        )
     return pd.DataFrame(rows)
 
 
-def regularisation_neurons(
-    model: Any, data: Any, k: int = 20, layers: Sequence[int] | None = None
-) -> pd.DataFrame:
+def regularisation_neurons(model: Any, data: Any, k: int = 20, layers: Sequence[int] | None = None) -> pd.DataFrame:
     """VISIT Figures 8-9, regularisation neurons: the FFN neurons whose output changes the entropy of the
     prediction most. Per prompt and neuron ``m_k W_out[k]`` of ``layers`` (default all; dense: one vocabulary
     projection per neuron), ``dH = H(p(x + m_k W_out[k])) - H(p(x))`` with ``x`` = ``resid_mid`` of the layer and
@@ -1158,8 +1388,11 @@ def regularisation_neurons(
                 z = zb + ctx.lens.logits(group.vectors[s : s + 256].float())
                 dh.append(-(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1) - h0)
             acc[l] = acc.get(l, 0) + torch.cat(dh)
-    rows = [{"name": names.ffn_neuron(l, i), "layer": l, "neuron": i, "mean_entropy_change": float(v) / max(n, 1)}
-            for l, t in acc.items() for i, v in enumerate(t.tolist())]
+    rows = [
+        {"name": names.ffn_neuron(l, i), "layer": l, "neuron": i, "mean_entropy_change": float(v) / max(n, 1)}
+        for l, t in acc.items()
+        for i, v in enumerate(t.tolist())
+    ]
     df = pd.DataFrame(rows).sort_values("mean_entropy_change", kind="stable")
     out = pd.concat([df.head(k), df.tail(k).iloc[::-1]]).drop_duplicates("name")
     return out.reset_index(drop=True)

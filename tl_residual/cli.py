@@ -165,8 +165,15 @@ _DROPPABLE = ("kind", "layer", "neuron", "head", "src_pos", "coefficient", "acti
 _RIGHT = {"score", "coefficient", "activation", "contribution", "layer", "head", "src_pos", "neuron", "rank", "prob"}
 
 
-def table(title: str, df: pd.DataFrame, columns: list[str], n: int | None = None,
-          tokens: list[str] | None = None, headers: dict[str, str] | None = None, width: int | None = None) -> Table:
+def table(
+    title: str,
+    df: pd.DataFrame,
+    columns: list[str],
+    n: int | None = None,
+    tokens: list[str] | None = None,
+    headers: dict[str, str] | None = None,
+    width: int | None = None,
+) -> Table:
     """A rich table of ``df``'s ``columns`` that fits the terminal without wrapping inside a token.
 
     Cells come from :func:`tl_residual.visualize.display_table` (tokens quoted, 4 decimals, blanks instead of
@@ -181,6 +188,7 @@ def table(title: str, df: pd.DataFrame, columns: list[str], n: int | None = None
     shown = display_table(rows, columns, tokens)
     cols = list(shown.columns)
     widths = {c: max([len((headers or {}).get(c, c))] + [len(x) for x in shown[c]]) + 3 for c in cols}
+
     def fixed() -> int:  # the columns other than top_tokens, plus 24 characters of top_tokens
         return sum(widths[k] for k in cols if k != "top_tokens") + 1 + (27 if "top_tokens" in cols else 0)
 
@@ -192,9 +200,14 @@ def table(title: str, df: pd.DataFrame, columns: list[str], n: int | None = None
     room = width - sum(widths[k] for k in cols if k != "top_tokens") - 1 - 3  # borders and padding
     t = Table(title=title, title_justify="left", header_style="bold", expand=False)
     for c in cols:
-        t.add_column((headers or {}).get(c, c), justify="right" if c in _RIGHT else "left", no_wrap=True,
-                     overflow="ellipsis", min_width=min(widths[c] - 3, 12) if c != "top_tokens" else 10,
-                     max_width=max(room, 10) if c == "top_tokens" else None)
+        t.add_column(
+            (headers or {}).get(c, c),
+            justify="right" if c in _RIGHT else "left",
+            no_wrap=True,
+            overflow="ellipsis",
+            min_width=min(widths[c] - 3, 12) if c != "top_tokens" else 10,
+            max_width=max(room, 10) if c == "top_tokens" else None,
+        )
     for row in shown[cols].itertuples(index=False):
         t.add_row(*row)
     return t
@@ -217,15 +230,15 @@ def _read_prompts(path: str) -> list[tuple[str, str | None]]:
             except json.JSONDecodeError as exc:
                 fail(f"--prompts {path!r} line {i} is not valid JSON: {exc}")
             if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
-                fail(f"--prompts {path!r} line {i}: a JSON line needs a non-empty \"prompt\" string")
+                fail(f'--prompts {path!r} line {i}: a JSON line needs a non-empty "prompt" string')
             target = rec.get("target")
             if target is not None and not isinstance(target, str):
-                fail(f"--prompts {path!r} line {i}: \"target\" must be a string (one token, e.g. \" Paris\")")
+                fail(f'--prompts {path!r} line {i}: "target" must be a string (one token, e.g. " Paris")')
             out.append((rec["prompt"], target))
         else:
             out.append((line, None))
     if not out:
-        fail(f"--prompts {path!r} has no prompts: write one prompt per line (or JSON Lines with a \"prompt\")")
+        fail(f'--prompts {path!r} has no prompts: write one prompt per line (or JSON Lines with a "prompt")')
     return out
 
 
@@ -261,8 +274,10 @@ def _check_target_early(model: str, target: str | None) -> None:
     ids = tok.encode(target, add_special_tokens=False)
     if len(ids) != 1:
         pieces = [tok.decode([i]) for i in ids]
-        fail(f"target {target!r} is {len(ids)} tokens {pieces!r}, not one; give a single token (e.g. ' Paris', "
-             f"with its leading space) or a token id")
+        fail(
+            f"target {target!r} is {len(ids)} tokens {pieces!r}, not one; give a single token (e.g. ' Paris', "
+            f"with its leading space) or a token id"
+        )
 
 
 def _report_path(path: str, i: int, n: int) -> str:
@@ -275,23 +290,39 @@ def _report_path(path: str, i: int, n: int) -> str:
 @app.command()
 def explain(
     prompt: str | None = typer.Option(None, "--prompt", "-p", help="The prompt text."),
-    prompts_file: str | None = typer.Option(None, "--prompts", help="A file of prompts: one per line, or JSON "
-                                               "Lines with \"prompt\" and an optional \"target\"; all explained "
-                                               "with one model load."),
-    target: str | None = typer.Option(None, "--target", "-t", help="Target token (one token, e.g. ' Paris'); default: top-1."),
+    prompts_file: str | None = typer.Option(
+        None,
+        "--prompts",
+        help="A file of prompts: one per line, or JSON "
+        'Lines with "prompt" and an optional "target"; all explained '
+        "with one model load.",
+    ),
+    target: str | None = typer.Option(
+        None, "--target", "-t", help="Target token (one token, e.g. ' Paris'); default: top-1."
+    ),
     target_id: int | None = typer.Option(None, "--target-id", help="Target as a token id (instead of --target)."),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model name; default: the embedded SmolLM2-135M."),
     position: int = typer.Option(-1, "--position", help="Destination position (default -1, the last token)."),
     top_k: int = typer.Option(20, "--top-k", "-k", help="Rows in the layer, subvalue and neuron tables."),
     method: str = typer.Option("log_prob_increase", "--method", help="Scoring method (see `tl-residual methods`)."),
     convention: str = typer.Option("frozen", "--lens", help="Lens convention: frozen (default), recomputed, none."),
-    json_path: str | None = typer.Option(None, "--json", help="Write the result as one JSON object to this path "
-                                            "(with --prompts: a JSON array, one object per prompt)."),
-    html_path: str | None = typer.Option(None, "--html", help="Write a self-contained HTML report to this path "
-                                            "(with --prompts: PATH-1.html, PATH-2.html, ...)."),
-    graph_layers: str | None = typer.Option(None, "--graph-layers", help="Layers of the report's flow graph, "
-                                               "e.g. 23,24 or 22-25; default: the two layers whose attention or FFN "
-                                               "output scores highest (|score|)."),
+    json_path: str | None = typer.Option(
+        None,
+        "--json",
+        help="Write the result as one JSON object to this path (with --prompts: a JSON array, one object per prompt).",
+    ),
+    html_path: str | None = typer.Option(
+        None,
+        "--html",
+        help="Write a self-contained HTML report to this path (with --prompts: PATH-1.html, PATH-2.html, ...).",
+    ),
+    graph_layers: str | None = typer.Option(
+        None,
+        "--graph-layers",
+        help="Layers of the report's flow graph, "
+        "e.g. 23,24 or 22-25; default: the two layers whose attention or FFN "
+        "output scores highest (|score|).",
+    ),
 ) -> None:
     """Explain the next-token prediction of PROMPT: layers, head x position subvalues and FFN neurons."""
     from tl_residual.explanation import explain as run_explain
@@ -315,8 +346,16 @@ def explain(
             console.rule(f"prompt {i}/{len(jobs)}")
         try:
             with console.status("running and attributing ..."), hints():
-                result = run_explain(m, text, target=tgt if target_id is None else target_id, position=position, top_k=top_k, method=method,
-                                     convention=convention, model_name=model)  # type: ignore[arg-type]
+                result = run_explain(
+                    m,
+                    text,
+                    target=tgt if target_id is None else target_id,
+                    position=position,
+                    top_k=top_k,
+                    method=method,
+                    convention=convention,
+                    model_name=model,
+                )  # type: ignore[arg-type]
         except TLResidualError as exc:
             fail(str(exc) if len(jobs) == 1 else f"prompt {i} ({text!r}): {exc}")
         _print_explanation(result, top_k)
@@ -331,29 +370,54 @@ def _print_explanation(result: Any, top_k: int) -> None:
     toks = list(result.tokens)
     console.print(
         f"[bold]{result.model}[/bold]  prompt {result.prompt!r}  position {result.position} "
-        f"(token {toks[result.position]!r})", highlight=False,
+        f"(token {toks[result.position]!r})",
+        highlight=False,
     )
     console.print(
         f"prediction: [bold green]{result.predictions[0][0]!r}[/bold green] p={result.predictions[0][1]:.4f}   "
-        f"target: [bold]{result.target_token!r}[/bold] p={result.target_prob:.4f}", highlight=False,
+        f"target: [bold]{result.target_token!r}[/bold] p={result.target_prob:.4f}",
+        highlight=False,
     )
     console.print("top-5: " + ",  ".join(f"{t!r}\u00a0{p:.3f}" for t, p in result.predictions), highlight=False)
     unit = "nats" if result.method == "log_prob_increase" else result.method
-    console.print(f"decomposition of the final resid_post: relative error {result.decomposition_rel_error:.2e}",
-                  highlight=False)
+    console.print(
+        f"decomposition of the final resid_post: relative error {result.decomposition_rel_error:.2e}", highlight=False
+    )
     console.print(f"scores: {result.method} ({unit}), {result.convention} lens", highlight=False)
     n_layers = len(result.layers)
-    headers = {"score": f"score ({unit})" if unit == "nats" else "score", "src_token": "source token",
-               "coefficient": "coefficient"}
-    console.print(table(f"Layer outputs: top {min(top_k, n_layers)} of {n_layers} by score (as in --json)",
-                        result.layers, ["name", "kind", "score", "top_tokens"], top_k, toks, headers))
-    console.print(table(f"Top {top_k} attention subvalues (head x source position)",
-                        result.attention_subvalues,
-                        ["name", "layer", "head", "src_pos", "src_token", "score", "coefficient", "top_tokens"],
-                        tokens=toks, headers=dict(headers, coefficient="attn weight")))
-    console.print(table(f"Top {top_k} FFN neurons", result.ffn_neurons,
-                        ["name", "layer", "neuron", "score", "coefficient", "top_tokens"], tokens=toks,
-                        headers=dict(headers, coefficient="activation")))
+    headers = {
+        "score": f"score ({unit})" if unit == "nats" else "score",
+        "src_token": "source token",
+        "coefficient": "coefficient",
+    }
+    console.print(
+        table(
+            f"Layer outputs: top {min(top_k, n_layers)} of {n_layers} by score (as in --json)",
+            result.layers,
+            ["name", "kind", "score", "top_tokens"],
+            top_k,
+            toks,
+            headers,
+        )
+    )
+    console.print(
+        table(
+            f"Top {top_k} attention subvalues (head x source position)",
+            result.attention_subvalues,
+            ["name", "layer", "head", "src_pos", "src_token", "score", "coefficient", "top_tokens"],
+            tokens=toks,
+            headers=dict(headers, coefficient="attn weight"),
+        )
+    )
+    console.print(
+        table(
+            f"Top {top_k} FFN neurons",
+            result.ffn_neurons,
+            ["name", "layer", "neuron", "score", "coefficient", "top_tokens"],
+            tokens=toks,
+            headers=dict(headers, coefficient="activation"),
+        )
+    )
 
 
 def _write_html(m: Any, result: Any, path: str, layers: list[int] | None) -> None:
@@ -372,8 +436,13 @@ def _write_html(m: Any, result: Any, path: str, layers: list[int] | None) -> Non
 @app.command()
 def query(
     prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt text."),
-    neuron: str = typer.Option(..., "--neuron", "-n", help="FFN neuron L{layer}.N{index} (e.g. L24.N1005) or attention "
-                               "value neuron L{layer}.H{head}.d{dim}.p{source position} (e.g. L23.H4.d55.p4)."),
+    neuron: str = typer.Option(
+        ...,
+        "--neuron",
+        "-n",
+        help="FFN neuron L{layer}.N{index} (e.g. L24.N1005) or attention "
+        "value neuron L{layer}.H{head}.d{dim}.p{source position} (e.g. L23.H4.d55.p4).",
+    ),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model name; default: the embedded SmolLM2-135M."),
     position: int = typer.Option(-1, "--position", help="Position of the FFN neuron (default -1, the last token)."),
     top_k: int = typer.Option(20, "--top-k", "-k", help="Query parts listed per input (largest |contribution|)."),
@@ -409,25 +478,46 @@ def query(
     pos = split.attrs["position"]
     console.print(
         f"[bold]{model}[/bold]  prompt {prompt!r}  neuron [bold]{split.attrs['neuron']}[/bold] at position {pos}"
-        + (f" (token {token_strs[pos]!r})" if token_strs else ""), highlight=False,
+        + (f" (token {token_strs[pos]!r})" if token_strs else ""),
+        highlight=False,
     )
     activation, what = _neuron_activation(m, cache, neuron, position)
     console.print(f"{what} = [bold]{activation:.4f}[/bold]", highlight=False)
     bias_rows = split[split["kind"] == "key_bias"]
-    out: dict[str, Any] = {"model": model, "prompt": prompt, "tokens": token_strs, "neuron": split.attrs["neuron"],
-                           "position": pos, "activation": activation, "activation_is": what,
-                           "norm": split.attrs["norm"], "stream": split.attrs["stream"], "inputs": {}}
+    out: dict[str, Any] = {
+        "model": model,
+        "prompt": prompt,
+        "tokens": token_strs,
+        "neuron": split.attrs["neuron"],
+        "position": pos,
+        "activation": activation,
+        "activation_is": what,
+        "norm": split.attrs["norm"],
+        "stream": split.attrs["stream"],
+        "inputs": {},
+    }
     for col, top in tops.items():
         cached, err = split.attrs["cached"][col], split.attrs["abs_error"][col]
         bias = float(bias_rows[col].sum())
-        console.print(f"input [bold]{col}[/bold] ({split.attrs['hooks'][col]}) = {cached:.4f}: key bias B = {bias:.4f}, "
-                      f"parts sum = {cached - bias:.4f}, |split - cached| = {err:.1e}")
+        console.print(
+            f"input [bold]{col}[/bold] ({split.attrs['hooks'][col]}) = {cached:.4f}: key bias B = {bias:.4f}, "
+            f"parts sum = {cached - bias:.4f}, |split - cached| = {err:.1e}"
+        )
         shown = top.rename(columns={col: "contribution"})
-        console.print(table(f"Top {top_k} query parts by |contribution| to {col}", shown,
-                            ["name", "kind", "layer", "head", "src_pos", "src_token", "neuron", "contribution"],
-                            tokens=token_strs, headers={"src_token": "source token"}))
+        console.print(
+            table(
+                f"Top {top_k} query parts by |contribution| to {col}",
+                shown,
+                ["name", "kind", "layer", "head", "src_pos", "src_token", "neuron", "contribution"],
+                tokens=token_strs,
+                headers={"src_token": "source token"},
+            )
+        )
         out["inputs"][col] = {
-            "hook": split.attrs["hooks"][col], "cached": cached, "key_bias": bias, "abs_error": err,
+            "hook": split.attrs["hooks"][col],
+            "cached": cached,
+            "key_bias": bias,
+            "abs_error": err,
             "top": [_query_record(r, col, token_strs) for r in shown.to_dict(orient="records")],
         }
     if json_path:
@@ -471,13 +561,24 @@ def _neuron_activation(m: Any, cache: Any, name: str, position: int) -> tuple[fl
 @app.command()
 def ablate(
     prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt text."),
-    neurons: str = typer.Option(..., "--neurons", "-n", help="Comma-separated components: FFN neurons L24.N1005, "
-                                "attention neurons L12.H3.d7 (or L12.H3.d7.p4), subvalues L12.H3.p4, heads L12.H3."),
+    neurons: str = typer.Option(
+        ...,
+        "--neurons",
+        "-n",
+        help="Comma-separated components: FFN neurons L24.N1005, "
+        "attention neurons L12.H3.d7 (or L12.H3.d7.p4), subvalues L12.H3.p4, heads L12.H3.",
+    ),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model name; default: the embedded SmolLM2-135M."),
-    target: str | None = typer.Option(None, "--target", "-t", help="Target token (one token, e.g. ' Paris'); "
-                                         "default: the top-1 before the intervention."),
+    target: str | None = typer.Option(
+        None,
+        "--target",
+        "-t",
+        help="Target token (one token, e.g. ' Paris'); default: the top-1 before the intervention.",
+    ),
     target_id: int | None = typer.Option(None, "--target-id", help="Target as a token id (instead of --target)."),
-    mode: str = typer.Option("zero", "--mode", help="zero (default), scale (needs --factor) or replace (needs --value)."),
+    mode: str = typer.Option(
+        "zero", "--mode", help="zero (default), scale (needs --factor) or replace (needs --value)."
+    ),
     factor: float | None = typer.Option(None, "--factor", help="Multiplier for --mode scale."),
     value: float | None = typer.Option(None, "--value", help="New coefficient for --mode replace."),
     json_path: str | None = typer.Option(None, "--json", help="Write the result as one JSON object to this path."),
@@ -505,15 +606,18 @@ def ablate(
     m = load(model)
     try:
         with console.status("running with and without the intervention ..."), hints():
-            result = intervene(m, prompt, neurons, target if target_id is None else target_id, mode=mode,
-                               factor=factor, value=value)  # type: ignore[arg-type]
+            result = intervene(
+                m, prompt, neurons, target if target_id is None else target_id, mode=mode, factor=factor, value=value
+            )  # type: ignore[arg-type]
     except TLResidualError as exc:
         fail(str(exc))
     row = result.to_dataframe().iloc[0]
     comps = result.components[0]
     how = {"zero": "removed", "scale": f"scaled by {factor}", "replace": f"set to {value}"}[mode]
-    console.print(f"[bold]{model}[/bold]  prompt {prompt!r}  target [bold]{row.target_token!r}[/bold] "
-                  f"(id {int(row.target)})", highlight=False)
+    console.print(
+        f"[bold]{model}[/bold]  prompt {prompt!r}  target [bold]{row.target_token!r}[/bold] (id {int(row.target)})",
+        highlight=False,
+    )
     for c in comps:
         console.print(f"  {_scope(c, how)}", highlight=False)
     t = Table(header_style="bold")
@@ -522,19 +626,40 @@ def ablate(
     top_after = getattr(row, "top1_after_token", None)
     top_after_prob = getattr(row, "top1_after_prob", float("nan"))
     top_before = getattr(row, "top1_before_token", None)
-    t.add_row("before", str(int(row.rank_before)), f"{row.prob_before:.4f}", f"{row.logp_before:.4f}",
-              f"{top_before!r} {getattr(row, 'top1_before_prob', float('nan')):.4f}" if top_before is not None else "")
-    t.add_row("after", str(int(row.rank_after)), f"{row.prob_after:.4f}", f"{row.logp_after:.4f}",
-              f"{top_after!r} {top_after_prob:.4f}" if top_after is not None else "")
+    t.add_row(
+        "before",
+        str(int(row.rank_before)),
+        f"{row.prob_before:.4f}",
+        f"{row.logp_before:.4f}",
+        f"{top_before!r} {getattr(row, 'top1_before_prob', float('nan')):.4f}" if top_before is not None else "",
+    )
+    t.add_row(
+        "after",
+        str(int(row.rank_after)),
+        f"{row.prob_after:.4f}",
+        f"{row.logp_after:.4f}",
+        f"{top_after!r} {top_after_prob:.4f}" if top_after is not None else "",
+    )
     console.print(t)
     if json_path:
-        out = {"model": model, "prompt": prompt, "target_token": row.target_token, "target_id": int(row.target),
-               "mode": mode, "factor": factor, "value": value, "components": comps,
-               "scope": [_scope(c, how) for c in comps],
-               "before": {"rank": int(row.rank_before), "prob": float(row.prob_before), "logp": float(row.logp_before)},
-               "after": {"rank": int(row.rank_after), "prob": float(row.prob_after), "logp": float(row.logp_after),
-                         **({"top1_token": top_after, "top1_prob": float(top_after_prob)} if top_after is not None
-                            else {})}}
+        out = {
+            "model": model,
+            "prompt": prompt,
+            "target_token": row.target_token,
+            "target_id": int(row.target),
+            "mode": mode,
+            "factor": factor,
+            "value": value,
+            "components": comps,
+            "scope": [_scope(c, how) for c in comps],
+            "before": {"rank": int(row.rank_before), "prob": float(row.prob_before), "logp": float(row.logp_before)},
+            "after": {
+                "rank": int(row.rank_after),
+                "prob": float(row.prob_after),
+                "logp": float(row.logp_after),
+                **({"top1_token": top_after, "top1_prob": float(top_after_prob)} if top_after is not None else {}),
+            },
+        }
         write_json(json_path, out)
 
 
@@ -548,13 +673,17 @@ def _scope(name: str, how: str) -> str:
         return f"{name}: {how} at every position"
     if r.kind == "attn_subvalue":
         verb = {"removed": "removed from"}.get(how, f"{how} in")
-        return (f"{name}: source position {r.src_pos}'s value {verb} head {r.head}'s output (layer {r.layer}) "
-                f"at every destination position")
+        return (
+            f"{name}: source position {r.src_pos}'s value {verb} head {r.head}'s output (layer {r.layer}) "
+            f"at every destination position"
+        )
     if r.kind == "ffn_neuron":
         return f"{name}: FFN neuron {r.neuron}'s activation (layer {r.layer}) {how} at every position"
     if r.kind == "attn_neuron":
-        return (f"{name}: dimension {r.dim} of head {r.head}'s value (layer {r.layer}) at source position "
-                f"{r.src_pos} {how}, at every destination position")
+        return (
+            f"{name}: dimension {r.dim} of head {r.head}'s value (layer {r.layer}) at source position "
+            f"{r.src_pos} {how}, at every destination position"
+        )
     if r.kind == "head_dim":
         return f"{name}: dimension {r.dim} of head {r.head}'s value (layer {r.layer}) {how} at every position"
     if r.kind == "head":
@@ -577,26 +706,56 @@ def methods() -> None:
 
 @app.command()
 def study(
-    data: str = typer.Option(..., "--data", "-d", help="Prompts: a .jsonl/.csv/.parquet file, a save_to_disk folder, "
-                             "a hub dataset name (name or name:split), or builtin:factual (the 442 shipped prompts)."),
+    data: str = typer.Option(
+        ...,
+        "--data",
+        "-d",
+        help="Prompts: a .jsonl/.csv/.parquet file, a save_to_disk folder, "
+        "a hub dataset name (name or name:split), or builtin:factual (the 442 shipped prompts).",
+    ),
     out: str = typer.Option(..., "--out", "-o", help="Study folder (created; an existing one is resumed)."),
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model name or a saved Hugging Face model folder; "
-                              "default: the embedded SmolLM2-135M."),
+    model: str = typer.Option(
+        "smollm2-135m",
+        "--model",
+        "-m",
+        help="Model name or a saved Hugging Face model folder; default: the embedded SmolLM2-135M.",
+    ),
     prompt_column: str = typer.Option("prompt", "--prompt-column", help="Column holding the prompt text."),
-    target_column: str | None = typer.Option(None, "--target-column", help="Column holding the target (a one-token "
-                                                "string or a token id); default: the model's top-1 (builtin: answer)."),
-    group_column: str | None = typer.Option(None, "--group-column", help="Column holding a group label "
-                                               "(e.g. knowledge type; builtin: type)."),
-    filter_: str | None = typer.Option(None, "--filter", help="paper: keep the prompts passing the neuron-level "
-                                          "paper's filter (needs target and group columns)."),
-    methods: str = typer.Option("log_prob_increase", "--methods", help="Comma-separated scoring methods "
-                                "(`tl-residual methods`), all from one forward pass."),
-    kinds: str | None = typer.Option(None, "--kinds", help="Comma-separated subset of layer,stream,ffn_neuron,"
-                                        "attn_neuron,attn_subvalue,head,query (default: all but query)."),
-    top_k: str | None = typer.Option(None, "--top-k", help="Parts kept per prompt: N for every neuron kind, or "
-                                        "ffn_neuron=100,attn_neuron=200,attn_subvalue=20,head=all (the default)."),
+    target_column: str | None = typer.Option(
+        None,
+        "--target-column",
+        help="Column holding the target (a one-token "
+        "string or a token id); default: the model's top-1 (builtin: answer).",
+    ),
+    group_column: str | None = typer.Option(
+        None, "--group-column", help="Column holding a group label (e.g. knowledge type; builtin: type)."
+    ),
+    filter_: str | None = typer.Option(
+        None,
+        "--filter",
+        help="paper: keep the prompts passing the neuron-level paper's filter (needs target and group columns).",
+    ),
+    methods: str = typer.Option(
+        "log_prob_increase",
+        "--methods",
+        help="Comma-separated scoring methods (`tl-residual methods`), all from one forward pass.",
+    ),
+    kinds: str | None = typer.Option(
+        None,
+        "--kinds",
+        help="Comma-separated subset of layer,stream,ffn_neuron,"
+        "attn_neuron,attn_subvalue,head,query (default: all but query).",
+    ),
+    top_k: str | None = typer.Option(
+        None,
+        "--top-k",
+        help="Parts kept per prompt: N for every neuron kind, or "
+        "ffn_neuron=100,attn_neuron=200,attn_subvalue=20,head=all (the default).",
+    ),
     batch_size: int = typer.Option(16, "--batch-size", help="Prompts per forward pass."),
-    position: int = typer.Option(-1, "--position", help="Destination position in each prompt (default -1, its last token)."),
+    position: int = typer.Option(
+        -1, "--position", help="Destination position in each prompt (default -1, its last token)."
+    ),
     max_prompts: int | None = typer.Option(None, "--max-prompts", help="Only the first N prompts of the data."),
     convention: str = typer.Option("frozen", "--lens", help="Lens convention: frozen (default), recomputed, none."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
@@ -631,20 +790,40 @@ def study(
         except Exception as exc:
             fail(f"could not load model {model!r} on {state.device}: {type(exc).__name__}: {exc}")
     try:
-        summary = st.run(m, data, out, methods=method_list, top_k=top, kinds=kind_list, batch_size=batch_size,
-                         position=position, prompt_column=prompt_column, target_column=target_column,
-                         group_column=group_column, filter=filter_, convention=convention, max_prompts=max_prompts,
-                         model_name=model, progress=not quiet)
+        summary = st.run(
+            m,
+            data,
+            out,
+            methods=method_list,
+            top_k=top,
+            kinds=kind_list,
+            batch_size=batch_size,
+            position=position,
+            prompt_column=prompt_column,
+            target_column=target_column,
+            group_column=group_column,
+            filter=filter_,
+            convention=convention,
+            max_prompts=max_prompts,
+            model_name=model,
+            progress=not quiet,
+        )
     except TLResidualError as exc:
         fail(str(exc))
     rank = f"rank {summary['rank']}/{summary['world_size']}: " if summary["world_size"] > 1 else ""
-    console.print(f"{rank}{summary['ok']} prompts scored, {summary['failed']} failed, {summary['filtered']} filtered, "
-                  f"{summary['skipped']} already done, {summary['seconds']:.1f} s; results in {out}")
+    console.print(
+        f"{rank}{summary['ok']} prompts scored, {summary['failed']} failed, {summary['filtered']} filtered, "
+        f"{summary['skipped']} already done, {summary['seconds']:.1f} s; results in {out}"
+    )
 
 
 def faithfulness(
-    data: str = typer.Option("builtin:factual", "--data", help="builtin:factual, or a .jsonl/.csv/.parquet file with "
-                             "prompt, answer (or target / target_id) and optionally type (or group)."),
+    data: str = typer.Option(
+        "builtin:factual",
+        "--data",
+        help="builtin:factual, or a .jsonl/.csv/.parquet file with "
+        "prompt, answer (or target / target_id) and optionally type (or group).",
+    ),
     model_name: str = typer.Option("smollm2-135m", "--model", help="Model to load."),
     out: str = typer.Option("faithfulness", "--out", help="Output prefix: writes OUT.json and OUT.md."),
     max_prompts: int | None = typer.Option(None, "--max-prompts", min=1, help="Run only the first N prompts."),
@@ -653,8 +832,11 @@ def faithfulness(
     no_attention: bool = typer.Option(False, "--no-attention", help="Skip Appendix C (attention neurons)."),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
     seed: int = typer.Option(0, "--seed"),
-    paper_filter: bool | None = typer.Option(None, "--filter/--no-filter", help="Apply the neuron-level paper's "
-                                                "prompt filter (default: only for builtin:factual)."),
+    paper_filter: bool | None = typer.Option(
+        None,
+        "--filter/--no-filter",
+        help="Apply the neuron-level paper's prompt filter (default: only for builtin:factual).",
+    ),
 ) -> None:
     """Neuron-level paper Table 2 / Table 13: zero each method's top-k FFN neurons and measure MRR / prob / logp."""
     from tl_residual import faithfulness as F
@@ -667,8 +849,20 @@ def faithfulness(
     m_list = tuple(m.strip() for m in methods_.split(",") if m.strip()) or PAPER_METHODS
     model = load(model_name)
     try:
-        res = F.run(model, data, out, max_prompts, m_list, k_list, not no_attention, batch_size, seed,
-                    progress=True, paper_filter=paper_filter, model_name=model_name)
+        res = F.run(
+            model,
+            data,
+            out,
+            max_prompts,
+            m_list,
+            k_list,
+            not no_attention,
+            batch_size,
+            seed,
+            progress=True,
+            paper_filter=paper_filter,
+            model_name=model_name,
+        )
     except TLResidualError as exc:
         fail(str(exc))
     console.print(F.markdown(res), highlight=False, soft_wrap=True)
@@ -679,8 +873,9 @@ def faithfulness(
 def study_report(
     directory: str = typer.Argument(..., help="A study run's output folder (tl_residual.study.run)."),
     html: str = typer.Option("report.html", "--html", help="Where to write the self-contained HTML report."),
-    model_name: str | None = typer.Option(None, "--model", help="Also compute the analyses that need the model "
-                                             "(rerunning the prompts)."),
+    model_name: str | None = typer.Option(
+        None, "--model", help="Also compute the analyses that need the model (rerunning the prompts)."
+    ),
     max_prompts: int | None = typer.Option(None, "--max-prompts", min=1, help="Prompts for model-based analyses."),
 ) -> None:
     """Write every table and figure of the three papers that the run allows into one offline HTML file."""

@@ -35,7 +35,7 @@ def _read() -> tuple[dict[str, Any], tuple[dict[str, str], ...]]:
     text = resources.files("tl_residual").joinpath("data").joinpath(DATASET_FILE).read_text(encoding="utf-8")
     lines = [json.loads(line) for line in text.splitlines() if line.strip()]
     if not lines or not lines[0].get("_header"):
-        raise InvalidInputError(f"{DATASET_FILE} has no header line (a first object with \"_header\": true)")
+        raise InvalidInputError(f'{DATASET_FILE} has no header line (a first object with "_header": true)')
     return lines[0], tuple(lines[1:])
 
 

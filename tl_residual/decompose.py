@@ -44,7 +44,14 @@ Stream = Literal["resid_pre", "resid_mid", "resid_post"]
 STREAMS: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post")
 
 PartKind = Literal[
-    "embed", "pos_embed", "attn_subvalue", "attn_bias", "attn_neuron", "ffn_neuron", "ffn_bias", "expert_neuron",
+    "embed",
+    "pos_embed",
+    "attn_subvalue",
+    "attn_bias",
+    "attn_neuron",
+    "ffn_neuron",
+    "ffn_bias",
+    "expert_neuron",
     "shared_neuron",
 ]
 
@@ -247,9 +254,7 @@ class Source:
 SOURCES: dict[str, Source] = {}
 
 
-def register_source(
-    name: str, at: str, vector: str | SourceVector, kind: str = "source", model: Any = None
-) -> Source:
+def register_source(name: str, at: str, vector: str | SourceVector, kind: str = "source", model: Any = None) -> Source:
     """Register a vector that a user's hook adds to the residual stream, so decompositions stay exact.
 
     A hook such as ``model.hooks(fwd_hooks=[("blocks.3.hook_resid_post", lambda x, hook: x + steer)])`` adds a
@@ -304,9 +309,7 @@ def unregister_source(name: str) -> None:
     del SOURCES[name]
 
 
-def source_parts(
-    model: Any, cache: Any, layer: int, stream: str, position: int, batch: int = 0
-) -> list[PartGroup]:
+def source_parts(model: Any, cache: Any, layer: int, stream: str, position: int, batch: int = 0) -> list[PartGroup]:
     """The registered sources entering at ``blocks.{layer}.hook_{stream}`` for ``model``, as single-part groups.
 
     Raises:
@@ -415,9 +418,7 @@ def post_norm_factor(
     return w / sigma
 
 
-def attention_parts(
-    model: Any, cache: Any, layer: int, position: int, batch: int = 0
-) -> tuple[PartGroup, PartGroup]:
+def attention_parts(model: Any, cache: Any, layer: int, position: int, batch: int = 0) -> tuple[PartGroup, PartGroup]:
     """Attention subvalues of ``layer`` at destination ``position``, one per (head, source position), and ``b_O``.
 
     Subvalue ``(h, p)`` = ``pattern[h, position, p] * (v[p, kv(h)] @ W_O[h])`` (residual-stream paper Eq. 7;
@@ -573,10 +574,7 @@ def attention_neuron_parts(model: Any, cache: Any, layer: int, position: int, ba
         einops.rearrange(coefficients, "head src d_head -> (head src d_head)"),
         directions,
         {"head": heads, "dim": dims, "src_pos": srcs},
-        [
-            attention_neuron_name(layer, h, d, p)
-            for h, p, d in zip(heads.tolist(), srcs.tolist(), dims.tolist())
-        ],
+        [attention_neuron_name(layer, h, d, p) for h, p, d in zip(heads.tolist(), srcs.tolist(), dims.tolist())],
     )
 
 
@@ -686,18 +684,26 @@ def aggregate_attention_neurons(
         h_idx = einops.repeat(torch.arange(n_heads), "head -> (head src)", src=n_src)
         p_idx = einops.repeat(torch.arange(n_src), "src -> (head src)", head=n_heads)
         return PartGroup(
-            "attn_subvalue", l, torch.ones(n_heads * n_src), einops.rearrange(sub, "head src d -> (head src) d"),
+            "attn_subvalue",
+            l,
+            torch.ones(n_heads * n_src),
+            einops.rearrange(sub, "head src d -> (head src) d"),
             {"head": h_idx, "src_pos": p_idx},
             [subvalue_name(l, h, p) for h, p in zip(h_idx.tolist(), p_idx.tolist())],  # type: ignore[arg-type]
         )
     if level == "head":
         return PartGroup(
-            "head", l, torch.ones(n_heads), einops.reduce(sub, "head src d -> head d", "sum"),
-            {"head": torch.arange(n_heads)}, [head_name(l, h) for h in range(n_heads)],  # type: ignore[arg-type]
+            "head",
+            l,
+            torch.ones(n_heads),
+            einops.reduce(sub, "head src d -> head d", "sum"),
+            {"head": torch.arange(n_heads)},
+            [head_name(l, h) for h in range(n_heads)],  # type: ignore[arg-type]
         )
     if level == "layer":
-        return PartGroup("attn_heads", l, torch.ones(1), einops.reduce(sub, "head src d -> 1 d", "sum"), {},
-                         [f"L{l}.attn_heads"])
+        return PartGroup(
+            "attn_heads", l, torch.ones(1), einops.reduce(sub, "head src d -> 1 d", "sum"), {}, [f"L{l}.attn_heads"]
+        )
     raise InvalidInputError(f"level {level!r} is not one of 'subvalue', 'head', 'layer'")
 
 
@@ -839,8 +845,9 @@ def check_reconstruction(
     Raises:
         DecompositionError: the parts do not sum to the cached vector.
     """
-    return verify_exact(model, cache, parts_total(model, cache, layer, position, stream, batch), layer, position,
-                        stream, batch)
+    return verify_exact(
+        model, cache, parts_total(model, cache, layer, position, stream, batch), layer, position, stream, batch
+    )
 
 
 def reconstruction_error(
@@ -1024,18 +1031,31 @@ def expert_parts(model: Any, cache: Any, layer: int, position: int, batch: int =
     for e, w in sorted(zip(experts[0].tolist(), weights[0].tolist())):
         h = gated_activations(x[None], tlm.expert_W_gate(model, layer, e), tlm.expert_W_in(model, layer, e), act)[0]
         n = h.shape[0]
-        groups.append(PartGroup(
-            "expert_neuron", layer, w * h, tlm.expert_W_out(model, layer, e),
-            {"expert": torch.full((n,), e, dtype=torch.long), "neuron": torch.arange(n)},
-            [names.expert_neuron(layer, e, k) for k in range(n)],
-        ))
+        groups.append(
+            PartGroup(
+                "expert_neuron",
+                layer,
+                w * h,
+                tlm.expert_W_out(model, layer, e),
+                {"expert": torch.full((n,), e, dtype=torch.long), "neuron": torch.arange(n)},
+                [names.expert_neuron(layer, e, k) for k in range(n)],
+            )
+        )
     shared = tlm.shared_expert_weights(model, layer)
     if shared is not None:
         w_gate, w_in, w_out, gate = shared
         h = gated_activations(x[None], w_gate, w_in, act)[0] * torch.sigmoid(x @ gate)
         n = h.shape[0]
-        groups.append(PartGroup("shared_neuron", layer, h, w_out, {"neuron": torch.arange(n)},
-                                [names.shared_neuron(layer, k) for k in range(n)]))
+        groups.append(
+            PartGroup(
+                "shared_neuron",
+                layer,
+                h,
+                w_out,
+                {"neuron": torch.arange(n)},
+                [names.shared_neuron(layer, k) for k in range(n)],
+            )
+        )
     _check_moe_sum(model, cache, layer, position, batch, groups)
     return groups
 

@@ -78,10 +78,22 @@ PAPER_TABLE2 = {
 }
 #: Appendix C, Table 13: MRR / probability decrease (%) after zeroing the top-200 attention + top-100 FFN neurons.
 PAPER_TABLE13 = {
-    "GPT2-large": {"language": (96, 99), "color": (97, 99), "number": (96, 98), "capital": (96, 99),
-                   "country": (97, 99), "month": (96, 99)},
-    "Llama-7B": {"language": (97, 99), "color": (98, 99), "number": (96, 99), "capital": (97, 99),
-                 "country": (97, 99), "month": (97, 99)},
+    "GPT2-large": {
+        "language": (96, 99),
+        "color": (97, 99),
+        "number": (96, 98),
+        "capital": (96, 99),
+        "country": (97, 99),
+        "month": (96, 99),
+    },
+    "Llama-7B": {
+        "language": (97, 99),
+        "color": (98, 99),
+        "number": (96, 99),
+        "capital": (97, 99),
+        "country": (97, 99),
+        "month": (97, 99),
+    },
 }
 RANK_METHODS = ("inverse_rank", "coefficient_inverse_rank")
 
@@ -92,7 +104,11 @@ RANK_METHODS = ("inverse_rank", "coefficient_inverse_rank")
 
 
 def target_rank_table(
-    model: Any, lens: Lens, targets: list[int], chunk_rows: int = 256, layers: list[int] | None = None,
+    model: Any,
+    lens: Lens,
+    targets: list[int],
+    chunk_rows: int = 256,
+    layers: list[int] | None = None,
     algorithm: str = "auto",
 ) -> dict[int, Int[Tensor, " n_neurons"]]:
     """Rank (1 = largest bs-value) of each target in the vocabulary projection of every FFN neuron's direction
@@ -225,8 +241,9 @@ def run_benchmark(
     ``answer_id``: the filtered dataset).
 
     Interventions run as rows of batches of ``intervention_rows`` (each row one prompt with one method's
-    components). Records: ``prompt_index``, ``type``, ``method`` (a registry name, ``random``, ``none``, or ``appendix_c`` /
-    ``appendix_c_random``), ``k`` (neurons zeroed), ``rank``, ``prob``, ``logp`` (after), and the same before.
+    components). Records: ``prompt_index``, ``type``, ``method`` (a registry name, ``random``, ``none``, or
+    ``appendix_c`` / ``appendix_c_random``), ``k`` (neurons zeroed), ``rank``, ``prob``, ``logp`` (after), and the
+    same before.
     """
     from tqdm.auto import tqdm
 
@@ -271,8 +288,11 @@ def run_benchmark(
             picks[RANDOM].append(I.random_components(model, kmax, seed=seed * 1_000_003 + idx))
             if attention:
                 att = score_attention_neurons(ctx, "log_prob_increase", top_k=200, n_top_tokens=0)["name"].tolist()
-                ffn = (picks["log_prob_increase"][-1] if "log_prob_increase" in methods
-                       else score_ffn_neurons(ctx, "log_prob_increase", top_k=100, n_top_tokens=0)["name"].tolist())
+                ffn = (
+                    picks["log_prob_increase"][-1]
+                    if "log_prob_increase" in methods
+                    else score_ffn_neurons(ctx, "log_prob_increase", top_k=100, n_top_tokens=0)["name"].tolist()
+                )
                 appendix["appendix_c"].append(att + ffn[:100])
                 appendix["appendix_c_random"].append(
                     random_attention_neurons(model, 200, int(batch.lengths[b]), seed * 1_000_003 + idx)
@@ -280,22 +300,41 @@ def run_benchmark(
                 )
                 t0 = _add(T, "score_appendix_c", t0)
 
-        def record(method: str, k: int, logits_after: Tensor, targets: Tensor = targets, batch: Any = batch,
-                   start: int = start, rows: pd.DataFrame = rows, r0: Tensor = r0, p0: Tensor = p0,
-                   lp0: Tensor = lp0) -> None:
+        def record(
+            method: str,
+            k: int,
+            logits_after: Tensor,
+            targets: Tensor = targets,
+            batch: Any = batch,
+            start: int = start,
+            rows: pd.DataFrame = rows,
+            r0: Tensor = r0,
+            p0: Tensor = p0,
+            lp0: Tensor = lp0,
+        ) -> None:
             r1, p1, lp1 = I.target_metrics(logits_after, targets)
             for b in range(len(batch)):
-                res.records.append({
-                    "prompt_index": start + b, "type": rows.iloc[b]["type"], "prompt": rows.iloc[b]["prompt"],
-                    "method": method, "k": k,
-                    "rank_before": int(r0[b]), "prob_before": float(p0[b]), "logp_before": float(lp0[b]),
-                    "rank": int(r1[b]), "prob": float(p1[b]), "logp": float(lp1[b]),
-                })
+                res.records.append(
+                    {
+                        "prompt_index": start + b,
+                        "type": rows.iloc[b]["type"],
+                        "prompt": rows.iloc[b]["prompt"],
+                        "method": method,
+                        "k": k,
+                        "rank_before": int(r0[b]),
+                        "prob_before": float(p0[b]),
+                        "logp_before": float(lp0[b]),
+                        "rank": int(r1[b]),
+                        "prob": float(p1[b]),
+                        "logp": float(lp1[b]),
+                    }
+                )
 
         for m, lists in (*picks.items(), *appendix.items()):
             for b, comps in enumerate(lists):
-                res.selections.append({"prompt_index": start + b, "type": rows.iloc[b]["type"], "method": m,
-                                       "components": list(comps)})
+                res.selections.append(
+                    {"prompt_index": start + b, "type": rows.iloc[b]["type"], "method": m, "components": list(comps)}
+                )
         record("none", 0, before)
         # Every (method, k, prompt) intervention as one row of a large batch: few forward passes.
         jobs = [(m, k, [names[:k] for names in lists]) for m, lists in picks.items() for k in ks]
@@ -328,8 +367,14 @@ def run_benchmark(
 def summarise(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     """MRR, mean probability (%) and mean log-probability after the intervention, grouped by ``by``."""
     g = df.assign(rr=1.0 / df["rank"], rr0=1.0 / df["rank_before"]).groupby(by, sort=False)
-    out = g.agg(n=("rr", "size"), mrr=("rr", "mean"), prob_pct=("prob", "mean"), logp=("logp", "mean"),
-                mrr_before=("rr0", "mean"), prob_before_pct=("prob_before", "mean")).reset_index()
+    out = g.agg(
+        n=("rr", "size"),
+        mrr=("rr", "mean"),
+        prob_pct=("prob", "mean"),
+        logp=("logp", "mean"),
+        mrr_before=("rr0", "mean"),
+        prob_before_pct=("prob_before", "mean"),
+    ).reset_index()
     out["prob_pct"] *= 100
     out["prob_before_pct"] *= 100
     out["mrr_decrease_pct"] = 100 * (1 - out["mrr"] / out["mrr_before"])
@@ -343,15 +388,24 @@ def markdown(res: BenchmarkResult) -> str:
     info = res.info
     lines = [f"# Faithfulness benchmark: {info.get('model', '?')}", ""]
     n_done = int((df["method"] == "none").sum()) if len(df) else 0
-    head = (f"Prompts run: {n_done} (a seeded random sample) of the {info.get('n_prompts')} prompts that survive the "
-            f"filter out of {info.get('n_dataset')}" if n_done != info.get("n_prompts")
-            else f"Prompts: {info.get('n_prompts')} of {info.get('n_dataset')} survive the filter")
-    lines.append(f"{head} ({', '.join(f'{k} {v}' for k, v in info.get('survivors', {}).items())}). "
-                 f"Runtime {info.get('runtime_s', 0):.0f} s on this machine"
-                 f"{'' if info.get('complete', True) else ' (INCOMPLETE: partial run)'}.")
-    lines += ["", "## Table 2: zero the top-10 FFN neurons of each method", "",
-              "| method | SmolLM2 MRR | prob % | logp | GPT2-large MRR | prob % | logp | Llama-7B MRR | prob % | logp |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    head = (
+        f"Prompts run: {n_done} (a seeded random sample) of the {info.get('n_prompts')} prompts that survive the "
+        f"filter out of {info.get('n_dataset')}"
+        if n_done != info.get("n_prompts")
+        else f"Prompts: {info.get('n_prompts')} of {info.get('n_dataset')} survive the filter"
+    )
+    lines.append(
+        f"{head} ({', '.join(f'{k} {v}' for k, v in info.get('survivors', {}).items())}). "
+        f"Runtime {info.get('runtime_s', 0):.0f} s on this machine"
+        f"{'' if info.get('complete', True) else ' (INCOMPLETE: partial run)'}."
+    )
+    lines += [
+        "",
+        "## Table 2: zero the top-10 FFN neurons of each method",
+        "",
+        "| method | SmolLM2 MRR | prob % | logp | GPT2-large MRR | prob % | logp | Llama-7B MRR | prob % | logp |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     s = summarise(df, ["method", "k"]).set_index(["method", "k"])
     order = ["none", *[m for m in LABELS if m not in ("none", RANDOM)], RANDOM]
     for m in order:
@@ -360,11 +414,19 @@ def markdown(res: BenchmarkResult) -> str:
             continue
         r = s.loc[key]
         g, l = PAPER_TABLE2.get(m, (("", "", ""), ("", "", "")))
-        lines.append(f"| {LABELS[m]} | {r.mrr:.3f} | {r.prob_pct:.1f} | {r.logp:.2f} | "
-                     + " | ".join(str(x) for x in (*g, *l)) + " |")
+        lines.append(
+            f"| {LABELS[m]} | {r.mrr:.3f} | {r.prob_pct:.1f} | {r.logp:.2f} | "
+            + " | ".join(str(x) for x in (*g, *l))
+            + " |"
+        )
     ks = sorted(k for k in df["k"].unique() if k > 0 and k in set(df[df.method == "log_prob_increase"]["k"]))
-    lines += ["", "## Top-k: MRR / prob % / logp after zeroing the top-k FFN neurons", "",
-              "| method | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+    lines += [
+        "",
+        "## Top-k: MRR / prob % / logp after zeroing the top-k FFN neurons",
+        "",
+        "| method | " + " | ".join(f"k={k}" for k in ks) + " |",
+        "|---|" + "---|" * len(ks),
+    ]
     for m in order[1:]:
         cells = []
         for k in ks:
@@ -378,27 +440,43 @@ def markdown(res: BenchmarkResult) -> str:
     types = [t for t in ("language", "color", "number", "capital", "country", "month") if t in set(df["type"])]
     st = summarise(df[df.k.isin([0, 10])], ["method", "type"]).set_index(["method", "type"])
     counts = df[df.method == "none"].groupby("type").size()
-    lines += ["", "## Per knowledge type: MRR after zeroing the top-10 FFN neurons (prob % in brackets)", "",
-              "| method | " + " | ".join(f"{t} (n={int(counts.get(t, 0))})" for t in types) + " |",
-              "|---|" + "---|" * len(types)]
+    lines += [
+        "",
+        "## Per knowledge type: MRR after zeroing the top-10 FFN neurons (prob % in brackets)",
+        "",
+        "| method | " + " | ".join(f"{t} (n={int(counts.get(t, 0))})" for t in types) + " |",
+        "|---|" + "---|" * len(types),
+    ]
     for m in order:
-        cells = [f"{st.loc[(m, t)].mrr:.3f} ({st.loc[(m, t)].prob_pct:.1f})" if (m, t) in st.index else ""
-                 for t in types]
+        cells = [
+            f"{st.loc[(m, t)].mrr:.3f} ({st.loc[(m, t)].prob_pct:.1f})" if (m, t) in st.index else "" for t in types
+        ]
         lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
     if "appendix_c" in set(df["method"]):
         sa = summarise(df[df.method.isin(["appendix_c", "appendix_c_random"])], ["method", "type"])
         sa_all = summarise(df[df.method.isin(["appendix_c", "appendix_c_random"])], ["method"]).set_index("method")
         sa = sa.set_index(["method", "type"])
-        lines += ["", "## Appendix C: zero the top-200 attention neurons + top-100 FFN neurons "
-                  "(MRR decrease % / prob decrease %)", "",
-                  "| selection | all | " + " | ".join(types) + " |", "|---|---|" + "---|" * len(types)]
+        lines += [
+            "",
+            "## Appendix C: zero the top-200 attention neurons + top-100 FFN neurons "
+            "(MRR decrease % / prob decrease %)",
+            "",
+            "| selection | all | " + " | ".join(types) + " |",
+            "|---|---|" + "---|" * len(types),
+        ]
         for m, label in (("appendix_c", "log-prob increase (SmolLM2)"), ("appendix_c_random", "random (SmolLM2)")):
             if m not in sa_all.index:
                 continue
-            cells = [f"{sa.loc[(m, t)].mrr_decrease_pct:.1f} / {sa.loc[(m, t)].prob_decrease_pct:.1f}"
-                     if (m, t) in sa.index else "" for t in types]
+            cells = [
+                f"{sa.loc[(m, t)].mrr_decrease_pct:.1f} / {sa.loc[(m, t)].prob_decrease_pct:.1f}"
+                if (m, t) in sa.index
+                else ""
+                for t in types
+            ]
             a = sa_all.loc[m]
-            lines.append(f"| {label} | {a.mrr_decrease_pct:.1f} / {a.prob_decrease_pct:.1f} | " + " | ".join(cells) + " |")
+            lines.append(
+                f"| {label} | {a.mrr_decrease_pct:.1f} / {a.prob_decrease_pct:.1f} | " + " | ".join(cells) + " |"
+            )
         for name, row in PAPER_TABLE13.items():
             lines.append(f"| paper, {name} | | " + " | ".join(f"{row[t][0]} / {row[t][1]}" for t in types) + " |")
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in res.timings.items()), ""]
@@ -463,8 +541,9 @@ def read_prompts(model: Any, data: str = BUILTIN, paper_filter: bool | None = No
         paper_filter = True if paper_filter is None else paper_filter
     else:
         if not os.path.isfile(data):
-            raise InvalidInputError(f"--data {data!r}: no such file (give a .jsonl, .csv or .parquet file, or "
-                                    f"{BUILTIN})")
+            raise InvalidInputError(
+                f"--data {data!r}: no such file (give a .jsonl, .csv or .parquet file, or {BUILTIN})"
+            )
         ext = os.path.splitext(data)[1].lower()
         try:
             if ext in (".jsonl", ".json"):
@@ -481,8 +560,10 @@ def read_prompts(model: Any, data: str = BUILTIN, paper_filter: bool | None = No
             raise InvalidInputError(f"--data {data!r}: cannot read it ({exc})") from exc
         raw = raw.rename(columns={"group": "type", "target": "answer", "target_id": "answer_id"})
         if "prompt" not in raw.columns or not ({"answer", "answer_id"} & set(raw.columns)):
-            raise InvalidInputError(f"--data {data!r} needs a 'prompt' column and an 'answer'/'target' (string) or "
-                                    f"'target_id' column; it has {list(raw.columns)}")
+            raise InvalidInputError(
+                f"--data {data!r} needs a 'prompt' column and an 'answer'/'target' (string) or "
+                f"'target_id' column; it has {list(raw.columns)}"
+            )
         if "type" not in raw.columns:
             raw["type"] = "all"
         raw["type"] = raw["type"].fillna("all").astype(str)
@@ -498,8 +579,10 @@ def read_prompts(model: Any, data: str = BUILTIN, paper_filter: bool | None = No
             ids = [tok.encode(str(a), add_special_tokens=False) for a in raw["answer"]]
             bad = [str(a) for a, i in zip(raw["answer"], ids) if len(i) != 1]
             if bad:
-                raise InvalidInputError(f"{len(bad)} answers are not one token of the model's tokenizer, e.g. "
-                                        f"{bad[0]!r} (give the leading space: ' Paris'), or pass target_id")
+                raise InvalidInputError(
+                    f"{len(bad)} answers are not one token of the model's tokenizer, e.g. "
+                    f"{bad[0]!r} (give the leading space: ' Paris'), or pass target_id"
+                )
             raw = raw.assign(answer_id=[i[0] for i in ids])
         kept = raw
         survivors = {**{str(k): int(v) for k, v in kept.groupby("type").size().items()}, "total": len(kept)}
@@ -511,9 +594,17 @@ def read_prompts(model: Any, data: str = BUILTIN, paper_filter: bool | None = No
 
 
 def run(
-    model: Any, data: str = BUILTIN, out: str | None = None, max_prompts: int | None = None,
-    methods: tuple[str, ...] = PAPER_METHODS, ks: tuple[int, ...] = (10, 100, 300), attention: bool = True,
-    batch_size: int = 16, seed: int = 0, progress: bool = True, paper_filter: bool | None = None,
+    model: Any,
+    data: str = BUILTIN,
+    out: str | None = None,
+    max_prompts: int | None = None,
+    methods: tuple[str, ...] = PAPER_METHODS,
+    ks: tuple[int, ...] = (10, 100, 300),
+    attention: bool = True,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+    paper_filter: bool | None = None,
     model_name: str = "?",
 ) -> BenchmarkResult:
     """Read the prompts (:func:`read_prompts`), run :func:`run_benchmark` and, with ``out``, write ``{out}.json``
@@ -535,9 +626,17 @@ def run(
         kept = kept.head(max_prompts)
     if len(kept) == 0:
         raise InvalidInputError(f"no prompt of {data!r} survives (survivors: {kept.attrs.get('survivors')})")
-    info = {"model": model_name, "data": data, "n_dataset": kept.attrs["n_dataset"],
-            "survivors": kept.attrs["survivors"], "n_prompts": len(kept), "ks": ",".join(map(str, ks)),
-            "seed": seed, "batch_size": batch_size, "torch_threads": torch.get_num_threads()}
+    info = {
+        "model": model_name,
+        "data": data,
+        "n_dataset": kept.attrs["n_dataset"],
+        "survivors": kept.attrs["survivors"],
+        "n_prompts": len(kept),
+        "ks": ",".join(map(str, ks)),
+        "seed": seed,
+        "batch_size": batch_size,
+        "torch_threads": torch.get_num_threads(),
+    }
 
     def checkpoint(res: BenchmarkResult) -> None:
         res.info = {**info, "complete": False, "runtime_s": time.perf_counter() - t_start}

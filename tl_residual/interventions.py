@@ -65,7 +65,15 @@ Mode = Literal["zero", "scale", "replace"]
 MODES: tuple[str, ...] = ("zero", "scale", "replace")
 PaddingSide = Literal["left", "right"]
 #: The kinds an intervention acts on (:mod:`tl_residual.names` vocabulary).
-INTERVENABLE_KINDS: tuple[str, ...] = ("ffn_neuron", "head_dim", "attn_neuron", "attn_subvalue", "head", "expert_neuron", "shared_neuron")
+INTERVENABLE_KINDS: tuple[str, ...] = (
+    "ffn_neuron",
+    "head_dim",
+    "attn_neuron",
+    "attn_subvalue",
+    "head",
+    "expert_neuron",
+    "shared_neuron",
+)
 
 HookFn = Callable[[Tensor, Any], Tensor]
 
@@ -299,8 +307,9 @@ def _check_mode(mode: str, factor: float | None, value: float | None) -> tuple[f
     if mode not in MODES:
         raise InvalidInputError(f"mode {mode!r} is not one of {', '.join(MODES)}")
     for label, given in (("factor", factor), ("value", value)):
-        if given is not None and (isinstance(given, bool) or not isinstance(given, numbers.Real)
-                                  or not math.isfinite(float(given))):
+        if given is not None and (
+            isinstance(given, bool) or not isinstance(given, numbers.Real) or not math.isfinite(float(given))
+        ):
             raise InvalidInputError(f"{label} must be a finite number, got {given!r} (mode {mode!r})")
     if mode == "zero":
         if value is not None or factor not in (None, 0, 0.0):
@@ -452,8 +461,9 @@ def _expert_hooks(
         x = tlm.moe_input_from(model, layer, captured.pop("x"))  # [B, pos, d_model]
         n_b, n_pos, _ = x.shape
         flat = x.reshape(n_b * n_pos, -1)
-        experts, weights = route(flat @ tlm.moe_router(model, layer), tlm.moe_top_k(model, layer),
-                                 tlm.moe_norm_topk(model, layer))
+        experts, weights = route(
+            flat @ tlm.moe_router(model, layer), tlm.moe_top_k(model, layer), tlm.moe_norm_topk(model, layer)
+        )
         routed = torch.zeros(n_b * n_pos, tlm.moe_n_experts(model, layer), device=flat.device)
         routed = routed.scatter(1, experts, weights).reshape(n_b, n_pos, -1)  # 0 where an expert is not routed
         delta = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
@@ -515,14 +525,30 @@ class InterventionResult:
         for c in ("top1_before_token",):
             if c in df:
                 df[c] = [repr(t) for t in df[c]]
-        cols = [c for c in ("prompt", "target_token", "rank_before", "rank_after", "prob_before", "prob_after",
-                            "logp_before", "logp_after", "top1_before_token", "top1_after_token", "top1_after_prob")
-                if c in df]
+        cols = [
+            c
+            for c in (
+                "prompt",
+                "target_token",
+                "rank_before",
+                "rank_after",
+                "prob_before",
+                "prob_after",
+                "logp_before",
+                "logp_after",
+                "top1_before_token",
+                "top1_after_token",
+                "top1_after_prob",
+            )
+            if c in df
+        ]
         s = self.summary()
-        head = (f"<p><b>{len(comps)} component(s) {_html.escape(how.get(self.mode, self.mode))} at every position</b>: "
-                f"{_html.escape(shown)}<br>{len(df)} prompt(s): MRR {s['mrr_before']:.3f} → {s['mrr_after']:.3f}, "
-                f"target probability {s['prob_before_pct']:.2f}% → {s['prob_after_pct']:.2f}%, log-probability "
-                f"{s['logp_before']:.3f} → {s['logp_after']:.3f} nats</p>")
+        head = (
+            f"<p><b>{len(comps)} component(s) {_html.escape(how.get(self.mode, self.mode))} at every position</b>: "
+            f"{_html.escape(shown)}<br>{len(df)} prompt(s): MRR {s['mrr_before']:.3f} → {s['mrr_after']:.3f}, "
+            f"target probability {s['prob_before_pct']:.2f}% → {s['prob_after_pct']:.2f}%, log-probability "
+            f"{s['logp_before']:.3f} → {s['logp_after']:.3f} nats</p>"
+        )
         return head + df[cols].to_html(index=False, float_format=lambda x: f"{x:.4f}", max_rows=50)
 
     def summary(self) -> dict[str, float]:
@@ -639,17 +665,27 @@ def intervene(
         r1, p1, lp1 = target_metrics(after, t)
         top0, top1 = before.argmax(-1), after.argmax(-1)
         decode = (lambda i: tok.decode([i])) if tok is not None else (lambda i: f"<{i}>")
-        frames.append(pd.DataFrame({
-            "prompt": batch.prompts,
-            "target": t.tolist(),
-            "target_token": [tok.decode([i]) if tok is not None else f"<{i}>" for i in t.tolist()],
-            "n_components": [len(c) for c in comps[start:stop]],
-            "rank_before": r0.tolist(), "prob_before": p0.tolist(), "logp_before": lp0.tolist(),
-            "rank_after": r1.tolist(), "prob_after": p1.tolist(), "logp_after": lp1.tolist(),
-            "top1_before_token": [decode(i) for i in top0.tolist()],
-            "top1_before_prob": torch.softmax(before.float(), -1).gather(-1, top0[:, None])[:, 0].tolist(),
-            "top1_after": top1.tolist(), "top1_after_token": [decode(i) for i in top1.tolist()],
-            "top1_after_prob": torch.softmax(after.float(), -1).gather(-1, top1[:, None])[:, 0].tolist(),
-        }))
-    return InterventionResult(pd.concat(frames, ignore_index=True), mode, factor, value,
-                              [[c.name for c in cs] for cs in comps])
+        frames.append(
+            pd.DataFrame(
+                {
+                    "prompt": batch.prompts,
+                    "target": t.tolist(),
+                    "target_token": [tok.decode([i]) if tok is not None else f"<{i}>" for i in t.tolist()],
+                    "n_components": [len(c) for c in comps[start:stop]],
+                    "rank_before": r0.tolist(),
+                    "prob_before": p0.tolist(),
+                    "logp_before": lp0.tolist(),
+                    "rank_after": r1.tolist(),
+                    "prob_after": p1.tolist(),
+                    "logp_after": lp1.tolist(),
+                    "top1_before_token": [decode(i) for i in top0.tolist()],
+                    "top1_before_prob": torch.softmax(before.float(), -1).gather(-1, top0[:, None])[:, 0].tolist(),
+                    "top1_after": top1.tolist(),
+                    "top1_after_token": [decode(i) for i in top1.tolist()],
+                    "top1_after_prob": torch.softmax(after.float(), -1).gather(-1, top1[:, None])[:, 0].tolist(),
+                }
+            )
+        )
+    return InterventionResult(
+        pd.concat(frames, ignore_index=True), mode, factor, value, [[c.name for c in cs] for cs in comps]
+    )

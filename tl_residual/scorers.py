@@ -1050,8 +1050,11 @@ def score_neurons_batch(
     n_batch = int(tlm.cached(cache, "blocks.0.hook_resid_pre", batch=None).shape[0])
     pos_list = [positions] * n_batch if isinstance(positions, int) else list(positions)
     tgt_list = [targets] * n_batch if targets is None or isinstance(targets, (int, str)) else list(targets)
-    off_list = [0 if offsets is None else offsets] * n_batch if offsets is None or isinstance(offsets, int) \
+    off_list = (
+        [0 if offsets is None else offsets] * n_batch
+        if offsets is None or isinstance(offsets, int)
         else [int(o) for o in offsets]
+    )
     for label, given in (("positions", pos_list), ("targets", tgt_list), ("offsets", off_list)):
         if len(given) != n_batch:
             raise InvalidInputError(
@@ -1078,16 +1081,23 @@ def score_neurons_batch(
 
 
 def _score_in_prompt_coordinates(
-    ctx: ScoringContext, offset: int, method: str | Scorer, top_k: int | None, layers: Iterable[int] | None,
-    kinds: Iterable[str], n_top_tokens: int,
+    ctx: ScoringContext,
+    offset: int,
+    method: str | Scorer,
+    top_k: int | None,
+    layers: Iterable[int] | None,
+    kinds: Iterable[str],
+    n_top_tokens: int,
 ) -> pd.DataFrame:
     """:func:`score_neurons` for a prompt whose first real token is cache column ``offset`` (left padding): pad
     sources (``src_pos < offset``, attention weight 0) are dropped and positions renamed to the prompt's own
     coordinates (BOS = 0), so that ``L3.H1.p2`` means the same component as in :func:`intervene`. The exact
     top-k of the real parts: while pad parts fill the top-k, the search is repeated with ``k`` enlarged."""
     if not isinstance(offset, int) or not 0 <= offset <= ctx.position:
-        raise InvalidInputError(f"offset {offset!r} must be an integer in 0..{ctx.position} (the destination "
-                                f"position {ctx.position} in the cache), e.g. PromptBatch.offsets[b]")
+        raise InvalidInputError(
+            f"offset {offset!r} must be an integer in 0..{ctx.position} (the destination "
+            f"position {ctx.position} in the cache), e.g. PromptBatch.offsets[b]"
+        )
     k = top_k
     while True:
         df = score(ctx, kinds, method, k, layers, n_top_tokens)

@@ -133,9 +133,7 @@ def bound_probes(
     return BoundProbes(probes, torch.cat([head_lw, log_q[:, None]], dim=-1), logp[:, target])
 
 
-def head_tail_bound(
-    projections: Float[Tensor, "n m1"], log_weights: Float[Tensor, "n m"]
-) -> Float[Tensor, " n"]:
+def head_tail_bound(projections: Float[Tensor, "n m1"], log_weights: Float[Tensor, "n m"]) -> Float[Tensor, " n"]:
     """Bound (1) from the projections of each part's lens-space change on the probes.
 
     Args:
