@@ -751,9 +751,9 @@ def neuron_projections(model: Any, neuron_names: Sequence[str], k: int = 10, dat
     rows = []
     for n in neuron_names:
         ref = names.parse(n)
-        if ref.kind == "ffn_neuron":
+        if ref.kind == "ffn_neuron" and ref.layer is not None:
             v = tlm.W_out(model, ref.layer)[ref.neuron]
-        elif ref.kind in ("attn_neuron", "head_dim"):
+        elif ref.kind in ("attn_neuron", "head_dim") and ref.layer is not None:
             v = tlm.W_O(model, ref.layer)[ref.head, ref.dim]
         else:
             raise InvalidInputError(f"{n}: only FFN neurons (L.N) and attention neurons (L.H.d) have a fixed direction")

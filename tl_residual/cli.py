@@ -14,7 +14,7 @@ import os
 import sys
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pandas as pd
 import typer
@@ -23,6 +23,10 @@ from rich.table import Table
 
 from tl_residual import __version__
 from tl_residual.errors import TLResidualError
+
+if TYPE_CHECKING:
+    from tl_residual.interventions import Mode
+    from tl_residual.lens import Convention
 
 app = typer.Typer(
     add_completion=False,
@@ -353,9 +357,9 @@ def explain(
                     position=position,
                     top_k=top_k,
                     method=method,
-                    convention=convention,
+                    convention=cast("Convention", convention),  # checked by check_options
                     model_name=model,
-                )  # type: ignore[arg-type]
+                )
         except TLResidualError as exc:
             fail(str(exc) if len(jobs) == 1 else f"prompt {i} ({text!r}): {exc}")
         _print_explanation(result, top_k)
@@ -546,6 +550,7 @@ def _neuron_activation(m: Any, cache: Any, name: str, position: int) -> tuple[fl
     from tl_residual import names
 
     ref = names.parse(name)
+    assert ref.layer is not None  # names.parse gives every neuron kind a layer
     if ref.kind == "ffn_neuron":
         ffn, _ = D.ffn_parts(m, cache, ref.layer, position)
         pos = D.resolve_position(position, D.n_positions(cache))
@@ -607,8 +612,14 @@ def ablate(
     try:
         with console.status("running with and without the intervention ..."), hints():
             result = intervene(
-                m, prompt, neurons, target if target_id is None else target_id, mode=mode, factor=factor, value=value
-            )  # type: ignore[arg-type]
+                m,
+                prompt,
+                neurons,
+                target if target_id is None else target_id,
+                mode=cast("Mode", mode),  # checked against MODES above
+                factor=factor,
+                value=value,
+            )
     except TLResidualError as exc:
         fail(str(exc))
     row = result.to_dataframe().iloc[0]

@@ -999,7 +999,7 @@ def check_finite(cache: Any, position: int, batch: int = 0) -> None:
             )
 
 
-class PositionCache(dict):  # type: ignore[type-arg]
+class PositionCache(dict[str, Tensor]):
     """An activation cache for ONE destination position: hook name -> ``[batch, pos, ...]`` tensor, like an
     ``ActivationCache``, except that ``attn.hook_pattern`` holds only row ``position`` (repeated by a zero-stride
     view, no memory): reading the pattern at any other destination raises :class:`MissingHookError`.

@@ -1098,15 +1098,16 @@ def _score_in_prompt_coordinates(
             f"offset {offset!r} must be an integer in 0..{ctx.position} (the destination "
             f"position {ctx.position} in the cache), e.g. PromptBatch.offsets[b]"
         )
-    k = top_k
+    extra = 0  # how far k is enlarged beyond top_k to make room for the pad parts
     while True:
+        k = None if top_k is None else top_k + extra
         df = score(ctx, kinds, method, k, layers, n_top_tokens)
         if offset == 0 or "src_pos" not in df.columns:
             return df
         real = df[(df["src_pos"] < 0) | (df["src_pos"] >= offset)]
-        if top_k is None or len(real) >= top_k or len(df) < k:
+        if top_k is None or len(real) >= top_k or len(df) < top_k + extra:
             break
-        k += len(df) - len(real)
+        extra += len(df) - len(real)
     attrs = dict(df.attrs)
     real = real.head(top_k).reset_index(drop=True) if top_k is not None else real.reset_index(drop=True)
     shifted = real["src_pos"] >= 0
