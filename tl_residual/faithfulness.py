@@ -41,6 +41,7 @@ from torch import Tensor
 
 from tl_residual import interventions as I
 from tl_residual import model as tlm
+from tl_residual.datasets import KNOWLEDGE_TYPES
 from tl_residual.decompose import neuron_name
 from tl_residual.errors import InvalidInputError
 from tl_residual.lens import Lens
@@ -437,7 +438,7 @@ def markdown(res: BenchmarkResult) -> str:
                 cells.append("")
         if any(cells):
             lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
-    types = [t for t in ("language", "color", "number", "capital", "country", "month") if t in set(df["type"])]
+    types = [t for t in KNOWLEDGE_TYPES if t in set(df["type"])]
     st = summarise(df[df.k.isin([0, 10])], ["method", "type"]).set_index(["method", "type"])
     counts = df[df.method == "none"].groupby("type").size()
     lines += [

@@ -509,6 +509,12 @@ def _zeros(model: Any, *shape: int) -> Tensor:
     return torch.zeros(*shape, device=W_U(model).device)
 
 
+def _bias(model: Any, obj: Any, name: str, size: int) -> Tensor:
+    """``obj.name`` in float32, or zeros of ``size`` where the module has no such bias."""
+    b = _maybe(obj, name)
+    return _f32(b) if b is not None else _zeros(model, size)
+
+
 def _check_layer(model: Any, layer: int) -> None:
     n = int(model.cfg.n_layers)
     if not -n <= layer < n:
@@ -545,8 +551,7 @@ def W_O(model: Any, layer: int) -> Float[Tensor, "n_heads d_head d_model"]:
 def b_O(model: Any, layer: int) -> Float[Tensor, " d_model"]:
     """Attention output bias of ``layer`` (with ``fold_value_biases`` it also holds sum_h b_V[h] @ W_O[h])."""
     _check_layer(model, layer)
-    b = _maybe(model.blocks[layer].attn, "b_O")
-    return _f32(b) if b is not None else _zeros(model, int(model.cfg.d_model))
+    return _bias(model, model.blocks[layer].attn, "b_O", int(model.cfg.d_model))
 
 
 def W_V(model: Any, layer: int) -> Float[Tensor, "n_kv_heads d_model d_head"]:
@@ -579,8 +584,7 @@ def W_in(model: Any, layer: int) -> Float[Tensor, "d_model d_mlp"]:
 def b_in(model: Any, layer: int) -> Float[Tensor, " d_mlp"]:
     """FFN input bias; zeros where absent."""
     _check_layer(model, layer)
-    b = _maybe(model.blocks[layer].mlp, "b_in")
-    return _f32(b) if b is not None else _zeros(model, int(model.cfg.d_mlp))
+    return _bias(model, model.blocks[layer].mlp, "b_in", int(model.cfg.d_mlp))
 
 
 def W_gate(model: Any, layer: int) -> Float[Tensor, "d_model d_mlp"]:
@@ -599,8 +603,7 @@ def W_gate(model: Any, layer: int) -> Float[Tensor, "d_model d_mlp"]:
 def b_gate(model: Any, layer: int) -> Float[Tensor, " d_mlp"]:
     """Gate bias of a gated MLP; zeros where absent."""
     _check_layer(model, layer)
-    b = _maybe(model.blocks[layer].mlp, "b_gate")
-    return _f32(b) if b is not None else _zeros(model, int(model.cfg.d_mlp))
+    return _bias(model, model.blocks[layer].mlp, "b_gate", int(model.cfg.d_mlp))
 
 
 def W_out(model: Any, layer: int) -> Float[Tensor, "d_mlp d_model"]:
@@ -612,8 +615,7 @@ def W_out(model: Any, layer: int) -> Float[Tensor, "d_mlp d_model"]:
 def b_out(model: Any, layer: int) -> Float[Tensor, " d_model"]:
     """FFN output bias; zeros where absent."""
     _check_layer(model, layer)
-    b = _maybe(model.blocks[layer].mlp, "b_out")
-    return _f32(b) if b is not None else _zeros(model, int(model.cfg.d_model))
+    return _bias(model, model.blocks[layer].mlp, "b_out", int(model.cfg.d_model))
 
 
 def _norm_module(model: Any, which: str) -> Any:
