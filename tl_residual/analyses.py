@@ -152,6 +152,17 @@ def _figure() -> Any:
     return go.Figure()
 
 
+def _layer_bars(out: pd.DataFrame, bars: dict[str, str], **layout: Any) -> Any:
+    """A bar chart of the overall group's rows by layer: one bar series per column of ``bars`` (column -> legend
+    name), laid out with ``layout`` (plotly ``update_layout`` arguments)."""
+    fig = _figure()
+    s = out[out["group"] == OVERALL].sort_values("layer")
+    for column, name in bars.items():
+        fig.add_bar(x=s["layer"], y=s[column], name=name)
+    fig.update_layout(**layout)
+    return fig
+
+
 # ----------------------------------------------------------------------------------------------
 # Neuron-level paper: layers and heads
 # ----------------------------------------------------------------------------------------------
@@ -468,11 +479,9 @@ def query_neuron_counts(results: Any, k: int = 1000, method: str = "log_prob_inc
         ["query_value", "query_only"],
         _prompt_groups(results, parts),
     )
-    fig = _figure()
-    s = out[out["group"] == OVERALL].sort_values("layer")
-    fig.add_bar(x=s["layer"], y=s["query_only"], name="query-only")
-    fig.add_bar(x=s["layer"], y=s["query_value"], name="query-value")
-    fig.update_layout(
+    fig = _layer_bars(
+        out,
+        {"query_only": "query-only", "query_value": "query-value"},
         title=f"Figure 4: top-{k} query FFN neurons per layer",
         barmode="stack",
         xaxis_title="layer",
@@ -532,11 +541,9 @@ def ffn_subvalue_counts(results: Any, method: str = "log_prob_increase") -> tupl
         ["helpful", "unhelpful"],
         _prompt_groups(results, df),
     )
-    fig = _figure()
-    s = out[out["group"] == OVERALL].sort_values("layer")
-    fig.add_bar(x=s["layer"], y=s["helpful"], name="helpful")
-    fig.add_bar(x=s["layer"], y=s["unhelpful"], name="unhelpful")
-    fig.update_layout(
+    fig = _layer_bars(
+        out,
+        {"helpful": "helpful", "unhelpful": "unhelpful"},
         title="Figure 6 (residual stream): helpful / unhelpful FFN subvalues per layer",
         barmode="group",
         xaxis_title="FFN layer",
