@@ -291,6 +291,13 @@ def _report_path(path: str, i: int, n: int) -> str:
     return f"{root}-{i}{ext or '.html'}"
 
 
+# Options that several commands declare alike (typer copies an option's declaration for every command using it).
+PROMPT_OPTION = typer.Option(..., "--prompt", "-p", help="The prompt text.")
+MODEL_OPTION = typer.Option("smollm2-135m", "--model", "-m", help="Model name; default: the embedded SmolLM2-135M.")
+TARGET_ID_OPTION = typer.Option(None, "--target-id", help="Target as a token id (instead of --target).")
+JSON_OPTION = typer.Option(None, "--json", help="Write the result as one JSON object to this path.")
+
+
 @app.command()
 def explain(
     prompt: str | None = typer.Option(None, "--prompt", "-p", help="The prompt text."),
@@ -304,8 +311,8 @@ def explain(
     target: str | None = typer.Option(
         None, "--target", "-t", help="Target token (one token, e.g. ' Paris'); default: top-1."
     ),
-    target_id: int | None = typer.Option(None, "--target-id", help="Target as a token id (instead of --target)."),
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model name; default: the embedded SmolLM2-135M."),
+    target_id: int | None = TARGET_ID_OPTION,
+    model: str = MODEL_OPTION,
     position: int = typer.Option(-1, "--position", help="Destination position (default -1, the last token)."),
     top_k: int = typer.Option(20, "--top-k", "-k", help="Rows in the layer, subvalue and neuron tables."),
     method: str = typer.Option("log_prob_increase", "--method", help="Scoring method (see `tl-residual methods`)."),
@@ -439,7 +446,7 @@ def _write_html(m: Any, result: Any, path: str, layers: list[int] | None) -> Non
 
 @app.command()
 def query(
-    prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt text."),
+    prompt: str = PROMPT_OPTION,
     neuron: str = typer.Option(
         ...,
         "--neuron",
@@ -447,10 +454,10 @@ def query(
         help="FFN neuron L{layer}.N{index} (e.g. L24.N1005) or attention "
         "value neuron L{layer}.H{head}.d{dim}.p{source position} (e.g. L23.H4.d55.p4).",
     ),
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model name; default: the embedded SmolLM2-135M."),
+    model: str = MODEL_OPTION,
     position: int = typer.Option(-1, "--position", help="Position of the FFN neuron (default -1, the last token)."),
     top_k: int = typer.Option(20, "--top-k", "-k", help="Query parts listed per input (largest |contribution|)."),
-    json_path: str | None = typer.Option(None, "--json", help="Write the result as one JSON object to this path."),
+    json_path: str | None = JSON_OPTION,
 ) -> None:
     """Which upstream parts switched NEURON on: the exact split of its input(s) at one position.
 
@@ -565,7 +572,7 @@ def _neuron_activation(m: Any, cache: Any, name: str, position: int) -> tuple[fl
 
 @app.command()
 def ablate(
-    prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt text."),
+    prompt: str = PROMPT_OPTION,
     neurons: str = typer.Option(
         ...,
         "--neurons",
@@ -573,20 +580,20 @@ def ablate(
         help="Comma-separated components: FFN neurons L24.N1005, "
         "attention neurons L12.H3.d7 (or L12.H3.d7.p4), subvalues L12.H3.p4, heads L12.H3.",
     ),
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model name; default: the embedded SmolLM2-135M."),
+    model: str = MODEL_OPTION,
     target: str | None = typer.Option(
         None,
         "--target",
         "-t",
         help="Target token (one token, e.g. ' Paris'); default: the top-1 before the intervention.",
     ),
-    target_id: int | None = typer.Option(None, "--target-id", help="Target as a token id (instead of --target)."),
+    target_id: int | None = TARGET_ID_OPTION,
     mode: str = typer.Option(
         "zero", "--mode", help="zero (default), scale (needs --factor) or replace (needs --value)."
     ),
     factor: float | None = typer.Option(None, "--factor", help="Multiplier for --mode scale."),
     value: float | None = typer.Option(None, "--value", help="New coefficient for --mode replace."),
-    json_path: str | None = typer.Option(None, "--json", help="Write the result as one JSON object to this path."),
+    json_path: str | None = JSON_OPTION,
 ) -> None:
     """Zero (or scale, or replace) components at every position, rerun, and compare the target before and after.
 
