@@ -41,6 +41,7 @@ from torch import Tensor
 
 from tl_residual import interventions as I
 from tl_residual import model as tlm
+from tl_residual._io import atomic_write_text
 from tl_residual.datasets import KNOWLEDGE_TYPES
 from tl_residual.decompose import neuron_name
 from tl_residual.errors import InvalidInputError
@@ -498,16 +499,9 @@ def write(res: BenchmarkResult, out: str) -> None:
         "records": res.records,
         "selections": res.selections,
     }
-    _atomic_write(out + ".json", json.dumps(payload, indent=1))
+    atomic_write_text(out + ".json", json.dumps(payload, indent=1))
     if len(df):
-        _atomic_write(out + ".md", markdown(res))
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+        atomic_write_text(out + ".md", markdown(res))
 
 
 # ----------------------------------------------------------------------------------------------
