@@ -64,8 +64,9 @@ from tl_residual import model as tlm
 from tl_residual import names as N
 from tl_residual.decompose import (
     PartGroup,
+    head_outputs,
+    iter_parts,
     layer_outputs,
-    reconstruction_error,
     residual_stream,
 )
 from tl_residual.errors import InvalidInputError, TLResidualError
@@ -425,6 +426,46 @@ def _head_groups(ctx: Any) -> list[PartGroup]:
     return out
 
 
+def _decomposition_error(model: Any, cache: Any, position: int, batch: int) -> float:
+    """The safety net: relative error ``||sum(parts) - cached|| / ||cached||`` of the decomposition of the final
+    ``resid_post`` at ``position`` (every part of :func:`~tl_residual.decompose.iter_parts`: embeddings, head x
+    source-position subvalues, ``b_O``, FFN neurons, ``b_out``, registered sources).
+
+    The same sum as :func:`~tl_residual.decompose.reconstruction_error`, but each group's
+    ``coefficients @ directions`` is one float32 matrix-vector product (no float64 copy of ``W_out`` per layer
+    and prompt), accumulated over groups in float64: float32 rounding (about 1e-7 relative) stays far below
+    :data:`MAX_DECOMPOSITION_ERROR`.
+    """
+    total: torch.Tensor | None = None
+    for g in iter_parts(model, cache, -1, position, "resid_post", batch):
+        part = (g.coefficients.float() @ g.directions.float()).double()
+        total = part if total is None else total + part
+    assert total is not None  # iter_parts always yields the embedding
+    target = tlm.cached(cache, f"blocks.{tlm.model_spec(model).n_layers - 1}.hook_resid_post", batch)[position]
+    target = target.double().to(total.device)
+    return float((total - target).norm() / target.norm().clamp_min(1e-30))
+
+
+def _all_head_rows(ctx: Any, scorer: Any, pid: int, group: str | None, method: str) -> list[dict[str, Any]]:
+    """Every head of every layer scored in one call with one base (its layer's ``resid_pre``) per head: the rows of
+    :func:`tl_residual.scorers.score_heads` (same vectors, :func:`~tl_residual.decompose.head_outputs`; same
+    order: score descending, ties in layer-then-head order), for a scorer that takes one base per part (those
+    with a bound). One batch of full-vocabulary products instead of one call per layer."""
+    vecs, bases, refs = [], [], []
+    for l in range(ctx.n_layers):
+        v = head_outputs(ctx.model, ctx.cache, l, ctx.position, ctx.batch)
+        vecs.append(v)
+        bases.append(ctx.resid(f"blocks.{l}.hook_resid_pre").expand(v.shape[0], -1))
+        refs += [(l, h) for h in range(v.shape[0])]
+    vectors = torch.cat(vecs)
+    mixed = PartGroup("mixed", None, torch.ones(len(vectors), device=vectors.device), vectors)
+    scores = scorer(ctx, mixed, torch.cat(bases).to(vectors.device)).float().cpu()  # float32, as score tables keep
+    order = torch.argsort(scores, descending=True, stable=True).tolist()
+    return [{"prompt_id": pid, "group": group, "method": method, "kind": "head", "name": N.head(*refs[i]),
+             "layer": refs[i][0], "head": refs[i][1], "dim": None, "src_pos": None, "neuron": None, "expert": None,
+             "score": float(scores[i]), "coefficient": None, "rank": rank} for rank, i in enumerate(order, 1)]
+
+
 def _sublayer_group(layer: int, kind: str, vec: torch.Tensor) -> PartGroup:
     return PartGroup(kind, layer, torch.ones(1, device=vec.device), vec[None, :], {}, [N.layer_output(layer, kind)])  # type: ignore[arg-type]
 
@@ -458,7 +499,7 @@ def score_prompt(
 
     kw = {} if chunk_size is None else {"chunk_size": chunk_size}
     ctx = S.make_context(model, cache, target, position, batch, convention, **kw)  # type: ignore[arg-type]
-    err = reconstruction_error(model, cache, -1, ctx.position, "resid_post", batch)
+    err = _decomposition_error(model, cache, ctx.position, batch)
     if not err <= MAX_DECOMPOSITION_ERROR:
         raise InvalidInputError(
             f"the parts miss the cached final resid_post by {err:.2e} (relative), above {MAX_DECOMPOSITION_ERROR:g}; "
@@ -510,6 +551,9 @@ def score_prompt(
         }
         for kind, fn in tables.items():
             if kind not in kinds:
+                continue
+            if kind == "head" and top_k.get("head") is None and scorer.bound is not None:
+                rows["parts"].extend(_all_head_rows(ctx, scorer, pid, group, method))
                 continue
             df = fn(method)
             rows["parts"].extend(_parts_rows(df, pid, group, method, kind))
