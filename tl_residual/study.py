@@ -426,7 +426,9 @@ def _head_groups(ctx: Any) -> list[PartGroup]:
     return out
 
 
-def _decomposition_error(model: Any, cache: Any, position: int, batch: int) -> float:
+def _decomposition_error(
+    model: Any, cache: Any, position: int, batch: int, keep: dict[str, list[PartGroup]] | None = None
+) -> float:
     """The safety net: relative error ``||sum(parts) - cached|| / ||cached||`` of the decomposition of the final
     ``resid_post`` at ``position`` (every part of :func:`~tl_residual.decompose.iter_parts`: embeddings, head x
     source-position subvalues, ``b_O``, FFN neurons, ``b_out``, registered sources).
@@ -434,10 +436,13 @@ def _decomposition_error(model: Any, cache: Any, position: int, batch: int) -> f
     The same sum as :func:`~tl_residual.decompose.reconstruction_error`, but each group's
     ``coefficients @ directions`` is one float32 matrix-vector product (no float64 copy of ``W_out`` per layer
     and prompt), accumulated over groups in float64: float32 rounding (about 1e-7 relative) stays far below
-    :data:`MAX_DECOMPOSITION_ERROR`.
+    :data:`MAX_DECOMPOSITION_ERROR`. The groups whose kind is a key of ``keep`` are appended to its lists (in
+    stream order), so that the scorers reuse the very parts that were checked instead of rebuilding them.
     """
     total: torch.Tensor | None = None
     for g in iter_parts(model, cache, -1, position, "resid_post", batch):
+        if keep is not None and g.kind in keep:
+            keep[g.kind].append(g)
         part = (g.coefficients.float() @ g.directions.float()).double()
         total = part if total is None else total + part
     assert total is not None  # iter_parts always yields the embedding
@@ -499,7 +504,14 @@ def score_prompt(
 
     kw = {} if chunk_size is None else {"chunk_size": chunk_size}
     ctx = S.make_context(model, cache, target, position, batch, convention, **kw)  # type: ignore[arg-type]
-    err = _decomposition_error(model, cache, ctx.position, batch)
+    # the checked parts of two kinds are kept and scored below: the same groups, in the same (layer) order, as
+    # tl_residual.scorers.iter_groups builds (attention_parts; ffn_parts for dense MLPs; a mixture of experts'
+    # FFN groups differ from iter_parts' and are rebuilt by the scorers)
+    spec = tlm.model_spec(model)
+    keep: dict[str, list[PartGroup]] = {k: [] for k in ("attn_subvalue", "ffn_neuron") if k in kinds}
+    if "ffn_neuron" in keep and any(tlm.is_moe_layer(model, l) for l in range(spec.n_layers)):
+        del keep["ffn_neuron"]
+    err = _decomposition_error(model, cache, ctx.position, batch, keep)
     if not err <= MAX_DECOMPOSITION_ERROR:
         raise InvalidInputError(
             f"the parts miss the cached final resid_post by {err:.2e} (relative), above {MAX_DECOMPOSITION_ERROR:g}; "
@@ -543,9 +555,12 @@ def score_prompt(
                 rows["layers"].append({**base, "method": method, "name": g.names[0], "layer": g.layer,
                                        "sublayer": g.kind, "score": float(score)})
         tables = {
-            "ffn_neuron": lambda m: S.score_ffn_neurons(ctx, m, top_k=top_k["ffn_neuron"], n_top_tokens=0),
+            "ffn_neuron": lambda m: (S.score_groups(ctx, keep["ffn_neuron"], m, top_k["ffn_neuron"], n_top_tokens=0)
+                                     if "ffn_neuron" in keep else
+                                     S.score_ffn_neurons(ctx, m, top_k=top_k["ffn_neuron"], n_top_tokens=0)),
             "attn_neuron": lambda m: S.score_attention_neurons(ctx, m, top_k=top_k["attn_neuron"], n_top_tokens=0),
-            "attn_subvalue": lambda m: S.score_attention_subvalues(ctx, m, top_k=top_k["attn_subvalue"], n_top_tokens=0),
+            "attn_subvalue": lambda m: S.score_groups(ctx, keep["attn_subvalue"], m, top_k["attn_subvalue"],
+                                                      n_top_tokens=0),
             "head": lambda m: (S.score_heads(ctx, m, n_top_tokens=0) if top_k.get("head") is None
                                else S.score_groups(ctx, _head_groups(ctx), m, top_k["head"], n_top_tokens=0)),
         }
