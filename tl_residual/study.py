@@ -38,6 +38,10 @@ d_model`` floats for the residual hooks plus ``batch_size * n_layers * n_heads *
 patterns), plus for the prompt being scored the pruned search's per-part bounds (8 bytes per candidate part,
 ``n_layers * (d_mlp + n_heads * n_pos * (d_head + 1))``) and ``3 * max(chunk_size, top_k) * d_vocab`` floats for
 the exact scores, plus the attention-neuron directions of one layer (``n_heads * n_pos * d_head * d_model``).
+The head x source-position subvalues of every layer (``n_layers * n_heads * n_pos * d_model`` floats) are built
+once per prompt, checked by the safety net and scored by the subvalue search (which holds them all anyway); every
+head of every layer is scored in one call (``n_layers * n_heads`` rows, ``3 * chunk_size * d_vocab`` floats per
+chunk).
 Rows are written per batch and never accumulated.
 """
 
