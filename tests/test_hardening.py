@@ -344,7 +344,8 @@ def test_explain_position_cache_gives_the_full_cache_numbers():
         (e.ffn_neurons, S.score_ffn_neurons(ctx, "log_prob_increase", 6)),
     ):
         assert got["name"].tolist() == ref["name"].tolist()
-        np.testing.assert_allclose(got["score"].values, ref["score"].values, rtol=1e-6, atol=1e-7)
+        # the same numbers up to float32 rounding (the position cache sums in another order): ~5e-7 nats
+        np.testing.assert_allclose(got["score"].values, ref["score"].values, rtol=1e-5, atol=1e-6)
     cache = e.cache
     assert isinstance(cache, tlm.PositionCache) and not any("attn_scores" in k for k in cache)
     assert cache["blocks.0.attn.hook_pattern"].stride()[2] == 0  # one row, repeated without memory
