@@ -78,8 +78,17 @@ def study_seconds(model: Any, df: pd.DataFrame, batch_size: int, kinds: tuple[st
     out = Path(tempfile.mkdtemp(prefix="tlres-study-bench-"))
     try:
         t0, c0 = time.perf_counter(), time.process_time()
-        summary = st.run(model, df, out / "s", kinds=kinds, top_k=TOP_K, batch_size=batch_size, progress=False,
-                         target_column="answer", group_column="type")
+        summary = st.run(
+            model,
+            df,
+            out / "s",
+            kinds=kinds,
+            top_k=TOP_K,
+            batch_size=batch_size,
+            progress=False,
+            target_column="answer",
+            group_column="type",
+        )
         seconds = time.perf_counter() - t0
         CPU["last"] = time.process_time() - c0
         if summary["failed"]:
@@ -96,10 +105,19 @@ def side_by_side(model: Any, df: pd.DataFrame, batch_size: int) -> dict[str, Any
     stu = study_seconds(model, df, batch_size)
     stu_cpu = CPU["last"]
     n_tok = [len(model.to_tokens(p, truncate=False)[0]) for p in prompts]
-    return {"n_prompts": len(df), "batch_size": batch_size, "mean_tokens": sum(n_tok) / len(n_tok),
-            "forward_s": fwd, "study_s": stu, "ratio": stu / fwd, "study_prompts_per_s": len(df) / stu,
-            "forward_prompts_per_s": len(df) / fwd, "forward_cpu_s": fwd_cpu, "study_cpu_s": stu_cpu,
-            "cpu_ratio": stu_cpu / fwd_cpu}
+    return {
+        "n_prompts": len(df),
+        "batch_size": batch_size,
+        "mean_tokens": sum(n_tok) / len(n_tok),
+        "forward_s": fwd,
+        "study_s": stu,
+        "ratio": stu / fwd,
+        "study_prompts_per_s": len(df) / stu,
+        "forward_prompts_per_s": len(df) / fwd,
+        "forward_cpu_s": fwd_cpu,
+        "study_cpu_s": stu_cpu,
+        "cpu_ratio": stu_cpu / fwd_cpu,
+    }
 
 
 def main() -> None:
@@ -118,10 +136,17 @@ def main() -> None:
     sub = df.head(args.per_kind or (16 if args.quick else 32))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     result: dict[str, Any] = {
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "load_average_1min_at_start": load},
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "load_average_1min_at_start": load,
+        },
         "model": "SmolLM2-135M-Instruct (embedded GGUF, float32, TransformerBridge)",
-        "kinds": list(KINDS), "top_k": TOP_K, "method": "log_prob_increase",
+        "kinds": list(KINDS),
+        "top_k": TOP_K,
+        "method": "log_prob_increase",
     }
     study_seconds(model, df.head(2), 2)  # warm-up (lazy imports, first-call overheads)
     print("side by side ...", flush=True)
@@ -143,7 +168,7 @@ def main() -> None:
         result["batch_sizes"] = [side_by_side(model, sub, b) for b in ((1, 8, 32) if not args.quick else (1, 16))]
         print("prompt length ...", flush=True)
         lengths = []
-        for n_prefix in ((0, 3, 12) if not args.quick else (0, 4)):
+        for n_prefix in (0, 3, 12) if not args.quick else (0, 4):
             longer = sub.copy()
             prefix = " ".join(df["prompt"].iloc[-n_prefix:].tolist()) + " " if n_prefix else ""
             longer["prompt"] = [prefix + p for p in sub["prompt"]]
@@ -161,32 +186,50 @@ def main() -> None:
 def report(r: dict[str, Any]) -> str:
     m = r["main"]
     lines = [
-        "# Study throughput (benchmarks/study.py)", "",
-        (f"{r['model']}; {r['machine']['cpus']} CPUs, torch {r['machine']['torch']} "
-        f"({r['machine']['torch_threads']} threads), 1-min load average {r['machine']['load_average_1min_at_start']:.1f} "
-        f"at start, {r.get('load_average_1min_at_end', float('nan')):.1f} at end (shared machine)."), "",
-        ("| prompts | batch | mean tokens | forward with cache (s) | study (s) | study / forward | study prompts/s "
-        "| CPU time: forward (s) | study (s) | study / forward |"),
+        "# Study throughput (benchmarks/study.py)",
+        "",
+        (
+            f"{r['model']}; {r['machine']['cpus']} CPUs, torch {r['machine']['torch']} "
+            f"({r['machine']['torch_threads']} threads), "
+            f"1-min load average {r['machine']['load_average_1min_at_start']:.1f} "
+            f"at start, {r.get('load_average_1min_at_end', float('nan')):.1f} at end (shared machine)."
+        ),
+        "",
+        (
+            "| prompts | batch | mean tokens | forward with cache (s) | study (s) | study / forward | study prompts/s "
+            "| CPU time: forward (s) | study (s) | study / forward |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def row(x: dict[str, Any]) -> str:
-        return (f"| {x['n_prompts']} | {x['batch_size']} | {x['mean_tokens']:.1f} | {x['forward_s']:.2f} | "
-                f"{x['study_s']:.2f} | {x['ratio']:.2f} | {x['study_prompts_per_s']:.2f} | {x['forward_cpu_s']:.2f} | "
-                f"{x['study_cpu_s']:.2f} | {x['cpu_ratio']:.2f} |")
+        return (
+            f"| {x['n_prompts']} | {x['batch_size']} | {x['mean_tokens']:.1f} | {x['forward_s']:.2f} | "
+            f"{x['study_s']:.2f} | {x['ratio']:.2f} | {x['study_prompts_per_s']:.2f} | {x['forward_cpu_s']:.2f} | "
+            f"{x['study_cpu_s']:.2f} | {x['cpu_ratio']:.2f} |"
+        )
 
     lines.append(row(m))
     if "per_kind" in r:
         pk = r["per_kind"]
-        lines += ["", (f"Each kind alone ({pk['n_prompts']} prompts; the study's own forward and writes included; "
-                  f"forward with cache alone {pk['forward_s']:.2f} s):"), "",
-                  "| kind | seconds | / forward | CPU seconds | / forward (CPU) |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            (
+                f"Each kind alone ({pk['n_prompts']} prompts; the study's own forward and writes included; "
+                f"forward with cache alone {pk['forward_s']:.2f} s):"
+            ),
+            "",
+            "| kind | seconds | / forward | CPU seconds | / forward (CPU) |",
+            "|---|---|---|---|---|",
+        ]
         cpu = r.get("per_kind_cpu", {})
         for k, v in pk.items():
             if k not in ("forward_s", "n_prompts"):
                 c = cpu.get(k, float("nan"))
-                lines.append(f"| {k} | {v:.2f} | {v / pk['forward_s']:.2f} | {c:.2f} | "
-                             f"{c / cpu.get('forward_s', float('nan')):.2f} |")
+                lines.append(
+                    f"| {k} | {v:.2f} | {v / pk['forward_s']:.2f} | {c:.2f} | "
+                    f"{c / cpu.get('forward_s', float('nan')):.2f} |"
+                )
     if "batch_sizes" in r:
         lines += ["", "Batch size:", "", lines[4], lines[5]] + [row(x) for x in r["batch_sizes"]]
         lines += ["", "Prompt length:", "", lines[4], lines[5]] + [row(x) for x in r["lengths"]]

@@ -50,8 +50,9 @@ def model_dir(tmp_path_factory) -> str:
     from conftest import VOCAB, _randomize, tiny_tokenizer
 
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=4, n_inner=64, bos_token_id=1,
-                     eos_token_id=2)
+    cfg = GPT2Config(
+        vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=4, n_inner=64, bos_token_id=1, eos_token_id=2
+    )
     hf = GPT2LMHeadModel(cfg)
     _randomize(hf, 0)
     path = tmp_path_factory.mktemp("tiny-gpt2")
@@ -77,19 +78,27 @@ def data_file(tmp_path_factory) -> Path:
     return path
 
 
-FAST = {"target_column": "target", "group_column": "kind", "batch_size": 4, "progress": False,
-            "top_k": {"ffn_neuron": 10, "attn_neuron": 10, "attn_subvalue": 5, "head": None}}
+FAST = {
+    "target_column": "target",
+    "group_column": "kind",
+    "batch_size": 4,
+    "progress": False,
+    "top_k": {"ffn_neuron": 10, "attn_neuron": 10, "attn_subvalue": 5, "head": None},
+}
 
 
 def assert_same_results(a: st.StudyResults, b: st.StudyResults, tol: float = 1e-5) -> None:
     """Equal tables, up to float noise; parts whose scores tie (within ``tol``) at the top-k cut may differ."""
-    pd.testing.assert_frame_equal(a.prompts.drop(columns=["target_prob", "target_log_prob", "decomposition_error"]),
-                                  b.prompts.drop(columns=["target_prob", "target_log_prob", "decomposition_error"]))
+    pd.testing.assert_frame_equal(
+        a.prompts.drop(columns=["target_prob", "target_log_prob", "decomposition_error"]),
+        b.prompts.drop(columns=["target_prob", "target_log_prob", "decomposition_error"]),
+    )
     for col in ("target_prob", "target_log_prob"):
         np.testing.assert_allclose(a.prompts[col].astype(float), b.prompts[col].astype(float), rtol=1e-5, atol=1e-6)
     pd.testing.assert_frame_equal(a.layers, b.layers, check_exact=False, rtol=1e-4, atol=tol)
-    pd.testing.assert_frame_equal(a.stream.drop(columns="rank"), b.stream.drop(columns="rank"), check_exact=False,
-                                  rtol=1e-4, atol=tol)
+    pd.testing.assert_frame_equal(
+        a.stream.drop(columns="rank"), b.stream.drop(columns="rank"), check_exact=False, rtol=1e-4, atol=tol
+    )
     assert_same_parts(a.parts, b.parts, tol)
 
 
@@ -180,9 +189,13 @@ def test_refuses_other_options_in_the_same_folder(model, data_file, tmp_path):
 
 
 def test_failed_prompts_are_recorded(model, tmp_path):
-    rows = [{"prompt": "t3 t4 t5", "target": "t6"}, {"prompt": "t3 t4", "target": "t6 t7"},  # target: 2 tokens
-            {"prompt": "   ", "target": None}, {"prompt": " ".join(["t5"] * 40), "target": None},  # empty; too long
-            {"prompt": "t8", "target": 999}]  # id out of range
+    rows = [
+        {"prompt": "t3 t4 t5", "target": "t6"},
+        {"prompt": "t3 t4", "target": "t6 t7"},  # target: 2 tokens
+        {"prompt": "   ", "target": None},
+        {"prompt": " ".join(["t5"] * 40), "target": None},  # empty; too long
+        {"prompt": "t8", "target": 999},
+    ]  # id out of range
     summary = st.run(model, rows, tmp_path / "f", kinds=("layer", "ffn_neuron"), **{**FAST, "group_column": None})
     assert summary == {**summary, "ok": 1, "failed": 4}
     p = st.load(tmp_path / "f").prompts.set_index("prompt_id")
@@ -232,8 +245,11 @@ def test_scores_equal_the_single_prompt_scorers(model, data_file, tmp_path):
     kw = dict(FAST, methods=("log_prob_increase", "coefficient"))
     st.run(model, data_file, tmp_path / "s", kinds=st.DEFAULT_KINDS, **kw)
     res = st.load(tmp_path / "s")
-    fns = {"ffn_neuron": (S.score_ffn_neurons, 10), "attn_neuron": (S.score_attention_neurons, 10),
-           "attn_subvalue": (S.score_attention_subvalues, 5)}
+    fns = {
+        "ffn_neuron": (S.score_ffn_neurons, 10),
+        "attn_neuron": (S.score_attention_neurons, 10),
+        "attn_subvalue": (S.score_attention_subvalues, 5),
+    }
     for row in res.prompts.itertuples():
         tokens = model.to_tokens(row.prompt)
         with torch.no_grad():
@@ -246,11 +262,15 @@ def test_scores_equal_the_single_prompt_scorers(model, data_file, tmp_path):
             mine = res.parts[(res.parts["prompt_id"] == row.prompt_id) & (res.parts["method"] == method)]
             for kind, (fn, k) in fns.items():
                 ref = fn(ctx, method, top_k=k, n_top_tokens=0)
-                assert_same_parts(mine[mine["kind"] == kind].assign(method="m", kind="k"),
-                                  ref.assign(prompt_id=row.prompt_id, method="m", kind="k"))
+                assert_same_parts(
+                    mine[mine["kind"] == kind].assign(method="m", kind="k"),
+                    ref.assign(prompt_id=row.prompt_id, method="m", kind="k"),
+                )
             heads = S.score_heads(ctx, method, n_top_tokens=0)
-            assert_same_parts(mine[mine["kind"] == "head"].assign(method="m", kind="k"),
-                              heads.assign(prompt_id=row.prompt_id, method="m", kind="k"))
+            assert_same_parts(
+                mine[mine["kind"] == "head"].assign(method="m", kind="k"),
+                heads.assign(prompt_id=row.prompt_id, method="m", kind="k"),
+            )
         layers = S.score_layers(ctx, n_top_tokens=0)
         got = res.layers[(res.layers["prompt_id"] == row.prompt_id) & (res.layers["method"] == "log_prob_increase")]
         both = got.merge(layers, on="name", suffixes=("", "_ref"))
@@ -264,8 +284,15 @@ def test_head_top_k_and_query_rows_equal_the_library(model, data_file, tmp_path)
     from tl_residual import query as Q
     from tl_residual import scorers as S
 
-    st.run(model, data_file, tmp_path / "q", kinds=("head", "query"), query_values=4, query_top_k=1000,
-           **{**FAST, "top_k": {"head": 3}})
+    st.run(
+        model,
+        data_file,
+        tmp_path / "q",
+        kinds=("head", "query"),
+        query_values=4,
+        query_top_k=1000,
+        **{**FAST, "top_k": {"head": 3}},
+    )
     res = st.load(tmp_path / "q")
     for row in res.prompts.itertuples():
         with torch.no_grad():
@@ -273,7 +300,9 @@ def test_head_top_k_and_query_rows_equal_the_library(model, data_file, tmp_path)
         ctx = S.make_context(model, cache, int(row.target_id))
         heads = S.score_heads(ctx, n_top_tokens=0).head(3)
         mine = res.parts[(res.parts["prompt_id"] == row.prompt_id)]
-        assert_same_parts(mine.assign(method="m", kind="k"), heads.assign(prompt_id=row.prompt_id, method="m", kind="k"))
+        assert_same_parts(
+            mine.assign(method="m", kind="k"), heads.assign(prompt_id=row.prompt_id, method="m", kind="k")
+        )
         ref = Q.query_neuron_scores(ctx, n_value=4)
         ref = ref[ref["kind"] != "key_bias"].groupby("name")["score"].sum()
         got = res.query[res.query["prompt_id"] == row.prompt_id].groupby("query_name")["score"].sum()
@@ -290,8 +319,15 @@ def test_names_mean_the_same_component_to_intervene(model, tmp_path):
     from tl_residual.interventions import intervene
 
     rows = [{"prompt": "t3 t4 t5 t6 t7 t8 t9"}, {"prompt": "t5 t4 t9"}, {"prompt": "t7 t7 t3 t5 t6"}]
-    st.run(model, rows, tmp_path / "n", kinds=("ffn_neuron", "attn_neuron", "attn_subvalue"), batch_size=3,
-           progress=False, top_k=400)
+    st.run(
+        model,
+        rows,
+        tmp_path / "n",
+        kinds=("ffn_neuron", "attn_neuron", "attn_subvalue"),
+        batch_size=3,
+        progress=False,
+        top_k=400,
+    )
     res = st.load(tmp_path / "n")
     last = model.cfg.n_layers - 1
     p = res.prompts.set_index("prompt_id").loc[1]
@@ -340,8 +376,13 @@ def _cli(*args: str) -> list[str]:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT),
-            "OMP_NUM_THREADS": "1"}
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+    }
 
 
 def test_cli_killed_run_resumes_to_the_same_results(model, model_dir, tmp_path):
@@ -350,9 +391,25 @@ def test_cli_killed_run_resumes_to_the_same_results(model, model_dir, tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     kinds = ("layer", "ffn_neuron", "attn_subvalue", "query")
     st.run(model, data, tmp_path / "full", kinds=kinds, **{**FAST, "batch_size": 1})  # uninterrupted, in process
-    args = ["--data", str(data), "--model", model_dir, "--target-column", "target", "--group-column", "kind",
-            "--batch-size", "1", "--kinds", ",".join(kinds), "--top-k",
-            "ffn_neuron=10,attn_neuron=10,attn_subvalue=5,head=all", "--quiet", "--out", str(tmp_path / "cut")]
+    args = [
+        "--data",
+        str(data),
+        "--model",
+        model_dir,
+        "--target-column",
+        "target",
+        "--group-column",
+        "kind",
+        "--batch-size",
+        "1",
+        "--kinds",
+        ",".join(kinds),
+        "--top-k",
+        "ffn_neuron=10,attn_neuron=10,attn_subvalue=5,head=all",
+        "--quiet",
+        "--out",
+        str(tmp_path / "cut"),
+    ]
     proc = subprocess.Popen(_cli(*args), env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     prompts_dir = tmp_path / "cut" / "prompts"
     deadline = time.time() + 120
@@ -368,8 +425,9 @@ def test_cli_killed_run_resumes_to_the_same_results(model, model_dir, tmp_path):
     assert not [f for f in (tmp_path / "cut").rglob("*") if ".tmp-" in f.name]
     a, b = st.load(tmp_path / "cut"), st.load(tmp_path / "full")
     assert_same_results(a, b)
-    pd.testing.assert_frame_equal(a.query.drop(columns=["score", "value_score"]),
-                                  b.query.drop(columns=["score", "value_score"]))
+    pd.testing.assert_frame_equal(
+        a.query.drop(columns=["score", "value_score"]), b.query.drop(columns=["score", "value_score"])
+    )
     np.testing.assert_allclose(a.query["score"], b.query["score"], rtol=1e-4, atol=1e-6)
 
 
@@ -378,12 +436,43 @@ def test_two_processes_equal_one(model, model_dir, data_file, tmp_path):
         pytest.skip("torchrun is not installed next to this Python")
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     st.run(model, data_file, tmp_path / "one", kinds=("layer", "stream", "ffn_neuron", "attn_neuron"), **FAST)
-    args = ["--data", str(data_file), "--model", model_dir, "--target-column", "target", "--group-column", "kind",
-            "--batch-size", "4", "--kinds", "layer,stream,ffn_neuron,attn_neuron", "--top-k",
-            "ffn_neuron=10,attn_neuron=10,attn_subvalue=5,head=all", "--quiet"]
-    two = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "tl_residual", "study",
-                          *args, "--out", str(tmp_path / "two")], env=_env(), cwd=ROOT, capture_output=True, text=True,
-                         timeout=300, check=False)
+    args = [
+        "--data",
+        str(data_file),
+        "--model",
+        model_dir,
+        "--target-column",
+        "target",
+        "--group-column",
+        "kind",
+        "--batch-size",
+        "4",
+        "--kinds",
+        "layer,stream,ffn_neuron,attn_neuron",
+        "--top-k",
+        "ffn_neuron=10,attn_neuron=10,attn_subvalue=5,head=all",
+        "--quiet",
+    ]
+    two = subprocess.run(
+        [
+            torchrun,
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "tl_residual",
+            "study",
+            *args,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        env=_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert two.returncode == 0, two.stderr + two.stdout
     ranks = {f.name.split("-")[0] for f in (tmp_path / "two" / "prompts").glob("*.parquet")}
     assert ranks == {"rank0", "rank1"}
@@ -393,8 +482,15 @@ def test_two_processes_equal_one(model, model_dir, data_file, tmp_path):
 
 
 def test_cli_bad_input_is_a_clear_error(tmp_path):
-    res = subprocess.run(_cli("--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")), env=_env(),
-                         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    res = subprocess.run(
+        _cli("--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")),
+        env=_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert res.returncode == 2 and "does not exist" in res.stderr and "Traceback" not in res.stderr
 
 
@@ -414,9 +510,17 @@ def test_parse_top_k():
 
 @pytest.mark.slow
 def test_smollm2_builtin_factual_end_to_end(smollm2, tmp_path):
-    summary = st.run(smollm2, "builtin:factual", tmp_path / "f", max_prompts=6, batch_size=3, progress=False,
-                     filter="paper", top_k={"ffn_neuron": 20, "attn_neuron": 20, "attn_subvalue": 10, "head": None},
-                     model_name="smollm2-135m")
+    summary = st.run(
+        smollm2,
+        "builtin:factual",
+        tmp_path / "f",
+        max_prompts=6,
+        batch_size=3,
+        progress=False,
+        filter="paper",
+        top_k={"ffn_neuron": 20, "attn_neuron": 20, "attn_subvalue": 10, "head": None},
+        model_name="smollm2-135m",
+    )
     res = st.load(tmp_path / "f")
     assert summary["ok"] + summary["filtered"] == 6 and summary["ok"] >= 3
     assert set(res.prompts["status"]) <= {"ok", "filtered"}
@@ -438,8 +542,15 @@ def test_hooked_transformer_llama_style(tmp_path):
 
     model = make_hooked("llama", n_kv_heads=2)
     rows = [{"prompt": "t3 t4 t5 t6"}, {"prompt": "t7 t8"}, {"prompt": "t9 t3 t4 t5 t6 t7"}]
-    st.run(model, rows, tmp_path / "h", kinds=st.KINDS, progress=False, batch_size=3,
-           top_k={"ffn_neuron": 10, "attn_neuron": 10, "attn_subvalue": 5, "head": None})
+    st.run(
+        model,
+        rows,
+        tmp_path / "h",
+        kinds=st.KINDS,
+        progress=False,
+        batch_size=3,
+        top_k={"ffn_neuron": 10, "attn_neuron": 10, "attn_subvalue": 5, "head": None},
+    )
     res = st.load(tmp_path / "h")
     assert (res.prompts["status"] == "ok").all() and (res.prompts["decomposition_error"] < 1e-5).all()
     assert len(res.query)
@@ -447,8 +558,11 @@ def test_hooked_transformer_llama_style(tmp_path):
         with torch.no_grad():
             _, cache = model.run_with_cache(model.to_tokens(row.prompt))
         ctx = S.make_context(model, cache, int(row.target_id))
-        for kind, ref in (("ffn_neuron", S.score_ffn_neurons(ctx, top_k=10, n_top_tokens=0)),
-                          ("attn_neuron", S.score_attention_neurons(ctx, top_k=10, n_top_tokens=0))):
+        for kind, ref in (
+            ("ffn_neuron", S.score_ffn_neurons(ctx, top_k=10, n_top_tokens=0)),
+            ("attn_neuron", S.score_attention_neurons(ctx, top_k=10, n_top_tokens=0)),
+        ):
             mine = res.parts[(res.parts["prompt_id"] == row.prompt_id) & (res.parts["kind"] == kind)]
-            assert_same_parts(mine.assign(method="m", kind="k"), ref.assign(prompt_id=row.prompt_id, method="m",
-                                                                             kind="k"))
+            assert_same_parts(
+                mine.assign(method="m", kind="k"), ref.assign(prompt_id=row.prompt_id, method="m", kind="k")
+            )

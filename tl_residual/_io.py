@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 
 from tl_residual.errors import InvalidInputError
 
@@ -37,18 +38,20 @@ def check_writable(path: str, option: str = "output") -> str:
     return path
 
 
-def atomic_write_text(path: str, text: str, encoding: str = "utf-8") -> None:
-    """Write ``text`` to ``path`` atomically (temporary file in the same folder, fsync, :func:`os.replace`).
+def atomic_write(path: str | os.PathLike[str], write: Callable[[str], object]) -> None:
+    """Write ``path`` atomically through ``write(tmp_path)`` (e.g. ``pyarrow.parquet.write_table``): the file is
+    written to a temporary name in the same folder, fsynced, then renamed over ``path`` with :func:`os.replace`.
 
     Raises:
         OSError: the write or the rename failed; ``path`` is then unchanged and no temporary file is left.
     """
+    path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding=encoding) as f:
-            f.write(text)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         if os.path.exists(path):  # keep the destination's permissions, not mkstemp's 0600
             os.chmod(tmp, os.stat(path).st_mode & 0o7777)
@@ -63,3 +66,17 @@ def atomic_write_text(path: str, text: str, encoding: str = "utf-8") -> None:
         except OSError:
             pass
         raise
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> None:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_write`).
+
+    Raises:
+        OSError: the write or the rename failed; ``path`` is then unchanged and no temporary file is left.
+    """
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding=encoding) as f:
+            f.write(text)
+
+    atomic_write(path, write)

@@ -54,7 +54,7 @@ import os
 import platform
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,7 @@ import torch
 
 from tl_residual import model as tlm
 from tl_residual import names as N
+from tl_residual._io import atomic_write, atomic_write_text
 from tl_residual.decompose import (
     PartGroup,
     head_outputs,
@@ -89,30 +90,81 @@ SCHEMA_VERSION = 1
 
 _INT = pa.int64()
 SCHEMAS: dict[str, pa.Schema] = {
-    "parts": pa.schema([
-        ("prompt_id", _INT), ("group", pa.string()), ("method", pa.string()), ("kind", pa.string()),
-        ("name", pa.string()), ("layer", _INT), ("head", _INT), ("dim", _INT), ("src_pos", _INT),
-        ("neuron", _INT), ("expert", _INT), ("score", pa.float64()), ("coefficient", pa.float64()), ("rank", _INT),
-    ]),
-    "layers": pa.schema([
-        ("prompt_id", _INT), ("group", pa.string()), ("method", pa.string()), ("name", pa.string()),
-        ("layer", _INT), ("sublayer", pa.string()), ("score", pa.float64()),
-    ]),
-    "stream": pa.schema([
-        ("prompt_id", _INT), ("group", pa.string()), ("stream", pa.string()), ("index", _INT),
-        ("log_prob", pa.float64()), ("prob", pa.float64()), ("rank", _INT),
-    ]),
-    "query": pa.schema([
-        ("prompt_id", _INT), ("group", pa.string()), ("value_name", pa.string()), ("value_score", pa.float64()),
-        ("query_name", pa.string()), ("query_kind", pa.string()), ("layer", _INT), ("head", _INT),
-        ("src_pos", _INT), ("neuron", _INT), ("position", _INT), ("score", pa.float64()), ("rank", _INT),
-    ]),
-    "prompts": pa.schema([
-        ("prompt_id", _INT), ("group", pa.string()), ("prompt", pa.string()), ("tokens", pa.list_(pa.string())),
-        ("n_tokens", _INT), ("position", _INT), ("target", pa.string()), ("target_id", _INT),
-        ("target_prob", pa.float64()), ("target_rank", _INT), ("target_log_prob", pa.float64()),
-        ("decomposition_error", pa.float64()), ("status", pa.string()), ("reason", pa.string()),
-    ]),
+    "parts": pa.schema(
+        [
+            ("prompt_id", _INT),
+            ("group", pa.string()),
+            ("method", pa.string()),
+            ("kind", pa.string()),
+            ("name", pa.string()),
+            ("layer", _INT),
+            ("head", _INT),
+            ("dim", _INT),
+            ("src_pos", _INT),
+            ("neuron", _INT),
+            ("expert", _INT),
+            ("score", pa.float64()),
+            ("coefficient", pa.float64()),
+            ("rank", _INT),
+        ]
+    ),
+    "layers": pa.schema(
+        [
+            ("prompt_id", _INT),
+            ("group", pa.string()),
+            ("method", pa.string()),
+            ("name", pa.string()),
+            ("layer", _INT),
+            ("sublayer", pa.string()),
+            ("score", pa.float64()),
+        ]
+    ),
+    "stream": pa.schema(
+        [
+            ("prompt_id", _INT),
+            ("group", pa.string()),
+            ("stream", pa.string()),
+            ("index", _INT),
+            ("log_prob", pa.float64()),
+            ("prob", pa.float64()),
+            ("rank", _INT),
+        ]
+    ),
+    "query": pa.schema(
+        [
+            ("prompt_id", _INT),
+            ("group", pa.string()),
+            ("value_name", pa.string()),
+            ("value_score", pa.float64()),
+            ("query_name", pa.string()),
+            ("query_kind", pa.string()),
+            ("layer", _INT),
+            ("head", _INT),
+            ("src_pos", _INT),
+            ("neuron", _INT),
+            ("position", _INT),
+            ("score", pa.float64()),
+            ("rank", _INT),
+        ]
+    ),
+    "prompts": pa.schema(
+        [
+            ("prompt_id", _INT),
+            ("group", pa.string()),
+            ("prompt", pa.string()),
+            ("tokens", pa.list_(pa.string())),
+            ("n_tokens", _INT),
+            ("position", _INT),
+            ("target", pa.string()),
+            ("target_id", _INT),
+            ("target_prob", pa.float64()),
+            ("target_rank", _INT),
+            ("target_log_prob", pa.float64()),
+            ("decomposition_error", pa.float64()),
+            ("status", pa.string()),
+            ("reason", pa.string()),
+        ]
+    ),
 }
 
 
@@ -203,7 +255,9 @@ def read_data(data: Any) -> pd.DataFrame:
     if not isinstance(data, (str, os.PathLike)):
         if hasattr(data, "to_pandas"):
             return data.to_pandas().reset_index(drop=True)
-        raise InvalidInputError(f"data must be a file, folder, dataset name, DataFrame or list, got {type(data).__name__}")
+        raise InvalidInputError(
+            f"data must be a file, folder, dataset name, DataFrame or list, got {type(data).__name__}"
+        )
     text = os.fspath(data)
     if text == BUILTIN_FACTUAL:
         from tl_residual.datasets import load_factual_prompts
@@ -259,10 +313,18 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _records(df: pd.DataFrame, prompt_column: str, target_column: str | None, group_column: str | None) -> list[PromptRecord]:
-    for label, col in (("prompt_column", prompt_column), ("target_column", target_column), ("group_column", group_column)):
+def _records(
+    df: pd.DataFrame, prompt_column: str, target_column: str | None, group_column: str | None
+) -> list[PromptRecord]:
+    for label, col in (
+        ("prompt_column", prompt_column),
+        ("target_column", target_column),
+        ("group_column", group_column),
+    ):
         if col is not None and col not in df.columns:
-            raise InvalidInputError(f"{label} {col!r} is not a column of the data; columns: {', '.join(map(str, df.columns))}")
+            raise InvalidInputError(
+                f"{label} {col!r} is not a column of the data; columns: {', '.join(map(str, df.columns))}"
+            )
 
     def clean(v: Any) -> Any:
         if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -293,25 +355,11 @@ def fingerprint(records: Sequence[PromptRecord]) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through ``write(tmp_path)`` then ``os.replace`` into ``path`` (fsynced; the temp file is removed on
-    any failure)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(str(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _write_table(path: Path, table: str, rows: list[dict[str, Any]]) -> None:
     schema = SCHEMAS[table]
     cols = {name: [r.get(name) for r in rows] for name in schema.names}
     tbl = pa.Table.from_pydict(cols, schema=schema)
-    _atomic_write(path, lambda tmp: pq.write_table(tbl, tmp))
+    atomic_write(path, lambda tmp: pq.write_table(tbl, tmp))
 
 
 def _shard_files(out: Path, table: str) -> list[Path]:
@@ -369,8 +417,13 @@ def load(out_dir: str | os.PathLike[str]) -> StudyResults:
     manifest = json.loads(mpath.read_text(encoding="utf-8"))
     committed = [f.name for f in _shard_files(out, "prompts")]
     frames: dict[str, pd.DataFrame] = {}
-    sort_keys = {"parts": ["prompt_id", "method", "kind", "rank"], "layers": ["prompt_id", "method", "layer", "sublayer"],
-                 "stream": ["prompt_id", "index"], "query": ["prompt_id", "value_name", "rank"], "prompts": ["prompt_id"]}
+    sort_keys = {
+        "parts": ["prompt_id", "method", "kind", "rank"],
+        "layers": ["prompt_id", "method", "layer", "sublayer"],
+        "stream": ["prompt_id", "index"],
+        "query": ["prompt_id", "value_name", "rank"],
+        "prompts": ["prompt_id"],
+    }
     for table in TABLES:
         files = [out / table / n for n in committed if (out / table / n).is_file()]
         if files:
@@ -405,13 +458,24 @@ def _parts_rows(df: pd.DataFrame, pid: int, group: str | None, method: str, kind
     coefs = df["coefficient"].tolist() if "coefficient" in df.columns else [None] * len(df)
     for rank, (name, score, coef) in enumerate(zip(df["name"].tolist(), df["score"].tolist(), coefs), 1):
         ref = N.parse(name)
-        rows.append({
-            "prompt_id": pid, "group": group, "method": method, "kind": kind, "name": N.format(ref),
-            "layer": ref.layer, "head": ref.head, "dim": ref.dim, "src_pos": ref.src_pos, "neuron": ref.neuron,
-            "expert": ref.expert, "score": float(score),
-            "coefficient": None if coef is None or pd.isna(coef) else float(coef),
-            "rank": rank,
-        })
+        rows.append(
+            {
+                "prompt_id": pid,
+                "group": group,
+                "method": method,
+                "kind": kind,
+                "name": N.format(ref),
+                "layer": ref.layer,
+                "head": ref.head,
+                "dim": ref.dim,
+                "src_pos": ref.src_pos,
+                "neuron": ref.neuron,
+                "expert": ref.expert,
+                "score": float(score),
+                "coefficient": None if coef is None or pd.isna(coef) else float(coef),
+                "rank": rank,
+            }
+        )
     return rows
 
 
@@ -425,8 +489,16 @@ def _head_groups(ctx: Any) -> list[PartGroup]:
     for l in range(spec.n_layers):
         sub, _ = attention_parts(ctx.model, ctx.cache, l, ctx.position, ctx.batch)
         per_head = sub.vectors.reshape(spec.n_heads, -1, spec.d_model).sum(1)
-        out.append(PartGroup("head", l, torch.ones(spec.n_heads, device=per_head.device), per_head,
-                             {"head": torch.arange(spec.n_heads)}, [N.head(l, h) for h in range(spec.n_heads)]))
+        out.append(
+            PartGroup(
+                "head",
+                l,
+                torch.ones(spec.n_heads, device=per_head.device),
+                per_head,
+                {"head": torch.arange(spec.n_heads)},
+                [N.head(l, h) for h in range(spec.n_heads)],
+            )
+        )
     return out
 
 
@@ -470,9 +542,25 @@ def _all_head_rows(ctx: Any, scorer: Any, pid: int, group: str | None, method: s
     mixed = PartGroup("mixed", None, torch.ones(len(vectors), device=vectors.device), vectors)
     scores = scorer(ctx, mixed, torch.cat(bases).to(vectors.device)).float().cpu()  # float32, as score tables keep
     order = torch.argsort(scores, descending=True, stable=True).tolist()
-    return [{"prompt_id": pid, "group": group, "method": method, "kind": "head", "name": N.head(*refs[i]),
-             "layer": refs[i][0], "head": refs[i][1], "dim": None, "src_pos": None, "neuron": None, "expert": None,
-             "score": float(scores[i]), "coefficient": None, "rank": rank} for rank, i in enumerate(order, 1)]
+    return [
+        {
+            "prompt_id": pid,
+            "group": group,
+            "method": method,
+            "kind": "head",
+            "name": N.head(*refs[i]),
+            "layer": refs[i][0],
+            "head": refs[i][1],
+            "dim": None,
+            "src_pos": None,
+            "neuron": None,
+            "expert": None,
+            "score": float(scores[i]),
+            "coefficient": None,
+            "rank": rank,
+        }
+        for rank, i in enumerate(order, 1)
+    ]
 
 
 def _sublayer_group(layer: int, kind: str, vec: torch.Tensor) -> PartGroup:
@@ -538,10 +626,19 @@ def score_prompt(
         lp = torch.log_softmax(z.double(), -1)[:, ctx.target]
         rk = 1 + (z > z[:, ctx.target : ctx.target + 1]).sum(-1)
         for i, (name, _) in enumerate(stream):
-            rows["stream"].append({**base, "stream": name, "index": i, "log_prob": float(lp[i]),
-                                   "prob": float(lp[i].exp()), "rank": int(rk[i])})
-    sub_groups = [_sublayer_group(l, k, v) for _, l, k, v in layer_outputs(model, cache, ctx.position, batch)
-                  if k != "embed"]
+            rows["stream"].append(
+                {
+                    **base,
+                    "stream": name,
+                    "index": i,
+                    "log_prob": float(lp[i]),
+                    "prob": float(lp[i].exp()),
+                    "rank": int(rk[i]),
+                }
+            )
+    sub_groups = [
+        _sublayer_group(l, k, v) for _, l, k, v in layer_outputs(model, cache, ctx.position, batch) if k != "embed"
+    ]
     # every base residual (resid_pre and resid_mid of each layer, and zero) primed in one matmul against W_U;
     # the layer scores and every pruned search below reuse them
     bases = torch.stack([ctx.base_for(g) for g in sub_groups])
@@ -550,23 +647,41 @@ def score_prompt(
         scorer = S.get_scorer(method)
         if "layer" in kinds:
             if scorer.bound is not None:  # such scorers take one base per part: all sublayers in one call
-                mixed = PartGroup("mixed", None, torch.ones(len(sub_groups), device=bases.device),
-                                  torch.stack([g.directions[0] for g in sub_groups]))
+                mixed = PartGroup(
+                    "mixed",
+                    None,
+                    torch.ones(len(sub_groups), device=bases.device),
+                    torch.stack([g.directions[0] for g in sub_groups]),
+                )
                 layer_scores = scorer.fn(ctx, mixed, bases).reshape(-1).tolist()
             else:
                 layer_scores = [float(scorer.fn(ctx, g, ctx.base_for(g)).reshape(-1)[0]) for g in sub_groups]
             for g, score in zip(sub_groups, layer_scores):
-                rows["layers"].append({**base, "method": method, "name": g.names[0], "layer": g.layer,
-                                       "sublayer": g.kind, "score": float(score)})
+                rows["layers"].append(
+                    {
+                        **base,
+                        "method": method,
+                        "name": g.names[0],
+                        "layer": g.layer,
+                        "sublayer": g.kind,
+                        "score": float(score),
+                    }
+                )
         tables = {
-            "ffn_neuron": lambda m: (S.score_groups(ctx, keep["ffn_neuron"], m, top_k["ffn_neuron"], n_top_tokens=0)
-                                     if "ffn_neuron" in keep else
-                                     S.score_ffn_neurons(ctx, m, top_k=top_k["ffn_neuron"], n_top_tokens=0)),
+            "ffn_neuron": lambda m: (
+                S.score_groups(ctx, keep["ffn_neuron"], m, top_k["ffn_neuron"], n_top_tokens=0)
+                if "ffn_neuron" in keep
+                else S.score_ffn_neurons(ctx, m, top_k=top_k["ffn_neuron"], n_top_tokens=0)
+            ),
             "attn_neuron": lambda m: S.score_attention_neurons(ctx, m, top_k=top_k["attn_neuron"], n_top_tokens=0),
-            "attn_subvalue": lambda m: S.score_groups(ctx, keep["attn_subvalue"], m, top_k["attn_subvalue"],
-                                                      n_top_tokens=0),
-            "head": lambda m: (S.score_heads(ctx, m, n_top_tokens=0) if top_k.get("head") is None
-                               else S.score_groups(ctx, _head_groups(ctx), m, top_k["head"], n_top_tokens=0)),
+            "attn_subvalue": lambda m: S.score_groups(
+                ctx, keep["attn_subvalue"], m, top_k["attn_subvalue"], n_top_tokens=0
+            ),
+            "head": lambda m: (
+                S.score_heads(ctx, m, n_top_tokens=0)
+                if top_k.get("head") is None
+                else S.score_groups(ctx, _head_groups(ctx), m, top_k["head"], n_top_tokens=0)
+            ),
         }
         for kind, fn in tables.items():
             if kind not in kinds:
@@ -591,7 +706,7 @@ def _query_rows(ctx: Any, n_value: int, top_k: int, base: dict[str, Any]) -> lis
     from tl_residual.scorers import score_ffn_neurons
 
     spec = tlm.model_spec(ctx.model)
-    which = "up" if spec.gated_mlp else "pre"
+    which: Q.Input = "up" if spec.gated_mlp else "pre"
     top = score_ffn_neurons(ctx, "log_prob_increase", top_k=n_value, n_top_tokens=0)
     out = []
     for layer, sel in top.groupby("layer", sort=True):
@@ -606,8 +721,9 @@ def _query_rows(ctx: Any, n_value: int, top_k: int, base: dict[str, Any]) -> lis
         weight = torch.where(keep, imp / value.where(keep, torch.ones_like(value)), torch.zeros_like(value))
         key = Q.folded_key(ctx.model, ctx.cache, f"{layer}.ln2", ctx.position, w, ctx.batch)
         cand_scores, cand_parts = [], []
-        for group, contrib in Q.iter_query_contributions(ctx.model, ctx.cache, key, layer, "resid_mid",
-                                                         ctx.position, ctx.batch):
+        for group, contrib in Q.iter_query_contributions(
+            ctx.model, ctx.cache, key, layer, "resid_mid", ctx.position, ctx.batch
+        ):
             scores = contrib * weight.to(contrib.device)  # [n parts, n value neurons]
             k = min(top_k, scores.shape[0])
             vals, idx = torch.topk(scores.cpu(), k, dim=0)  # the best parts of this group for every value neuron
@@ -622,9 +738,20 @@ def _query_rows(ctx: Any, n_value: int, top_k: int, base: dict[str, Any]) -> lis
             for rank, c in enumerate(order, 1):
                 g, i = refs[c]
                 col = {k2: (int(g.index[k2][i]) if k2 in g.index else None) for k2 in ("head", "src_pos", "neuron")}
-                out.append({**base, "value_name": r.name, "value_score": float(r.score), "query_name": g.names[i],
-                            "query_kind": g.kind, "layer": g.layer, **col, "position": ctx.position,
-                            "score": float(all_scores[c, j]), "rank": rank})
+                out.append(
+                    {
+                        **base,
+                        "value_name": r.name,
+                        "value_score": float(r.score),
+                        "query_name": g.names[i],
+                        "query_kind": g.kind,
+                        "layer": g.layer,
+                        **col,
+                        "position": ctx.position,
+                        "score": float(all_scores[c, j]),
+                        "rank": rank,
+                    }
+                )
     return out
 
 
@@ -651,8 +778,13 @@ def _model_info(model: Any, model_name: str | None) -> dict[str, Any]:
     return {
         "name": model_name or str(getattr(cfg, "model_name", "") or type(model).__name__),
         "class": type(model).__name__,
-        "n_layers": spec.n_layers, "d_model": spec.d_model, "n_heads": spec.n_heads, "d_head": spec.d_head,
-        "d_mlp": spec.d_mlp, "d_vocab": int(getattr(cfg, "d_vocab", 0)), "n_ctx": int(getattr(cfg, "n_ctx", 0) or 0),
+        "n_layers": spec.n_layers,
+        "d_model": spec.d_model,
+        "n_heads": spec.n_heads,
+        "d_head": spec.d_head,
+        "d_mlp": spec.d_mlp,
+        "d_vocab": int(getattr(cfg, "d_vocab", 0)),
+        "n_ctx": int(getattr(cfg, "n_ctx", 0) or 0),
         "dtype": str(getattr(cfg, "dtype", "")),
     }
 
@@ -672,14 +804,14 @@ def _check_or_write_manifest(out: Path, manifest: dict[str, Any], is_main: bool)
                 else:
                     detail.append(f"{k} differs")
             raise InvalidInputError(
-                f"{out} holds a study with other settings ({'; '.join(detail)}); rerun with the same options to resume, "
-                f"or write to a new folder"
+                f"{out} holds a study with other settings ({'; '.join(detail)}); rerun with the same options "
+                f"to resume, or write to a new folder"
             )
         return
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         text = json.dumps(manifest, indent=2, ensure_ascii=False, default=str)
-        _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        atomic_write_text(path, text)
 
 
 def distributed_state() -> Any:
@@ -795,10 +927,18 @@ def run(
     rank, world = state.process_index, state.num_processes
     out = Path(out_dir)
     options = {
-        "methods": list(methods), "kinds": list(kinds), "top_k": top, "position": position,
-        "prompt_column": prompt_column, "target_column": target_column, "group_column": group_column,
-        "filter": filter, "convention": convention, "query_values": query_values if "query" in kinds else None,
-        "query_top_k": query_top_k if "query" in kinds else None, "max_decomposition_error": MAX_DECOMPOSITION_ERROR,
+        "methods": list(methods),
+        "kinds": list(kinds),
+        "top_k": top,
+        "position": position,
+        "prompt_column": prompt_column,
+        "target_column": target_column,
+        "group_column": group_column,
+        "filter": filter,
+        "convention": convention,
+        "query_values": query_values if "query" in kinds else None,
+        "query_top_k": query_top_k if "query" in kinds else None,
+        "max_decomposition_error": MAX_DECOMPOSITION_ERROR,
     }
     manifest = {
         "schema_version": SCHEMA_VERSION,
@@ -822,8 +962,15 @@ def run(
     next_shard = _clean_rank(out, rank)
     pending = [r for r in records if r.prompt_id not in done]
     mine = pending[rank::world]
-    summary = {"ok": 0, "failed": 0, "filtered": 0, "skipped": len(records) - len(pending), "rank": rank,
-               "world_size": world, "seconds": 0.0}
+    summary = {
+        "ok": 0,
+        "failed": 0,
+        "filtered": 0,
+        "skipped": len(records) - len(pending),
+        "rank": rank,
+        "world_size": world,
+        "seconds": 0.0,
+    }
     t0 = time.perf_counter()
 
     n_ctx = int(getattr(model.cfg, "n_ctx", 0) or 0)
@@ -842,14 +989,32 @@ def run(
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(tokenized), disable=not (progress and state.is_main_process), unit="prompt",
-               desc=f"study rank {rank}/{world}" if world > 1 else "study", dynamic_ncols=True)
+    bar = tqdm(
+        total=len(tokenized),
+        disable=not (progress and state.is_main_process),
+        unit="prompt",
+        desc=f"study rank {rank}/{world}" if world > 1 else "study",
+        dynamic_ncols=True,
+    )
     try:
         for start in range(0, len(tokenized), batch_size):
             chunk = tokenized[start : start + batch_size]
-            counts = _run_batch(model, chunk, out, rank, next_shard, methods=methods, kinds=kinds, top=top,
-                                position=position, convention=convention, chunk_size=chunk_size,
-                                query_values=query_values, query_top_k=query_top_k, filter=filter)
+            counts = _run_batch(
+                model,
+                chunk,
+                out,
+                rank,
+                next_shard,
+                methods=methods,
+                kinds=kinds,
+                top=top,
+                position=position,
+                convention=convention,
+                chunk_size=chunk_size,
+                query_values=query_values,
+                query_top_k=query_top_k,
+                filter=filter,
+            )
             next_shard += 1
             for k, v in counts.items():
                 summary[k] += v
@@ -896,22 +1061,32 @@ def _run_batch(
     counts = {"ok": 0, "failed": 0, "filtered": 0}
     prompt_rows: list[dict[str, Any]] = []
     rows: dict[str, list[dict[str, Any]]] = {t: [] for t in TABLES if t != "prompts"}
-    runnable = [(r, t) for r, t, why in chunk if why is None]
+    runnable = [(r, t) for r, t, why in chunk if why is None and t is not None]
     reasons = {r.prompt_id: why for r, _, why in chunk if why is not None}
     statuses: dict[int, str] = {pid: "failed" for pid in reasons}
     if filter == "paper" and runnable:
         from tl_residual.datasets import filter_prompts
 
-        fdf = pd.DataFrame({"type": [r.group for r, _ in runnable], "prompt": [r.prompt for r, _ in runnable],
-                            "answer": [r.target for r, _ in runnable]})
+        fdf = pd.DataFrame(
+            {
+                "type": [r.group for r, _ in runnable],
+                "prompt": [r.prompt for r, _ in runnable],
+                "answer": [r.target for r, _ in runnable],
+            }
+        )
         fres = filter_prompts(model, fdf, batch_size=max(1, len(runnable)))
         keep = []
         for (r, t), row in zip(runnable, fres.itertuples(index=False)):
             if bool(row.keep):
                 keep.append((r, t))
             else:
-                why = ("answer is not one token" if not row.single_token else
-                       f"answer rank {row.answer_rank} > 10" if row.answer_rank > 10 else "another candidate ranks higher")
+                why = (
+                    "answer is not one token"
+                    if not row.single_token
+                    else f"answer rank {row.answer_rank} > 10"
+                    if row.answer_rank > 10
+                    else "another candidate ranks higher"
+                )
                 reasons[r.prompt_id] = f"paper filter: {why}"
                 statuses[r.prompt_id] = "filtered"
         runnable = keep
@@ -934,9 +1109,22 @@ def _run_batch(
             try:
                 if not 0 <= pos < n:
                     raise InvalidInputError(f"position {position} is outside the prompt's {n} tokens")
-                f, prow = score_prompt(model, cache, b, pos, r.target, methods=methods, kinds=kinds, top_k=top,
-                                       convention=convention, chunk_size=chunk_size, query_values=query_values,
-                                       query_top_k=query_top_k, pid=r.prompt_id, group=r.group)
+                f, prow = score_prompt(
+                    model,
+                    cache,
+                    b,
+                    pos,
+                    r.target,
+                    methods=methods,
+                    kinds=kinds,
+                    top_k=top,
+                    convention=convention,
+                    chunk_size=chunk_size,
+                    query_values=query_values,
+                    query_top_k=query_top_k,
+                    pid=r.prompt_id,
+                    group=r.group,
+                )
             except TLResidualError as exc:
                 reasons[r.prompt_id], statuses[r.prompt_id] = str(exc), "failed"
                 continue
@@ -945,18 +1133,28 @@ def _run_batch(
             for table, trows in prow.items():
                 rows[table].extend(trows)
         del cache
-    for r, t, _ in chunk:
+    for r, prompt_tokens, _ in chunk:
         f = facts.get(r.prompt_id, {})
         status = statuses[r.prompt_id]
         counts[status] += 1
-        prompt_rows.append({
-            "prompt_id": r.prompt_id, "group": r.group, "prompt": r.prompt if isinstance(r.prompt, str) else repr(r.prompt),
-            "tokens": _token_strs(model, t), "n_tokens": None if t is None else len(t), "position": f.get("position"),
-            "target": _target_text(model, r.target, f.get("target_id")), "target_id": f.get("target_id"),
-            "target_prob": f.get("target_prob"), "target_rank": f.get("target_rank"),
-            "target_log_prob": f.get("target_log_prob"), "decomposition_error": f.get("decomposition_error"),
-            "status": status, "reason": reasons.get(r.prompt_id),
-        })
+        prompt_rows.append(
+            {
+                "prompt_id": r.prompt_id,
+                "group": r.group,
+                "prompt": r.prompt if isinstance(r.prompt, str) else repr(r.prompt),
+                "tokens": _token_strs(model, prompt_tokens),
+                "n_tokens": None if prompt_tokens is None else len(prompt_tokens),
+                "position": f.get("position"),
+                "target": _target_text(model, r.target, f.get("target_id")),
+                "target_id": f.get("target_id"),
+                "target_prob": f.get("target_prob"),
+                "target_rank": f.get("target_rank"),
+                "target_log_prob": f.get("target_log_prob"),
+                "decomposition_error": f.get("decomposition_error"),
+                "status": status,
+                "reason": reasons.get(r.prompt_id),
+            }
+        )
     name = f"rank{rank}-{shard:05d}.parquet"
     for table, trows in rows.items():
         _write_table(out / table / name, table, trows)
