@@ -108,6 +108,14 @@ def test_source_scoped_to_model_and_errors(clean_registry):
         D.register_source("x", "blocks.0.hook_resid_post", 3)  # type: ignore[arg-type]
     with pytest.raises(InvalidInputError, match="no source named 'nope'"):
         D.unregister_source("nope")
+    D.register_source("dup", "blocks.0.hook_resid_post", "blocks.0.hook_mlp_out")
+    try:
+        with pytest.raises(InvalidInputError, match="already registered.*overwrite=True"):
+            D.register_source("dup", "blocks.0.hook_resid_post", "blocks.0.hook_attn_out")
+        replaced = D.register_source("dup", "blocks.1.hook_resid_post", "blocks.0.hook_attn_out", overwrite=True)
+        assert D.SOURCES["dup"] is replaced and replaced.layer == 1
+    finally:
+        D.unregister_source("dup")
     model = _variant("bridge-gpt2")
     D.register_source("bad", "blocks.0.hook_resid_post", lambda m, c, p, bb: torch.zeros(3), model=model)
     _, cache = model.run_with_cache(TOKENS)

@@ -14,7 +14,7 @@ import os
 import sys
 import warnings
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import pandas as pd
 import typer
@@ -292,10 +292,13 @@ def _report_path(path: str, i: int, n: int) -> str:
 
 
 # Options that several commands declare alike (typer copies an option's declaration for every command using it).
-PROMPT_OPTION = typer.Option(..., "--prompt", "-p", help="The prompt text.")
-MODEL_OPTION = typer.Option("smollm2-135m", "--model", "-m", help="Model name; default: the embedded SmolLM2-135M.")
-TARGET_ID_OPTION = typer.Option(None, "--target-id", help="Target as a token id (instead of --target).")
-JSON_OPTION = typer.Option(None, "--json", help="Write the result as one JSON object to this path.")
+# Options shared by explain, query and ablate, declared once (typer's Annotated form; the default stays in the
+# signature: ``model: ModelOption = DEFAULT_MODEL``).
+DEFAULT_MODEL = "smollm2-135m"
+PromptOption = Annotated[str, typer.Option("--prompt", "-p", help="The prompt text.")]
+ModelOption = Annotated[str, typer.Option("--model", "-m", help="Model name; default: the embedded SmolLM2-135M.")]
+TargetIdOption = Annotated[int | None, typer.Option("--target-id", help="Target as a token id (instead of --target).")]
+JsonOption = Annotated[str | None, typer.Option("--json", help="Write the result as one JSON object to this path.")]
 
 
 @app.command()
@@ -311,8 +314,8 @@ def explain(
     target: str | None = typer.Option(
         None, "--target", "-t", help="Target token (one token, e.g. ' Paris'); default: top-1."
     ),
-    target_id: int | None = TARGET_ID_OPTION,
-    model: str = MODEL_OPTION,
+    target_id: TargetIdOption = None,
+    model: ModelOption = DEFAULT_MODEL,
     position: int = typer.Option(-1, "--position", help="Destination position (default -1, the last token)."),
     top_k: int = typer.Option(20, "--top-k", "-k", help="Rows in the layer, subvalue and neuron tables."),
     method: str = typer.Option("log_prob_increase", "--method", help="Scoring method (see `tl-residual methods`)."),
@@ -390,7 +393,9 @@ def _print_explanation(result: Any, top_k: int) -> None:
         highlight=False,
     )
     console.print("top-5: " + ",  ".join(f"{t!r}\u00a0{p:.3f}" for t, p in result.predictions), highlight=False)
-    unit = "nats" if result.method == "log_prob_increase" else result.method
+    from tl_residual.scorers import get_scorer
+
+    unit = get_scorer(result.method).units or "score units"  # the units of the scorer that produced the tables
     console.print(
         f"decomposition of the final resid_post: relative error {result.decomposition_rel_error:.2e}", highlight=False
     )
@@ -446,18 +451,20 @@ def _write_html(m: Any, result: Any, path: str, layers: list[int] | None) -> Non
 
 @app.command()
 def query(
-    prompt: str = PROMPT_OPTION,
-    neuron: str = typer.Option(
-        ...,
-        "--neuron",
-        "-n",
-        help="FFN neuron L{layer}.N{index} (e.g. L24.N1005) or attention "
-        "value neuron L{layer}.H{head}.d{dim}.p{source position} (e.g. L23.H4.d55.p4).",
-    ),
-    model: str = MODEL_OPTION,
+    prompt: PromptOption,
+    neuron: Annotated[
+        str,
+        typer.Option(
+            "--neuron",
+            "-n",
+            help="FFN neuron L{layer}.N{index} (e.g. L24.N1005) or attention "
+            "value neuron L{layer}.H{head}.d{dim}.p{source position} (e.g. L23.H4.d55.p4).",
+        ),
+    ],
+    model: ModelOption = DEFAULT_MODEL,
     position: int = typer.Option(-1, "--position", help="Position of the FFN neuron (default -1, the last token)."),
     top_k: int = typer.Option(20, "--top-k", "-k", help="Query parts listed per input (largest |contribution|)."),
-    json_path: str | None = JSON_OPTION,
+    json_path: JsonOption = None,
 ) -> None:
     """Which upstream parts switched NEURON on: the exact split of its input(s) at one position.
 
@@ -572,28 +579,30 @@ def _neuron_activation(m: Any, cache: Any, name: str, position: int) -> tuple[fl
 
 @app.command()
 def ablate(
-    prompt: str = PROMPT_OPTION,
-    neurons: str = typer.Option(
-        ...,
-        "--neurons",
-        "-n",
-        help="Comma-separated components: FFN neurons L24.N1005, "
-        "attention neurons L12.H3.d7 (or L12.H3.d7.p4), subvalues L12.H3.p4, heads L12.H3.",
-    ),
-    model: str = MODEL_OPTION,
+    prompt: PromptOption,
+    neurons: Annotated[
+        str,
+        typer.Option(
+            "--neurons",
+            "-n",
+            help="Comma-separated components: FFN neurons L24.N1005, "
+            "attention neurons L12.H3.d7 (or L12.H3.d7.p4), subvalues L12.H3.p4, heads L12.H3.",
+        ),
+    ],
+    model: ModelOption = DEFAULT_MODEL,
     target: str | None = typer.Option(
         None,
         "--target",
         "-t",
         help="Target token (one token, e.g. ' Paris'); default: the top-1 before the intervention.",
     ),
-    target_id: int | None = TARGET_ID_OPTION,
+    target_id: TargetIdOption = None,
     mode: str = typer.Option(
         "zero", "--mode", help="zero (default), scale (needs --factor) or replace (needs --value)."
     ),
     factor: float | None = typer.Option(None, "--factor", help="Multiplier for --mode scale."),
     value: float | None = typer.Option(None, "--value", help="New coefficient for --mode replace."),
-    json_path: str | None = JSON_OPTION,
+    json_path: JsonOption = None,
 ) -> None:
     """Zero (or scale, or replace) components at every position, rerun, and compare the target before and after.
 

@@ -254,7 +254,9 @@ class Source:
 SOURCES: dict[str, Source] = {}
 
 
-def register_source(name: str, at: str, vector: str | SourceVector, kind: str = "source", model: Any = None) -> Source:
+def register_source(
+    name: str, at: str, vector: str | SourceVector, kind: str = "source", model: Any = None, *, overwrite: bool = False
+) -> Source:
     """Register a vector that a user's hook adds to the residual stream, so decompositions stay exact.
 
     A hook such as ``model.hooks(fwd_hooks=[("blocks.3.hook_resid_post", lambda x, hook: x + steer)])`` adds a
@@ -267,7 +269,7 @@ def register_source(name: str, at: str, vector: str | SourceVector, kind: str = 
     minus the vector itself.
 
     Args:
-        name: part name (unique; re-registering a name replaces it).
+        name: part name, unique: registering a name already registered raises unless ``overwrite=True``.
         at: ``blocks.{layer}.hook_resid_pre`` / ``hook_resid_mid`` / ``hook_resid_post``: the cached stream that
             already includes the vector (the hook point it was added at, with the cache hook running after it,
             as in ``with model.hooks(...): model.run_with_cache(...)``).
@@ -275,13 +277,19 @@ def register_source(name: str, at: str, vector: str | SourceVector, kind: str = 
             user's own module), or ``fn(model, cache, position, batch) -> Float[Tensor, "d_model"]``.
         kind: the part kind shown in tables.
         model: apply only to this model object (default: every model).
+        overwrite: replace a source already registered under ``name``.
 
     Raises:
-        InvalidInputError: an empty name, ``at`` not a residual hook name, ``vector`` neither a string nor callable,
-            or ``kind`` one of the built-in kinds.
+        InvalidInputError: an empty name, a name already registered (without ``overwrite=True``), ``at`` not a
+            residual hook name, ``vector`` neither a string nor callable, or ``kind`` one of the built-in kinds.
     """
     if not isinstance(name, str) or not name:
         raise InvalidInputError("a source needs a non-empty name")
+    if name in SOURCES and not overwrite:
+        raise InvalidInputError(
+            f"a source named {name!r} is already registered (at {SOURCES[name].at}); pass overwrite=True to replace "
+            f"it, or unregister_source({name!r}) first"
+        )
     m = _RESID_HOOK.match(at) if isinstance(at, str) else None
     if m is None:
         raise InvalidInputError(
