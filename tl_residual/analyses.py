@@ -23,15 +23,17 @@ Residual Stream and Analyzing Subvalues in Vocabulary Space". Table, figure and 
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Sequence
+from functools import lru_cache
+from importlib import resources
 from typing import Any
 
 import pandas as pd
 import torch
 
 from tl_residual import names
-from tl_residual.datasets import KNOWLEDGE_TYPES
 from tl_residual.errors import InvalidInputError
 
 OVERALL = "all"
@@ -974,62 +976,21 @@ def cross_layer_average(model: Any, data: Any, value_layer: int = -1) -> tuple[p
 # ----------------------------------------------------------------------------------------------
 
 
-def _per_type(index: list[str], *columns: list[Any]) -> pd.DataFrame:
-    """A table of a paper's numbers with one column per knowledge type, given in the order of
-    :data:`~tl_residual.datasets.KNOWLEDGE_TYPES` (the papers' order)."""
-    if len(columns) != len(KNOWLEDGE_TYPES):
-        raise ValueError(f"{len(columns)} columns for {len(KNOWLEDGE_TYPES)} knowledge types")
-    return pd.DataFrame(dict(zip(KNOWLEDGE_TYPES, columns)), index=index)
+PAPER_NUMBERS_FILE = "paper_numbers.json"
 
 
-#: The papers' own numbers shown beside the run's (neuron-level paper: GPT2-large "G", Llama-7B "L").
-PAPER_NUMBERS: dict[str, pd.DataFrame] = {
-    "neuron_table3": _per_type(
-        ["GPT2 attn", "GPT2 FFN", "Llama attn", "Llama FFN"],
-        [7.46, 0.63, 6.28, 1.74],  # language
-        [4.10, 3.51, 3.81, 4.02],  # color
-        [2.75, 4.70, 2.22, 5.60],  # number
-        [6.61, 1.89, 5.03, 4.30],  # capital
-        [6.62, 1.67, 6.42, 2.90],  # country
-        [4.82, 2.81, 5.10, 3.05],  # month
-    ),
-    "neuron_table5_12": _per_type(
-        [
-            f"{m} {k} {s}"
-            for m in ("Llama", "GPT2")
-            for k in ("attn", "FFN")
-            for s in ("all", "positive", "top100", "top200")
-        ],
-        [6.7, 30.5, 3.5, 5.0, 2.5, 77.4, 6.4, 8.2, 7.3, 28.8, 4.0, 5.7, 0.0, 70.1, 4.2, 6.0],  # language
-        [4.0, 32.0, 2.8, 4.1, 4.9, 90.6, 6.1, 8.0, 3.6, 24.7, 2.7, 4.0, 2.5, 72.0, 4.3, 6.1],  # color
-        [2.4, 24.8, 2.0, 3.0, 6.5, 71.6, 6.6, 8.5, 2.3, 18.2, 1.6, 2.5, 4.0, 62.3, 4.1, 5.7],  # number
-        [5.5, 29.4, 3.0, 4.4, 5.1, 77.6, 6.3, 8.0, 6.7, 27.4, 3.7, 5.3, 1.9, 69.4, 4.6, 6.3],  # capital
-        [6.9, 30.5, 3.6, 5.0, 3.6, 69.8, 5.5, 7.0, 6.6, 27.5, 3.5, 5.1, 1.4, 69.1, 4.3, 5.9],  # country
-        [5.4, 29.2, 2.8, 4.1, 2.8, 69.1, 7.0, 8.5, 4.3, 23.3, 2.5, 3.7, 1.9, 66.6, 4.7, 6.4],  # month
-    ),
-    "neuron_table8": _per_type(
-        ["GPT2 query", "GPT2 value", "Llama query", "Llama value"],
-        [5, 48, 1, 13],  # language
-        [17, 57, 9, 23],  # color
-        [104, 121, 39, 84],  # number
-        [51, 71, 1, 18],  # capital
-        [26, 64, 1, 21],  # country
-        [81, 137, 44, 95],  # month
-    ),
-    "neuron_table7": _per_type(
-        ["GPT2 MRR/prob decrease %", "Llama MRR/prob decrease %"],
-        ["91/96", "78/92"],  # language
-        ["95/97", "85/93"],  # color
-        ["96/96", "90/96"],  # number
-        ["98/99", "84/93"],  # capital
-        ["89/94", "91/98"],  # country
-        ["83/88", "94/98"],  # month
-    ),
-    "residual_table1": pd.DataFrame(
-        {"contribution (Imp)": [1.75], "coefficient": [0.05], "coefficient x norm": [0.15], "rank": [1.73]},
-        index=["GPT2-medium, nats"],
-    ),
-}
+@lru_cache(maxsize=1)
+def paper_numbers() -> dict[str, pd.DataFrame]:
+    """The papers' own published numbers shown beside the run's, one DataFrame per table (row labels as index,
+    one column per knowledge type or per selection rule), read once from the package data file
+    ``tl_residual/data/paper_numbers.json`` (each table there names its ``source``: paper and table).
+
+    Keys: ``neuron_table3``, ``neuron_table5_12``, ``neuron_table7``, ``neuron_table8`` (neuron-level paper,
+    GPT2-large and Llama-7B) and ``residual_table1`` (residual-stream paper, GPT2-medium, nats).
+    """
+    text = resources.files("tl_residual").joinpath("data").joinpath(PAPER_NUMBERS_FILE).read_text(encoding="utf-8")
+    tables = {key: value for key, value in json.loads(text).items() if not key.startswith("_")}
+    return {key: pd.DataFrame(t["columns"], index=t["index"]) for key, t in tables.items()}
 
 
 def load_study(directory: str) -> Any:
@@ -1062,7 +1023,7 @@ def report_sections(results: Any, model: Any = None, max_prompts: int | None = N
             "table": None,
             "figure": None,
             "error": None,
-            "paper_table": PAPER_NUMBERS.get(paper_key) if paper_key else None,
+            "paper_table": paper_numbers().get(paper_key) if paper_key else None,
         }
         try:
             out = fn()
