@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
 from importlib import resources
 from typing import Any
@@ -458,6 +458,15 @@ def top_query_layers(
     return _top(mean, ["label"], k)
 
 
+def _per_layer_counts(
+    results: Any, frame: pd.DataFrame, source: pd.DataFrame, columns: list[str], labels: dict[str, str], **layout: Any
+) -> tuple[pd.DataFrame, Any]:
+    """Per-prompt counts ``columns`` of ``frame`` summed per layer and averaged over each group's prompts (the groups
+    of ``source``'s prompts), and their bar chart (``labels``: column -> legend name; ``layout``: plotly layout)."""
+    out = _per_prompt_mean(frame[["prompt_id", "layer", *columns]], ["layer"], columns, _prompt_groups(results, source))
+    return out, _layer_bars(out, labels, **layout)
+
+
 def query_neuron_counts(results: Any, k: int = 1000, method: str = "log_prob_increase") -> tuple[pd.DataFrame, Any]:
     """Neuron-level paper Figure 4: per FFN layer, the mean number per prompt of "query-value" neurons (in the
     top-``k`` query FFN neurons and the top-``k`` value FFN neurons of the prompt) and "query-only" neurons (in the
@@ -475,14 +484,11 @@ def query_neuron_counts(results: Any, k: int = 1000, method: str = "log_prob_inc
     both = [(p, n) in value for p, n in zip(top["prompt_id"], top["query_name"])]
     top["query_value"] = [float(b) for b in both]
     top["query_only"] = [1.0 - float(b) for b in both]
-    out = _per_prompt_mean(
-        top[["prompt_id", "layer", "query_value", "query_only"]],
-        ["layer"],
+    out, fig = _per_layer_counts(
+        results,
+        top,
+        parts,
         ["query_value", "query_only"],
-        _prompt_groups(results, parts),
-    )
-    fig = _layer_bars(
-        out,
         {"query_only": "query-only", "query_value": "query-value"},
         title=f"Figure 4: top-{k} query FFN neurons per layer",
         barmode="stack",
@@ -537,14 +543,11 @@ def ffn_subvalue_counts(results: Any, method: str = "log_prob_increase") -> tupl
         raise InvalidInputError("ffn_subvalue_counts needs every FFN neuron's score; the run stored only a top_k")
     df = _kind(_method(_table(results, "parts", ["prompt_id", "kind", "layer", "score"]), method), "ffn_neuron")
     df = df.assign(helpful=(df["score"] > 0).astype(float), unhelpful=(df["score"] < 0).astype(float))
-    out = _per_prompt_mean(
-        df[["prompt_id", "layer", "helpful", "unhelpful"]],
-        ["layer"],
+    out, fig = _per_layer_counts(
+        results,
+        df,
+        df,
         ["helpful", "unhelpful"],
-        _prompt_groups(results, df),
-    )
-    fig = _layer_bars(
-        out,
         {"helpful": "helpful", "unhelpful": "unhelpful"},
         title="Figure 6 (residual stream): helpful / unhelpful FFN subvalues per layer",
         barmode="group",
@@ -820,6 +823,20 @@ TABLE1_METHODS: dict[str, str] = {
 }
 
 
+def _ffn_layers(model: Any, data: Any, layers: Sequence[int] | None) -> Iterator[tuple[Any, Any, int, Any, Any]]:
+    """For each prompt of ``data`` (:func:`prompt_table`) and each FFN layer of ``layers`` (default: all), in that
+    order: ``(row, ctx, layer, group, base)``, the prompt's scoring context and the layer's FFN subvalues with the
+    residual they are added to (:func:`_ffn_layer_groups`). One prompt's forward pass at a time."""
+    from tl_residual import model as tlm
+
+    layer_list = list(range(tlm.model_spec(model).n_layers)) if layers is None else list(layers)
+    for row in prompt_table(data).itertuples():
+        ctx = _ctx(model, row)
+        for layer in layer_list:
+            group, base = _ffn_layer_groups(ctx, layer)
+            yield row, ctx, layer, group, base
+
+
 def subvalue_selection(model: Any, data: Any, k: int = 10, layers: Sequence[int] | None = None) -> pd.DataFrame:
     """Residual-stream paper Table 1: ``log p(w | Lres + sum_k v) - log p(w | Lres)`` for the ``k`` FFN subvalues of
     each layer chosen by each rule of :data:`TABLE1_METHODS` (``Lres`` = ``resid_mid`` of the layer, the
@@ -865,26 +882,20 @@ def subvalue_additivity(model: Any, data: Any, layers: Sequence[int] | None = No
         ``(df, fig)``: one row per prompt and layer: ``prompt_id, group, layer, n_helpful, sum_of_scores,
         score_of_sum`` (nats); a scatter of ``score_of_sum`` against ``sum_of_scores``.
     """
-    from tl_residual import model as tlm
-
-    n_layers = tlm.model_spec(model).n_layers
     rows = []
-    for row in prompt_table(data).itertuples():
-        ctx = _ctx(model, row)
-        for l in range(n_layers) if layers is None else layers:
-            group, base = _ffn_layer_groups(ctx, l)
-            c = _lpi(ctx, base, group.vectors.float())
-            h = c > 0
-            rows.append(
-                {
-                    "prompt_id": row.prompt_id,
-                    "group": row.group,
-                    "layer": l,
-                    "n_helpful": int(h.sum()),
-                    "sum_of_scores": float(c[h].double().sum()),
-                    "score_of_sum": float(_lpi(ctx, base, group.vectors[h].float().sum(0, keepdim=True))[0]),
-                }
-            )
+    for row, ctx, l, group, base in _ffn_layers(model, data, layers):
+        c = _lpi(ctx, base, group.vectors.float())
+        h = c > 0
+        rows.append(
+            {
+                "prompt_id": row.prompt_id,
+                "group": row.group,
+                "layer": l,
+                "n_helpful": int(h.sum()),
+                "sum_of_scores": float(c[h].double().sum()),
+                "score_of_sum": float(_lpi(ctx, base, group.vectors[h].float().sum(0, keepdim=True))[0]),
+            }
+        )
     df = pd.DataFrame(rows)
     fig = _figure()
     fig.add_scatter(x=df["sum_of_scores"], y=df["score_of_sum"], mode="markers", text=df["layer"], name="layer")
@@ -904,27 +915,21 @@ def top10_share(model: Any, data: Any, k: int = 10, layers: Sequence[int] | None
     Returns:
         ``(df, fig)``: columns ``group, n_prompts, layer, helpful, unhelpful``.
     """
-    from tl_residual import model as tlm
-
-    n_layers = tlm.model_spec(model).n_layers
     rows = []
-    for row in prompt_table(data).itertuples():
-        ctx = _ctx(model, row)
-        for l in range(n_layers) if layers is None else layers:
-            group, base = _ffn_layer_groups(ctx, l)
-            c = _lpi(ctx, base, group.vectors.float())
-            rec = {"prompt_id": row.prompt_id, "group": row.group, "layer": l}
-            for side, mask, desc in (("helpful", c > 0, True), ("unhelpful", c < 0, False)):
-                idx = torch.nonzero(mask).flatten()
-                if len(idx) == 0:
-                    rec[side] = float("nan")
-                    continue
-                order = idx[torch.argsort(c[idx], descending=desc)][:k]
-                vs = group.vectors.float()
-                top = float(_lpi(ctx, base, vs[order].sum(0, keepdim=True))[0])
-                all_ = float(_lpi(ctx, base, vs[idx].sum(0, keepdim=True))[0])
-                rec[side] = top / all_ if all_ != 0 else float("nan")
-            rows.append(rec)
+    for row, ctx, l, group, base in _ffn_layers(model, data, layers):
+        c = _lpi(ctx, base, group.vectors.float())
+        rec = {"prompt_id": row.prompt_id, "group": row.group, "layer": l}
+        for side, mask, desc in (("helpful", c > 0, True), ("unhelpful", c < 0, False)):
+            idx = torch.nonzero(mask).flatten()
+            if len(idx) == 0:
+                rec[side] = float("nan")
+                continue
+            order = idx[torch.argsort(c[idx], descending=desc)][:k]
+            vs = group.vectors.float()
+            top = float(_lpi(ctx, base, vs[order].sum(0, keepdim=True))[0])
+            all_ = float(_lpi(ctx, base, vs[idx].sum(0, keepdim=True))[0])
+            rec[side] = top / all_ if all_ != 0 else float("nan")
+        rows.append(rec)
     out = _summarise(pd.DataFrame(rows), ["layer"], ["helpful", "unhelpful"])
     fig = _figure()
     s = out[out["group"] == OVERALL]

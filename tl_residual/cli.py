@@ -698,24 +698,21 @@ def _scope(name: str, how: str) -> str:
         r = names.parse(name)
     except TLResidualError:
         return f"{name}: {how} at every position"
-    if r.kind == "attn_subvalue":
-        verb = {"removed": "removed from"}.get(how, f"{how} in")
-        return (
-            f"{name}: source position {r.src_pos}'s value {verb} head {r.head}'s output (layer {r.layer}) "
-            f"at every destination position"
-        )
-    if r.kind == "ffn_neuron":
-        return f"{name}: FFN neuron {r.neuron}'s activation (layer {r.layer}) {how} at every position"
-    if r.kind == "attn_neuron":
-        return (
-            f"{name}: dimension {r.dim} of head {r.head}'s value (layer {r.layer}) at source position "
-            f"{r.src_pos} {how}, at every destination position"
-        )
-    if r.kind == "head_dim":
-        return f"{name}: dimension {r.dim} of head {r.head}'s value (layer {r.layer}) {how} at every position"
-    if r.kind == "head":
-        return f"{name}: head {r.head}'s output (layer {r.layer}) {how} at every position"
-    return f"{name}: {how} at every position"
+    verb = {"removed": "removed from"}.get(how, f"{how} in")
+    template = _SCOPES.get(r.kind, "{how} at every position")
+    return f"{name}: " + template.format(r=r, how=how, verb=verb)
+
+
+#: How far an intervention on each kind reaches (for ``ablate``'s report); ``r`` is the parsed name.
+_SCOPES = {
+    "attn_subvalue": "source position {r.src_pos}'s value {verb} head {r.head}'s output (layer {r.layer}) at every "
+    "destination position",
+    "ffn_neuron": "FFN neuron {r.neuron}'s activation (layer {r.layer}) {how} at every position",
+    "attn_neuron": "dimension {r.dim} of head {r.head}'s value (layer {r.layer}) at source position {r.src_pos} "
+    "{how}, at every destination position",
+    "head_dim": "dimension {r.dim} of head {r.head}'s value (layer {r.layer}) {how} at every position",
+    "head": "head {r.head}'s output (layer {r.layer}) {how} at every position",
+}
 
 
 @app.command()
