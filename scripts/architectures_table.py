@@ -53,10 +53,8 @@ def measure(family: str, api: str, processed: bool) -> tuple[float, float, str] 
     """``(reconstruction error, log-prob error, features)`` or the reason the variant is not covered."""
     try:
         model = F.build(family, api, processed)
-    except pytest.skip.Exception as exc:
-        if "no config-based" in str(exc.msg):
-            return "no HookedTransformer loader from a config (TransformerLens 3.x keys this family on fixed names)"
-        return f"TransformerLens' config conversion fails on transformers {importlib.metadata.version('transformers')}"
+    except pytest.skip.Exception as exc:  # the reason tiny_families gives (e.g. no TransformerLens 3.x loader)
+        return str(exc.msg).removeprefix(f"{family}: ")
     with torch.no_grad():
         logits, cache = model.run_with_cache(TOKENS)
     try:

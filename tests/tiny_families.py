@@ -8,7 +8,9 @@ Hugging Face repo id TransformerLens keys its adapters on. Two ways to wrap it:
 * :func:`hooked` — a TransformerLens 3.x ``HookedTransformer`` through TransformerLens' own loading code: the HF
   config is saved to a temporary folder, ``loading_from_pretrained.get_pretrained_model_config`` converts it (so the
   flags are the real ones) and ``get_pretrained_state_dict(hf_model=...)`` converts the weights; with or without
-  ``fold_ln`` / ``center_writing_weights`` / ``fold_value_biases``.
+  ``fold_ln`` / ``center_writing_weights`` / ``fold_value_biases``. Families TL3 converts only for the official
+  repo id (Gemma 1/2/3, OLMo 1/2; Phi, whose conversion fails on a ``transformers`` 5 config) get TL3's config for
+  that id with the sizes shrunk (:func:`_named_config`).
 
 ``FAMILIES`` is a registry (name -> :class:`Family`); the mixture-of-experts tests add theirs to it. Every model is
 built once per session (``lru_cache``). A family whose config class is missing from the installed ``transformers``
@@ -39,14 +41,17 @@ class Family:
     """One family: ``config`` builds its HF config (``transformers`` module -> config), ``repo`` is the real repo id.
 
     ``features`` lists the architecture facts tests check against ``model_spec`` (e.g. ``parallel``, ``post_norm``,
-    ``softcap``, ``embed_norm``); ``hooked`` is False where TransformerLens 3.x has no loader for the family.
+    ``softcap``, ``embed_norm``); ``no_hooked`` says why, where TransformerLens 3.x has no loader for the family;
+    ``named`` is True where TransformerLens 3.x converts the config only for the official repo name (fixed,
+    full-size configs: Gemma 1/2/3, OLMo 1/2) or fails on the local config (Phi): see :func:`_named_config`.
     """
 
     config: Callable[[Any], Any]
     repo: str
     model_class: str = "AutoModelForCausalLM"
     features: frozenset[str] = field(default_factory=frozenset)
-    hooked: bool = True
+    no_hooked: str = ""
+    named: bool = False
 
 
 def _llama_like(cls: str, **extra: Any) -> Callable[[Any], Any]:
@@ -164,7 +169,7 @@ FAMILIES: dict[str, Family] = {
     "mistral": Family(_llama_like("MistralConfig", sliding_window=None), "mistralai/Mistral-7B-v0.1"),
     "qwen2": Family(_llama_like("Qwen2Config"), "Qwen/Qwen2-0.5B"),
     "qwen3": Family(_llama_like("Qwen3Config", head_dim=D_MODEL // N_HEADS), "Qwen/Qwen3-0.6B"),
-    "gemma": Family(_llama_like("GemmaConfig", head_dim=D_MODEL // N_HEADS), "google/gemma-2b"),
+    "gemma": Family(_llama_like("GemmaConfig", head_dim=D_MODEL // N_HEADS), "google/gemma-2b", named=True),
     "gemma2": Family(
         _llama_like(
             "Gemma2Config",
@@ -172,15 +177,20 @@ FAMILIES: dict[str, Family] = {
             sliding_window=4,
             final_logit_softcapping=30.0,
             attn_logit_softcapping=50.0,
+            query_pre_attn_scalar=D_MODEL // N_HEADS,  # = head_dim, as in the real model (TL3 scales by d_head)
         ),
         "google/gemma-2-2b",
         features=frozenset({"post_norm", "softcap"}),
+        named=True,
     ),
     "gemma3": Family(
-        _llama_like("Gemma3TextConfig", head_dim=D_MODEL // N_HEADS, sliding_window=4),
+        _llama_like(
+            "Gemma3TextConfig", head_dim=D_MODEL // N_HEADS, sliding_window=4, query_pre_attn_scalar=D_MODEL // N_HEADS
+        ),
         "google/gemma-3-1b-pt",
         model_class="Gemma3ForCausalLM",
         features=frozenset({"post_norm"}),
+        named=True,
     ),
     "phi": Family(
         lambda tf: tf.PhiConfig(
@@ -194,13 +204,15 @@ FAMILIES: dict[str, Family] = {
         ),
         "microsoft/phi-2",
         features=frozenset({"parallel"}),
+        named=True,
     ),
     "phi3": Family(_llama_like("Phi3Config", num_key_value_heads=N_HEADS), "microsoft/Phi-3-mini-4k-instruct"),
-    "olmo": Family(_llama_like("OlmoConfig", num_key_value_heads=N_HEADS), "allenai/OLMo-1B-hf"),
+    "olmo": Family(_llama_like("OlmoConfig", num_key_value_heads=N_HEADS), "allenai/OLMo-1B-hf", named=True),
     "olmo2": Family(
-        _llama_like("Olmo2Config", num_key_value_heads=N_HEADS),
+        _llama_like("Olmo2Config", num_key_value_heads=N_HEADS, rope_theta=500000.0, rms_norm_eps=1e-6),  # as TL3
         "allenai/OLMo-2-0425-1B",
         features=frozenset({"post_norm"}),
+        named=True,
     ),
     "olmo3": Family(
         _llama_like("Olmo3Config", num_key_value_heads=N_HEADS, sliding_window=4),
@@ -210,6 +222,8 @@ FAMILIES: dict[str, Family] = {
     "stablelm": Family(
         _llama_like("StableLmConfig", num_key_value_heads=N_HEADS, partial_rotary_factor=0.25),
         "stabilityai/stablelm-2-1_6b",
+        no_hooked="TransformerLens 3.x's convert_hf_model_config has no StableLmForCausalLM branch and "
+        "stablelm-2 is not among its official model names (its StableLM entries are the GPT-NeoX stablelm-alpha)",
     ),
 }
 
@@ -259,35 +273,84 @@ def bridge(name: str, compat: bool = False) -> Any:
     return model.eval()
 
 
+def _shrink(cfg: dict[str, Any], hf_cfg: Any) -> dict[str, Any]:
+    """A full-size TransformerLens config dict resized to the tiny HF model: every flag kept, only sizes changed."""
+    cfg = dict(cfg)
+    d_head = getattr(hf_cfg, "head_dim", None) or D_MODEL // N_HEADS
+    if "rotary_dim" in cfg:  # keep the rotary fraction of the head
+        cfg["rotary_dim"] = round(cfg["rotary_dim"] * d_head / cfg["d_head"])
+    cfg.update(n_layers=N_LAYERS, d_model=D_MODEL, n_heads=N_HEADS, d_head=d_head, d_mlp=D_MLP, d_vocab=VOCAB)
+    cfg["n_ctx"] = N_CTX
+    if "n_key_value_heads" in cfg:
+        cfg["n_key_value_heads"] = hf_cfg.num_key_value_heads
+    if "attn_types" in cfg:
+        cfg["attn_types"] = cfg["attn_types"][:N_LAYERS]
+    if "window_size" in cfg:
+        cfg["window_size"] = hf_cfg.sliding_window  # 4: the local layers really mask within the 6-token prompt
+    return cfg
+
+
+def _named_config(name: str, processed: bool) -> Any:
+    """TransformerLens 3.x's own ``get_pretrained_model_config`` for the official repo name, offline.
+
+    Its ``convert_hf_model_config`` fetches the hub config (OLMo, Phi) through ``AutoConfig.from_pretrained``: that
+    call returns the tiny HF config instead. Phi: TL3 reads ``hf_config.partial_rotary_factor``, which
+    ``transformers`` 5 keeps in ``rope_parameters``; it is set on (a copy of) the config object. The fixed,
+    full-size configs (Gemma 1/2/3, OLMo 1/2) are resized by :func:`_shrink`; everything else is TL3's.
+    """
+    from unittest import mock
+
+    from transformer_lens import loading_from_pretrained as lfp
+
+    hf_cfg = copy.deepcopy(hf_model(name).config)
+    rope = getattr(hf_cfg, "rope_parameters", None) or {}
+    if "partial_rotary_factor" in rope and not hasattr(hf_cfg, "partial_rotary_factor"):
+        hf_cfg.partial_rotary_factor = rope["partial_rotary_factor"]
+    convert = lfp.convert_hf_model_config
+    with (
+        mock.patch.object(lfp.AutoConfig, "from_pretrained", lambda *a, **k: hf_cfg),
+        mock.patch.object(lfp, "convert_hf_model_config", lambda *a, **k: _shrink(convert(*a, **k), hf_cfg)),
+    ):
+        return lfp.get_pretrained_model_config(
+            FAMILIES[name].repo, hf_cfg=hf_cfg.to_dict(), fold_ln=processed, device="cpu"
+        )
+
+
 @functools.cache
 def hooked(name: str, processed: bool = False) -> Any:
     """A ``HookedTransformer`` of family ``name`` through TransformerLens' own config and weight conversion.
 
-    ``processed``: ``fold_ln``, ``center_writing_weights`` and ``fold_value_biases`` (TransformerLens turns
-    ``fold_ln`` off by itself for post-norm architectures).
+    ``processed``: ``fold_ln``, ``center_writing_weights`` and ``fold_value_biases``; for TL3's post-norm
+    architectures (OLMo-2/3) ``fold_ln`` and ``center_writing_weights`` are turned off, as
+    ``HookedTransformer.from_pretrained`` does (folding them there would build a different model).
     """
     if not HAS_HOOKED:
         pytest.skip("HookedTransformer is not in this TransformerLens version")
-    if not FAMILIES[name].hooked:
-        pytest.skip(f"{name}: TransformerLens 3.x has no HookedTransformer loader for this family")
+    if FAMILIES[name].no_hooked:
+        pytest.skip(f"{name}: no HookedTransformer: {FAMILIES[name].no_hooked}")
     from transformer_lens import HookedTransformer
     from transformer_lens import loading_from_pretrained as lfp
 
     hf = hf_model(name)
-    folder = os.path.join(tempfile.mkdtemp(prefix="tlres-fam-"), "model")  # no family word: TL keys names on them
-    hf.config.save_pretrained(folder)
-    try:
-        cfg = lfp.get_pretrained_model_config(folder, hf_cfg=hf.config.to_dict(), fold_ln=processed, device="cpu")
-    except NotImplementedError as exc:  # TL3 builds these families from fixed, name-keyed configs only
-        pytest.skip(f"{name}: TransformerLens 3.x has no config-based HookedTransformer loader ({exc})")
-    except AttributeError as exc:  # e.g. Phi: TL3 reads hf_config.partial_rotary_factor, moved by transformers 5
-        pytest.skip(f"{name}: TransformerLens 3.x's config conversion fails on this transformers version ({exc})")
-    state = lfp.get_pretrained_state_dict(folder, cfg, hf_model=hf)
+    if FAMILIES[name].named:
+        cfg = _named_config(name, processed)
+        state = lfp.get_pretrained_state_dict(FAMILIES[name].repo, cfg, hf_model=hf)
+    else:
+        folder = os.path.join(tempfile.mkdtemp(prefix="tlres-fam-"), "model")  # no family word: TL keys on names
+        hf.config.save_pretrained(folder)
+        try:
+            cfg = lfp.get_pretrained_model_config(folder, hf_cfg=hf.config.to_dict(), fold_ln=processed, device="cpu")
+        except NotImplementedError as exc:  # TL3 builds these families from fixed, name-keyed configs only
+            pytest.skip(f"{name}: TransformerLens 3.x has no config-based HookedTransformer loader ({exc})")
+        state = lfp.get_pretrained_state_dict(folder, cfg, hf_model=hf)
+    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+
+    fold = processed and cfg.original_architecture not in POST_NORM_ARCHITECTURES
     model = HookedTransformer(cfg, tokenizer=tiny_tokenizer(), move_to_device=False)
     model.load_and_process_state_dict(
         state,
-        fold_ln=processed,
-        center_writing_weights=processed,
+        fold_ln=fold,
+        center_writing_weights=fold,
         center_unembed=False,
         fold_value_biases=processed,
         refactor_factored_attn_matrices=False,
