@@ -72,6 +72,21 @@ def _llama_like(cls: str, **extra: Any) -> Callable[[Any], Any]:
     return make
 
 
+def _neox(parallel: bool) -> Callable[[Any], Any]:
+    """GPT-NeoX / Pythia: the same config with parallel or sequential attention+MLP blocks."""
+    return lambda tf: tf.GPTNeoXConfig(
+        max_position_embeddings=N_CTX,
+        hidden_size=D_MODEL,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=N_HEADS,
+        intermediate_size=D_MLP,
+        rotary_pct=0.25,
+        use_parallel_residual=parallel,
+        tie_word_embeddings=False,
+        **COMMON,
+    )
+
+
 FAMILIES: dict[str, Family] = {
     "gpt2": Family(
         lambda tf: tf.GPT2Config(
@@ -107,32 +122,12 @@ FAMILIES: dict[str, Family] = {
         features=frozenset({"parallel"}),
     ),
     "pythia": Family(
-        lambda tf: tf.GPTNeoXConfig(
-            max_position_embeddings=N_CTX,
-            hidden_size=D_MODEL,
-            num_hidden_layers=N_LAYERS,
-            num_attention_heads=N_HEADS,
-            intermediate_size=D_MLP,
-            rotary_pct=0.25,
-            use_parallel_residual=True,
-            tie_word_embeddings=False,
-            **COMMON,
-        ),
+        _neox(parallel=True),
         "EleutherAI/pythia-70m",
         features=frozenset({"parallel"}),
     ),
     "neox-sequential": Family(
-        lambda tf: tf.GPTNeoXConfig(
-            max_position_embeddings=N_CTX,
-            hidden_size=D_MODEL,
-            num_hidden_layers=N_LAYERS,
-            num_attention_heads=N_HEADS,
-            intermediate_size=D_MLP,
-            rotary_pct=0.25,
-            use_parallel_residual=False,
-            tie_word_embeddings=False,
-            **COMMON,
-        ),
+        _neox(parallel=False),
         "EleutherAI/pythia-70m",
     ),
     "opt": Family(
