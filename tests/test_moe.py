@@ -1,171 +1,39 @@
 """Mixture-of-experts FFNs (issue 11, item 5): Mixtral, OLMoE, Qwen2-MoE (sigmoid-gated shared expert), Qwen3-MoE.
 
-Tiny random models (2 layers, d_model 64, 4 experts, top-2) are built offline from the ``transformers`` config
-classes and wrapped with ``TransformerBridge.boot_transformers(<real repo id>, hf_model=..., tokenizer=...)``, and,
-where TransformerLens 3.x has a loader (Mixtral, OLMoE), as a ``HookedTransformer`` through TransformerLens' own
-config and weight conversion. Every check compares with an independent computation written here from the raw
-Hugging Face weights (``gate_up_proj``, ``down_proj``, the router) and the cache, not the library's code path.
+Tiny random models (2 layers, d_model 64, 4 experts, top-2: ``tiny_families.MOE_FAMILIES``) are built offline
+from the ``transformers`` config classes and wrapped with ``TransformerBridge.boot_transformers(<real repo id>,
+hf_model=..., tokenizer=...)``, and, where TransformerLens 3.x has a loader (Mixtral, OLMoE), as a
+``HookedTransformer`` through TransformerLens' own config and weight conversion (the builders of ``tiny_families``).
+Every check compares with an independent computation written here from the raw Hugging Face weights
+(``gate_up_proj``, ``down_proj``, the router) and the cache, not the library's code path.
 """
 
 from __future__ import annotations
 
-import copy
 import functools
-import os
-import tempfile
 from typing import Any
 
 import pytest
+import tiny_families as F
 import torch
+from tiny_families import D_EXPERT, D_SHARED, N_EXPERTS, N_LAYERS, TOP_K
 
-from conftest import HAS_BRIDGE, HAS_HOOKED, VOCAB, tiny_tokenizer
+from conftest import HAS_BRIDGE, VOCAB
 from tl_residual import decompose as D
 from tl_residual import model as tlm
 
-D_MODEL, N_LAYERS, N_EXPERTS, TOP_K, D_EXPERT, D_SHARED = 64, 2, 4, 2, 32, 48
 PROMPT = "t1 t5 t9 t12 t3 t40 t7"
-
-#: family -> (config class, model class, real repo id, extra config, TransformerLens 3.x loader?)
-FAMILIES: dict[str, tuple[str, str, str, dict[str, Any], bool]] = {
-    "mixtral": (
-        "MixtralConfig",
-        "MixtralForCausalLM",
-        "mistralai/Mixtral-8x7B-v0.1",
-        {"num_local_experts": N_EXPERTS, "intermediate_size": D_EXPERT},
-        True,
-    ),
-    "olmoe": (
-        "OlmoeConfig",
-        "OlmoeForCausalLM",
-        "allenai/OLMoE-1B-7B-0924",
-        {"num_experts": N_EXPERTS, "intermediate_size": D_EXPERT, "norm_topk_prob": False},
-        True,
-    ),
-    "qwen2_moe": (
-        "Qwen2MoeConfig",
-        "Qwen2MoeForCausalLM",
-        "Qwen/Qwen1.5-MoE-A2.7B",
-        {
-            "num_experts": N_EXPERTS,
-            "moe_intermediate_size": D_EXPERT,
-            "intermediate_size": 96,
-            "shared_expert_intermediate_size": D_SHARED,
-            "norm_topk_prob": False,
-        },
-        False,
-    ),
-    "qwen3_moe": (
-        "Qwen3MoeConfig",
-        "Qwen3MoeForCausalLM",
-        "Qwen/Qwen3-30B-A3B",
-        {"num_experts": N_EXPERTS, "moe_intermediate_size": D_EXPERT, "intermediate_size": 96, "norm_topk_prob": True},
-        False,
-    ),
-}
-
-
-@functools.cache
-def hf_moe(family: str) -> Any:
-    """A random-weight Hugging Face MoE model of ``family`` (seeded; norms and routers randomised too)."""
-    import transformers
-
-    cfg_cls, model_cls, _, extra, _ = FAMILIES[family]
-    if not hasattr(transformers, cfg_cls):
-        pytest.skip(f"transformers has no {cfg_cls}")
-    cfg = getattr(transformers, cfg_cls)(
-        vocab_size=VOCAB,
-        hidden_size=D_MODEL,
-        num_hidden_layers=N_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-        tie_word_embeddings=False,
-        num_experts_per_tok=TOP_K,
-        architectures=[model_cls],
-        **extra,
-    )
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(0)
-    hf = getattr(transformers, model_cls)(cfg)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if p.dim() == 1 and "norm" in name:
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
-    return hf.eval()
-
-
-@functools.cache
-def moe_bridge(family: str, compat: bool = False) -> Any:
-    """``TransformerBridge`` around a copy of :func:`hf_moe` (the bridge wraps the HF submodules in place, and
-    ``compat``'s ``enable_compatibility_mode`` folds the norm weights into the router and experts in place; the
-    tests' reference computations read the untouched original)."""
-    if not HAS_BRIDGE:
-        pytest.skip("TransformerBridge is not in this TransformerLens version")
-    from transformer_lens.model_bridge import TransformerBridge
-
-    hf = copy.deepcopy(hf_moe(family))
-    bridge = TransformerBridge.boot_transformers(FAMILIES[family][2], hf_model=hf, tokenizer=tiny_tokenizer())
-    if compat:
-        bridge.enable_compatibility_mode(disable_warnings=True)
-    return _final_rms(bridge.eval(), family)
-
-
-@functools.cache
-def moe_hooked(family: str, processed: bool = False) -> Any:
-    """A ``HookedTransformer`` through TransformerLens' own config conversion (``loading_from_pretrained``)."""
-    if not HAS_HOOKED:
-        pytest.skip("HookedTransformer is not in this TransformerLens version")
-    if not FAMILIES[family][4]:
-        pytest.skip(f"{family}: TransformerLens 3.x has no HookedTransformer loader")
-    from transformer_lens import HookedTransformer
-    from transformer_lens import loading_from_pretrained as lfp
-
-    hf = hf_moe(family)
-    folder = os.path.join(tempfile.mkdtemp(prefix="tlres-moe-"), "model")  # no family word: TL keys names on them
-    hf.config.save_pretrained(folder)
-    cfg = lfp.get_pretrained_model_config(
-        folder, hf_cfg=hf.config.to_dict(), fold_ln=processed, device="cpu", dtype=torch.float32
-    )
-    state = lfp.get_pretrained_state_dict(folder, cfg, hf_model=hf)
-    model = HookedTransformer(cfg, tokenizer=tiny_tokenizer(), move_to_device=False)
-    model.load_and_process_state_dict(
-        state,
-        fold_ln=processed,
-        center_writing_weights=processed,
-        center_unembed=False,
-        fold_value_biases=processed,
-        refactor_factored_attn_matrices=False,
-    )
-    return _final_rms(model.eval(), family)
-
-
-def _final_rms(model: Any, family: str) -> Any:
-    """TransformerLens leaves ``final_rms`` False for these RMSNorm models although their final norm is an RMSNorm
-    (issue 11, "falsely refused"; item 7 decides the final norm's type from the module). Until that detection is
-    merged, set the flag from the Hugging Face module so these tests exercise the MoE decomposition alone."""
-    if getattr(model.cfg, "final_rms", None) is False and "RMSNorm" in type(hf_moe(family).model.norm).__name__:
-        model.cfg.final_rms = True
-    return model
-
+hf_moe = F.hf_model  # the random Hugging Face model (the bridges wrap a copy: the references read this original)
+build = F.build
 
 #: (family, api, processed): the four bridges first (the single-variant tests take ``VARIANTS[:4]``), then
 #: ``HookedTransformer`` (Mixtral first), then the bridges in compatibility mode.
 VARIANTS = (
-    [(f, "bridge", False) for f in FAMILIES]
-    + [(f, "hooked", p) for f in FAMILIES if FAMILIES[f][4] for p in (False, True)]
-    + [(f, "bridge", True) for f in FAMILIES]
+    [(f, "bridge", False) for f in F.MOE_FAMILIES]
+    + [(f, "hooked", p) for f, fam in F.MOE_FAMILIES.items() if not fam.no_hooked for p in (False, True)]
+    + [(f, "bridge", True) for f in F.MOE_FAMILIES]
 )
 IDS = [f"{f}-{api}{'-processed' if p else ''}" for f, api, p in VARIANTS]
-
-
-def build(family: str, api: str, processed: bool) -> Any:
-    return moe_bridge(family, processed) if api == "bridge" else moe_hooked(family, processed)
 
 
 @functools.cache
