@@ -66,6 +66,7 @@ def tiny_tokenizer() -> Any:
 
 
 def _randomize(module: torch.nn.Module, seed: int) -> None:
+    """Random weights with norm gains around 1 (so every norm matters), biases and embeddings around 0."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():

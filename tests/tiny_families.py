@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import HAS_BRIDGE, HAS_HOOKED, VOCAB, tiny_tokenizer
+from conftest import HAS_BRIDGE, HAS_HOOKED, VOCAB, _randomize, tiny_tokenizer
 
 D_MODEL, N_HEADS, N_LAYERS, D_MLP, N_CTX = 64, 4, 2, 256, 32  # d_mlp = 4 d_model: TL3 assumes it for GPT-Neo/J
 N_EXPERTS, TOP_K, D_EXPERT, D_SHARED = 4, 2, 32, 48  # the mixture-of-experts families: experts, top-k, sizes
@@ -79,7 +79,7 @@ class Family:
     ``softcap``, ``embed_norm``); ``no_hooked`` says why, where TransformerLens 3.x has no loader for the family;
     ``named`` is True where TransformerLens 3.x converts the config only for the official repo name (fixed,
     full-size configs: Gemma 1/2/3, OLMo 1/2) or fails on the local config (Phi): see :func:`_named_config`.
-    ``seed`` seeds the random weights (:func:`_randomize`).
+    ``seed`` seeds the random weights (``conftest._randomize``).
     """
 
     config: Callable[[Any], Any]
@@ -221,18 +221,6 @@ MOE_FAMILIES: dict[str, Family] = {
 def family(name: str) -> Family:
     """The :class:`Family` called ``name``, dense (``FAMILIES``) or mixture-of-experts (``MOE_FAMILIES``)."""
     return FAMILIES[name] if name in FAMILIES else MOE_FAMILIES[name]
-
-
-def _randomize(module: torch.nn.Module, seed: int) -> None:
-    """Random weights with norm gains around 1 (so every norm matters), biases and embeddings around 0."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            last = name.split(".")[-1]
-            if p.dim() == 1 and ("ln" in name or "norm" in name) and last in ("weight", "w"):
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
 
 
 @functools.cache
