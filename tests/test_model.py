@@ -85,6 +85,8 @@ def test_every_weight_getter_routes_to_the_scoring_device(variant_model, monkeyp
         "b_in": tlm.b_in(variant_model, 0),
         "W_out": tlm.W_out(variant_model, 0),
         "b_out": tlm.b_out(variant_model, 0),
+        "norm_weight": tlm.norm_weight(variant_model, "final"),
+        "norm_bias": tlm.norm_bias(variant_model, "0.ln1"),
     }
     if spec.gated_mlp:
         got["W_gate"] = tlm.W_gate(variant_model, 0)
