@@ -65,3 +65,37 @@ def test_smollm2_is_the_embedded_model(smollm2):
     assert (spec.n_layers, spec.d_model, spec.n_heads, spec.n_kv_heads, spec.d_mlp) == (30, 576, 9, 3, 1536)
     assert spec.norm == "RMS" and spec.gated_mlp and not spec.learned_pos and spec.is_bridge
     assert tlm.load_model("SmolLM2") is smollm2  # loaded once per process
+
+
+def test_every_weight_getter_routes_to_the_scoring_device(variant_model, monkeypatch):
+    """With a model split over devices (``device_map``), scoring runs on the unembedding's device: every weight
+    getter must return its tensor there. No second device exists on the CPU test machines, so the scoring device
+    is redirected to ``meta`` and every getter must follow it."""
+    spec = tlm.model_spec(variant_model)
+    monkeypatch.setattr(tlm, "scoring_device", lambda model: torch.device("meta"))
+    got = {
+        "W_U": tlm.W_U(variant_model),
+        "b_U": tlm.b_U(variant_model),
+        "W_E": tlm.W_E(variant_model),
+        "W_O": tlm.W_O(variant_model, 0),
+        "b_O": tlm.b_O(variant_model, 0),
+        "W_V": tlm.W_V(variant_model, 0),
+        "b_V": tlm.b_V(variant_model, 0),
+        "W_in": tlm.W_in(variant_model, 0),
+        "b_in": tlm.b_in(variant_model, 0),
+        "W_out": tlm.W_out(variant_model, 0),
+        "b_out": tlm.b_out(variant_model, 0),
+        "norm_weight": tlm.norm_weight(variant_model, "final"),
+        "norm_bias": tlm.norm_bias(variant_model, "0.ln1"),
+    }
+    if spec.gated_mlp:
+        got["W_gate"] = tlm.W_gate(variant_model, 0)
+    bad = {k: str(v.device) for k, v in got.items() if v.device.type != "meta" or v.dtype != torch.float32}
+    assert not bad, bad
+
+
+def test_cache_to_scoring_device_is_free_on_one_device(variant_model):
+    from conftest import run_cache
+
+    _, cache = run_cache(variant_model)
+    assert tlm.cache_to_scoring_device(variant_model, cache) is cache

@@ -501,18 +501,26 @@ def _maybe(obj: Any, name: str) -> Tensor | None:
     return value if isinstance(value, Tensor) else None
 
 
-def _f32(t: Tensor) -> Tensor:
-    return t.detach().float()
+def scoring_device(model: Any) -> torch.device:
+    """The device every score is computed on: the unembedding's. With a model split over devices (Accelerate's
+    ``device_map``), every weight getter of this module returns its tensor moved here, and the cache is moved here
+    before scoring (:func:`cache_to_scoring_device`)."""
+    return model.W_U.device
+
+
+def _f32(model: Any, t: Tensor) -> Tensor:
+    """``t`` detached, float32, on :func:`scoring_device` (no copy where it already is)."""
+    return t.detach().to(device=scoring_device(model), dtype=torch.float32)
 
 
 def _zeros(model: Any, *shape: int) -> Tensor:
-    return torch.zeros(*shape, device=W_U(model).device)
+    return torch.zeros(*shape, device=scoring_device(model))
 
 
 def _bias(model: Any, obj: Any, name: str, size: int) -> Tensor:
     """``obj.name`` in float32, or zeros of ``size`` where the module has no such bias."""
     b = _maybe(obj, name)
-    return _f32(b) if b is not None else _zeros(model, size)
+    return _f32(model, b) if b is not None else _zeros(model, size)
 
 
 def _check_layer(model: Any, layer: int) -> None:
@@ -522,30 +530,30 @@ def _check_layer(model: Any, layer: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Weights. Every getter returns float32 tensors, detached, on the model's device.
+# Weights. Every getter returns float32 tensors, detached, on the scoring device (the unembedding's).
 # ----------------------------------------------------------------------------------------------
 
 
 def W_U(model: Any) -> Float[Tensor, "d_model d_vocab"]:
     """Unembedding matrix as TransformerLens exposes it (with ``fold_ln`` it contains the final norm's gamma)."""
-    return _f32(model.W_U)
+    return _f32(model, model.W_U)
 
 
 def b_U(model: Any) -> Float[Tensor, " d_vocab"]:
     """Unembedding bias; zeros where the model has none."""
     b = _maybe(model, "b_U")
-    return _f32(b) if b is not None else torch.zeros(model.W_U.shape[-1], device=model.W_U.device)
+    return _f32(model, b) if b is not None else torch.zeros(model.W_U.shape[-1], device=scoring_device(model))
 
 
 def W_E(model: Any) -> Float[Tensor, "d_vocab d_model"]:
     """Token embedding matrix."""
-    return _f32(model.W_E)
+    return _f32(model, model.W_E)
 
 
 def W_O(model: Any, layer: int) -> Float[Tensor, "n_heads d_head d_model"]:
     """Output matrix of every head of ``layer``."""
     _check_layer(model, layer)
-    return _f32(model.blocks[layer].attn.W_O)
+    return _f32(model, model.blocks[layer].attn.W_O)
 
 
 def b_O(model: Any, layer: int) -> Float[Tensor, " d_model"]:
@@ -559,7 +567,7 @@ def W_V(model: Any, layer: int) -> Float[Tensor, "n_kv_heads d_model d_head"]:
     _check_layer(model, layer)
     attn = model.blocks[layer].attn
     w = _maybe(attn, "_W_V")  # HookedTransformer GQA stores the un-repeated weights here
-    return _f32(w if w is not None else attn.W_V)
+    return _f32(model, w if w is not None else attn.W_V)
 
 
 def b_V(model: Any, layer: int) -> Float[Tensor, "n_kv_heads d_head"]:
@@ -572,13 +580,13 @@ def b_V(model: Any, layer: int) -> Float[Tensor, "n_kv_heads d_head"]:
     if b is None:
         spec = model_spec(model)
         return _zeros(model, spec.n_kv_heads, spec.d_head)
-    return _f32(b)
+    return _f32(model, b)
 
 
 def W_in(model: Any, layer: int) -> Float[Tensor, "d_model d_mlp"]:
     """FFN input ("up" for gated MLPs, ``fc1`` for GPT-2) matrix of ``layer``."""
     _check_layer(model, layer)
-    return _f32(model.blocks[layer].mlp.W_in)
+    return _f32(model, model.blocks[layer].mlp.W_in)
 
 
 def b_in(model: Any, layer: int) -> Float[Tensor, " d_mlp"]:
@@ -597,7 +605,7 @@ def W_gate(model: Any, layer: int) -> Float[Tensor, "d_model d_mlp"]:
     w = _maybe(model.blocks[layer].mlp, "W_gate")
     if w is None:
         raise UnsupportedArchitectureError(f"layer {layer}'s MLP has no W_gate: the model's MLP is not gated")
-    return _f32(w)
+    return _f32(model, w)
 
 
 def b_gate(model: Any, layer: int) -> Float[Tensor, " d_mlp"]:
@@ -609,7 +617,7 @@ def b_gate(model: Any, layer: int) -> Float[Tensor, " d_mlp"]:
 def W_out(model: Any, layer: int) -> Float[Tensor, "d_mlp d_model"]:
     """FFN output matrix of ``layer``: row k is neuron k's value vector (``fc2`` in the papers)."""
     _check_layer(model, layer)
-    return _f32(model.blocks[layer].mlp.W_out)
+    return _f32(model, model.blocks[layer].mlp.W_out)
 
 
 def b_out(model: Any, layer: int) -> Float[Tensor, " d_model"]:
@@ -637,7 +645,7 @@ def norm_weight(model: Any, which: str) -> Float[Tensor, " d_model"]:
     d_model = int(model.cfg.d_model)
     if w is None:
         return _zeros(model, d_model) + 1.0
-    w = _f32(w)
+    w = _f32(model, w)
     return w + 1.0 if _cfg(model, "rmsnorm_uses_offset", False) else w
 
 
@@ -647,7 +655,7 @@ def norm_bias(model: Any, which: str) -> Float[Tensor, " d_model"]:
     b = _maybe(mod, "b")
     if b is None:
         b = _maybe(mod, "bias")
-    return _f32(b) if b is not None else _zeros(model, int(model.cfg.d_model))
+    return _f32(model, b) if b is not None else _zeros(model, int(model.cfg.d_model))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -798,7 +806,7 @@ def moe_router(model: Any, layer: int) -> Float[Tensor, "d_model n_experts"]:
     probabilities)."""
     block = _moe_block_checked(model, layer)
     w = block.W_gate.weight if not is_bridge(model) else _unwrap(block.gate).weight  # [n_experts, d_model]
-    return _f32(w).T
+    return _f32(model, w).T
 
 
 def moe_act_fn(model: Any, layer: int) -> Any:
@@ -819,26 +827,26 @@ def expert_W_gate(model: Any, layer: int, expert: int) -> Float[Tensor, "d_model
     """Gate matrix of one expert (``act`` is applied to ``x @ W_gate``)."""
     block = _expert_check(model, layer, expert)
     if not is_bridge(model):
-        return _f32(block.experts[expert].W_gate.weight).T
+        return _f32(model, block.experts[expert].W_gate.weight).T
     w = block.experts.gate_up_proj[expert]  # [2 * d_expert, d_model]: gate rows first, then up
-    return _f32(w[: w.shape[0] // 2]).T
+    return _f32(model, w[: w.shape[0] // 2]).T
 
 
 def expert_W_in(model: Any, layer: int, expert: int) -> Float[Tensor, "d_model d_expert"]:
     """Up ("in") matrix of one expert (``act(gate) * (x @ W_in)``)."""
     block = _expert_check(model, layer, expert)
     if not is_bridge(model):
-        return _f32(block.experts[expert].W_in.weight).T
+        return _f32(model, block.experts[expert].W_in.weight).T
     w = block.experts.gate_up_proj[expert]
-    return _f32(w[w.shape[0] // 2 :]).T
+    return _f32(model, w[w.shape[0] // 2 :]).T
 
 
 def expert_W_out(model: Any, layer: int, expert: int) -> Float[Tensor, "d_expert d_model"]:
     """Output matrix of one expert: row ``k`` is expert neuron ``k``'s direction."""
     block = _expert_check(model, layer, expert)
     if not is_bridge(model):
-        return _f32(block.experts[expert].W_out.weight).T
-    return _f32(block.experts.down_proj[expert]).T  # down_proj[e]: [d_model, d_expert]
+        return _f32(model, block.experts[expert].W_out.weight).T
+    return _f32(model, block.experts.down_proj[expert]).T  # down_proj[e]: [d_model, d_expert]
 
 
 def shared_expert_weights(
@@ -864,9 +872,9 @@ def shared_expert_weights(
     gate = _unwrap(block.shared_expert_gate)
 
     def lin(m: Any) -> Tensor:
-        return _f32(_unwrap(m).weight)
+        return _f32(model, _unwrap(m).weight)
 
-    return lin(shared.gate_proj).T, lin(shared.up_proj).T, lin(shared.down_proj).T, _f32(gate.weight).reshape(-1)
+    return lin(shared.gate_proj).T, lin(shared.up_proj).T, lin(shared.down_proj).T, _f32(model, gate.weight).reshape(-1)
 
 
 def moe_input_hook(model: Any, layer: int) -> str:
@@ -934,6 +942,22 @@ def cached(cache: Any, name: str, batch: int | None = 0) -> Tensor:
             raise InvalidInputError(f"batch index {batch} is out of range: the cache holds {value.shape[0]} prompts")
         value = value[batch]
     return value.detach().float()
+
+
+def cache_to_scoring_device(model: Any, cache: Any) -> Any:
+    """``cache`` with every tensor on :func:`scoring_device` (an ``ActivationCache`` or a :class:`PositionCache`);
+    the same object where they already are there. A model split over devices (``device_map``) caches each
+    layer's activations on that layer's device; scoring needs them beside the weights.
+
+    Memory: a copy of the tensors that are elsewhere."""
+    device = scoring_device(model)
+    if all(v.device == device for v in cache.values()):
+        return cache
+    if isinstance(cache, PositionCache):
+        moved = PositionCache(cache.position)
+        moved.update({k: v.to(device) for k, v in cache.items()})
+        return moved
+    return cache.to(device)
 
 
 def tolerance(model: Any, cache: Any = None) -> float:
