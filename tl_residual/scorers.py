@@ -63,6 +63,7 @@ from tl_residual.lens import (
     map_chunks,
     model_logits,
     resolve_target,
+    stacked_logits,
     target_rank,
 )
 from tl_residual.topk import DEFAULT_HEAD, BoundProbes, bound_probes, certified_top_k, head_tail_bound
@@ -89,6 +90,9 @@ class ScoringContext:
         n_head: size of the head of the pruning bound (:mod:`tl_residual.topk`).
         tokens: the prompt's token texts (for the ``src_token`` column); recovered from the cache on first use
             when not given (:func:`tl_residual.tables.src_token_texts`).
+        projections: a :class:`ProjectionCache` kept for the context's lifetime (the bound projections of the
+            directions of every search on this prompt, and those a batch computed for all its prompts at once,
+            :func:`project_bounds`); ``None``: one cache per search.
     """
 
     model: Any
@@ -100,6 +104,7 @@ class ScoringContext:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     n_head: int = DEFAULT_HEAD
     tokens: list[str] | None = None
+    projections: ProjectionCache | None = field(default=None, repr=False)
     _memo: dict[bytes, tuple[Tensor, BoundProbes]] = field(default_factory=dict, repr=False)
 
     @property
@@ -114,27 +119,35 @@ class ScoringContext:
         rows = bases.detach().float().cpu().contiguous().numpy()
         return [r.tobytes() for r in rows]
 
-    def prime(self, bases: Float[Tensor, "n d_model"]) -> None:
-        """Compute and memoise the lens logits and bound probes (:func:`~tl_residual.topk.bound_probes`) of
-        the distinct rows of ``bases`` not seen yet, in one matmul against ``W_U`` each way.
-
-        Memory: ``d_vocab + (n_head + 3) * d_model`` floats kept per distinct base (SmolLM2: 60 bases, 12 MB).
-        """
+    def _new_rows(self, bases: Float[Tensor, "n d_model"]) -> tuple[list[bytes], Tensor | None]:
+        """The distinct rows of ``bases`` not memoised yet, and their keys."""
         if bases.dim() == 1:
             bases = bases[None]
         new: dict[bytes, Tensor] = {}
         for key, row in zip(self._keys(bases), bases):
             if key not in self._memo and key not in new:
                 new[key] = row
-        if not new:
-            return
-        rows = torch.stack(list(new.values())).float()
-        logits = self.lens.logits(rows)
-        probes = bound_probes(self.lens.W_U, logits, self.target, self.n_head)
+        return list(new), (torch.stack(list(new.values())).float() if new else None)
+
+    def prime(self, bases: Float[Tensor, "n d_model"]) -> None:
+        """Compute and memoise the lens logits and bound probes (:func:`~tl_residual.topk.bound_probes`) of
+        the distinct rows of ``bases`` not seen yet, in one matmul against ``W_U`` each way
+        (:func:`prime_contexts` does it for the contexts of many prompts at once).
+
+        Memory: ``d_vocab + (n_head + 3) * d_model`` floats kept per distinct base (SmolLM2: 60 bases, 12 MB).
+        """
+        keys, rows = self._new_rows(bases)
+        if rows is not None:
+            self._store(keys, self.lens.logits(rows))
+
+    def _store(self, keys: list[bytes], logits: Tensor, probes: BoundProbes | None = None) -> None:
+        """Memoise ``logits`` (one row per key) and their bound probes (computed here unless given)."""
+        if probes is None:
+            probes = bound_probes(self.lens.W_U, logits, self.target, self.n_head)
         pr = probes.probes.transpose(1, 2)  # [B, m+1, d_model]
         if self.lens.linear:  # move the probes to residual coordinates: u . probe = v . T^T(probe)
             pr = self.lens.transform_transpose(pr)
-        for i, key in enumerate(new):
+        for i, key in enumerate(keys):
             self._memo[key] = (
                 logits[i],
                 BoundProbes(pr[i].T.contiguous(), probes.log_weights[i], probes.base_log_prob[i]),
@@ -199,11 +212,15 @@ def make_context(
     convention: Convention = "frozen",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     tokens: Sequence[str] | None = None,
+    check: bool = True,
 ) -> ScoringContext:
     """Resolve position and target (default: the model's top-1 at ``position``) and build the lens.
 
     Args:
         tokens: the prompt's token texts, if known (else recovered from the cache when a table needs them).
+        check: run the safety net (:func:`~tl_residual.decompose.check_reconstruction` of the final
+            ``resid_post`` at ``position``). Only a caller that runs it itself on the same cache and position
+            passes ``False`` (:func:`tl_residual.study.run`: once per prompt, never twice).
 
     Raises:
         InvalidInputError: bad position, target (not exactly one token), batch, convention or chunk size.
@@ -211,7 +228,8 @@ def make_context(
     pos = resolve_position(position, n_positions(cache))
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise InvalidInputError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    check_reconstruction(model, cache, -1, pos, "resid_post", batch)  # the safety net (issue 11): exact or raise
+    if check:
+        check_reconstruction(model, cache, -1, pos, "resid_post", batch)  # the safety net (issue 11): exact or raise
     logits = model_logits(model, cache, pos, batch)
     tlm.check_finite(cache, pos, batch)  # a NaN/inf activation would enter the top-k or make target id 0
     t = resolve_target(model, target, logits)
@@ -219,6 +237,48 @@ def make_context(
     return ScoringContext(
         model, cache, lens, pos, batch, t, chunk_size, tokens=None if tokens is None else [str(x) for x in tokens]
     )
+
+
+def prime_contexts(
+    ctxs: Sequence[ScoringContext], bases: Sequence[Float[Tensor, "n d_model"]], rows_per_call: int = 256
+) -> None:
+    """``ctxs[i].prime(bases[i])`` for the contexts of many prompts at once (the prompts of one batched cache):
+    the lens logits of every new distinct base of every prompt in a few large matmuls against ``W_U``
+    (:func:`~tl_residual.lens.stacked_logits`), and their bound probes (:func:`~tl_residual.topk.bound_probes`, one
+    target per row) for ``rows_per_call`` rows at a time, ``W_U`` converted to float64 once. Same memo as
+    ``prime`` per context (up to float32 rounding of the matmul).
+
+    Memory: as ``prime`` per context, plus ``3 * rows_per_call * d_vocab`` float64 values and ``W_U`` in float64
+    while it runs.
+    """
+    todo = [(c, *c._new_rows(b)) for c, b in zip(ctxs, bases)]
+    todo = [(c, keys, rows) for c, keys, rows in todo if rows is not None]
+    if not todo:
+        return
+    logits = stacked_logits([c.lens for c, _, _ in todo], [rows for _, _, rows in todo])
+    if len({c.n_head for c, _, _ in todo}) > 1:
+        for (c, keys, _), z in zip(todo, logits):
+            c._store(keys, z)
+        return
+    W64 = todo[0][0].lens.W_U.double()
+    block: list[tuple[ScoringContext, list[bytes], Tensor]] = []
+
+    def flush() -> None:
+        z = torch.cat([zz for _, _, zz in block])
+        targets = torch.cat([torch.full((len(k),), c.target, dtype=torch.long) for c, k, _ in block])
+        probes = bound_probes(W64, z, targets.to(z.device), block[0][0].n_head)
+        start = 0
+        for c, keys, zz in block:
+            sl = slice(start, start + len(keys))
+            c._store(keys, zz, BoundProbes(probes.probes[sl], probes.log_weights[sl], probes.base_log_prob[sl]))
+            start += len(keys)
+        block.clear()
+
+    for (c, keys, _), z in zip(todo, logits):
+        if block and sum(len(k) for _, k, _ in block) + len(keys) > rows_per_call:
+            flush()
+        block.append((c, keys, z))
+    flush()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -450,22 +510,30 @@ def log_prob_increase_bound(
     return map_chunks(block, len(group), BOUND_ROWS).double()  # type: ignore[union-attr]
 
 
+def _tensor_key(t: Tensor) -> tuple[Any, ...]:
+    """What identifies a tensor's values among live tensors: storage address, shape, strides, dtype, device (two
+    views of the same weights, e.g. ``W_out`` of one layer fetched for two prompts, have the same key)."""
+    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, str(t.device))
+
+
 class ProjectionCache:
-    """``directions @ probes(base)`` per (directions tensor object, base), kept for the duration of one pruned
-    search: groups that share their directions (FFN ``W_out``, the attention neurons' ``W_O`` view shared by every
-    source position of a layer) are projected once. Memory: ``n * (n_head + 2)`` float64 per distinct
-    (directions, base) pair."""
+    """``directions @ probes(base)`` per (directions, base): groups that share their directions (FFN ``W_out``,
+    the attention neurons' ``W_O`` view shared by every source position of a layer) are projected once.
+    Directions are identified by :func:`_tensor_key` (views of the same weights share the entry) and kept alive
+    by the cache, so that their memory (and key) cannot be reused by another tensor. The probes depend on the
+    prompt, its target and its lens: one cache per :class:`ScoringContext` (or per search). Memory:
+    ``n * (n_head + 2)`` float64 per distinct (directions, base) pair."""
 
     def __init__(self) -> None:
-        self._memo: dict[tuple[int, bytes], tuple[Tensor, Tensor]] = {}
+        self._memo: dict[tuple[Any, bytes], tuple[Tensor, Tensor]] = {}
 
-    def get(self, key: tuple[int, bytes], directions: Tensor) -> Tensor | None:
-        """The projections stored under ``key`` if they were computed from this very ``directions`` tensor."""
+    def get(self, key: tuple[Any, bytes], directions: Tensor) -> Tensor | None:
+        """The projections stored under ``key`` (:func:`_tensor_key` of ``directions``, base key), if any."""
         hit = self._memo.get(key)
-        return hit[1] if hit is not None and hit[0] is directions else None
+        return hit[1] if hit is not None and _tensor_key(hit[0]) == _tensor_key(directions) else None
 
-    def put(self, key: tuple[int, bytes], directions: Tensor, proj: Tensor) -> None:
-        """Store ``proj``, keeping ``directions`` alive so that its ``id`` cannot be reused."""
+    def put(self, key: tuple[Any, bytes], directions: Tensor, proj: Tensor) -> None:
+        """Store ``proj``, keeping ``directions`` alive so that its memory cannot be reused."""
         self._memo[key] = (directions, proj)
 
 
@@ -477,7 +545,7 @@ def _direction_projections(
 ) -> Float[Tensor, "n m1"]:
     """``directions @ probes(base)`` in float64 (linear lens), in blocks of :data:`BOUND_ROWS` rows; memoised in
     ``cache`` when given."""
-    key = (id(directions), ctx._keys(base[None])[0])
+    key = (_tensor_key(directions), ctx._keys(base[None])[0])
     if cache is not None and (hit := cache.get(key, directions)) is not None:
         return hit
     probes = ctx.base_probes(base).probes.to(directions.device)
@@ -513,6 +581,43 @@ def _fused_bounds(
         out += list(torch.split(values, [len(g) for g in groups[i:j]]))
         i = j
     return out
+
+
+def project_bounds(
+    ctxs: Sequence[ScoringContext], groups: Sequence[Sequence[PartGroup]], scorer: str | Scorer = "log_prob_increase"
+) -> None:
+    """Fill each context's :attr:`~ScoringContext.projections` with the bound projections ``directions @
+    probes(x0)`` that ``scorer``'s pruned search over ``groups[i]`` needs for prompt ``i``: one float64 product
+    per distinct directions tensor for all prompts together (``[n, d_model] x [d_model, prompts * (n_head + 2)]``;
+    FFN ``W_out`` and the attention neurons' ``W_O`` rows are shared by every prompt), instead of one narrow
+    product per prompt. The searches then find them in the cache: same values as computing them per prompt.
+
+    Only for an :class:`IncreaseBound` under linear lenses (else nothing to do). Contexts need their bases primed
+    (:func:`prime_contexts`) and a ``projections`` cache. Memory: the projections, ``n * (n_head + 2)`` float64
+    per group and prompt.
+    """
+    bound = get_scorer(scorer).bound
+    if not isinstance(bound, IncreaseBound):
+        return
+    todo: dict[tuple[Any, ...], tuple[Tensor, dict[tuple[int, bytes], tuple[ScoringContext, Tensor, bytes]]]] = {}
+    for ctx, gs in zip(ctxs, groups):
+        if ctx.projections is None or not ctx.lens.linear or not ctx.lens.certifiable:
+            continue
+        for g in gs:
+            if not len(g):
+                continue
+            x0 = bound.base(ctx, ctx.base_for(g))
+            bkey = ctx._keys(x0[None])[0]
+            dkey = _tensor_key(g.directions)
+            if ctx.projections.get((dkey, bkey), g.directions) is not None:
+                continue
+            todo.setdefault(dkey, (g.directions, {}))[1][(id(ctx), bkey)] = (ctx, x0, bkey)
+    for dkey, (directions, items) in todo.items():
+        probes = [ctx.base_probes(x0).probes for ctx, x0, _ in items.values()]
+        wide = torch.cat(probes, dim=1).to(directions.device)  # [d_model, prompts * (m+1)]
+        proj = map_chunks(lambda rows, d=directions, w=wide: d[rows].double() @ w, len(directions), BOUND_ROWS)
+        for (ctx, _, bkey), p in zip(items.values(), torch.split(proj, [q.shape[1] for q in probes], dim=1)):
+            ctx.projections.put((dkey, bkey), directions, p)  # type: ignore[union-attr,arg-type]
 
 
 def _prob_increase_post(b: Tensor, probes: BoundProbes) -> Tensor:
@@ -721,7 +826,8 @@ def _bounds(ctx: ScoringContext, groups: list[PartGroup], bases: list[Tensor], s
     bound = scorer.bound
     assert bound is not None
     if isinstance(bound, IncreaseBound) and ctx.lens.linear:
-        return _fused_bounds(ctx, groups, bases, bound, ProjectionCache())
+        cache = ctx.projections if ctx.projections is not None else ProjectionCache()
+        return _fused_bounds(ctx, groups, bases, bound, cache)
     return [bound(ctx, g, b).double().cpu() for g, b in zip(groups, bases)]
 
 

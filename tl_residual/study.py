@@ -567,6 +567,83 @@ def _sublayer_group(layer: int, kind: str, vec: torch.Tensor) -> PartGroup:
     return PartGroup(kind, layer, torch.ones(1, device=vec.device), vec[None, :], {}, [N.layer_output(layer, kind)])  # type: ignore[arg-type]
 
 
+@dataclass
+class _Prompt:
+    """One prompt of a batch, checked and ready to score: its context, the safety net's relative error, the
+    checked groups kept for the searches, and the rows to prime (every base and stream residual)."""
+
+    ctx: Any
+    error: float
+    keep: dict[str, list[PartGroup]]
+    attn_neurons: list[PartGroup]
+    stream: list[tuple[str, torch.Tensor]]
+    sub_groups: list[PartGroup]
+    bases: torch.Tensor
+
+
+def _prepare(
+    model: Any,
+    cache: Any,
+    batch: int,
+    position: int,
+    target: int | str | None,
+    *,
+    kinds: Sequence[str],
+    convention: str,
+    chunk_size: int | None,
+) -> _Prompt:
+    """Build prompt ``batch``'s context and run the safety net once (never twice: the context is built without
+    its own check, and the checked parts of two kinds are kept for the scorers).
+
+    Raises:
+        InvalidInputError: a bad target or position, or a decomposition error above
+            :data:`MAX_DECOMPOSITION_ERROR`; UnsupportedArchitectureError: a model outside the decomposition.
+    """
+    from tl_residual import scorers as S
+    from tl_residual.decompose import attention_neuron_groups
+
+    kw = {} if chunk_size is None else {"chunk_size": chunk_size}
+    ctx = S.make_context(model, cache, target, position, batch, convention, check=False, **kw)  # type: ignore[arg-type]
+    ctx.projections = S.ProjectionCache()  # kept for the prompt: shared by its searches and filled per batch
+    # the checked parts of two kinds are kept and scored below: the same groups, in the same (layer) order, as
+    # tl_residual.scorers.iter_groups builds (attention_parts; ffn_parts for dense MLPs; a mixture of experts'
+    # FFN groups differ from iter_parts' and are rebuilt by the scorers)
+    spec = tlm.model_spec(model)
+    keep: dict[str, list[PartGroup]] = {k: [] for k in ("attn_subvalue", "ffn_neuron") if k in kinds}
+    if "ffn_neuron" in keep and any(tlm.is_moe_layer(model, l) for l in range(spec.n_layers)):
+        del keep["ffn_neuron"]
+    err = _decomposition_error(model, cache, ctx.position, batch, keep)
+    if not err <= MAX_DECOMPOSITION_ERROR:
+        raise InvalidInputError(
+            f"the parts miss the cached final resid_post by {err:.2e} (relative), above {MAX_DECOMPOSITION_ERROR:g}; "
+            f"scores would not be exact"
+        )
+    attn_neurons = (
+        [g for l in range(spec.n_layers) for g in attention_neuron_groups(model, cache, l, ctx.position, batch)]
+        if "attn_neuron" in kinds
+        else []
+    )  # the groups of scorers.score_attention_neurons (iter_groups), built once
+    stream = residual_stream(model, cache, ctx.position, batch)
+    sub_groups = [
+        _sublayer_group(l, k, v) for _, l, k, v in layer_outputs(model, cache, ctx.position, batch) if k != "embed"
+    ]
+    bases = torch.stack([ctx.base_for(g) for g in sub_groups] + [v for _, v in stream])
+    return _Prompt(ctx, err, keep, attn_neurons, stream, sub_groups, torch.cat([bases, torch.zeros_like(bases[:1])]))
+
+
+def _prime(prompts: Sequence[_Prompt], methods: Sequence[str]) -> None:
+    """Everything the prompts of a batch share, computed for all of them at once: the lens logits and bound
+    probes of every base and stream residual (:func:`tl_residual.scorers.prime_contexts`), and the bound
+    projections of the directions shared by every prompt (FFN ``W_out``, attention ``W_O`` rows;
+    :func:`tl_residual.scorers.project_bounds`)."""
+    from tl_residual import scorers as S
+
+    ctxs = [p.ctx for p in prompts]
+    S.prime_contexts(ctxs, [p.bases for p in prompts])
+    for method in methods:
+        S.project_bounds(ctxs, [p.keep.get("ffn_neuron", []) + p.attn_neurons for p in prompts], method)
+
+
 def score_prompt(
     model: Any,
     cache: Any,
@@ -585,30 +662,44 @@ def score_prompt(
     group: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     """Every requested quantity for prompt ``batch`` of a right-padded batched ``cache`` at ``position`` (an index
-    into the prompt's own tokens): ``(prompt facts, rows per table)``.
+    into the prompt's own tokens): ``(prompt facts, rows per table)``. (:func:`run` prepares the prompts of a
+    batch together; same rows.)
 
     Raises:
         InvalidInputError: a bad target or position; UnsupportedArchitectureError: a model outside the
             decomposition; also when the decomposition of the final ``resid_post`` misses the cached vector by more
             than :data:`MAX_DECOMPOSITION_ERROR` (relative; the safety net).
     """
+    prompt = _prepare(model, cache, batch, position, target, kinds=kinds, convention=convention, chunk_size=chunk_size)
+    _prime([prompt], methods)
+    return _score_prepared(
+        prompt,
+        methods=methods,
+        kinds=kinds,
+        top_k=top_k,
+        query_values=query_values,
+        query_top_k=query_top_k,
+        pid=pid,
+        group=group,
+    )
+
+
+def _score_prepared(
+    prompt: _Prompt,
+    *,
+    methods: Sequence[str],
+    kinds: Sequence[str],
+    top_k: Mapping[str, int | None],
+    query_values: int,
+    query_top_k: int,
+    pid: int,
+    group: str | None,
+) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """The rows of :func:`score_prompt` for a prepared (and primed) prompt."""
     from tl_residual import scorers as S
 
-    kw = {} if chunk_size is None else {"chunk_size": chunk_size}
-    ctx = S.make_context(model, cache, target, position, batch, convention, **kw)  # type: ignore[arg-type]
-    # the checked parts of two kinds are kept and scored below: the same groups, in the same (layer) order, as
-    # tl_residual.scorers.iter_groups builds (attention_parts; ffn_parts for dense MLPs; a mixture of experts'
-    # FFN groups differ from iter_parts' and are rebuilt by the scorers)
-    spec = tlm.model_spec(model)
-    keep: dict[str, list[PartGroup]] = {k: [] for k in ("attn_subvalue", "ffn_neuron") if k in kinds}
-    if "ffn_neuron" in keep and any(tlm.is_moe_layer(model, l) for l in range(spec.n_layers)):
-        del keep["ffn_neuron"]
-    err = _decomposition_error(model, cache, ctx.position, batch, keep)
-    if not err <= MAX_DECOMPOSITION_ERROR:
-        raise InvalidInputError(
-            f"the parts miss the cached final resid_post by {err:.2e} (relative), above {MAX_DECOMPOSITION_ERROR:g}; "
-            f"scores would not be exact"
-        )
+    ctx, keep, sub_groups = prompt.ctx, prompt.keep, prompt.sub_groups
+    model, cache, batch = ctx.model, ctx.cache, ctx.batch
     logits = S.model_logits(model, cache, ctx.position, batch)
     logp = torch.log_softmax(logits.double(), -1)
     facts = {
@@ -616,16 +707,15 @@ def score_prompt(
         "target_log_prob": float(logp[ctx.target]),
         "target_prob": float(logp[ctx.target].exp()),
         "target_rank": int(1 + (logits > logits[ctx.target]).sum()),
-        "decomposition_error": err,
+        "decomposition_error": prompt.error,
     }
     rows: dict[str, list[dict[str, Any]]] = {t: [] for t in TABLES if t != "prompts"}
     base = {"prompt_id": pid, "group": group}
     if "stream" in kinds:
-        stream = residual_stream(model, cache, ctx.position, batch)
-        z = ctx.lens.logits(torch.stack([v for _, v in stream]))
+        z = ctx.base_logits(torch.stack([v for _, v in prompt.stream]))  # primed: ctx.lens.logits of each
         lp = torch.log_softmax(z.double(), -1)[:, ctx.target]
         rk = 1 + (z > z[:, ctx.target : ctx.target + 1]).sum(-1)
-        for i, (name, _) in enumerate(stream):
+        for i, (name, _) in enumerate(prompt.stream):
             rows["stream"].append(
                 {
                     **base,
@@ -636,13 +726,9 @@ def score_prompt(
                     "rank": int(rk[i]),
                 }
             )
-    sub_groups = [
-        _sublayer_group(l, k, v) for _, l, k, v in layer_outputs(model, cache, ctx.position, batch) if k != "embed"
-    ]
-    # every base residual (resid_pre and resid_mid of each layer, and zero) primed in one matmul against W_U;
-    # the layer scores and every pruned search below reuse them
+    # every base residual (resid_pre and resid_mid of each layer, and zero) was primed for the whole batch; the
+    # layer scores and every pruned search below reuse them
     bases = torch.stack([ctx.base_for(g) for g in sub_groups])
-    ctx.prime(torch.cat([bases, torch.zeros_like(bases[:1])]))
     for method in methods:
         scorer = S.get_scorer(method)
         if "layer" in kinds:
@@ -673,7 +759,7 @@ def score_prompt(
                 if "ffn_neuron" in keep
                 else S.score_ffn_neurons(ctx, m, top_k=top_k["ffn_neuron"], n_top_tokens=0)
             ),
-            "attn_neuron": lambda m: S.score_attention_neurons(ctx, m, top_k=top_k["attn_neuron"], n_top_tokens=0),
+            "attn_neuron": lambda m: S.score_groups(ctx, prompt.attn_neurons, m, top_k["attn_neuron"], n_top_tokens=0),
             "attn_subvalue": lambda m: S.score_groups(
                 ctx, keep["attn_subvalue"], m, top_k["attn_subvalue"], n_top_tokens=0
             ),
@@ -1103,23 +1189,33 @@ def _run_batch(
             _, cache = model.run_with_cache(tokens.to(device))
         if hasattr(cache, "to") and any(v.device != device for v in cache.values()):
             cache = cache.to(device)  # layers on several devices (device_map): score on W_U's device
+        prepared: list[tuple[PromptRecord, int, _Prompt]] = []
         for b, (r, t) in enumerate(runnable):
             n = len(t)
             pos = position + n if position < 0 else position
             try:
                 if not 0 <= pos < n:
                     raise InvalidInputError(f"position {position} is outside the prompt's {n} tokens")
-                f, prow = score_prompt(
-                    model,
-                    cache,
-                    b,
-                    pos,
-                    r.target,
+                prepared.append(
+                    (
+                        r,
+                        pos,
+                        _prepare(
+                            model, cache, b, pos, r.target, kinds=kinds, convention=convention, chunk_size=chunk_size
+                        ),
+                    )
+                )
+            except TLResidualError as exc:
+                reasons[r.prompt_id], statuses[r.prompt_id] = str(exc), "failed"
+        if prepared:
+            _prime([p for _, _, p in prepared], methods)  # what the prompts share, for all of them at once
+        for r, pos, prompt in prepared:
+            try:
+                f, prow = _score_prepared(
+                    prompt,
                     methods=methods,
                     kinds=kinds,
                     top_k=top,
-                    convention=convention,
-                    chunk_size=chunk_size,
                     query_values=query_values,
                     query_top_k=query_top_k,
                     pid=r.prompt_id,
@@ -1132,6 +1228,7 @@ def _run_batch(
             statuses[r.prompt_id] = "ok"
             for table, trows in prow.items():
                 rows[table].extend(trows)
+        del prepared
         del cache
     for r, prompt_tokens, _ in chunk:
         f = facts.get(r.prompt_id, {})

@@ -95,30 +95,32 @@ def jensen_direction(
 def bound_probes(
     W_U: Float[Tensor, "d_model d_vocab"],
     base_logits: Float[Tensor, "B d_vocab"],
-    target: int,
+    target: int | Int[Tensor, " B"],
     n_head: int = DEFAULT_HEAD,
 ) -> BoundProbes:
     """The probes of bound (1) for ``B`` bases, in two matmuls against ``W_U`` (one per direction).
 
     Args:
-        W_U: the unembedding (``d_model x d_vocab``), float32 or float64.
+        W_U: the unembedding (``d_model x d_vocab``), float32 or float64 (pass it in float64 to convert it once
+            for many calls).
         base_logits: the lens logits of each base ``x`` (logits; any additive constant per row is harmless).
-        target: target token id.
+        target: target token id, or one target per base (the bases of several prompts in one call).
         n_head: ``h``, how many of the most probable tokens of ``p(x)`` enter exactly (``0``: plain Jensen;
             the target is always added to the head).
 
     Returns:
-        :class:`BoundProbes` in float64. Peak memory ``B * d_vocab`` float64 values.
+        :class:`BoundProbes` in float64. Peak memory ``3 * B * d_vocab`` float64 values.
     """
     n_head = max(0, min(int(n_head), base_logits.shape[-1]))
     logp = torch.log_softmax(base_logits.double(), dim=-1)  # [B, V]
     B = logp.shape[0]
     rows = torch.arange(B, device=logp.device)[:, None]
+    t_col = torch.as_tensor(target, dtype=torch.long, device=logp.device).reshape(-1, 1).expand(B, 1)
     head = torch.topk(logp, n_head, dim=-1).indices if n_head else logp.new_zeros(B, 0, dtype=torch.long)
-    t_col = torch.full((B, 1), target, dtype=torch.long, device=logp.device)
-    has_t = (head == target).any(-1, keepdim=True)
+    has_t = (head == t_col).any(-1, keepdim=True)
+    t_logp = logp.gather(-1, t_col)  # [B, 1]
     # Put the target in the head; where it is already there, repeat a head token with zero weight instead.
-    extra_lw = torch.where(has_t, torch.full_like(has_t, -math.inf, dtype=logp.dtype), logp[:, target : target + 1])
+    extra_lw = torch.where(has_t, torch.full_like(t_logp, -math.inf), t_logp)
     head = torch.cat([head, t_col], dim=-1)
     head_lw = torch.cat([logp[rows, head[:, :-1]], extra_lw], dim=-1)
     p_tail = logp.exp()
@@ -126,11 +128,9 @@ def bound_probes(
     q = p_tail.sum(-1)  # [B]
     W = W_U.double()
     mu_tail = (p_tail @ W.T) / q.clamp_min(1e-300)[:, None]  # [B, d_model]
-    probes = torch.cat(
-        [W[:, target].expand(B, -1)[:, :, None], W[:, head].permute(1, 0, 2), mu_tail[:, :, None]], dim=-1
-    )
+    probes = torch.cat([W[:, t_col[:, 0]].T[:, :, None], W[:, head].permute(1, 0, 2), mu_tail[:, :, None]], dim=-1)
     log_q = torch.where(q > 0, q.clamp_min(1e-300).log(), torch.full_like(q, -math.inf))
-    return BoundProbes(probes, torch.cat([head_lw, log_q[:, None]], dim=-1), logp[:, target])
+    return BoundProbes(probes, torch.cat([head_lw, log_q[:, None]], dim=-1), t_logp[:, 0])
 
 
 def head_tail_bound(projections: Float[Tensor, "n m1"], log_weights: Float[Tensor, "n m"]) -> Float[Tensor, " n"]:
