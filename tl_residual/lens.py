@@ -114,6 +114,31 @@ class Lens:
             v = v - v.mean(dim=-1, keepdim=True)
         return v * (self.gamma / self.scale)
 
+    @property
+    def prompt_factor(self) -> float:
+        """The part of :meth:`transform` that depends on the prompt: ``1 / scale`` (``frozen``), ``1`` (``none``).
+        ``transform(v) = prompt_free_transform(v) * prompt_factor`` (up to float rounding), so a direction's
+        logits ``prompt_free_transform(w) @ W_U`` serve every prompt of the same model (neuron-level paper Eq. 12:
+        the frozen scale is one number per prompt and position)."""
+        if self.convention == "recomputed":
+            raise InvalidInputError("the 'recomputed' lens is not linear; it has no prompt factor")
+        return 1.0 if self.convention == "none" else 1.0 / self.scale
+
+    def prompt_free_transform(self, v: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        """:meth:`transform` without the prompt's frozen scale: centre (LayerNorm), times gamma (``frozen``);
+        identity (``none``).
+
+        Raises:
+            InvalidInputError: for ``"recomputed"``, which is not linear.
+        """
+        if self.convention == "none":
+            return v
+        if self.convention == "recomputed":
+            raise InvalidInputError("the 'recomputed' lens is not linear; use logits() on whole vectors")
+        if self.center:
+            v = v - v.mean(dim=-1, keepdim=True)
+        return v * self.gamma
+
     def transform_transpose(self, g: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         """Adjoint of :meth:`transform`: ``transform(v) . g == v . transform_transpose(g)``."""
         if self.convention == "none":

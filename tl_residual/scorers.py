@@ -37,7 +37,7 @@ from typing import Any
 
 import pandas as pd
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_residual import model as tlm
@@ -93,6 +93,9 @@ class ScoringContext:
         projections: a :class:`ProjectionCache` kept for the context's lifetime (the bound projections of the
             directions of every search on this prompt, and those a batch computed for all its prompts at once,
             :func:`project_bounds`); ``None``: one cache per search.
+        direction_logits: a :class:`DirectionLogits` shared by the contexts of one batch (same model and
+            convention): the exact scores of FFN and attention neurons then reuse the vocabulary projection of a
+            neuron's direction computed for another prompt; ``None``: every exact score projects its part.
     """
 
     model: Any
@@ -105,6 +108,7 @@ class ScoringContext:
     n_head: int = DEFAULT_HEAD
     tokens: list[str] | None = None
     projections: ProjectionCache | None = field(default=None, repr=False)
+    direction_logits: DirectionLogits | None = field(default=None, repr=False)
     _memo: dict[bytes, tuple[Tensor, BoundProbes]] = field(default_factory=dict, repr=False)
 
     @property
@@ -620,6 +624,120 @@ def project_bounds(
             ctx.projections.put((dkey, bkey), directions, p)  # type: ignore[union-attr,arg-type]
 
 
+#: Kinds whose directions are rows of the model's weights (``W_out``, ``W_O``), the same for every prompt.
+SHARED_DIRECTION_KINDS: tuple[str, ...] = ("ffn_neuron", "attn_neuron")
+
+
+class DirectionLogits:
+    """The vocabulary projections ``lens.prompt_free_transform(w) @ W_U`` of neuron directions ``w`` (rows of
+    ``W_out`` and ``W_O``), computed once and shared by the prompts of a batch: under a linear lens the logits of a
+    part ``m * w`` at a prompt are ``m * prompt_factor * P[w]`` (:attr:`~tl_residual.lens.Lens.prompt_factor`), so
+    each (prompt, neuron) exact score costs ``O(d_vocab)`` (a log-softmax) instead of a ``d_model x d_vocab``
+    product, and the products are paid once per distinct neuron of the batch (the union over its prompts).
+
+    Args:
+        max_bytes: memory for the projections (float32 rows of ``d_vocab``; reserved once, pages touched as rows
+            are written); when full the table is cleared and filled again (results unchanged, only sharing lost).
+        block: rows scored per pass (a block of ``block * d_vocab`` floats stays in cache across the passes).
+    """
+
+    def __init__(self, max_bytes: int = 512 * 2**20, block: int = 16) -> None:
+        self.max_bytes, self.block = max_bytes, block
+        self.n_projected = 0  # rows projected (cost counter: the union size)
+        self.n_requested = 0  # rows asked for (the sum over prompts)
+        self._buf: Tensor | None = None
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget every projection."""
+        self._slot: dict[tuple[Any, int], int] = {}
+        self._alive: dict[tuple[Any, ...], Tensor] = {}  # keeps the directions' memory (and keys) from reuse
+        self._table: Tensor | None = None
+        self._n = 0
+
+    def slots(self, lens: Lens, directions: Float[Tensor, "n d_model"], local: Int[Tensor, " r"]) -> Tensor:
+        """The table rows holding ``directions[local]``, projecting those not seen yet (one matmul against
+        ``W_U`` per :data:`~tl_residual.lens.DEFAULT_CHUNK_SIZE` rows, written straight into the table)."""
+        dkey = _tensor_key(directions)
+        wanted = local.tolist()
+        self.n_requested += len(wanted)
+        missing = list(dict.fromkeys(r for r in wanted if (dkey, r) not in self._slot))
+        if missing:
+            W_U = lens.W_U
+            if self._table is None or self._n + len(missing) > self._table.shape[0]:
+                self.clear()  # full (or first use): start again, and every wanted row is missing now
+                missing = list(dict.fromkeys(wanted))
+                cap = max(len(missing), self.max_bytes // (4 * W_U.shape[-1]))
+                self._table = W_U.new_empty(cap, W_U.shape[-1])
+            for s in range(0, len(missing), DEFAULT_CHUNK_SIZE):
+                rows = missing[s : s + DEFAULT_CHUNK_SIZE]
+                x = lens.prompt_free_transform(directions[torch.tensor(rows, device=directions.device)].float())
+                torch.matmul(x.to(W_U.device), W_U, out=self._table[self._n : self._n + len(rows)])
+                for r in rows:
+                    self._slot[(dkey, r)] = self._n
+                    self._n += 1
+            self._alive[dkey] = directions
+            self.n_projected += len(missing)
+        return torch.tensor([self._slot[(dkey, r)] for r in wanted], dtype=torch.long)
+
+    def log_prob_increase(
+        self,
+        slots: Int[Tensor, " r"],
+        coefficients: Float[Tensor, " r"],
+        base_logits: Float[Tensor, " d_vocab"],
+        target: int,
+    ) -> Float[Tensor, " r"]:
+        """``log_softmax(z(x) + m_j P[w_j])[t] - log_softmax(z(x))[t]`` for each row (nats): the log-probability
+        increase of the parts ``m_j w_j`` (``coefficients`` already times the prompt factor) at a base of lens logits
+        ``base_logits``; ``block`` rows at a time in one reused buffer (no allocation per row)."""
+        assert self._table is not None
+        V = base_logits.shape[-1]
+        if self._buf is None or self._buf.shape[1] != V:
+            self._buf = base_logits.new_empty(self.block, V)
+        base_lp = float(torch.log_softmax(base_logits, -1)[target])
+        coef = coefficients.float().to(base_logits.device)
+        out = torch.empty(len(slots), dtype=torch.float64)
+        idx = slots.to(self._table.device)
+        for s in range(0, len(slots), self.block):
+            b = self._buf[: min(self.block, len(slots) - s)]
+            torch.index_select(self._table, 0, idx[s : s + self.block], out=b)
+            b.mul_(coef[s : s + self.block, None]).add_(base_logits)  # the logits of x + m w
+            zt = b[:, target].clone()
+            m = b.amax(-1)
+            lse = b.sub_(m[:, None]).exp_().sum(-1).log_().add_(m)  # logsumexp, in place
+            out[s : s + len(b)] = (zt - lse).double().cpu() - base_lp
+        return out
+
+
+def _shared_log_prob_increase(
+    ctx: ScoringContext, groups: list[PartGroup], bases: list[Tensor], owner: Tensor, local: Tensor, idx: Tensor
+) -> Float[Tensor, " m"]:
+    """The log-probability increase of the parts ``idx`` (of many groups) exactly as ``log_prob_increase`` scores
+    them, with the parts of :data:`SHARED_DIRECTION_KINDS` projected through ``ctx.direction_logits``:
+    ``log_softmax(z(x) + m * prompt_factor * P[w])[t] - log p(t | x)`` (linear lens)."""
+    shared = ctx.direction_logits
+    assert shared is not None and ctx.lens.linear
+    out = torch.empty(len(idx), dtype=torch.float64)
+    own = owner[idx]
+    rest = []
+    for gi in own.unique().tolist():
+        sel = (own == gi).nonzero().squeeze(-1)
+        g = groups[gi]
+        if g.kind not in SHARED_DIRECTION_KINDS:
+            rest.append(sel)
+            continue
+        rows = local[idx[sel]]
+        slots = shared.slots(ctx.lens, g.directions, rows)
+        coef = g.coefficients[rows.to(g.coefficients.device)].float() * ctx.lens.prompt_factor
+        out[sel] = shared.log_prob_increase(slots, coef, ctx.base_logits(bases[gi]), ctx.target)
+    if rest:
+        sel = torch.cat(rest)
+        out[sel] = _log_prob_increase(ctx, *_gather(groups, bases, owner, local, idx[sel])).double().cpu()
+    if not bool(torch.isfinite(out).all()):
+        raise InvalidInputError(f"{int((~torch.isfinite(out)).sum())} non-finite log-probability increases")
+    return out
+
+
 def _prob_increase_post(b: Tensor, probes: BoundProbes) -> Tensor:
     """Method c is ``p(t | x) * expm1(Imp)``, increasing in ``Imp``: bounded by ``p(t | x) * expm1(B)``."""
     return probes.base_log_prob.double().exp() * torch.expm1(b)
@@ -863,7 +981,11 @@ def _pruned(
     local = torch.cat([torch.arange(len(g)) for g in groups])
     k = min(top_k, int(all_bounds.shape[0]))  # never allocate for more rows than there are candidates
 
+    shared = ctx.direction_logits is not None and scorer.fn is _log_prob_increase and ctx.lens.linear
+
     def exact(idx: Tensor) -> Tensor:
+        if shared:  # neuron directions' vocabulary projections shared with the other prompts of the batch
+            return _shared_log_prob_increase(ctx, groups, bases, owner, local, idx)
         # Parts of many layers in one call: one base per part, one matmul against W_U per chunk.
         return scorer(ctx, *_gather(groups, bases, owner, local, idx)).double().cpu()
 

@@ -55,6 +55,7 @@ import platform
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -591,6 +592,7 @@ def _prepare(
     kinds: Sequence[str],
     convention: str,
     chunk_size: int | None,
+    tokens: Sequence[str] | None = None,
 ) -> _Prompt:
     """Build prompt ``batch``'s context and run the safety net once (never twice: the context is built without
     its own check, and the checked parts of two kinds are kept for the scorers).
@@ -603,7 +605,7 @@ def _prepare(
     from tl_residual.decompose import attention_neuron_groups
 
     kw = {} if chunk_size is None else {"chunk_size": chunk_size}
-    ctx = S.make_context(model, cache, target, position, batch, convention, check=False, **kw)  # type: ignore[arg-type]
+    ctx = S.make_context(model, cache, target, position, batch, convention, tokens=tokens, check=False, **kw)  # type: ignore[arg-type]
     ctx.projections = S.ProjectionCache()  # kept for the prompt: shared by its searches and filled per batch
     # the checked parts of two kinds are kept and scored below: the same groups, in the same (layer) order, as
     # tl_residual.scorers.iter_groups builds (attention_parts; ffn_parts for dense MLPs; a mixture of experts'
@@ -640,6 +642,9 @@ def _prime(prompts: Sequence[_Prompt], methods: Sequence[str]) -> None:
 
     ctxs = [p.ctx for p in prompts]
     S.prime_contexts(ctxs, [p.bases for p in prompts])
+    shared = S.DirectionLogits()  # neuron directions' vocabulary projections, once per batch for all prompts
+    for c in ctxs:
+        c.direction_logits = shared
     for method in methods:
         S.project_bounds(ctxs, [p.keep.get("ffn_neuron", []) + p.attn_neurons for p in prompts], method)
 
@@ -1085,22 +1090,23 @@ def run(
     try:
         for start in range(0, len(tokenized), batch_size):
             chunk = tokenized[start : start + batch_size]
-            counts = _run_batch(
-                model,
-                chunk,
-                out,
-                rank,
-                next_shard,
-                methods=methods,
-                kinds=kinds,
-                top=top,
-                position=position,
-                convention=convention,
-                chunk_size=chunk_size,
-                query_values=query_values,
-                query_top_k=query_top_k,
-                filter=filter,
-            )
+            with _spec_scope(model):
+                counts = _run_batch(
+                    model,
+                    chunk,
+                    out,
+                    rank,
+                    next_shard,
+                    methods=methods,
+                    kinds=kinds,
+                    top=top,
+                    position=position,
+                    convention=convention,
+                    chunk_size=chunk_size,
+                    query_values=query_values,
+                    query_top_k=query_top_k,
+                    filter=filter,
+                )
             next_shard += 1
             for k, v in counts.items():
                 summary[k] += v
@@ -1110,6 +1116,17 @@ def run(
     summary["seconds"] = time.perf_counter() - t0
     state.wait_for_everyone()
     return summary
+
+
+def _spec_scope(model: Any) -> ExitStack:
+    """:func:`tl_residual.model.spec_scope` for one batch (the model's spec read once, not per part group); for
+    an unsupported model no scope, and each prompt fails with the reason, as without it."""
+    stack = ExitStack()
+    try:
+        stack.enter_context(tlm.spec_scope(model))
+    except TLResidualError:
+        pass
+    return stack
 
 
 def _token_strs(model: Any, toks: torch.Tensor | None) -> list[str]:
@@ -1201,7 +1218,15 @@ def _run_batch(
                         r,
                         pos,
                         _prepare(
-                            model, cache, b, pos, r.target, kinds=kinds, convention=convention, chunk_size=chunk_size
+                            model,
+                            cache,
+                            b,
+                            pos,
+                            r.target,
+                            kinds=kinds,
+                            convention=convention,
+                            chunk_size=chunk_size,
+                            tokens=_token_strs(model, t[: pos + 1]),  # the prompt's own tokens, not decoded again
                         ),
                     )
                 )

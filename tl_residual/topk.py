@@ -155,13 +155,14 @@ def certified_top_k(
     k: int,
     chunk_size: int = 256,
     tol: float = 1e-5,
-    min_chunk: int = 32,
+    min_chunk: int = 8,
 ) -> TopK:
     """Exact top-``k`` of a score that never exceeds ``bounds``.
 
-    The first call scores the ``max(k, min_chunk)`` best-bounded candidates; later calls grow geometrically
-    (a quarter of those already scored, at least ``min_chunk``, at most ``chunk_size``), so the work is at most
-    about 1.25 times the least possible plus one chunk.
+    The first call scores the ``max(k, min_chunk)`` best-bounded candidates; each later call scores exactly the
+    unscored candidates whose bound still beats the running k-th score (the only ones that can enter the top-k or
+    block the stopping test; at most ``chunk_size`` per call). A candidate is therefore scored only if its bound
+    beat the k-th score known when it was reached: no fixed-size overshoot.
 
     Args:
         bounds: an upper bound of every candidate's score (same units as the score).
@@ -169,7 +170,7 @@ def certified_top_k(
         k: how many to return (fewer if there are fewer candidates).
         chunk_size: most candidates scored per call of ``exact`` after the first (bounds the peak extra memory
             of the scorer, together with ``k``).
-        min_chunk: fewest candidates scored per call.
+        min_chunk: fewest candidates scored by the first call.
         tol: slack added to the stopping test (relative to ``max(1, |bound|)``) against float rounding in bound
             and exact score; the search only stops once the k-th score beats the next bound by this margin.
 
@@ -195,7 +196,12 @@ def certified_top_k(
     start = 0
     while start < n:
         # The first chunk holds at least k so the k-th best is known after one round; then grow geometrically.
-        step = max(k, min_chunk) if start == 0 else min(chunk_size, max(min_chunk, start // 4))
+        if start == 0:
+            step = max(k, min_chunk)
+        else:  # the unscored candidates that could still block the stopping test below
+            kth = float(best_score.min())
+            rest = sorted_bounds[start:]
+            step = min(chunk_size, max(1, int((rest + tol * rest.abs().clamp_min(1.0) > kth).sum())))
         stop = min(n, start + step)
         idx = order[start:stop]
         scores = exact(idx).detach().double().cpu()
