@@ -52,6 +52,8 @@ TOP_K = {"ffn_neuron": 100, "attn_neuron": 200, "attn_subvalue": 20, "head": Non
 #: CPU time (all threads of this process) of the last measurement: less sensitive than wall time to other
 #: processes on a shared machine.
 CPU: dict[str, float] = {}
+#: The summary of the last study run (tl_residual.study.run's return value).
+LAST: dict[str, Any] = {}
 
 
 def forward_seconds(model: Any, prompts: list[str], batch_size: int) -> float:
@@ -91,6 +93,8 @@ def study_seconds(model: Any, df: pd.DataFrame, batch_size: int, kinds: tuple[st
         )
         seconds = time.perf_counter() - t0
         CPU["last"] = time.process_time() - c0
+        LAST.clear()
+        LAST.update(summary)
         if summary["failed"]:
             raise RuntimeError(f"{summary['failed']} prompts failed: {st.load(out / 's').prompts['reason'].dropna()}")
         return seconds
@@ -117,6 +121,9 @@ def side_by_side(model: Any, df: pd.DataFrame, batch_size: int) -> dict[str, Any
         "forward_cpu_s": fwd_cpu,
         "study_cpu_s": stu_cpu,
         "cpu_ratio": stu_cpu / fwd_cpu,
+        "neuron_rows_requested": LAST.get("neuron_rows_requested"),
+        "neuron_rows_projected": LAST.get("neuron_rows_projected"),
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
     }
 
 
@@ -175,6 +182,9 @@ def main() -> None:
             lengths.append(side_by_side(model, longer, args.batch_size))
         result["lengths"] = lengths
     result["load_average_1min_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    import resource
+
+    result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     stem = "study-quick" if args.quick or args.n else "study"
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
@@ -196,17 +206,19 @@ def report(r: dict[str, Any]) -> str:
         ),
         "",
         (
-            "| prompts | batch | mean tokens | forward with cache (s) | study (s) | study / forward | study prompts/s "
-            "| CPU time: forward (s) | study (s) | study / forward |"
+            "| prompts | batch | mean tokens | forward with cache (s) | study (s) | **study / forward** "
+            "| study prompts/s | CPU time: forward (s) | study (s) | study / forward "
+            "| neuron rows scored / projected | load |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def row(x: dict[str, Any]) -> str:
         return (
             f"| {x['n_prompts']} | {x['batch_size']} | {x['mean_tokens']:.1f} | {x['forward_s']:.2f} | "
-            f"{x['study_s']:.2f} | {x['ratio']:.2f} | {x['study_prompts_per_s']:.2f} | {x['forward_cpu_s']:.2f} | "
-            f"{x['study_cpu_s']:.2f} | {x['cpu_ratio']:.2f} |"
+            f"{x['study_s']:.2f} | **{x['ratio']:.2f}** | {x['study_prompts_per_s']:.2f} | {x['forward_cpu_s']:.2f} | "
+            f"{x['study_cpu_s']:.2f} | {x['cpu_ratio']:.2f} | {x.get('neuron_rows_requested')} / "
+            f"{x.get('neuron_rows_projected')} | {x.get('load_average_1min', float('nan')):.1f} |"
         )
 
     lines.append(row(m))
@@ -230,6 +242,14 @@ def report(r: dict[str, Any]) -> str:
                     f"| {k} | {v:.2f} | {v / pk['forward_s']:.2f} | {c:.2f} | "
                     f"{c / cpu.get('forward_s', float('nan')):.2f} |"
                 )
+    if "peak_rss_gib" in r:
+        lines += ["", f"Peak resident memory of the benchmark process (model included): {r['peak_rss_gib']:.2f} GiB."]
+    lines += [
+        "",
+        "Target (issue 13): study / forward at most 2 on all 442 prompts; "
+        + ("met" if m["ratio"] <= 2 else f"not met ({m['ratio']:.2f})")
+        + f" in this run ({m['n_prompts']} prompts).",
+    ]
     if "batch_sizes" in r:
         lines += ["", "Batch size:", "", lines[4], lines[5]] + [row(x) for x in r["batch_sizes"]]
         lines += ["", "Prompt length:", "", lines[4], lines[5]] + [row(x) for x in r["lengths"]]

@@ -1030,6 +1030,24 @@ def check_finite(cache: Any, position: int, batch: int = 0) -> None:
             )
 
 
+def all_finite(cache: Any) -> bool:
+    """Whether every floating-point cached activation that :func:`check_finite` inspects is finite for every prompt
+    and position (attention scores excepted: their masked entries are ``-inf`` by design). Where it is,
+    :func:`check_finite` passes for every prompt and destination position of the cache: one pass over a batched
+    cache instead of one per prompt. Where it is not, call :func:`check_finite` per prompt (it names the place).
+    """
+    keys = list(cache.keys()) if hasattr(cache, "keys") else []
+    for name in keys:
+        value = cache[name]
+        if not isinstance(value, Tensor) or value.dim() < 2 or not value.is_floating_point():
+            continue
+        if name.endswith("hook_attn_scores"):
+            continue
+        if not bool(torch.isfinite(value).all()):
+            return False
+    return True
+
+
 class PositionCache(dict[str, Tensor]):
     """An activation cache for ONE destination position: hook name -> ``[batch, pos, ...]`` tensor, like an
     ``ActivationCache``, except that ``attn.hook_pattern`` holds only row ``position`` (repeated by a zero-stride

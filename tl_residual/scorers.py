@@ -171,10 +171,7 @@ class ScoringContext:
         found = self._lookup(base)
         if base.dim() == 1:
             return found[0][0]
-        distinct = {id(f[0]): (i, f[0]) for i, f in reversed(list(enumerate(found)))}
-        slot = {key: j for j, key in enumerate(distinct)}
-        table = torch.stack([row for _, row in distinct.values()])  # one row per distinct base
-        return table[torch.tensor([slot[id(f[0])] for f in found], device=table.device)]
+        return torch.stack([f[0] for f in found])  # one copy of the memoised rows
 
     def base_probes(self, base: Float[Tensor, " d_model"]) -> BoundProbes:
         """The probes of bound (1) of :mod:`tl_residual.topk` at ``base``, memoised. For a linear lens they are
@@ -223,8 +220,9 @@ def make_context(
     Args:
         tokens: the prompt's token texts, if known (else recovered from the cache when a table needs them).
         check: run the safety net (:func:`~tl_residual.decompose.check_reconstruction` of the final
-            ``resid_post`` at ``position``). Only a caller that runs it itself on the same cache and position
-            passes ``False`` (:func:`tl_residual.study.run`: once per prompt, never twice).
+            ``resid_post`` at ``position``) and the finiteness check (:func:`tl_residual.model.check_finite`).
+            Only a caller that runs both itself on the same cache and position passes ``False``
+            (:func:`tl_residual.study.run`: once per prompt, never twice; finiteness once per batch).
 
     Raises:
         InvalidInputError: bad position, target (not exactly one token), batch, convention or chunk size.
@@ -235,7 +233,8 @@ def make_context(
     if check:
         check_reconstruction(model, cache, -1, pos, "resid_post", batch)  # the safety net (issue 11): exact or raise
     logits = model_logits(model, cache, pos, batch)
-    tlm.check_finite(cache, pos, batch)  # a NaN/inf activation would enter the top-k or make target id 0
+    if check:
+        tlm.check_finite(cache, pos, batch)  # a NaN/inf activation would enter the top-k or make target id 0
     t = resolve_target(model, target, logits)
     lens = Lens(model, cache, pos, batch, convention)
     return ScoringContext(
@@ -297,8 +296,8 @@ def _logits_after(
     linear lens ``z(x) + z(v)`` from the known ``z(x)``."""
     per_row = base.dim() == 2
     chunk = vectors[rows].float()
-    if lens.linear:
-        return (base_logits[rows] if per_row else base_logits) + lens.logits(chunk)
+    if lens.linear:  # lens.logits returns a fresh tensor: add the base's logits in place
+        return lens.logits(chunk).add_(base_logits[rows] if per_row else base_logits)
     return lens.logits((base[rows] if per_row else base) + chunk)
 
 

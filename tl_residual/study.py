@@ -593,9 +593,11 @@ def _prepare(
     convention: str,
     chunk_size: int | None,
     tokens: Sequence[str] | None = None,
+    finite: bool = False,
 ) -> _Prompt:
     """Build prompt ``batch``'s context and run the safety net once (never twice: the context is built without
-    its own check, and the checked parts of two kinds are kept for the scorers).
+    its own check, and the checked parts of two kinds are kept for the scorers). ``finite``: the whole batch's
+    cache is known to be finite (:func:`tl_residual.model.all_finite`), else the prompt is checked here.
 
     Raises:
         InvalidInputError: a bad target or position, or a decomposition error above
@@ -606,6 +608,8 @@ def _prepare(
 
     kw = {} if chunk_size is None else {"chunk_size": chunk_size}
     ctx = S.make_context(model, cache, target, position, batch, convention, tokens=tokens, check=False, **kw)  # type: ignore[arg-type]
+    if not finite:
+        tlm.check_finite(cache, ctx.position, batch)  # a NaN/inf activation would enter the top-k
     ctx.projections = S.ProjectionCache()  # kept for the prompt: shared by its searches and filled per batch
     # the checked parts of two kinds are kept and scored below: the same groups, in the same (layer) order, as
     # tl_residual.scorers.iter_groups builds (attention_parts; ffn_parts for dense MLPs; a mixture of experts'
@@ -633,11 +637,12 @@ def _prepare(
     return _Prompt(ctx, err, keep, attn_neurons, stream, sub_groups, torch.cat([bases, torch.zeros_like(bases[:1])]))
 
 
-def _prime(prompts: Sequence[_Prompt], methods: Sequence[str]) -> None:
+def _prime(prompts: Sequence[_Prompt], methods: Sequence[str]) -> Any:
     """Everything the prompts of a batch share, computed for all of them at once: the lens logits and bound
     probes of every base and stream residual (:func:`tl_residual.scorers.prime_contexts`), and the bound
     projections of the directions shared by every prompt (FFN ``W_out``, attention ``W_O`` rows;
-    :func:`tl_residual.scorers.project_bounds`)."""
+    :func:`tl_residual.scorers.project_bounds`). Returns the batch's
+    :class:`~tl_residual.scorers.DirectionLogits` (its counters: neuron rows asked for and projected)."""
     from tl_residual import scorers as S
 
     ctxs = [p.ctx for p in prompts]
@@ -647,6 +652,7 @@ def _prime(prompts: Sequence[_Prompt], methods: Sequence[str]) -> None:
         c.direction_logits = shared
     for method in methods:
         S.project_bounds(ctxs, [p.keep.get("ffn_neuron", []) + p.attn_neurons for p in prompts], method)
+    return shared
 
 
 def score_prompt(
@@ -972,7 +978,8 @@ def run(
 
     Returns:
         A summary: ``{"ok", "failed", "filtered", "skipped" (already done), "seconds", "rank", "world_size"}`` of
-        this process.
+        this process, and ``"neuron_rows_requested"`` / ``"neuron_rows_projected"``: the FFN and attention neurons
+        scored exactly, summed over prompts, and the vocabulary projections that cost (the union per batch).
 
     Raises:
         InvalidInputError: bad options, unreadable data, a missing column, or ``out_dir`` holding a study with
@@ -1057,6 +1064,8 @@ def run(
         "ok": 0,
         "failed": 0,
         "filtered": 0,
+        "neuron_rows_requested": 0,
+        "neuron_rows_projected": 0,
         "skipped": len(records) - len(pending),
         "rank": rank,
         "world_size": world,
@@ -1161,7 +1170,7 @@ def _run_batch(
     filter: str | None,
 ) -> dict[str, int]:
     """Forward one right-padded batch with cache, score each prompt, write the shards (prompts last)."""
-    counts = {"ok": 0, "failed": 0, "filtered": 0}
+    counts = {"ok": 0, "failed": 0, "filtered": 0, "neuron_rows_requested": 0, "neuron_rows_projected": 0}
     prompt_rows: list[dict[str, Any]] = []
     rows: dict[str, list[dict[str, Any]]] = {t: [] for t in TABLES if t != "prompts"}
     runnable = [(r, t) for r, t, why in chunk if why is None and t is not None]
@@ -1207,6 +1216,7 @@ def _run_batch(
         if hasattr(cache, "to") and any(v.device != device for v in cache.values()):
             cache = cache.to(device)  # layers on several devices (device_map): score on W_U's device
         prepared: list[tuple[PromptRecord, int, _Prompt]] = []
+        finite = tlm.all_finite(cache)  # one pass for the batch (else each prompt is checked, naming the place)
         for b, (r, t) in enumerate(runnable):
             n = len(t)
             pos = position + n if position < 0 else position
@@ -1227,13 +1237,13 @@ def _run_batch(
                             convention=convention,
                             chunk_size=chunk_size,
                             tokens=_token_strs(model, t[: pos + 1]),  # the prompt's own tokens, not decoded again
+                            finite=finite,
                         ),
                     )
                 )
             except TLResidualError as exc:
                 reasons[r.prompt_id], statuses[r.prompt_id] = str(exc), "failed"
-        if prepared:
-            _prime([p for _, _, p in prepared], methods)  # what the prompts share, for all of them at once
+        shared = _prime([p for _, _, p in prepared], methods) if prepared else None  # shared by the prompts
         for r, pos, prompt in prepared:
             try:
                 f, prow = _score_prepared(
@@ -1253,7 +1263,10 @@ def _run_batch(
             statuses[r.prompt_id] = "ok"
             for table, trows in prow.items():
                 rows[table].extend(trows)
-        del prepared
+        if shared is not None:
+            counts["neuron_rows_requested"] += shared.n_requested
+            counts["neuron_rows_projected"] += shared.n_projected
+        del prepared, shared
         del cache
     for r, prompt_tokens, _ in chunk:
         f = facts.get(r.prompt_id, {})
