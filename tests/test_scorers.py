@@ -295,6 +295,7 @@ def test_batch_shared_contexts_equal_dense(variant_model):
         c.projections, c.direction_logits = S.ProjectionCache(), shared
     S.prime_contexts(ctxs, [torch.stack([c.base_for(x) for x in gs]) for c, gs in zip(ctxs, groups)])
     S.project_bounds(ctxs, groups)
+    S.prefetch_direction_logits(ctxs, groups, 25)  # more rows than the table holds: cleared while prefetching
     for c, gs in zip(ctxs, groups):
         got = S.score_groups(c, gs, top_k=25, n_top_tokens=0)
         alone = S.make_context(variant_model, cache, c.target, c.position, c.batch)

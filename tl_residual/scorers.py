@@ -31,6 +31,7 @@ columns of :mod:`tl_residual.tables` its kinds use (``name``, ``kind``, ``layer`
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -640,7 +641,7 @@ class DirectionLogits:
         block: rows scored per pass (a block of ``block * d_vocab`` floats stays in cache across the passes).
     """
 
-    def __init__(self, max_bytes: int = 512 * 2**20, block: int = 16) -> None:
+    def __init__(self, max_bytes: int = 2**30, block: int = 16) -> None:
         self.max_bytes, self.block = max_bytes, block
         self.n_projected = 0  # rows projected (cost counter: the union size)
         self.n_requested = 0  # rows asked for (the sum over prompts)
@@ -655,29 +656,48 @@ class DirectionLogits:
         self._n = 0
 
     def slots(self, lens: Lens, directions: Float[Tensor, "n d_model"], local: Int[Tensor, " r"]) -> Tensor:
-        """The table rows holding ``directions[local]``, projecting those not seen yet (one matmul against
-        ``W_U`` per :data:`~tl_residual.lens.DEFAULT_CHUNK_SIZE` rows, written straight into the table)."""
-        dkey = _tensor_key(directions)
+        """The table rows holding ``directions[local]``, projecting those not there yet (:meth:`prefetch`)."""
         wanted = local.tolist()
         self.n_requested += len(wanted)
-        missing = list(dict.fromkeys(r for r in wanted if (dkey, r) not in self._slot))
-        if missing:
-            W_U = lens.W_U
-            if self._table is None or self._n + len(missing) > self._table.shape[0]:
-                self.clear()  # full (or first use): start again, and every wanted row is missing now
-                missing = list(dict.fromkeys(wanted))
-                cap = max(len(missing), self.max_bytes // (4 * W_U.shape[-1]))
-                self._table = W_U.new_empty(cap, W_U.shape[-1])
-            for s in range(0, len(missing), DEFAULT_CHUNK_SIZE):
-                rows = missing[s : s + DEFAULT_CHUNK_SIZE]
-                x = lens.prompt_free_transform(directions[torch.tensor(rows, device=directions.device)].float())
-                torch.matmul(x.to(W_U.device), W_U, out=self._table[self._n : self._n + len(rows)])
-                for r in rows:
-                    self._slot[(dkey, r)] = self._n
-                    self._n += 1
-            self._alive[dkey] = directions
-            self.n_projected += len(missing)
+        self.prefetch(lens, [(directions, wanted)])
+        dkey = _tensor_key(directions)
         return torch.tensor([self._slot[(dkey, r)] for r in wanted], dtype=torch.long)
+
+    def prefetch(self, lens: Lens, requests: Sequence[tuple[Tensor, Sequence[int]]]) -> None:
+        """Project every requested row ``directions[r]`` not in the table yet: ``lens.prompt_free_transform`` of
+        all of them, then one matmul against ``W_U`` per :data:`~tl_residual.lens.DEFAULT_CHUNK_SIZE` rows,
+        written straight into the table (a product with few rows reads all of ``W_U`` for little work: ask for
+        many rows at once). ``lens``: any lens of the batch (same model and convention)."""
+        todo: dict[tuple[Any, int], tuple[Tensor, int]] = {}
+        for directions, rows in requests:
+            dkey = _tensor_key(directions)
+            for r in rows:
+                if (dkey, r) not in self._slot:
+                    todo.setdefault((dkey, int(r)), (directions, int(r)))
+        if not todo:
+            return
+        W_U = lens.W_U
+        if self._table is None or self._n + len(todo) > self._table.shape[0]:
+            self.clear()  # full (or first use): start again, and every requested row is missing now
+            for directions, rows in requests:
+                for r in rows:
+                    todo.setdefault((_tensor_key(directions), int(r)), (directions, int(r)))
+            cap = max(len(todo), self.max_bytes // (4 * W_U.shape[-1]))
+            self._table = W_U.new_empty(cap, W_U.shape[-1])
+        by_dir: dict[tuple[Any, ...], tuple[Tensor, list[int]]] = {}
+        for (dkey, r), (directions, _) in todo.items():
+            by_dir.setdefault(dkey, (directions, []))[1].append(r)
+        x = torch.cat([d[torch.tensor(rows, device=d.device)].float().to(W_U.device) for d, rows in by_dir.values()])
+        x = lens.prompt_free_transform(x)
+        for s in range(0, x.shape[0], DEFAULT_CHUNK_SIZE):
+            rows_x = x[s : s + DEFAULT_CHUNK_SIZE]
+            torch.matmul(rows_x, W_U, out=self._table[self._n + s : self._n + s + rows_x.shape[0]])
+        for dkey, (directions, rows) in by_dir.items():
+            for r in rows:
+                self._slot[(dkey, r)] = self._n
+                self._n += 1
+            self._alive[dkey] = directions
+        self.n_projected += x.shape[0]
 
     def log_prob_increase(
         self,
@@ -706,6 +726,38 @@ class DirectionLogits:
             lse = b.sub_(m[:, None]).exp_().sum(-1).log_().add_(m)  # logsumexp, in place
             out[s : s + len(b)] = (zt - lse).double().cpu() - base_lp
         return out
+
+
+def prefetch_direction_logits(
+    ctxs: Sequence[ScoringContext],
+    groups: Sequence[Sequence[PartGroup]],
+    top_k: int,
+    method: str | Scorer = "log_prob_increase",
+    margin: float = 1.25,
+) -> None:
+    """For every prompt, project the directions of its ``ceil(margin * top_k)`` best-bounded parts of ``groups[i]``
+    (those its certified search scores first) into the shared :class:`DirectionLogits`, all prompts' rows in a few
+    large matmuls (the union over the batch), instead of a narrow product per search step. Only where the searches
+    would use the shared projections (``log_prob_increase``, a linear lens, :data:`SHARED_DIRECTION_KINDS`).
+    Results are unchanged; this only decides when the projections are computed."""
+    scorer = get_scorer(method)
+    todo: dict[int, tuple[DirectionLogits, Lens, list[tuple[Tensor, list[int]]]]] = {}
+    for ctx, gs in zip(ctxs, groups):
+        shared = ctx.direction_logits
+        if shared is None or scorer.fn is not _log_prob_increase or not ctx.lens.linear or not ctx.lens.certifiable:
+            continue
+        gs = [g for g in gs if len(g) and g.kind in SHARED_DIRECTION_KINDS]
+        if not gs or scorer.bound is None:
+            continue
+        bounds = torch.cat(_bounds(ctx, gs, [ctx.base_for(g) for g in gs], scorer))
+        top = torch.topk(bounds, min(len(bounds), math.ceil(margin * top_k))).indices
+        owner = torch.cat([torch.full((len(g),), gi, dtype=torch.long) for gi, g in enumerate(gs)])
+        local = torch.cat([torch.arange(len(g)) for g in gs])
+        reqs = todo.setdefault(id(shared), (shared, ctx.lens, []))[2]
+        for gi in owner[top].unique().tolist():
+            reqs.append((gs[gi].directions, local[top[owner[top] == gi]].tolist()))
+    for shared, lens, reqs in todo.values():
+        shared.prefetch(lens, reqs)
 
 
 def _shared_log_prob_increase(

@@ -35,13 +35,22 @@ shards; rank 0 writes the manifest. One process needs no launcher.
 
 Peak memory (beyond the model): one batch's ``ActivationCache`` (``batch_size * n_pos * (5 * n_layers + ...) *
 d_model`` floats for the residual hooks plus ``batch_size * n_layers * n_heads * n_pos**2`` for the attention
-patterns), plus for the prompt being scored the pruned search's per-part bounds (8 bytes per candidate part,
-``n_layers * (d_mlp + n_heads * n_pos * (d_head + 1))``) and ``3 * max(chunk_size, top_k) * d_vocab`` floats for
-the exact scores, plus the attention-neuron directions of one layer (``n_heads * n_pos * d_head * d_model``).
-The head x source-position subvalues of every layer (``n_layers * n_heads * n_pos * d_model`` floats) are built
-once per prompt, checked by the safety net and scored by the subvalue search (which holds them all anyway); every
-head of every layer is scored in one call (``n_layers * n_heads`` rows, ``3 * chunk_size * d_vocab`` floats per
-chunk).
+patterns); what the prompts of a batch share, computed for all of them at once: the lens logits and bound probes
+of every base and stream residual (``batch_size * (2 * n_layers + 2) * (d_vocab + (n_head + 3) * d_model)``
+floats; SmolLM2, batch 16: 250 MB), the bound projections of every neuron direction on every prompt's probes
+(``batch_size * n_layers * (d_mlp + n_heads * d_head) * (n_head + 2)`` float64; 80 MB) and the vocabulary
+projections of the neuron directions the searches score (at most 1 GiB,
+:class:`tl_residual.scorers.DirectionLogits`); plus for the prompt being scored the pruned search's per-part
+bounds (8 bytes per candidate part, ``n_layers * (d_mlp + n_heads * n_pos * (d_head + 1))``) and
+``3 * max(chunk_size, top_k) * d_vocab`` floats for the exact scores. The head x source-position subvalues of
+every layer (``n_layers * n_heads * n_pos * d_model`` floats) are built once per prompt, checked by the safety
+net and scored by the subvalue search; every head of every layer is scored in one call (``n_layers * n_heads``
+rows, ``3 * chunk_size * d_vocab`` floats per chunk).
+
+Speed (``docs/studies.md``, Throughput): per batch, one safety net per prompt, one finiteness pass, the products
+against ``W_U`` of the prompts' base residuals together, and the vocabulary projection of each distinct FFN or
+attention neuron scored exactly (the union over the prompts), after which a (prompt, neuron) exact score is one
+log-softmax over the vocabulary. Same names, ranks and scores as the per-prompt scorers up to float32 rounding.
 Rows are written per batch and never accumulated.
 """
 
@@ -637,21 +646,29 @@ def _prepare(
     return _Prompt(ctx, err, keep, attn_neurons, stream, sub_groups, torch.cat([bases, torch.zeros_like(bases[:1])]))
 
 
-def _prime(prompts: Sequence[_Prompt], methods: Sequence[str]) -> Any:
+def _prime(prompts: Sequence[_Prompt], methods: Sequence[str], top_k: Mapping[str, int | None]) -> Any:
     """Everything the prompts of a batch share, computed for all of them at once: the lens logits and bound
     probes of every base and stream residual (:func:`tl_residual.scorers.prime_contexts`), and the bound
     projections of the directions shared by every prompt (FFN ``W_out``, attention ``W_O`` rows;
-    :func:`tl_residual.scorers.project_bounds`). Returns the batch's
+    :func:`tl_residual.scorers.project_bounds`), and the vocabulary projections of the neurons each prompt's
+    search will score first (:func:`tl_residual.scorers.prefetch_direction_logits`). Returns the batch's
     :class:`~tl_residual.scorers.DirectionLogits` (its counters: neuron rows asked for and projected)."""
     from tl_residual import scorers as S
 
     ctxs = [p.ctx for p in prompts]
     S.prime_contexts(ctxs, [p.bases for p in prompts])
+    for method in methods:
+        S.project_bounds(ctxs, [p.keep.get("ffn_neuron", []) + p.attn_neurons for p in prompts], method)
     shared = S.DirectionLogits()  # neuron directions' vocabulary projections, once per batch for all prompts
     for c in ctxs:
         c.direction_logits = shared
-    for method in methods:
-        S.project_bounds(ctxs, [p.keep.get("ffn_neuron", []) + p.attn_neurons for p in prompts], method)
+    for kind, groups in (
+        ("ffn_neuron", [p.keep.get("ffn_neuron", []) for p in prompts]),
+        ("attn_neuron", [p.attn_neurons for p in prompts]),
+    ):
+        k = top_k.get(kind)
+        for method in methods if k is not None else ():
+            S.prefetch_direction_logits(ctxs, groups, k, method)
     return shared
 
 
@@ -682,7 +699,7 @@ def score_prompt(
             than :data:`MAX_DECOMPOSITION_ERROR` (relative; the safety net).
     """
     prompt = _prepare(model, cache, batch, position, target, kinds=kinds, convention=convention, chunk_size=chunk_size)
-    _prime([prompt], methods)
+    _prime([prompt], methods, top_k)
     return _score_prepared(
         prompt,
         methods=methods,
@@ -1243,7 +1260,7 @@ def _run_batch(
                 )
             except TLResidualError as exc:
                 reasons[r.prompt_id], statuses[r.prompt_id] = str(exc), "failed"
-        shared = _prime([p for _, _, p in prepared], methods) if prepared else None  # shared by the prompts
+        shared = _prime([p for _, _, p in prepared], methods, top) if prepared else None  # shared by the prompts
         for r, pos, prompt in prepared:
             try:
                 f, prow = _score_prepared(
