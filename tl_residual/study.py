@@ -45,7 +45,7 @@ bounds (8 bytes per candidate part, ``n_layers * (d_mlp + n_heads * n_pos * (d_h
 ``3 * max(chunk_size, top_k) * d_vocab`` floats for the exact scores. The head x source-position subvalues of
 every layer (``n_layers * n_heads * n_pos * d_model`` floats) are built once per prompt, checked by the safety
 net and scored by the subvalue search; every head of every layer is scored in one call (``n_layers * n_heads``
-rows, ``3 * chunk_size * d_vocab`` floats per chunk).
+rows, up to ``4 * chunk_size`` rows per product: ``3 * 4 * chunk_size * d_vocab`` floats).
 
 Speed (``docs/studies.md``, Throughput): per batch, one safety net per prompt, one finiteness pass, the products
 against ``W_U`` of the prompts' base residuals together, and the vocabulary projection of each distinct FFN or
@@ -56,6 +56,7 @@ Rows are written per batch and never accumulated.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -550,7 +551,10 @@ def _all_head_rows(ctx: Any, scorer: Any, pid: int, group: str | None, method: s
         refs += [(l, h) for h in range(v.shape[0])]
     vectors = torch.cat(vecs)
     mixed = PartGroup("mixed", None, torch.ones(len(vectors), device=vectors.device), vectors)
-    scores = scorer(ctx, mixed, torch.cat(bases).to(vectors.device)).float().cpu()  # float32, as score tables keep
+    # every head in one product against W_U where the chunk size allows it (a second, narrow product would
+    # read all of W_U again for a few rows)
+    whole = dataclasses.replace(ctx, chunk_size=max(ctx.chunk_size, min(len(vectors), 4 * ctx.chunk_size)))
+    scores = scorer(whole, mixed, torch.cat(bases).to(vectors.device)).float().cpu()  # float32, as score tables keep
     order = torch.argsort(scores, descending=True, stable=True).tolist()
     return [
         {
