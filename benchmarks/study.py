@@ -134,8 +134,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smaller sweeps; results to study-quick.*")
     ap.add_argument("--no-sweeps", action="store_true", help="only the side-by-side measurement (and --per-kind)")
     ap.add_argument("--per-kind", type=int, default=None, help="time each kind alone on the first N prompts")
+    ap.add_argument("--skip-per-kind", action="store_true", help="sweeps without the per-kind timings")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default torch's; 1 on a loaded shared machine)"
+    )
     args = ap.parse_args()
     torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = load_model("smollm2-135m")
     df = load_factual_prompts()
     if args.n:
@@ -159,7 +165,7 @@ def main() -> None:
     print("side by side ...", flush=True)
     result["main"] = side_by_side(model, df, args.batch_size)
     print(json.dumps(result["main"], indent=1), flush=True)
-    if not args.no_sweeps or args.per_kind:
+    if (not args.no_sweeps and not args.skip_per_kind) or args.per_kind:
         print("per kind ...", flush=True)
         fwd = forward_seconds(model, sub["prompt"].tolist(), args.batch_size)
         per_kind = {"forward_s": fwd, "n_prompts": len(sub)}
@@ -185,7 +191,7 @@ def main() -> None:
     import resource
 
     result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    stem = "study-quick" if args.quick or args.n else "study"
+    stem = ("study-quick" if args.quick or args.n else "study") + (f"-threads{args.threads}" if args.threads else "")
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
