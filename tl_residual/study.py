@@ -1264,7 +1264,13 @@ def _run_batch(
                 )
             except TLResidualError as exc:
                 reasons[r.prompt_id], statuses[r.prompt_id] = str(exc), "failed"
-        shared = _prime([p for _, _, p in prepared], methods, top) if prepared else None  # shared by the prompts
+        shared = None
+        try:
+            shared = _prime([p for _, _, p in prepared], methods, top) if prepared else None  # shared by the prompts
+        except TLResidualError as exc:  # what the batch shares could not be computed: every prompt of it fails
+            for r, _, _ in prepared:
+                reasons[r.prompt_id], statuses[r.prompt_id] = str(exc), "failed"
+            prepared = []
         for r, pos, prompt in prepared:
             try:
                 f, prow = _score_prepared(
