@@ -277,3 +277,31 @@ def test_bad_arguments(variant_model):
         S.score_ffn_neurons(ctx, top_k=0)
     with pytest.raises(InvalidInputError, match="layer 9"):
         S.score_ffn_neurons(ctx, layers=[9])
+
+
+def test_batch_shared_contexts_equal_dense(variant_model):
+    """The study's batch path: contexts of several prompts of one cache primed together (``prime_contexts``),
+    bound projections of shared directions for all prompts at once (``project_bounds``) and neuron projections
+    shared across prompts (``DirectionLogits``, small enough to be cleared while scoring) give each prompt's dense
+    top-k of FFN and attention neurons, scored alone."""
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.cat([TOKENS[:, :1].expand(3, 1), torch.randint(3, 61, (3, 6), generator=g)], dim=1)
+    _, cache = run_cache(variant_model, tokens)
+    kinds = ("ffn_neuron", "attn_neuron")
+    ctxs = [S.make_context(variant_model, cache, None, pos, b) for b, pos in enumerate((6, 2, 4))]
+    shared = S.DirectionLogits(max_bytes=50 * 61 * 4)  # room for 50 rows: cleared and refilled while scoring
+    groups = [list(S.iter_groups(c, kinds)) for c in ctxs]
+    for c in ctxs:
+        c.projections, c.direction_logits = S.ProjectionCache(), shared
+    S.prime_contexts(ctxs, [torch.stack([c.base_for(x) for x in gs]) for c, gs in zip(ctxs, groups)])
+    S.project_bounds(ctxs, groups)
+    S.prefetch_direction_logits(ctxs, groups, 25)  # more rows than the table holds: cleared while prefetching
+    for c, gs in zip(ctxs, groups):
+        got = S.score_groups(c, gs, top_k=25, n_top_tokens=0)
+        alone = S.make_context(variant_model, cache, c.target, c.position, c.batch)
+        dense = S.score(alone, kinds, top_k=None, n_top_tokens=0, pruned=False).head(25)
+        assert list(got["name"]) == list(dense["name"])
+        torch.testing.assert_close(
+            torch.tensor(got["score"].to_numpy()), torch.tensor(dense["score"].to_numpy()), rtol=1e-5, atol=1e-5
+        )
+    assert 0 < shared.n_projected and shared.n_requested > 0

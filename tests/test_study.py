@@ -278,6 +278,104 @@ def test_scores_equal_the_single_prompt_scorers(model, data_file, tmp_path):
         np.testing.assert_allclose(both["score"].to_numpy(), both["score_ref"].to_numpy(), rtol=1e-4, atol=1e-6)
 
 
+def _reference_rows(model, prompt: str, target: str | None) -> tuple[int, dict[str, pd.DataFrame]]:
+    """Every part of every kind of one prompt, run alone (no padding), scored densely in float64 from the raw
+    weights and the prompt's own cache, independently of tl_residual: the frozen-scale lens of conftest, the
+    log-probability increase ``log p(t | x + v) - log p(t | x)`` against the stream the part is added to."""
+    from conftest import raw_frozen_logits
+
+    tokens = model.to_tokens(prompt)
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens)
+    t = int(logits[0, -1].argmax()) if target is None else model.tokenizer.encode(target, add_special_tokens=False)[0]
+
+    def c(name: str) -> torch.Tensor:
+        return cache[name][0].detach().double()
+
+    def increase(x: torch.Tensor, vectors: torch.Tensor) -> np.ndarray:
+        z0 = raw_frozen_logits(model, cache, x[None])
+        z = z0 + raw_frozen_logits(model, cache, vectors)  # the frozen lens is linear
+        return (torch.log_softmax(z, -1)[:, t] - torch.log_softmax(z0, -1)[:, t]).numpy()
+
+    rows: dict[str, list[tuple[str, float]]] = {k: [] for k in ("ffn_neuron", "attn_neuron", "attn_subvalue", "head")}
+    layers = []
+    for l in range(model.cfg.n_layers):
+        pre, mid = c(f"blocks.{l}.hook_resid_pre")[-1], c(f"blocks.{l}.hook_resid_mid")[-1]
+        pattern = c(f"blocks.{l}.attn.hook_pattern")[:, -1]  # [head, src]
+        v = c(f"blocks.{l}.attn.hook_v")  # [src, head, d_head]
+        w_o = model.blocks[l].attn.W_O.detach().double()  # [head, d_head, d_model]
+        n_heads, d_head, _ = w_o.shape
+        coef = pattern.T[:, :, None] * v  # [src, head, d_head]
+        neurons = coef[..., None] * w_o[None]  # [src, head, d_head, d_model]
+        s = increase(pre, neurons.reshape(-1, neurons.shape[-1]))
+        rows["attn_neuron"] += [
+            (f"L{l}.H{h}.d{d}.p{p}", s[(p * n_heads + h) * d_head + d])
+            for p in range(v.shape[0])
+            for h in range(n_heads)
+            for d in range(d_head)
+        ]
+        sub = neurons.sum(2)  # [src, head, d_model]
+        s = increase(pre, sub.reshape(-1, sub.shape[-1]))
+        rows["attn_subvalue"] += [
+            (f"L{l}.H{h}.p{p}", s[p * n_heads + h]) for p in range(v.shape[0]) for h in range(n_heads)
+        ]
+        s = increase(pre, sub.sum(0))
+        rows["head"] += [(f"L{l}.H{h}", s[h]) for h in range(n_heads)]
+        m = c(f"blocks.{l}.mlp.hook_post")[-1]
+        s = increase(mid, m[:, None] * model.blocks[l].mlp.W_out.detach().double())
+        rows["ffn_neuron"] += [(f"L{l}.N{k}", s[k]) for k in range(len(m))]
+        layers += [
+            (f"L{l}.attn", increase(pre, c(f"blocks.{l}.hook_attn_out")[-1:])[0]),
+            (f"L{l}.mlp", increase(mid, c(f"blocks.{l}.hook_mlp_out")[-1:])[0]),
+        ]
+    out = {k: pd.DataFrame(r, columns=["name", "score"]) for k, r in rows.items()}
+    out["layer"] = pd.DataFrame(layers, columns=["name", "score"])
+    return t, out
+
+
+def test_one_padded_batch_equals_each_prompt_alone_scored_densely(model, tmp_path):
+    """The batched runner (one right-padded batch of prompts of different lengths; lens logits, bound probes,
+    bound projections and neuron projections shared by the batch) gives, for every prompt, the rows of that
+    prompt run alone and scored densely from the raw weights: same names, ranks (score order) and scores (float32
+    rounding), for the certified top-k of every neuron kind, all heads and every layer."""
+    prompts = ["t3", "t4 t5 t6 t7 t8 t9", "t5 t5 t3", "t9 t8 t7 t6", "t6 t7"]
+    targets = [None, " t4", None, " t3", None]
+    data = [{"prompt": p, "target": t} for p, t in zip(prompts, targets)]
+    top = {"ffn_neuron": 12, "attn_neuron": 15, "attn_subvalue": 6, "head": None}
+    st.run(
+        model,
+        data,
+        tmp_path / "b",
+        kinds=("layer", "ffn_neuron", "attn_neuron", "attn_subvalue", "head"),
+        top_k=top,
+        batch_size=len(data),
+        target_column="target",
+        progress=False,
+        sort_by_length=False,
+    )
+    res = st.load(tmp_path / "b")
+    assert (res.prompts["status"] == "ok").all() and len(set(res.prompts["n_tokens"])) == len(data)
+    for pid, (p, tgt) in enumerate(zip(prompts, targets)):
+        t, ref = _reference_rows(model, p, None if tgt is None else tgt)
+        assert int(res.prompts.loc[pid, "target_id"]) == t
+        mine = res.parts[res.parts["prompt_id"] == pid]
+        for kind, k in top.items():
+            want = ref[kind].sort_values("score", ascending=False, kind="stable").head(k or len(ref[kind]))
+            got = mine[mine["kind"] == kind].sort_values("rank")
+            assert got["rank"].tolist() == list(range(1, len(want) + 1)), kind
+            assert_same_parts(
+                got.assign(method="m", kind="k"), want.assign(prompt_id=pid, method="m", kind="k"), tol=2e-5
+            )
+            names = got["name"].tolist()  # ranks: where the reference scores differ, the same order
+            gaps = np.diff(want["score"].to_numpy())
+            for i, (a, b) in enumerate(zip(names, want["name"].tolist())):
+                if a != b:
+                    assert abs(gaps[min(i, len(gaps) - 1)]) < 2e-5 or abs(gaps[max(i - 1, 0)]) < 2e-5, (kind, a, b)
+        got = res.layers[res.layers["prompt_id"] == pid].merge(ref["layer"], on="name", suffixes=("", "_ref"))
+        assert len(got) == len(ref["layer"]) == 2 * model.cfg.n_layers
+        np.testing.assert_allclose(got["score"], got["score_ref"], rtol=1e-4, atol=2e-5)
+
+
 def test_head_top_k_and_query_rows_equal_the_library(model, data_file, tmp_path):
     """Heads with a top-k (certified search) are the best rows of ``score_heads``; the query rows of each prompt,
     summed over value neurons, are ``query.query_neuron_scores`` (with every query part kept)."""

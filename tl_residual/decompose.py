@@ -25,6 +25,7 @@ Component names: ``embed``, ``pos_embed``, ``L12.H3.p4`` (layer 12, head 3, sour
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -478,6 +479,12 @@ def head_outputs(model: Any, cache: Any, layer: int, position: int, batch: int =
     return einops.einsum(z, w_o, "head d_head, head d_head d_model -> head d_model")
 
 
+@functools.lru_cache(maxsize=4096)
+def _ffn_neuron_names(layer: int, n: int) -> tuple[str, ...]:
+    """The names ``L{layer}.N{k}`` of a layer's ``n`` FFN neurons, built once (every prompt's FFN group lists them)."""
+    return tuple(neuron_name(layer, k) for k in range(n))
+
+
 def ffn_parts(model: Any, cache: Any, layer: int, position: int, batch: int = 0) -> tuple[PartGroup, PartGroup]:
     """FFN subvalues of ``layer`` at ``position``, ``m_k * W_out[k]`` (residual-stream paper Eq. 10), and ``b_out``.
 
@@ -506,7 +513,7 @@ def ffn_parts(model: Any, cache: Any, layer: int, position: int, batch: int = 0)
         m,
         w_out,
         {"neuron": neurons},
-        [neuron_name(layer, k) for k in range(m.shape[0])],
+        list(_ffn_neuron_names(layer, m.shape[0])),
     )
     bias_name = names.format(names.ComponentRef("ffn_bias", layer))
     return group, _single("ffn_bias", layer, bias_name, b_out)

@@ -114,6 +114,31 @@ class Lens:
             v = v - v.mean(dim=-1, keepdim=True)
         return v * (self.gamma / self.scale)
 
+    @property
+    def prompt_factor(self) -> float:
+        """The part of :meth:`transform` that depends on the prompt: ``1 / scale`` (``frozen``), ``1`` (``none``).
+        ``transform(v) = prompt_free_transform(v) * prompt_factor`` (up to float rounding), so a direction's
+        logits ``prompt_free_transform(w) @ W_U`` serve every prompt of the same model (neuron-level paper Eq. 12:
+        the frozen scale is one number per prompt and position)."""
+        if self.convention == "recomputed":
+            raise InvalidInputError("the 'recomputed' lens is not linear; it has no prompt factor")
+        return 1.0 if self.convention == "none" else 1.0 / self.scale
+
+    def prompt_free_transform(self, v: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        """:meth:`transform` without the prompt's frozen scale: centre (LayerNorm), times gamma (``frozen``);
+        identity (``none``).
+
+        Raises:
+            InvalidInputError: for ``"recomputed"``, which is not linear.
+        """
+        if self.convention == "none":
+            return v
+        if self.convention == "recomputed":
+            raise InvalidInputError("the 'recomputed' lens is not linear; use logits() on whole vectors")
+        if self.center:
+            v = v - v.mean(dim=-1, keepdim=True)
+        return v * self.gamma
+
     def transform_transpose(self, g: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         """Adjoint of :meth:`transform`: ``transform(v) . g == v . transform_transpose(g)``."""
         if self.convention == "none":
@@ -152,6 +177,26 @@ class Lens:
         """The ``k`` tokens with the largest (or smallest) bs-values of ``v``."""
         ids = torch.topk(self.logits(v), k, largest=largest).indices.tolist()
         return [self.token_str(t) for t in ids]
+
+
+def stacked_logits(
+    lenses: list[Lens], vectors: list[Float[Tensor, "n_i d_model"]], chunk_size: int = 1024
+) -> list[Float[Tensor, "n_i d_vocab"]]:
+    """``lenses[i].logits(vectors[i])`` for every ``i`` (logits): where every lens is linear and they share one
+    ``W_U`` (the prompts of one batch), each lens's :meth:`Lens.transform` is applied to its own rows and all rows
+    go through ``W_U`` together, ``chunk_size`` rows per matmul (fewer, larger products); otherwise one call each.
+    Same values as the separate calls up to float32 rounding of the matmul."""
+    if not lenses:
+        return []
+    W_U = lenses[0].W_U
+    shared = all(
+        lens.linear and lens.W_U.data_ptr() == W_U.data_ptr() and lens.W_U.shape == W_U.shape for lens in lenses
+    )
+    if not shared:
+        return [lens.logits(v) for lens, v in zip(lenses, vectors)]
+    rows = torch.cat([lens.transform(v.float()) for lens, v in zip(lenses, vectors)])
+    z = map_chunks(lambda sl: rows[sl] @ W_U, rows.shape[0], chunk_size)
+    return list(torch.split(z, [v.shape[0] for v in vectors]))  # type: ignore[arg-type]
 
 
 def _byte_decoder() -> dict[str, int]:

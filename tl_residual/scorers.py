@@ -31,13 +31,14 @@ columns of :mod:`tl_residual.tables` its kinds use (``name``, ``kind``, ``layer`
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_residual import model as tlm
@@ -63,6 +64,7 @@ from tl_residual.lens import (
     map_chunks,
     model_logits,
     resolve_target,
+    stacked_logits,
     target_rank,
 )
 from tl_residual.topk import DEFAULT_HEAD, BoundProbes, bound_probes, certified_top_k, head_tail_bound
@@ -89,6 +91,12 @@ class ScoringContext:
         n_head: size of the head of the pruning bound (:mod:`tl_residual.topk`).
         tokens: the prompt's token texts (for the ``src_token`` column); recovered from the cache on first use
             when not given (:func:`tl_residual.tables.src_token_texts`).
+        projections: a :class:`ProjectionCache` kept for the context's lifetime (the bound projections of the
+            directions of every search on this prompt, and those a batch computed for all its prompts at once,
+            :func:`project_bounds`); ``None``: one cache per search.
+        direction_logits: a :class:`DirectionLogits` shared by the contexts of one batch (same model and
+            convention): the exact scores of FFN and attention neurons then reuse the vocabulary projection of a
+            neuron's direction computed for another prompt; ``None``: every exact score projects its part.
     """
 
     model: Any
@@ -100,6 +108,8 @@ class ScoringContext:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     n_head: int = DEFAULT_HEAD
     tokens: list[str] | None = None
+    projections: ProjectionCache | None = field(default=None, repr=False)
+    direction_logits: DirectionLogits | None = field(default=None, repr=False)
     _memo: dict[bytes, tuple[Tensor, BoundProbes]] = field(default_factory=dict, repr=False)
 
     @property
@@ -114,27 +124,35 @@ class ScoringContext:
         rows = bases.detach().float().cpu().contiguous().numpy()
         return [r.tobytes() for r in rows]
 
-    def prime(self, bases: Float[Tensor, "n d_model"]) -> None:
-        """Compute and memoise the lens logits and bound probes (:func:`~tl_residual.topk.bound_probes`) of
-        the distinct rows of ``bases`` not seen yet, in one matmul against ``W_U`` each way.
-
-        Memory: ``d_vocab + (n_head + 3) * d_model`` floats kept per distinct base (SmolLM2: 60 bases, 12 MB).
-        """
+    def _new_rows(self, bases: Float[Tensor, "n d_model"]) -> tuple[list[bytes], Tensor | None]:
+        """The distinct rows of ``bases`` not memoised yet, and their keys."""
         if bases.dim() == 1:
             bases = bases[None]
         new: dict[bytes, Tensor] = {}
         for key, row in zip(self._keys(bases), bases):
             if key not in self._memo and key not in new:
                 new[key] = row
-        if not new:
-            return
-        rows = torch.stack(list(new.values())).float()
-        logits = self.lens.logits(rows)
-        probes = bound_probes(self.lens.W_U, logits, self.target, self.n_head)
+        return list(new), (torch.stack(list(new.values())).float() if new else None)
+
+    def prime(self, bases: Float[Tensor, "n d_model"]) -> None:
+        """Compute and memoise the lens logits and bound probes (:func:`~tl_residual.topk.bound_probes`) of
+        the distinct rows of ``bases`` not seen yet, in one matmul against ``W_U`` each way
+        (:func:`prime_contexts` does it for the contexts of many prompts at once).
+
+        Memory: ``d_vocab + (n_head + 3) * d_model`` floats kept per distinct base (SmolLM2: 60 bases, 12 MB).
+        """
+        keys, rows = self._new_rows(bases)
+        if rows is not None:
+            self._store(keys, self.lens.logits(rows))
+
+    def _store(self, keys: list[bytes], logits: Tensor, probes: BoundProbes | None = None) -> None:
+        """Memoise ``logits`` (one row per key) and their bound probes (computed here unless given)."""
+        if probes is None:
+            probes = bound_probes(self.lens.W_U, logits, self.target, self.n_head)
         pr = probes.probes.transpose(1, 2)  # [B, m+1, d_model]
         if self.lens.linear:  # move the probes to residual coordinates: u . probe = v . T^T(probe)
             pr = self.lens.transform_transpose(pr)
-        for i, key in enumerate(new):
+        for i, key in enumerate(keys):
             self._memo[key] = (
                 logits[i],
                 BoundProbes(pr[i].T.contiguous(), probes.log_weights[i], probes.base_log_prob[i]),
@@ -154,10 +172,7 @@ class ScoringContext:
         found = self._lookup(base)
         if base.dim() == 1:
             return found[0][0]
-        distinct = {id(f[0]): (i, f[0]) for i, f in reversed(list(enumerate(found)))}
-        slot = {key: j for j, key in enumerate(distinct)}
-        table = torch.stack([row for _, row in distinct.values()])  # one row per distinct base
-        return table[torch.tensor([slot[id(f[0])] for f in found], device=table.device)]
+        return torch.stack([f[0] for f in found])  # one copy of the memoised rows
 
     def base_probes(self, base: Float[Tensor, " d_model"]) -> BoundProbes:
         """The probes of bound (1) of :mod:`tl_residual.topk` at ``base``, memoised. For a linear lens they are
@@ -199,11 +214,16 @@ def make_context(
     convention: Convention = "frozen",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     tokens: Sequence[str] | None = None,
+    check: bool = True,
 ) -> ScoringContext:
     """Resolve position and target (default: the model's top-1 at ``position``) and build the lens.
 
     Args:
         tokens: the prompt's token texts, if known (else recovered from the cache when a table needs them).
+        check: run the safety net (:func:`~tl_residual.decompose.check_reconstruction` of the final
+            ``resid_post`` at ``position``) and the finiteness check (:func:`tl_residual.model.check_finite`).
+            Only a caller that runs both itself on the same cache and position passes ``False``
+            (:func:`tl_residual.study.run`: once per prompt, never twice; finiteness once per batch).
 
     Raises:
         InvalidInputError: bad position, target (not exactly one token), batch, convention or chunk size.
@@ -211,14 +231,58 @@ def make_context(
     pos = resolve_position(position, n_positions(cache))
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise InvalidInputError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    check_reconstruction(model, cache, -1, pos, "resid_post", batch)  # the safety net (issue 11): exact or raise
+    if check:
+        check_reconstruction(model, cache, -1, pos, "resid_post", batch)  # the safety net (issue 11): exact or raise
     logits = model_logits(model, cache, pos, batch)
-    tlm.check_finite(cache, pos, batch)  # a NaN/inf activation would enter the top-k or make target id 0
+    if check:
+        tlm.check_finite(cache, pos, batch)  # a NaN/inf activation would enter the top-k or make target id 0
     t = resolve_target(model, target, logits)
     lens = Lens(model, cache, pos, batch, convention)
     return ScoringContext(
         model, cache, lens, pos, batch, t, chunk_size, tokens=None if tokens is None else [str(x) for x in tokens]
     )
+
+
+def prime_contexts(
+    ctxs: Sequence[ScoringContext], bases: Sequence[Float[Tensor, "n d_model"]], rows_per_call: int = 256
+) -> None:
+    """``ctxs[i].prime(bases[i])`` for the contexts of many prompts at once (the prompts of one batched cache):
+    the lens logits of every new distinct base of every prompt in a few large matmuls against ``W_U``
+    (:func:`~tl_residual.lens.stacked_logits`), and their bound probes (:func:`~tl_residual.topk.bound_probes`, one
+    target per row) for ``rows_per_call`` rows at a time, ``W_U`` converted to float64 once. Same memo as
+    ``prime`` per context (up to float32 rounding of the matmul).
+
+    Memory: as ``prime`` per context, plus ``3 * rows_per_call * d_vocab`` float64 values and ``W_U`` in float64
+    while it runs.
+    """
+    todo = [(c, *c._new_rows(b)) for c, b in zip(ctxs, bases)]
+    todo = [(c, keys, rows) for c, keys, rows in todo if rows is not None]
+    if not todo:
+        return
+    logits = stacked_logits([c.lens for c, _, _ in todo], [rows for _, _, rows in todo])
+    if len({c.n_head for c, _, _ in todo}) > 1:
+        for (c, keys, _), z in zip(todo, logits):
+            c._store(keys, z)
+        return
+    W64 = todo[0][0].lens.W_U.double()
+    block: list[tuple[ScoringContext, list[bytes], Tensor]] = []
+
+    def flush() -> None:
+        z = torch.cat([zz for _, _, zz in block])
+        targets = torch.cat([torch.full((len(k),), c.target, dtype=torch.long) for c, k, _ in block])
+        probes = bound_probes(W64, z, targets.to(z.device), block[0][0].n_head)
+        start = 0
+        for c, keys, zz in block:
+            sl = slice(start, start + len(keys))
+            c._store(keys, zz, BoundProbes(probes.probes[sl], probes.log_weights[sl], probes.base_log_prob[sl]))
+            start += len(keys)
+        block.clear()
+
+    for (c, keys, _), z in zip(todo, logits):
+        if block and sum(len(k) for _, k, _ in block) + len(keys) > rows_per_call:
+            flush()
+        block.append((c, keys, z))
+    flush()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,8 +297,8 @@ def _logits_after(
     linear lens ``z(x) + z(v)`` from the known ``z(x)``."""
     per_row = base.dim() == 2
     chunk = vectors[rows].float()
-    if lens.linear:
-        return (base_logits[rows] if per_row else base_logits) + lens.logits(chunk)
+    if lens.linear:  # lens.logits returns a fresh tensor: add the base's logits in place
+        return lens.logits(chunk).add_(base_logits[rows] if per_row else base_logits)
     return lens.logits((base[rows] if per_row else base) + chunk)
 
 
@@ -450,22 +514,30 @@ def log_prob_increase_bound(
     return map_chunks(block, len(group), BOUND_ROWS).double()  # type: ignore[union-attr]
 
 
+def _tensor_key(t: Tensor) -> tuple[Any, ...]:
+    """What identifies a tensor's values among live tensors: storage address, shape, strides, dtype, device (two
+    views of the same weights, e.g. ``W_out`` of one layer fetched for two prompts, have the same key)."""
+    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, str(t.device))
+
+
 class ProjectionCache:
-    """``directions @ probes(base)`` per (directions tensor object, base), kept for the duration of one pruned
-    search: groups that share their directions (FFN ``W_out``, the attention neurons' ``W_O`` view shared by every
-    source position of a layer) are projected once. Memory: ``n * (n_head + 2)`` float64 per distinct
-    (directions, base) pair."""
+    """``directions @ probes(base)`` per (directions, base): groups that share their directions (FFN ``W_out``,
+    the attention neurons' ``W_O`` view shared by every source position of a layer) are projected once.
+    Directions are identified by :func:`_tensor_key` (views of the same weights share the entry) and kept alive
+    by the cache, so that their memory (and key) cannot be reused by another tensor. The probes depend on the
+    prompt, its target and its lens: one cache per :class:`ScoringContext` (or per search). Memory:
+    ``n * (n_head + 2)`` float64 per distinct (directions, base) pair."""
 
     def __init__(self) -> None:
-        self._memo: dict[tuple[int, bytes], tuple[Tensor, Tensor]] = {}
+        self._memo: dict[tuple[Any, bytes], tuple[Tensor, Tensor]] = {}
 
-    def get(self, key: tuple[int, bytes], directions: Tensor) -> Tensor | None:
-        """The projections stored under ``key`` if they were computed from this very ``directions`` tensor."""
+    def get(self, key: tuple[Any, bytes], directions: Tensor) -> Tensor | None:
+        """The projections stored under ``key`` (:func:`_tensor_key` of ``directions``, base key), if any."""
         hit = self._memo.get(key)
-        return hit[1] if hit is not None and hit[0] is directions else None
+        return hit[1] if hit is not None and _tensor_key(hit[0]) == _tensor_key(directions) else None
 
-    def put(self, key: tuple[int, bytes], directions: Tensor, proj: Tensor) -> None:
-        """Store ``proj``, keeping ``directions`` alive so that its ``id`` cannot be reused."""
+    def put(self, key: tuple[Any, bytes], directions: Tensor, proj: Tensor) -> None:
+        """Store ``proj``, keeping ``directions`` alive so that its memory cannot be reused."""
         self._memo[key] = (directions, proj)
 
 
@@ -477,7 +549,7 @@ def _direction_projections(
 ) -> Float[Tensor, "n m1"]:
     """``directions @ probes(base)`` in float64 (linear lens), in blocks of :data:`BOUND_ROWS` rows; memoised in
     ``cache`` when given."""
-    key = (id(directions), ctx._keys(base[None])[0])
+    key = (_tensor_key(directions), ctx._keys(base[None])[0])
     if cache is not None and (hit := cache.get(key, directions)) is not None:
         return hit
     probes = ctx.base_probes(base).probes.to(directions.device)
@@ -512,6 +584,208 @@ def _fused_bounds(
         values = bound.finish(head_tail_bound(proj, pr.log_weights.to(proj.device)), pr).cpu()
         out += list(torch.split(values, [len(g) for g in groups[i:j]]))
         i = j
+    return out
+
+
+def project_bounds(
+    ctxs: Sequence[ScoringContext], groups: Sequence[Sequence[PartGroup]], scorer: str | Scorer = "log_prob_increase"
+) -> None:
+    """Fill each context's :attr:`~ScoringContext.projections` with the bound projections ``directions @
+    probes(x0)`` that ``scorer``'s pruned search over ``groups[i]`` needs for prompt ``i``: one float64 product
+    per distinct directions tensor for all prompts together (``[n, d_model] x [d_model, prompts * (n_head + 2)]``;
+    FFN ``W_out`` and the attention neurons' ``W_O`` rows are shared by every prompt), instead of one narrow
+    product per prompt. The searches then find them in the cache: same values as computing them per prompt.
+
+    Only for an :class:`IncreaseBound` under linear lenses (else nothing to do). Contexts need their bases primed
+    (:func:`prime_contexts`) and a ``projections`` cache. Memory: the projections, ``n * (n_head + 2)`` float64
+    per group and prompt.
+    """
+    bound = get_scorer(scorer).bound
+    if not isinstance(bound, IncreaseBound):
+        return
+    todo: dict[tuple[Any, ...], tuple[Tensor, dict[tuple[int, bytes], tuple[ScoringContext, Tensor, bytes]]]] = {}
+    for ctx, gs in zip(ctxs, groups):
+        if ctx.projections is None or not ctx.lens.linear or not ctx.lens.certifiable:
+            continue
+        for g in gs:
+            if not len(g):
+                continue
+            x0 = bound.base(ctx, ctx.base_for(g))
+            bkey = ctx._keys(x0[None])[0]
+            dkey = _tensor_key(g.directions)
+            if ctx.projections.get((dkey, bkey), g.directions) is not None:
+                continue
+            todo.setdefault(dkey, (g.directions, {}))[1][(id(ctx), bkey)] = (ctx, x0, bkey)
+    for dkey, (directions, items) in todo.items():
+        probes = [ctx.base_probes(x0).probes for ctx, x0, _ in items.values()]
+        wide = torch.cat(probes, dim=1).to(directions.device)  # [d_model, prompts * (m+1)]
+        proj = map_chunks(lambda rows, d=directions, w=wide: d[rows].double() @ w, len(directions), BOUND_ROWS)
+        for (ctx, _, bkey), p in zip(items.values(), torch.split(proj, [q.shape[1] for q in probes], dim=1)):
+            ctx.projections.put((dkey, bkey), directions, p)  # type: ignore[union-attr,arg-type]
+
+
+#: Kinds whose directions are rows of the model's weights (``W_out``, ``W_O``), the same for every prompt.
+SHARED_DIRECTION_KINDS: tuple[str, ...] = ("ffn_neuron", "attn_neuron")
+
+
+class DirectionLogits:
+    """The vocabulary projections ``lens.prompt_free_transform(w) @ W_U`` of neuron directions ``w`` (rows of
+    ``W_out`` and ``W_O``), computed once and shared by the prompts of a batch: under a linear lens the logits of a
+    part ``m * w`` at a prompt are ``m * prompt_factor * P[w]`` (:attr:`~tl_residual.lens.Lens.prompt_factor`), so
+    each (prompt, neuron) exact score costs ``O(d_vocab)`` (a log-softmax) instead of a ``d_model x d_vocab``
+    product, and the products are paid once per distinct neuron of the batch (the union over its prompts).
+
+    Args:
+        max_bytes: memory for the projections (float32 rows of ``d_vocab``; reserved once, pages touched as rows
+            are written); when full the table is cleared and filled again (results unchanged, only sharing lost).
+        block: rows scored per pass (a block of ``block * d_vocab`` floats stays in cache across the passes).
+    """
+
+    def __init__(self, max_bytes: int = 2**30, block: int = 16) -> None:
+        self.max_bytes, self.block = max_bytes, block
+        self.n_projected = 0  # rows projected (cost counter: the union size)
+        self.n_requested = 0  # rows asked for (the sum over prompts)
+        self._buf: Tensor | None = None
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget every projection."""
+        self._slot: dict[tuple[Any, int], int] = {}
+        self._alive: dict[tuple[Any, ...], Tensor] = {}  # keeps the directions' memory (and keys) from reuse
+        self._table: Tensor | None = None
+        self._n = 0
+
+    def slots(self, lens: Lens, directions: Float[Tensor, "n d_model"], local: Int[Tensor, " r"]) -> Tensor:
+        """The table rows holding ``directions[local]``, projecting those not there yet (:meth:`prefetch`)."""
+        wanted = local.tolist()
+        self.n_requested += len(wanted)
+        self.prefetch(lens, [(directions, wanted)])
+        dkey = _tensor_key(directions)
+        return torch.tensor([self._slot[(dkey, r)] for r in wanted], dtype=torch.long)
+
+    def prefetch(self, lens: Lens, requests: Sequence[tuple[Tensor, Sequence[int]]]) -> None:
+        """Project every requested row ``directions[r]`` not in the table yet: ``lens.prompt_free_transform`` of
+        all of them, then one matmul against ``W_U`` per :data:`~tl_residual.lens.DEFAULT_CHUNK_SIZE` rows,
+        written straight into the table (a product with few rows reads all of ``W_U`` for little work: ask for
+        many rows at once). ``lens``: any lens of the batch (same model and convention)."""
+        todo: dict[tuple[Any, int], tuple[Tensor, int]] = {}
+        for directions, rows in requests:
+            dkey = _tensor_key(directions)
+            for r in rows:
+                if (dkey, r) not in self._slot:
+                    todo.setdefault((dkey, int(r)), (directions, int(r)))
+        if not todo:
+            return
+        W_U = lens.W_U
+        if self._table is None or self._n + len(todo) > self._table.shape[0]:
+            self.clear()  # full (or first use): start again, and every requested row is missing now
+            for directions, rows in requests:
+                for r in rows:
+                    todo.setdefault((_tensor_key(directions), int(r)), (directions, int(r)))
+            cap = max(len(todo), self.max_bytes // (4 * W_U.shape[-1]))
+            self._table = W_U.new_empty(cap, W_U.shape[-1])
+        by_dir: dict[tuple[Any, ...], tuple[Tensor, list[int]]] = {}
+        for (dkey, r), (directions, _) in todo.items():
+            by_dir.setdefault(dkey, (directions, []))[1].append(r)
+        x = torch.cat([d[torch.tensor(rows, device=d.device)].float().to(W_U.device) for d, rows in by_dir.values()])
+        x = lens.prompt_free_transform(x)
+        for s in range(0, x.shape[0], DEFAULT_CHUNK_SIZE):
+            rows_x = x[s : s + DEFAULT_CHUNK_SIZE]
+            torch.matmul(rows_x, W_U, out=self._table[self._n + s : self._n + s + rows_x.shape[0]])
+        for dkey, (directions, rows) in by_dir.items():
+            for r in rows:
+                self._slot[(dkey, r)] = self._n
+                self._n += 1
+            self._alive[dkey] = directions
+        self.n_projected += x.shape[0]
+
+    def log_prob_increase(
+        self,
+        slots: Int[Tensor, " r"],
+        coefficients: Float[Tensor, " r"],
+        base_logits: Float[Tensor, " d_vocab"],
+        target: int,
+    ) -> Float[Tensor, " r"]:
+        """``log_softmax(z(x) + m_j P[w_j])[t] - log_softmax(z(x))[t]`` for each row (nats): the log-probability
+        increase of the parts ``m_j w_j`` (``coefficients`` already times the prompt factor) at a base of lens logits
+        ``base_logits``; ``block`` rows at a time in one reused buffer (no allocation per row)."""
+        assert self._table is not None
+        V = base_logits.shape[-1]
+        if self._buf is None or self._buf.shape[1] != V:
+            self._buf = base_logits.new_empty(self.block, V)
+        base_lp = float(torch.log_softmax(base_logits, -1)[target])
+        coef = coefficients.float().to(base_logits.device)
+        out = torch.empty(len(slots), dtype=torch.float64)
+        idx = slots.to(self._table.device)
+        for s in range(0, len(slots), self.block):
+            b = self._buf[: min(self.block, len(slots) - s)]
+            torch.index_select(self._table, 0, idx[s : s + self.block], out=b)
+            b.mul_(coef[s : s + self.block, None]).add_(base_logits)  # the logits of x + m w
+            zt = b[:, target].clone()
+            m = b.amax(-1)
+            lse = b.sub_(m[:, None]).exp_().sum(-1).log_().add_(m)  # logsumexp, in place
+            out[s : s + len(b)] = (zt - lse).double().cpu() - base_lp
+        return out
+
+
+def prefetch_direction_logits(
+    ctxs: Sequence[ScoringContext],
+    groups: Sequence[Sequence[PartGroup]],
+    top_k: int,
+    method: str | Scorer = "log_prob_increase",
+    margin: float = 1.25,
+) -> None:
+    """For every prompt, project the directions of its ``ceil(margin * top_k)`` best-bounded parts of ``groups[i]``
+    (those its certified search scores first) into the shared :class:`DirectionLogits`, all prompts' rows in a few
+    large matmuls (the union over the batch), instead of a narrow product per search step. Only where the searches
+    would use the shared projections (``log_prob_increase``, a linear lens, :data:`SHARED_DIRECTION_KINDS`).
+    Results are unchanged; this only decides when the projections are computed."""
+    scorer = get_scorer(method)
+    todo: dict[int, tuple[DirectionLogits, Lens, list[tuple[Tensor, list[int]]]]] = {}
+    for ctx, gs in zip(ctxs, groups):
+        shared = ctx.direction_logits
+        if shared is None or scorer.fn is not _log_prob_increase or not ctx.lens.linear or not ctx.lens.certifiable:
+            continue
+        gs = [g for g in gs if len(g) and g.kind in SHARED_DIRECTION_KINDS]
+        if not gs or scorer.bound is None:
+            continue
+        bounds = torch.cat(_bounds(ctx, gs, [ctx.base_for(g) for g in gs], scorer))
+        top = torch.topk(bounds, min(len(bounds), math.ceil(margin * top_k))).indices
+        owner = torch.cat([torch.full((len(g),), gi, dtype=torch.long) for gi, g in enumerate(gs)])
+        local = torch.cat([torch.arange(len(g)) for g in gs])
+        reqs = todo.setdefault(id(shared), (shared, ctx.lens, []))[2]
+        for gi in owner[top].unique().tolist():
+            reqs.append((gs[gi].directions, local[top[owner[top] == gi]].tolist()))
+    for shared, lens, reqs in todo.values():
+        shared.prefetch(lens, reqs)
+
+
+def _shared_log_prob_increase(
+    ctx: ScoringContext, groups: list[PartGroup], bases: list[Tensor], owner: Tensor, local: Tensor, idx: Tensor
+) -> Float[Tensor, " m"]:
+    """The log-probability increase of the parts ``idx`` (of many groups) exactly as ``log_prob_increase`` scores
+    them, with the parts of :data:`SHARED_DIRECTION_KINDS` projected through ``ctx.direction_logits``:
+    ``log_softmax(z(x) + m * prompt_factor * P[w])[t] - log p(t | x)`` (linear lens)."""
+    shared = ctx.direction_logits
+    assert shared is not None and ctx.lens.linear
+    out = torch.empty(len(idx), dtype=torch.float64)
+    own = owner[idx]
+    rest = []
+    for gi in own.unique().tolist():
+        sel = (own == gi).nonzero().squeeze(-1)
+        g = groups[gi]
+        if g.kind not in SHARED_DIRECTION_KINDS:
+            rest.append(sel)
+            continue
+        rows = local[idx[sel]]
+        slots = shared.slots(ctx.lens, g.directions, rows)
+        coef = g.coefficients[rows.to(g.coefficients.device)].float() * ctx.lens.prompt_factor
+        out[sel] = shared.log_prob_increase(slots, coef, ctx.base_logits(bases[gi]), ctx.target)
+    if rest:
+        sel = torch.cat(rest)
+        out[sel] = _log_prob_increase(ctx, *_gather(groups, bases, owner, local, idx[sel])).double().cpu()
+    if not bool(torch.isfinite(out).all()):
+        raise InvalidInputError(f"{int((~torch.isfinite(out)).sum())} non-finite log-probability increases")
     return out
 
 
@@ -721,7 +995,8 @@ def _bounds(ctx: ScoringContext, groups: list[PartGroup], bases: list[Tensor], s
     bound = scorer.bound
     assert bound is not None
     if isinstance(bound, IncreaseBound) and ctx.lens.linear:
-        return _fused_bounds(ctx, groups, bases, bound, ProjectionCache())
+        cache = ctx.projections if ctx.projections is not None else ProjectionCache()
+        return _fused_bounds(ctx, groups, bases, bound, cache)
     return [bound(ctx, g, b).double().cpu() for g, b in zip(groups, bases)]
 
 
@@ -757,7 +1032,11 @@ def _pruned(
     local = torch.cat([torch.arange(len(g)) for g in groups])
     k = min(top_k, int(all_bounds.shape[0]))  # never allocate for more rows than there are candidates
 
+    shared = ctx.direction_logits is not None and scorer.fn is _log_prob_increase and ctx.lens.linear
+
     def exact(idx: Tensor) -> Tensor:
+        if shared:  # neuron directions' vocabulary projections shared with the other prompts of the batch
+            return _shared_log_prob_increase(ctx, groups, bases, owner, local, idx)
         # Parts of many layers in one call: one base per part, one matmul against W_U per chunk.
         return scorer(ctx, *_gather(groups, bases, owner, local, idx)).double().cpu()
 

@@ -35,18 +35,28 @@ shards; rank 0 writes the manifest. One process needs no launcher.
 
 Peak memory (beyond the model): one batch's ``ActivationCache`` (``batch_size * n_pos * (5 * n_layers + ...) *
 d_model`` floats for the residual hooks plus ``batch_size * n_layers * n_heads * n_pos**2`` for the attention
-patterns), plus for the prompt being scored the pruned search's per-part bounds (8 bytes per candidate part,
-``n_layers * (d_mlp + n_heads * n_pos * (d_head + 1))``) and ``3 * max(chunk_size, top_k) * d_vocab`` floats for
-the exact scores, plus the attention-neuron directions of one layer (``n_heads * n_pos * d_head * d_model``).
-The head x source-position subvalues of every layer (``n_layers * n_heads * n_pos * d_model`` floats) are built
-once per prompt, checked by the safety net and scored by the subvalue search (which holds them all anyway); every
-head of every layer is scored in one call (``n_layers * n_heads`` rows, ``3 * chunk_size * d_vocab`` floats per
-chunk).
+patterns); what the prompts of a batch share, computed for all of them at once: the lens logits and bound probes
+of every base and stream residual (``batch_size * (2 * n_layers + 2) * (d_vocab + (n_head + 3) * d_model)``
+floats; SmolLM2, batch 16: 250 MB), the bound projections of every neuron direction on every prompt's probes
+(``batch_size * n_layers * (d_mlp + n_heads * d_head) * (n_head + 2)`` float64; 80 MB) and the vocabulary
+projections of the neuron directions the searches score (at most 1 GiB,
+:class:`tl_residual.scorers.DirectionLogits`); plus for the prompt being scored the pruned search's per-part
+bounds (8 bytes per candidate part, ``n_layers * (d_mlp + n_heads * n_pos * (d_head + 1))``) and
+``3 * max(chunk_size, top_k) * d_vocab`` floats for the exact scores. The head x source-position subvalues of
+every layer (``n_layers * n_heads * n_pos * d_model`` floats) are built once per prompt, checked by the safety
+net and scored by the subvalue search; every head of every layer is scored in one call (``n_layers * n_heads``
+rows, up to ``4 * chunk_size`` rows per product: ``3 * 4 * chunk_size * d_vocab`` floats).
+
+Speed (``docs/studies.md``, Throughput): per batch, one safety net per prompt, one finiteness pass, the products
+against ``W_U`` of the prompts' base residuals together, and the vocabulary projection of each distinct FFN or
+attention neuron scored exactly (the union over the prompts), after which a (prompt, neuron) exact score is one
+log-softmax over the vocabulary. Same names, ranks and scores as the per-prompt scorers up to float32 rounding.
 Rows are written per batch and never accumulated.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -55,6 +65,7 @@ import platform
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -540,7 +551,10 @@ def _all_head_rows(ctx: Any, scorer: Any, pid: int, group: str | None, method: s
         refs += [(l, h) for h in range(v.shape[0])]
     vectors = torch.cat(vecs)
     mixed = PartGroup("mixed", None, torch.ones(len(vectors), device=vectors.device), vectors)
-    scores = scorer(ctx, mixed, torch.cat(bases).to(vectors.device)).float().cpu()  # float32, as score tables keep
+    # every head in one product against W_U where the chunk size allows it (a second, narrow product would
+    # read all of W_U again for a few rows)
+    whole = dataclasses.replace(ctx, chunk_size=max(ctx.chunk_size, min(len(vectors), 4 * ctx.chunk_size)))
+    scores = scorer(whole, mixed, torch.cat(bases).to(vectors.device)).float().cpu()  # float32, as score tables keep
     order = torch.argsort(scores, descending=True, stable=True).tolist()
     return [
         {
@@ -567,6 +581,101 @@ def _sublayer_group(layer: int, kind: str, vec: torch.Tensor) -> PartGroup:
     return PartGroup(kind, layer, torch.ones(1, device=vec.device), vec[None, :], {}, [N.layer_output(layer, kind)])  # type: ignore[arg-type]
 
 
+@dataclass
+class _Prompt:
+    """One prompt of a batch, checked and ready to score: its context, the safety net's relative error, the
+    checked groups kept for the searches, and the rows to prime (every base and stream residual)."""
+
+    ctx: Any
+    error: float
+    keep: dict[str, list[PartGroup]]
+    attn_neurons: list[PartGroup]
+    stream: list[tuple[str, torch.Tensor]]
+    sub_groups: list[PartGroup]
+    bases: torch.Tensor
+
+
+def _prepare(
+    model: Any,
+    cache: Any,
+    batch: int,
+    position: int,
+    target: int | str | None,
+    *,
+    kinds: Sequence[str],
+    convention: str,
+    chunk_size: int | None,
+    tokens: Sequence[str] | None = None,
+    finite: bool = False,
+) -> _Prompt:
+    """Build prompt ``batch``'s context and run the safety net once (never twice: the context is built without
+    its own check, and the checked parts of two kinds are kept for the scorers). ``finite``: the whole batch's
+    cache is known to be finite (:func:`tl_residual.model.all_finite`), else the prompt is checked here.
+
+    Raises:
+        InvalidInputError: a bad target or position, or a decomposition error above
+            :data:`MAX_DECOMPOSITION_ERROR`; UnsupportedArchitectureError: a model outside the decomposition.
+    """
+    from tl_residual import scorers as S
+    from tl_residual.decompose import attention_neuron_groups
+
+    kw = {} if chunk_size is None else {"chunk_size": chunk_size}
+    ctx = S.make_context(model, cache, target, position, batch, convention, tokens=tokens, check=False, **kw)  # type: ignore[arg-type]
+    if not finite:
+        tlm.check_finite(cache, ctx.position, batch)  # a NaN/inf activation would enter the top-k
+    ctx.projections = S.ProjectionCache()  # kept for the prompt: shared by its searches and filled per batch
+    # the checked parts of two kinds are kept and scored below: the same groups, in the same (layer) order, as
+    # tl_residual.scorers.iter_groups builds (attention_parts; ffn_parts for dense MLPs; a mixture of experts'
+    # FFN groups differ from iter_parts' and are rebuilt by the scorers)
+    spec = tlm.model_spec(model)
+    keep: dict[str, list[PartGroup]] = {k: [] for k in ("attn_subvalue", "ffn_neuron") if k in kinds}
+    if "ffn_neuron" in keep and any(tlm.is_moe_layer(model, l) for l in range(spec.n_layers)):
+        del keep["ffn_neuron"]
+    err = _decomposition_error(model, cache, ctx.position, batch, keep)
+    if not err <= MAX_DECOMPOSITION_ERROR:
+        raise InvalidInputError(
+            f"the parts miss the cached final resid_post by {err:.2e} (relative), above {MAX_DECOMPOSITION_ERROR:g}; "
+            f"scores would not be exact"
+        )
+    attn_neurons = (
+        [g for l in range(spec.n_layers) for g in attention_neuron_groups(model, cache, l, ctx.position, batch)]
+        if "attn_neuron" in kinds
+        else []
+    )  # the groups of scorers.score_attention_neurons (iter_groups), built once
+    stream = residual_stream(model, cache, ctx.position, batch)
+    sub_groups = [
+        _sublayer_group(l, k, v) for _, l, k, v in layer_outputs(model, cache, ctx.position, batch) if k != "embed"
+    ]
+    bases = torch.stack([ctx.base_for(g) for g in sub_groups] + [v for _, v in stream])
+    return _Prompt(ctx, err, keep, attn_neurons, stream, sub_groups, torch.cat([bases, torch.zeros_like(bases[:1])]))
+
+
+def _prime(prompts: Sequence[_Prompt], methods: Sequence[str], top_k: Mapping[str, int | None]) -> Any:
+    """Everything the prompts of a batch share, computed for all of them at once: the lens logits and bound
+    probes of every base and stream residual (:func:`tl_residual.scorers.prime_contexts`), and the bound
+    projections of the directions shared by every prompt (FFN ``W_out``, attention ``W_O`` rows;
+    :func:`tl_residual.scorers.project_bounds`), and the vocabulary projections of the neurons each prompt's
+    search will score first (:func:`tl_residual.scorers.prefetch_direction_logits`). Returns the batch's
+    :class:`~tl_residual.scorers.DirectionLogits` (its counters: neuron rows asked for and projected)."""
+    from tl_residual import scorers as S
+
+    ctxs = [p.ctx for p in prompts]
+    S.prime_contexts(ctxs, [p.bases for p in prompts])
+    for method in methods:
+        S.project_bounds(ctxs, [p.keep.get("ffn_neuron", []) + p.attn_neurons for p in prompts], method)
+    shared = S.DirectionLogits()  # neuron directions' vocabulary projections, once per batch for all prompts
+    for c in ctxs:
+        c.direction_logits = shared
+    for kind, groups in (
+        ("ffn_neuron", [p.keep.get("ffn_neuron", []) for p in prompts]),
+        ("attn_neuron", [p.attn_neurons for p in prompts]),
+    ):
+        k = top_k.get(kind)
+        for method in methods if k is not None else ():
+            S.prefetch_direction_logits(ctxs, groups, k, method)
+    return shared
+
+
 def score_prompt(
     model: Any,
     cache: Any,
@@ -585,30 +694,44 @@ def score_prompt(
     group: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     """Every requested quantity for prompt ``batch`` of a right-padded batched ``cache`` at ``position`` (an index
-    into the prompt's own tokens): ``(prompt facts, rows per table)``.
+    into the prompt's own tokens): ``(prompt facts, rows per table)``. (:func:`run` prepares the prompts of a
+    batch together; same rows.)
 
     Raises:
         InvalidInputError: a bad target or position; UnsupportedArchitectureError: a model outside the
             decomposition; also when the decomposition of the final ``resid_post`` misses the cached vector by more
             than :data:`MAX_DECOMPOSITION_ERROR` (relative; the safety net).
     """
+    prompt = _prepare(model, cache, batch, position, target, kinds=kinds, convention=convention, chunk_size=chunk_size)
+    _prime([prompt], methods, top_k)
+    return _score_prepared(
+        prompt,
+        methods=methods,
+        kinds=kinds,
+        top_k=top_k,
+        query_values=query_values,
+        query_top_k=query_top_k,
+        pid=pid,
+        group=group,
+    )
+
+
+def _score_prepared(
+    prompt: _Prompt,
+    *,
+    methods: Sequence[str],
+    kinds: Sequence[str],
+    top_k: Mapping[str, int | None],
+    query_values: int,
+    query_top_k: int,
+    pid: int,
+    group: str | None,
+) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """The rows of :func:`score_prompt` for a prepared (and primed) prompt."""
     from tl_residual import scorers as S
 
-    kw = {} if chunk_size is None else {"chunk_size": chunk_size}
-    ctx = S.make_context(model, cache, target, position, batch, convention, **kw)  # type: ignore[arg-type]
-    # the checked parts of two kinds are kept and scored below: the same groups, in the same (layer) order, as
-    # tl_residual.scorers.iter_groups builds (attention_parts; ffn_parts for dense MLPs; a mixture of experts'
-    # FFN groups differ from iter_parts' and are rebuilt by the scorers)
-    spec = tlm.model_spec(model)
-    keep: dict[str, list[PartGroup]] = {k: [] for k in ("attn_subvalue", "ffn_neuron") if k in kinds}
-    if "ffn_neuron" in keep and any(tlm.is_moe_layer(model, l) for l in range(spec.n_layers)):
-        del keep["ffn_neuron"]
-    err = _decomposition_error(model, cache, ctx.position, batch, keep)
-    if not err <= MAX_DECOMPOSITION_ERROR:
-        raise InvalidInputError(
-            f"the parts miss the cached final resid_post by {err:.2e} (relative), above {MAX_DECOMPOSITION_ERROR:g}; "
-            f"scores would not be exact"
-        )
+    ctx, keep, sub_groups = prompt.ctx, prompt.keep, prompt.sub_groups
+    model, cache, batch = ctx.model, ctx.cache, ctx.batch
     logits = S.model_logits(model, cache, ctx.position, batch)
     logp = torch.log_softmax(logits.double(), -1)
     facts = {
@@ -616,16 +739,15 @@ def score_prompt(
         "target_log_prob": float(logp[ctx.target]),
         "target_prob": float(logp[ctx.target].exp()),
         "target_rank": int(1 + (logits > logits[ctx.target]).sum()),
-        "decomposition_error": err,
+        "decomposition_error": prompt.error,
     }
     rows: dict[str, list[dict[str, Any]]] = {t: [] for t in TABLES if t != "prompts"}
     base = {"prompt_id": pid, "group": group}
     if "stream" in kinds:
-        stream = residual_stream(model, cache, ctx.position, batch)
-        z = ctx.lens.logits(torch.stack([v for _, v in stream]))
+        z = ctx.base_logits(torch.stack([v for _, v in prompt.stream]))  # primed: ctx.lens.logits of each
         lp = torch.log_softmax(z.double(), -1)[:, ctx.target]
         rk = 1 + (z > z[:, ctx.target : ctx.target + 1]).sum(-1)
-        for i, (name, _) in enumerate(stream):
+        for i, (name, _) in enumerate(prompt.stream):
             rows["stream"].append(
                 {
                     **base,
@@ -636,13 +758,9 @@ def score_prompt(
                     "rank": int(rk[i]),
                 }
             )
-    sub_groups = [
-        _sublayer_group(l, k, v) for _, l, k, v in layer_outputs(model, cache, ctx.position, batch) if k != "embed"
-    ]
-    # every base residual (resid_pre and resid_mid of each layer, and zero) primed in one matmul against W_U;
-    # the layer scores and every pruned search below reuse them
+    # every base residual (resid_pre and resid_mid of each layer, and zero) was primed for the whole batch; the
+    # layer scores and every pruned search below reuse them
     bases = torch.stack([ctx.base_for(g) for g in sub_groups])
-    ctx.prime(torch.cat([bases, torch.zeros_like(bases[:1])]))
     for method in methods:
         scorer = S.get_scorer(method)
         if "layer" in kinds:
@@ -673,7 +791,7 @@ def score_prompt(
                 if "ffn_neuron" in keep
                 else S.score_ffn_neurons(ctx, m, top_k=top_k["ffn_neuron"], n_top_tokens=0)
             ),
-            "attn_neuron": lambda m: S.score_attention_neurons(ctx, m, top_k=top_k["attn_neuron"], n_top_tokens=0),
+            "attn_neuron": lambda m: S.score_groups(ctx, prompt.attn_neurons, m, top_k["attn_neuron"], n_top_tokens=0),
             "attn_subvalue": lambda m: S.score_groups(
                 ctx, keep["attn_subvalue"], m, top_k["attn_subvalue"], n_top_tokens=0
             ),
@@ -881,7 +999,8 @@ def run(
 
     Returns:
         A summary: ``{"ok", "failed", "filtered", "skipped" (already done), "seconds", "rank", "world_size"}`` of
-        this process.
+        this process, and ``"neuron_rows_requested"`` / ``"neuron_rows_projected"``: the FFN and attention neurons
+        scored exactly, summed over prompts, and the vocabulary projections that cost (the union per batch).
 
     Raises:
         InvalidInputError: bad options, unreadable data, a missing column, or ``out_dir`` holding a study with
@@ -966,6 +1085,8 @@ def run(
         "ok": 0,
         "failed": 0,
         "filtered": 0,
+        "neuron_rows_requested": 0,
+        "neuron_rows_projected": 0,
         "skipped": len(records) - len(pending),
         "rank": rank,
         "world_size": world,
@@ -999,22 +1120,23 @@ def run(
     try:
         for start in range(0, len(tokenized), batch_size):
             chunk = tokenized[start : start + batch_size]
-            counts = _run_batch(
-                model,
-                chunk,
-                out,
-                rank,
-                next_shard,
-                methods=methods,
-                kinds=kinds,
-                top=top,
-                position=position,
-                convention=convention,
-                chunk_size=chunk_size,
-                query_values=query_values,
-                query_top_k=query_top_k,
-                filter=filter,
-            )
+            with _spec_scope(model):
+                counts = _run_batch(
+                    model,
+                    chunk,
+                    out,
+                    rank,
+                    next_shard,
+                    methods=methods,
+                    kinds=kinds,
+                    top=top,
+                    position=position,
+                    convention=convention,
+                    chunk_size=chunk_size,
+                    query_values=query_values,
+                    query_top_k=query_top_k,
+                    filter=filter,
+                )
             next_shard += 1
             for k, v in counts.items():
                 summary[k] += v
@@ -1024,6 +1146,17 @@ def run(
     summary["seconds"] = time.perf_counter() - t0
     state.wait_for_everyone()
     return summary
+
+
+def _spec_scope(model: Any) -> ExitStack:
+    """:func:`tl_residual.model.spec_scope` for one batch (the model's spec read once, not per part group); for
+    an unsupported model no scope, and each prompt fails with the reason, as without it."""
+    stack = ExitStack()
+    try:
+        stack.enter_context(tlm.spec_scope(model))
+    except TLResidualError:
+        pass
+    return stack
 
 
 def _token_strs(model: Any, toks: torch.Tensor | None) -> list[str]:
@@ -1058,7 +1191,7 @@ def _run_batch(
     filter: str | None,
 ) -> dict[str, int]:
     """Forward one right-padded batch with cache, score each prompt, write the shards (prompts last)."""
-    counts = {"ok": 0, "failed": 0, "filtered": 0}
+    counts = {"ok": 0, "failed": 0, "filtered": 0, "neuron_rows_requested": 0, "neuron_rows_projected": 0}
     prompt_rows: list[dict[str, Any]] = []
     rows: dict[str, list[dict[str, Any]]] = {t: [] for t in TABLES if t != "prompts"}
     runnable = [(r, t) for r, t, why in chunk if why is None and t is not None]
@@ -1103,23 +1236,48 @@ def _run_batch(
             _, cache = model.run_with_cache(tokens.to(device))
         if hasattr(cache, "to") and any(v.device != device for v in cache.values()):
             cache = cache.to(device)  # layers on several devices (device_map): score on W_U's device
+        prepared: list[tuple[PromptRecord, int, _Prompt]] = []
+        finite = tlm.all_finite(cache)  # one pass for the batch (else each prompt is checked, naming the place)
         for b, (r, t) in enumerate(runnable):
             n = len(t)
             pos = position + n if position < 0 else position
             try:
                 if not 0 <= pos < n:
                     raise InvalidInputError(f"position {position} is outside the prompt's {n} tokens")
-                f, prow = score_prompt(
-                    model,
-                    cache,
-                    b,
-                    pos,
-                    r.target,
+                prepared.append(
+                    (
+                        r,
+                        pos,
+                        _prepare(
+                            model,
+                            cache,
+                            b,
+                            pos,
+                            r.target,
+                            kinds=kinds,
+                            convention=convention,
+                            chunk_size=chunk_size,
+                            tokens=_token_strs(model, t[: pos + 1]),  # the prompt's own tokens, not decoded again
+                            finite=finite,
+                        ),
+                    )
+                )
+            except TLResidualError as exc:
+                reasons[r.prompt_id], statuses[r.prompt_id] = str(exc), "failed"
+        shared = None
+        try:
+            shared = _prime([p for _, _, p in prepared], methods, top) if prepared else None  # shared by the prompts
+        except TLResidualError as exc:  # what the batch shares could not be computed: every prompt of it fails
+            for r, _, _ in prepared:
+                reasons[r.prompt_id], statuses[r.prompt_id] = str(exc), "failed"
+            prepared = []
+        for r, pos, prompt in prepared:
+            try:
+                f, prow = _score_prepared(
+                    prompt,
                     methods=methods,
                     kinds=kinds,
                     top_k=top,
-                    convention=convention,
-                    chunk_size=chunk_size,
                     query_values=query_values,
                     query_top_k=query_top_k,
                     pid=r.prompt_id,
@@ -1132,6 +1290,10 @@ def _run_batch(
             statuses[r.prompt_id] = "ok"
             for table, trows in prow.items():
                 rows[table].extend(trows)
+        if shared is not None:
+            counts["neuron_rows_requested"] += shared.n_requested
+            counts["neuron_rows_projected"] += shared.n_projected
+        del prepared, shared
         del cache
     for r, prompt_tokens, _ in chunk:
         f = facts.get(r.prompt_id, {})

@@ -95,30 +95,32 @@ def jensen_direction(
 def bound_probes(
     W_U: Float[Tensor, "d_model d_vocab"],
     base_logits: Float[Tensor, "B d_vocab"],
-    target: int,
+    target: int | Int[Tensor, " B"],
     n_head: int = DEFAULT_HEAD,
 ) -> BoundProbes:
     """The probes of bound (1) for ``B`` bases, in two matmuls against ``W_U`` (one per direction).
 
     Args:
-        W_U: the unembedding (``d_model x d_vocab``), float32 or float64.
+        W_U: the unembedding (``d_model x d_vocab``), float32 or float64 (pass it in float64 to convert it once
+            for many calls).
         base_logits: the lens logits of each base ``x`` (logits; any additive constant per row is harmless).
-        target: target token id.
+        target: target token id, or one target per base (the bases of several prompts in one call).
         n_head: ``h``, how many of the most probable tokens of ``p(x)`` enter exactly (``0``: plain Jensen;
             the target is always added to the head).
 
     Returns:
-        :class:`BoundProbes` in float64. Peak memory ``B * d_vocab`` float64 values.
+        :class:`BoundProbes` in float64. Peak memory ``3 * B * d_vocab`` float64 values.
     """
     n_head = max(0, min(int(n_head), base_logits.shape[-1]))
     logp = torch.log_softmax(base_logits.double(), dim=-1)  # [B, V]
     B = logp.shape[0]
     rows = torch.arange(B, device=logp.device)[:, None]
+    t_col = torch.as_tensor(target, dtype=torch.long, device=logp.device).reshape(-1, 1).expand(B, 1)
     head = torch.topk(logp, n_head, dim=-1).indices if n_head else logp.new_zeros(B, 0, dtype=torch.long)
-    t_col = torch.full((B, 1), target, dtype=torch.long, device=logp.device)
-    has_t = (head == target).any(-1, keepdim=True)
+    has_t = (head == t_col).any(-1, keepdim=True)
+    t_logp = logp.gather(-1, t_col)  # [B, 1]
     # Put the target in the head; where it is already there, repeat a head token with zero weight instead.
-    extra_lw = torch.where(has_t, torch.full_like(has_t, -math.inf, dtype=logp.dtype), logp[:, target : target + 1])
+    extra_lw = torch.where(has_t, torch.full_like(t_logp, -math.inf), t_logp)
     head = torch.cat([head, t_col], dim=-1)
     head_lw = torch.cat([logp[rows, head[:, :-1]], extra_lw], dim=-1)
     p_tail = logp.exp()
@@ -126,11 +128,9 @@ def bound_probes(
     q = p_tail.sum(-1)  # [B]
     W = W_U.double()
     mu_tail = (p_tail @ W.T) / q.clamp_min(1e-300)[:, None]  # [B, d_model]
-    probes = torch.cat(
-        [W[:, target].expand(B, -1)[:, :, None], W[:, head].permute(1, 0, 2), mu_tail[:, :, None]], dim=-1
-    )
+    probes = torch.cat([W[:, t_col[:, 0]].T[:, :, None], W[:, head].permute(1, 0, 2), mu_tail[:, :, None]], dim=-1)
     log_q = torch.where(q > 0, q.clamp_min(1e-300).log(), torch.full_like(q, -math.inf))
-    return BoundProbes(probes, torch.cat([head_lw, log_q[:, None]], dim=-1), logp[:, target])
+    return BoundProbes(probes, torch.cat([head_lw, log_q[:, None]], dim=-1), t_logp[:, 0])
 
 
 def head_tail_bound(projections: Float[Tensor, "n m1"], log_weights: Float[Tensor, "n m"]) -> Float[Tensor, " n"]:
@@ -155,13 +155,14 @@ def certified_top_k(
     k: int,
     chunk_size: int = 256,
     tol: float = 1e-5,
-    min_chunk: int = 32,
+    min_chunk: int = 8,
 ) -> TopK:
     """Exact top-``k`` of a score that never exceeds ``bounds``.
 
-    The first call scores the ``max(k, min_chunk)`` best-bounded candidates; later calls grow geometrically
-    (a quarter of those already scored, at least ``min_chunk``, at most ``chunk_size``), so the work is at most
-    about 1.25 times the least possible plus one chunk.
+    The first call scores the ``max(k, min_chunk)`` best-bounded candidates; each later call scores exactly the
+    unscored candidates whose bound still beats the running k-th score (the only ones that can enter the top-k or
+    block the stopping test; at most ``chunk_size`` per call). A candidate is therefore scored only if its bound
+    beat the k-th score known when it was reached: no fixed-size overshoot.
 
     Args:
         bounds: an upper bound of every candidate's score (same units as the score).
@@ -169,7 +170,7 @@ def certified_top_k(
         k: how many to return (fewer if there are fewer candidates).
         chunk_size: most candidates scored per call of ``exact`` after the first (bounds the peak extra memory
             of the scorer, together with ``k``).
-        min_chunk: fewest candidates scored per call.
+        min_chunk: fewest candidates scored by the first call.
         tol: slack added to the stopping test (relative to ``max(1, |bound|)``) against float rounding in bound
             and exact score; the search only stops once the k-th score beats the next bound by this margin.
 
@@ -195,7 +196,12 @@ def certified_top_k(
     start = 0
     while start < n:
         # The first chunk holds at least k so the k-th best is known after one round; then grow geometrically.
-        step = max(k, min_chunk) if start == 0 else min(chunk_size, max(min_chunk, start // 4))
+        if start == 0:
+            step = max(k, min_chunk)
+        else:  # the unscored candidates that could still block the stopping test below
+            kth = float(best_score.min())
+            rest = sorted_bounds[start:]
+            step = min(chunk_size, max(1, int((rest + tol * rest.abs().clamp_min(1.0) > kth).sum())))
         stop = min(n, start + step)
         idx = order[start:stop]
         scores = exact(idx).detach().double().cpu()
