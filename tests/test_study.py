@@ -3,8 +3,8 @@
 Checks: every input format gives the same results; a run killed with SIGKILL (and one interrupted by Ctrl-C)
 resumes to exactly the results of an uninterrupted run; other options into the same folder are refused; failing
 prompts are recorded; names mean the same component to ``intervene`` (checked against a computation from the
-weights and the single-prompt cache); scores equal the single-prompt scorers; two processes (torchrun, gloo) give
-the same merged results as one. The SmolLM2 end-to-end run of ``--data builtin:factual`` is marked slow.
+weights and the single-prompt cache); scores equal the single-prompt scorers; two processes (accelerate launch, gloo)
+give the same merged results as one. The SmolLM2 end-to-end run of ``--data builtin:factual`` is marked slow.
 """
 
 from __future__ import annotations
@@ -530,9 +530,10 @@ def test_cli_killed_run_resumes_to_the_same_results(model, model_dir, tmp_path):
 
 
 def test_two_processes_equal_one(model, model_dir, data_file, tmp_path):
-    if shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None:
-        pytest.skip("torchrun is not installed next to this Python")
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    # the documented command: Accelerate's launcher (torch.distributed underneath; gloo CPU processes here)
+    if shutil.which("accelerate", path=os.path.dirname(sys.executable)) is None:
+        pytest.skip("accelerate is not installed next to this Python")
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     st.run(model, data_file, tmp_path / "one", kinds=("layer", "stream", "ffn_neuron", "attn_neuron"), **FAST)
     args = [
         "--data",
@@ -553,10 +554,17 @@ def test_two_processes_equal_one(model, model_dir, data_file, tmp_path):
     ]
     two = subprocess.run(
         [
-            torchrun,
-            "--standalone",
-            "--nproc_per_node",
+            accelerate,
+            "launch",
+            "--multi_gpu",
+            "--num_machines",
+            "1",
+            "--num_processes",
             "2",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
             "-m",
             "tl_residual",
             "study",

@@ -276,7 +276,7 @@ def last_token_logits(
     model: Any, batch: PromptBatch, hooks: list[tuple[str, HookFn]] | None = None
 ) -> Float[Tensor, "batch d_vocab"]:
     """The model's next-token logits at each prompt's last real token, with ``hooks`` applied (float32)."""
-    device = tlm.W_U(model).device
+    device = tlm.scoring_device(model)
     tokens = batch.tokens.to(device)
     kwargs = _forward_kwargs(batch)
     if "attention_mask" in kwargs:

@@ -228,6 +228,7 @@ def make_context(
     Raises:
         InvalidInputError: bad position, target (not exactly one token), batch, convention or chunk size.
     """
+    cache = tlm.cache_to_scoring_device(model, cache)  # a model split over devices (device_map)
     pos = resolve_position(position, n_positions(cache))
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise InvalidInputError(f"chunk_size must be a positive integer, got {chunk_size!r}")

@@ -1231,11 +1231,9 @@ def _run_batch(
         tokens = torch.full((len(runnable), width), pad, dtype=torch.long)
         for i, (_, t) in enumerate(runnable):
             tokens[i, : len(t)] = t  # right padding: under the causal mask real tokens never see the pads
-        device = tlm.W_U(model).device
         with torch.no_grad():
-            _, cache = model.run_with_cache(tokens.to(device))
-        if hasattr(cache, "to") and any(v.device != device for v in cache.values()):
-            cache = cache.to(device)  # layers on several devices (device_map): score on W_U's device
+            _, cache = model.run_with_cache(tokens.to(tlm.scoring_device(model)))
+        cache = tlm.cache_to_scoring_device(model, cache)  # a model split by device_map: score on W_U's device
         prepared: list[tuple[PromptRecord, int, _Prompt]] = []
         finite = tlm.all_finite(cache)  # one pass for the batch (else each prompt is checked, naming the place)
         for b, (r, t) in enumerate(runnable):
