@@ -15,12 +15,15 @@ the paper's filter for the model, :func:`tl_residual.datasets.filter_prompts`, o
 
 The selected component names are kept per prompt and method (``BenchmarkResult.selections``, written to the JSON).
 
-Speed: ``log_prob_increase``, ``log_prob`` and ``prob_increase`` use the library's certified pruned top-k
-(exact). ``inverse_rank`` and ``coefficient_inverse_rank`` depend on a neuron only through the rank of the target
-in its direction's vocabulary projection, which under the frozen lens does not depend on the prompt (the frozen
-final-norm scale is a positive factor), so :func:`target_rank_table` computes that rank once per distinct target
-for all FFN neurons; the per-prompt scores are then ``1 / rank`` and ``|m| / rank`` (the registry's formulas).
-Interventions are batched.
+Speed (same selections as the reference computations, checked in ``tests/test_faithfulness.py``):
+:class:`FfnSelector` runs the certified pruned top-k of ``log_prob_increase``, ``log_prob`` and ``prob_increase``
+with one exact-score table per prompt shared by the three (one projection of each candidate on the vocabulary),
+and sorts the dense methods d, e, g once. ``inverse_rank`` and ``coefficient_inverse_rank`` depend on a neuron
+only through the rank of the target in its direction's vocabulary projection, which under the frozen lens does
+not depend on the prompt (the frozen final-norm scale is a positive factor), so :class:`RankTable` counts those
+ranks once per run for all FFN neurons and distinct targets, up to a cap, and certifies each prompt's selection
+(re-counting the few neurons that could still enter); :func:`target_rank_table` is the full reference. The
+per-prompt scores are ``1 / rank`` and ``|m| / rank`` (the registry's formulas). Interventions are batched.
 
 Command line: ``tl-residual faithfulness --data prompts.jsonl`` (or ``--data builtin:factual``); the benchmark
 script ``benchmarks/faithfulness.py`` calls the same code on the built-in prompts.
@@ -316,7 +319,11 @@ class FfnSelector:
       ``log_softmax(z_v)[t]``, ``softmax(z_x + z_v)[t] - p(t | x)``). Method c's stopping slack is relative,
       ``PROB_TOL * max_l p(t | x_l)`` (probability units) instead of the library's absolute ``1e-5``: where the
       300th best probability increase is below ``1e-5`` (a target the FFN neurons barely raise), the absolute
-      slack made the search score every neuron (46,080 rows against ``W_U``).
+      slack made the search score every neuron (46,080 rows against ``W_U``). The slack only guards the
+      comparison of float32 exact scores with float64 bounds against rounding: the library's ``1e-5`` nats on
+      ``Imp`` (method a) is a relative ``1e-5`` on ``p(t | x + m v) = p0 * exp(Imp)``, and
+      ``2e-5 * max_l p0 >= 1e-5 * (p0 + c)`` for every candidate whose bound ``c <= max_l p0``, so c keeps at
+      least a's margin for probabilities up to ``2 max_l p0``.
     * ``norm``, ``coefficient``, ``coefficient_norm`` (d, e, g): the registry's scorer per layer, one stable sort
       instead of a table per layer.
 
@@ -334,9 +341,7 @@ class FfnSelector:
         self.groups = [g for g in groups if len(g)]
         self.bases = [ctx.base_for(g) for g in self.groups]
         self.fast = ctx.lens.linear and ctx.lens.certifiable and bool(self.groups)
-        if self.fast:
-            # the first use of the context, with the stack the library's pruned search primes: same base logits
-            ctx.prime(torch.stack([*self.bases, torch.zeros_like(self.bases[0])]))
+        self.primed = False
         sizes = [len(g) for g in self.groups]
         self.owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long))
         self.local = torch.cat([torch.arange(n) for n in sizes]) if sizes else torch.zeros(0, dtype=torch.long)
@@ -385,6 +390,9 @@ class FfnSelector:
 
     def _pruned(self, method: str, k: int) -> list[str]:
         ctx = self.ctx
+        if not self.primed:  # the stack the library's pruned search primes first: the same base logits
+            ctx.prime(torch.stack([*self.bases, torch.zeros_like(self.bases[0])]))
+            self.primed = True
         bound = get_scorer(method).bound
         assert bound is not None
         bounds = torch.cat([bound(ctx, g, b).double().cpu() for g, b in zip(self.groups, self.bases)])
