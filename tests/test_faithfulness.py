@@ -205,3 +205,42 @@ def test_rank_table_equals_full_table_and_raw_ranks(tiny_cached, cap):
     if cap == 1:
         assert table.n_resolved > 0  # the certification had to re-count some chunks
     assert len(table.targets) == 3 and n_layers * d_mlp == table.ranks.shape[0]
+
+
+@pytest.mark.parametrize("rank_cap", [None, 2])
+def test_run_benchmark_selections_equal_reference(tiny_cached, rank_cap):
+    """End to end: run_benchmark's selected names (fast paths: FfnSelector, RankTable with a small cap) equal the
+    reference computations written out here (the library's scorers per method at the largest k, the full rank
+    table), for every method, and the Appendix C lists."""
+    from conftest import run_cache
+    from tl_residual import faithfulness as F
+    from tl_residual.lens import Lens
+    from tl_residual.scorers import PAPER_METHODS, score_attention_neurons, score_ffn_neurons
+
+    model, _ = tiny_cached
+    prompts = pd.DataFrame(
+        {
+            "type": ["a", "b", "a"],
+            "prompt": ["t5 t17 t33 t8", "t9 t23 t4", "t40 t41 t3 t12 t30"],
+            "answer_id": [7, 11, 7],
+        }
+    )
+    res = F.run_benchmark(
+        model, prompts, PAPER_METHODS, ks=(2, 12), attention=True, batch_size=1, progress=False, rank_cap=rank_cap
+    )
+    got = {(s["prompt_index"], s["method"]): s["components"] for s in res.selections}
+    first = run_cache(model, F.I.tokenize_batch(model, [prompts.prompt[0]]).tokens)[1]
+    full = F.target_rank_table(model, Lens(model, first, -1, 0, "frozen"), [7, 11])
+    for i, row in prompts.iterrows():
+        cache = run_cache(model, F.I.tokenize_batch(model, [row.prompt]).tokens)[1]
+        ctx = make_context(model, cache, int(row.answer_id))
+        coefs = F.ffn_coefficients(model, cache, ctx.position, 0)
+        for m in PAPER_METHODS:
+            if m in F.RANK_METHODS:
+                want = F.rank_method_top_k(model, coefs, full[int(row.answer_id)], m, 12)
+            else:
+                want = score_ffn_neurons(ctx, m, top_k=12, n_top_tokens=0)["name"].tolist()
+            assert got[(i, m)] == want, (i, m)
+        att = score_attention_neurons(ctx, "log_prob_increase", top_k=200, n_top_tokens=0)["name"].tolist()
+        assert got[(i, "appendix_c")] == att + got[(i, "log_prob_increase")][:100]
+    assert res.info["n_exact"] > 0 and set(res.info["cpu_s"]) >= {"rank_table", "interventions"}
