@@ -5,10 +5,11 @@ factual prompts that survive the paper's filter for the model.
 
 Reproduce::
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/faithfulness.py
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/faithfulness.py --batch-size 8
 
 writes ``benchmarks/results/faithfulness.md`` and ``benchmarks/results/faithfulness.json`` (``--help`` for
-options; ``--max-prompts N`` for a quick run).
+options; ``--max-prompts N`` for a quick run): every method, the random control, k = 10/100/300 and Appendix C
+on all filtered prompts, with wall-clock and CPU seconds per stage (``docs/faithfulness.md``, Speed).
 """
 
 from __future__ import annotations

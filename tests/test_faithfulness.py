@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sys
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -113,3 +115,132 @@ def test_reduced_benchmark_lowers_probability_more_than_random(smollm2):
     summary = F.summarise(df, ["method", "k"]).set_index("method")
     assert summary.loc["log_prob_increase", "mrr"] <= summary.loc["none", "mrr"]
     assert "a) log-prob increase" in F.markdown(res)
+
+
+# ----------------------------------------------------------------------------------------------
+# The fast paths of tl_residual.faithfulness equal the reference computations (tiny random models)
+# ----------------------------------------------------------------------------------------------
+
+FAST_METHODS = ("log_prob_increase", "log_prob", "prob_increase", "norm", "coefficient", "coefficient_norm")
+
+
+def _tiny_models() -> list[tuple[str, Any]]:
+    from conftest import HAS_BRIDGE, HAS_HOOKED, make_bridge, make_hooked
+
+    out = []
+    if HAS_HOOKED:
+        out.append(("hooked-llama", lambda: make_hooked("llama", n_kv_heads=2)))
+        out.append(("hooked-gpt2", lambda: make_hooked("gpt2")))
+    if HAS_BRIDGE:
+        out.append(("bridge-llama", lambda: make_bridge("llama", n_kv_heads=2)))
+    return out
+
+
+@functools.cache
+def _tiny(name: str) -> Any:
+    return dict(_tiny_models())[name]()
+
+
+@pytest.fixture(params=[n for n, _ in _tiny_models()] or ["none"])
+def tiny_cached(request: pytest.FixtureRequest) -> tuple[Any, Any]:
+    from conftest import run_cache
+
+    if request.param == "none":
+        pytest.skip("no model API in this TransformerLens version")
+    model = _tiny(request.param)
+    return model, run_cache(model)[1]
+
+
+@pytest.mark.parametrize("target", [5, 17])
+def test_ffn_selector_equals_library_top_k(tiny_cached, target):
+    """FfnSelector (exact scores shared by a, b, c; one sort for d, e, g) gives the library's top-k, in order, for
+    every k, and its top-30 prefixes are the library's top-3 and top-10."""
+    from tl_residual.faithfulness import FfnSelector
+    from tl_residual.scorers import score_ffn_neurons
+
+    model, cache = tiny_cached
+    sel = FfnSelector(make_context(model, cache, target))
+    for m in FAST_METHODS:
+        fast = sel.top_k(m, 30)
+        for k in (3, 10, 30):
+            ref = score_ffn_neurons(make_context(model, cache, target), m, top_k=k, n_top_tokens=0)["name"].tolist()
+            assert fast[:k] == ref, (m, k)
+    assert sel.n_exact > 0
+    # the shared exact scores are the library's pruned scores, bit for bit (the table's float32 column)
+    index = {sel.name(i): i for i in range(len(sel.known))}
+    for m in ("log_prob_increase", "log_prob", "prob_increase"):
+        df = score_ffn_neurons(make_context(model, cache, target), m, top_k=30, n_top_tokens=0)
+        mine = torch.stack([sel.exact[m][index[n]] for n in df["name"]]).float()
+        assert torch.equal(mine, torch.tensor(df["score"].to_numpy())), m
+
+
+@pytest.mark.parametrize("cap", [1, 3, 61])
+def test_rank_table_equals_full_table_and_raw_ranks(tiny_cached, cap):
+    """RankTable's known ranks equal the full table (target_rank_table) and ranks counted from raw weights;
+    its top-k for methods f and h equal rank_method_top_k on the full table, for caps that force re-counting."""
+    from conftest import raw_frozen_logits
+    from tl_residual import faithfulness as F
+    from tl_residual.lens import Lens
+
+    model, cache = tiny_cached
+    lens = Lens(model, cache, -1, 0, "frozen")
+    targets = [5, 17, 17, 40]
+    table = F.RankTable(model, lens, targets, cap=cap, chunk_rows=16)
+    full = F.target_rank_table(model, lens, targets, chunk_rows=16)
+    n_layers, d_mlp = model.cfg.n_layers, model.cfg.d_mlp
+    W_out = torch.cat([model.blocks[layer].mlp.W_out.detach() for layer in range(n_layers)])
+    z = raw_frozen_logits(model, cache, W_out)  # [n_neurons, d_vocab], float64, from raw weights
+    for tok in sorted(set(targets)):
+        col = table.ranks[:, table.column[tok]].long()
+        raw = 1 + (z > z[:, tok : tok + 1]).sum(1)
+        known = col > 0
+        assert torch.equal(col[known], full[tok][known]) and torch.equal(col[known], raw[known])
+        assert bool((full[tok][~known] > min(cap, z.shape[1])).all())
+    coefs = F.ffn_coefficients(model, cache, -1 % cache["blocks.0.hook_resid_pre"].shape[1], 0)
+    for tok in (5, 17, 40):
+        for m in F.RANK_METHODS:
+            for k in (1, 7, 50):
+                want = F.rank_method_top_k(model, coefs, full[tok], m, k)
+                assert table.top_k(coefs, tok, m, k) == want, (tok, m, k)
+    if cap == 1:
+        assert table.n_resolved > 0  # the certification had to re-count some chunks
+    assert len(table.targets) == 3 and n_layers * d_mlp == table.ranks.shape[0]
+
+
+@pytest.mark.parametrize("rank_cap", [None, 2])
+def test_run_benchmark_selections_equal_reference(tiny_cached, rank_cap):
+    """End to end: run_benchmark's selected names (fast paths: FfnSelector, RankTable with a small cap) equal the
+    reference computations written out here (the library's scorers per method at the largest k, the full rank
+    table), for every method, and the Appendix C lists."""
+    from conftest import run_cache
+    from tl_residual import faithfulness as F
+    from tl_residual.lens import Lens
+    from tl_residual.scorers import PAPER_METHODS, score_attention_neurons, score_ffn_neurons
+
+    model, _ = tiny_cached
+    prompts = pd.DataFrame(
+        {
+            "type": ["a", "b", "a"],
+            "prompt": ["t5 t17 t33 t8", "t9 t23 t4", "t40 t41 t3 t12 t30"],
+            "answer_id": [7, 11, 7],
+        }
+    )
+    res = F.run_benchmark(
+        model, prompts, PAPER_METHODS, ks=(2, 12), attention=True, batch_size=1, progress=False, rank_cap=rank_cap
+    )
+    got = {(s["prompt_index"], s["method"]): s["components"] for s in res.selections}
+    first = run_cache(model, F.I.tokenize_batch(model, [prompts.prompt[0]]).tokens)[1]
+    full = F.target_rank_table(model, Lens(model, first, -1, 0, "frozen"), [7, 11])
+    for i, row in prompts.iterrows():
+        cache = run_cache(model, F.I.tokenize_batch(model, [row.prompt]).tokens)[1]
+        ctx = make_context(model, cache, int(row.answer_id))
+        coefs = F.ffn_coefficients(model, cache, ctx.position, 0)
+        for m in PAPER_METHODS:
+            if m in F.RANK_METHODS:
+                want = F.rank_method_top_k(model, coefs, full[int(row.answer_id)], m, 12)
+            else:
+                want = score_ffn_neurons(ctx, m, top_k=12, n_top_tokens=0)["name"].tolist()
+            assert got[(i, m)] == want, (i, m)
+        att = score_attention_neurons(ctx, "log_prob_increase", top_k=200, n_top_tokens=0)["name"].tolist()
+        assert got[(i, "appendix_c")] == att + got[(i, "log_prob_increase")][:100]
+    assert res.info["n_exact"] > 0 and set(res.info["cpu_s"]) >= {"rank_table", "interventions"}

@@ -15,12 +15,15 @@ the paper's filter for the model, :func:`tl_residual.datasets.filter_prompts`, o
 
 The selected component names are kept per prompt and method (``BenchmarkResult.selections``, written to the JSON).
 
-Speed: ``log_prob_increase``, ``log_prob`` and ``prob_increase`` use the library's certified pruned top-k
-(exact). ``inverse_rank`` and ``coefficient_inverse_rank`` depend on a neuron only through the rank of the target
-in its direction's vocabulary projection, which under the frozen lens does not depend on the prompt (the frozen
-final-norm scale is a positive factor), so :func:`target_rank_table` computes that rank once per distinct target
-for all FFN neurons; the per-prompt scores are then ``1 / rank`` and ``|m| / rank`` (the registry's formulas).
-Interventions are batched.
+Speed (same selections as the reference computations, checked in ``tests/test_faithfulness.py``):
+:class:`FfnSelector` runs the certified pruned top-k of ``log_prob_increase``, ``log_prob`` and ``prob_increase``
+with one exact-score table per prompt shared by the three (one projection of each candidate on the vocabulary),
+and sorts the dense methods d, e, g once. ``inverse_rank`` and ``coefficient_inverse_rank`` depend on a neuron
+only through the rank of the target in its direction's vocabulary projection, which under the frozen lens does
+not depend on the prompt (the frozen final-norm scale is a positive factor), so :class:`RankTable` counts those
+ranks once per run for all FFN neurons and distinct targets, up to a cap, and certifies each prompt's selection
+(re-counting the few neurons that could still enter); :func:`target_rank_table` is the full reference. The
+per-prompt scores are ``1 / rank`` and ``|m| / rank`` (the registry's formulas). Interventions are batched.
 
 Command line: ``tl-residual faithfulness --data prompts.jsonl`` (or ``--data builtin:factual``); the benchmark
 script ``benchmarks/faithfulness.py`` calls the same code on the built-in prompts.
@@ -43,15 +46,18 @@ from tl_residual import interventions as I
 from tl_residual import model as tlm
 from tl_residual._io import atomic_write_text
 from tl_residual.datasets import KNOWLEDGE_TYPES
-from tl_residual.decompose import neuron_name
+from tl_residual.decompose import PartGroup, ffn_neuron_groups, neuron_name
 from tl_residual.errors import InvalidInputError
 from tl_residual.lens import Lens
 from tl_residual.scorers import (
     PAPER_METHODS,
+    ScoringContext,
+    get_scorer,
     make_context,
     score_attention_neurons,
     score_ffn_neurons,
 )
+from tl_residual.topk import certified_top_k
 
 RANDOM = "random"
 LABELS = {
@@ -165,6 +171,94 @@ def target_rank_table(
     return {int(tok): out[:, j].clone() for j, tok in enumerate(t.tolist())}
 
 
+class RankTable:
+    """The ranks that methods f and h need, for every FFN neuron and every distinct target, without counting every
+    rank: the same numbers as :func:`target_rank_table` wherever a selection can depend on them.
+
+    Built in one pass over the FFN neurons (chunks of ``chunk_rows`` rows of ``W_out``, exactly the chunks and lens
+    of :func:`target_rank_table`, so every bs-value is the same float): per row, the ``cap`` largest bs-values
+    (:func:`torch.topk`) and, per target, ``rank = 1 + #{top values > z_t}``, exact when below ``cap + 1``
+    (every value above ``z_t`` is then among the top ``cap``); else only ``rank > cap`` is known (stored as 0).
+    :meth:`top_k` certifies each selection against those lower bounds (``1 / rank <= 1 / (cap + 1)``,
+    ``|m| / rank <= |m| / (cap + 1)``) and computes the exact rank of any neuron that could still enter
+    (:meth:`resolve`: its chunk again, counted in full), so selections equal the full table's.
+
+    Cost: one ``[chunk_rows, d_model] x [d_model, d_vocab]`` product and one top-``cap`` per chunk; peak memory
+    about ``chunk_rows * d_vocab * 4`` bytes for the bs-values plus ``chunk_rows * cap * 12`` bytes; the table is
+    ``n_neurons * n_targets`` int32.
+
+    Raises:
+        InvalidInputError: a non-linear (``recomputed``) lens, or ``cap`` < 1.
+    """
+
+    def __init__(self, model: Any, lens: Lens, targets: list[int], cap: int = 4096, chunk_rows: int = 256) -> None:
+        if not lens.linear:
+            raise InvalidInputError("RankTable needs a linear lens (frozen or none)")
+        if not isinstance(cap, int) or cap < 1:
+            raise InvalidInputError(f"cap must be a positive integer, got {cap!r}")
+        spec = tlm.model_spec(model)
+        self.model, self.lens, self.chunk_rows = model, lens, chunk_rows
+        self.d_mlp, self.n_layers = spec.d_mlp, spec.n_layers
+        self.targets = sorted(set(int(x) for x in targets))
+        self.column = {tok: j for j, tok in enumerate(self.targets)}
+        self.cap = min(cap, spec.d_vocab)
+        self.n_resolved = 0
+        t = torch.tensor(self.targets, dtype=torch.long)
+        self.ranks = torch.zeros(spec.n_layers * spec.d_mlp, len(t), dtype=torch.int32)
+        for layer in range(spec.n_layers):
+            W = tlm.W_out(model, layer)
+            for s in range(0, spec.d_mlp, chunk_rows):
+                z = lens.logits(W[s : s + chunk_rows]).contiguous()  # the chunk target_rank_table projects
+                zt = z[:, t.to(z.device)].contiguous()
+                top = torch.topk(z, self.cap, dim=1, sorted=True).values.flip(1).contiguous()  # ascending
+                above = self.cap - torch.searchsorted(top, zt, right=True)  # #top values > z_t
+                rank = torch.where(above < self.cap, 1 + above, torch.zeros_like(above))
+                row0 = layer * spec.d_mlp + s
+                self.ranks[row0 : row0 + z.shape[0]] = rank.to(torch.int32).cpu()
+
+    def resolve(self, neurons: Tensor, target: int) -> None:
+        """Exact ranks of ``target`` for the (flattened) ``neurons`` whose rank is only known to exceed ``cap``:
+        their chunks projected again and counted in full."""
+        j = self.column[target]
+        todo = neurons[self.ranks[neurons, j] == 0]
+        chunks = sorted({(int(i) // self.d_mlp, int(i) % self.d_mlp // self.chunk_rows) for i in todo})
+        for layer, c in chunks:
+            s = c * self.chunk_rows
+            start = layer * self.d_mlp + s
+            z = self.lens.logits(tlm.W_out(self.model, layer)[s : s + self.chunk_rows]).contiguous()
+            rank = 1 + (z > z[:, target : target + 1]).sum(1)
+            self.ranks[start : start + z.shape[0], j] = rank.to(torch.int32).cpu()
+            self.n_resolved += z.shape[0]
+
+    def top_k(self, coefficients: Float[Tensor, " n_neurons"], target: int, method: str, k: int) -> list[str]:
+        """:func:`rank_method_top_k` with the full table's ranks: the same names in the same order."""
+        if method not in RANK_METHODS:
+            raise InvalidInputError(f"{method!r} is not a rank-based method ({', '.join(RANK_METHODS)})")
+        j = self.column[target]
+        mag = coefficients.double().abs().cpu() if method == "coefficient_inverse_rank" else None
+        k = min(k, self.ranks.shape[0])
+        while True:
+            r = self.ranks[:, j]
+            known = (r > 0).nonzero().squeeze(-1)
+            rk = r[known].double()
+            scores = 1.0 / rk if mag is None else mag[known] / rk
+            picks = torch.argsort(scores, descending=True, stable=True)[:k]  # known is ascending: ties by index
+            unknown = (r == 0).nonzero().squeeze(-1)
+            if len(unknown) == 0:
+                break
+            bound = torch.full((len(unknown),), 1.0 / (self.cap + 1), dtype=torch.float64)
+            if mag is not None:
+                bound = mag[unknown] / float(self.cap + 1)
+            if len(picks) < k:
+                contenders = unknown  # too few known ranks: every unknown one could enter
+            else:
+                contenders = unknown[bound >= scores[picks[-1]]]  # ">=": an equal score with a lower index wins
+            if len(contenders) == 0:
+                break
+            self.resolve(contenders, target)
+        return [neuron_name(int(i) // self.d_mlp, int(i) % self.d_mlp) for i in known[picks]]
+
+
 def rank_method_top_k(
     model: Any, coefficients: Float[Tensor, " n_neurons"], ranks: Int[Tensor, " n_neurons"], method: str, k: int
 ) -> list[str]:
@@ -203,6 +297,136 @@ def random_attention_neurons(model: Any, count: int, n_src: int, seed: int) -> l
 
 
 # ----------------------------------------------------------------------------------------------
+# Methods a-e, g for one prompt: one set of groups, exact scores shared by a, b and c
+# ----------------------------------------------------------------------------------------------
+
+#: The pruned methods whose exact scores come from the same vocabulary projection ``lens.logits(m v)``.
+SHARED_METHODS = ("log_prob_increase", "log_prob", "prob_increase")
+#: Relative slack of method c's stopping test (see :class:`FfnSelector`).
+PROB_TOL = 2e-5
+
+
+class FfnSelector:
+    """The top-k FFN neurons of one prompt (one :class:`~tl_residual.scorers.ScoringContext`) for the neuron-level
+    paper's methods a-e and g, with exactly the parts, scores and order of
+    :func:`~tl_residual.scorers.score_ffn_neurons` (``top_k=k``): best first, ties by the lower (layer, neuron)
+    index.
+
+    * ``log_prob_increase``, ``log_prob``, ``prob_increase`` (a, b, c): the certified pruned search
+      (:func:`~tl_residual.topk.certified_top_k`, each method's registered bound), with one exact-score table
+      shared by the three methods: a candidate's ``lens.logits(m v)`` is computed once per prompt and gives all
+      three scores with the registry's formulas (``log_softmax(z_x + z_v)[t] - log p(t | x)``,
+      ``log_softmax(z_v)[t]``, ``softmax(z_x + z_v)[t] - p(t | x)``). Method c's stopping slack is relative,
+      ``PROB_TOL * max_l p(t | x_l)`` (probability units) instead of the library's absolute ``1e-5``: where the
+      300th best probability increase is below ``1e-5`` (a target the FFN neurons barely raise), the absolute
+      slack made the search score every neuron (46,080 rows against ``W_U``). The slack only guards the
+      comparison of float32 exact scores with float64 bounds against rounding: the library's ``1e-5`` nats on
+      ``Imp`` (method a) is a relative ``1e-5`` on ``p(t | x + m v) = p0 * exp(Imp)``, and
+      ``2e-5 * max_l p0 >= 1e-5 * (p0 + c)`` for every candidate whose bound ``c <= max_l p0``, so c keeps at
+      least a's margin for probabilities up to ``2 max_l p0``.
+    * ``norm``, ``coefficient``, ``coefficient_norm`` (d, e, g): the registry's scorer per layer, one stable sort
+      instead of a table per layer.
+
+    Other methods, a lens without certified bounds (soft-capping) or a non-linear lens: the library's
+    :func:`~tl_residual.scorers.score_ffn_neurons`.
+
+    Memory: the groups are views of ``W_out``; one ``float64`` score per neuron and method; exact scoring
+    ``3 * chunk_size * d_vocab`` floats at a time.
+    """
+
+    def __init__(self, ctx: ScoringContext) -> None:
+        self.ctx = ctx
+        m, c = ctx.model, ctx.cache
+        groups = [g for layer in range(ctx.n_layers) for g in ffn_neuron_groups(m, c, layer, ctx.position, ctx.batch)]
+        self.groups = [g for g in groups if len(g)]
+        self.bases = [ctx.base_for(g) for g in self.groups]
+        self.fast = ctx.lens.linear and ctx.lens.certifiable and bool(self.groups)
+        self.primed = False
+        sizes = [len(g) for g in self.groups]
+        self.owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long))
+        self.local = torch.cat([torch.arange(n) for n in sizes]) if sizes else torch.zeros(0, dtype=torch.long)
+        n = int(self.owner.shape[0])
+        self.exact = {name: torch.full((n,), float("nan"), dtype=torch.float64) for name in SHARED_METHODS}
+        self.known = torch.zeros(n, dtype=torch.bool)
+        self.n_exact = 0
+
+    def name(self, i: int) -> str:
+        return self.groups[int(self.owner[i])].names[int(self.local[i])]
+
+    def _fill(self, idx: Tensor) -> None:
+        """Exact a, b, c scores of the neurons ``idx`` not scored yet."""
+        ctx, t = self.ctx, self.ctx.target
+        missing = idx[~self.known[idx]]
+        if len(missing) == 0:
+            return
+        own, loc = self.owner[missing], self.local[missing]
+        coefs, dirs, base_rows = [], [], []
+        for gi in own.unique().tolist():  # missing is sorted by group below
+            sel = own == gi
+            g, r = self.groups[gi], loc[sel]
+            coefs.append(g.coefficients[r.to(g.coefficients.device)])
+            dirs.append(g.directions[r.to(g.directions.device)])
+            base_rows.append(self.bases[gi].expand(int(sel.sum()), -1))
+        order = torch.cat([(own == gi).nonzero().squeeze(-1) for gi in own.unique().tolist()])
+        rows = missing[order]
+        group = PartGroup("mixed", None, torch.cat(coefs), torch.cat(dirs))
+        base = torch.cat(base_rows)
+        for s in range(0, len(rows), ctx.chunk_size):
+            sl = slice(s, s + ctx.chunk_size)
+            bl = ctx.base_logits(base[sl])
+            zv = ctx.lens.logits(group.vectors[sl].float())
+            z = bl + zv
+            out = rows[sl]
+            # the registry's formulas (scorers._log_prob_increase, _log_prob, _prob_increase), row by row
+            self.exact["log_prob_increase"][out] = (
+                (torch.log_softmax(z, dim=-1)[:, t] - torch.log_softmax(bl, -1)[..., t]).double().cpu()
+            )
+            self.exact["log_prob"][out] = torch.log_softmax(zv, -1)[:, t].double().cpu()
+            self.exact["prob_increase"][out] = (
+                (torch.softmax(z, -1)[:, t] - torch.softmax(bl, -1)[..., t]).double().cpu()
+            )
+        self.known[rows] = True
+        self.n_exact += len(rows)
+
+    def _pruned(self, method: str, k: int) -> list[str]:
+        ctx = self.ctx
+        if not self.primed:  # the stack the library's pruned search primes first: the same base logits
+            ctx.prime(torch.stack([*self.bases, torch.zeros_like(self.bases[0])]))
+            self.primed = True
+        bound = get_scorer(method).bound
+        assert bound is not None
+        bounds = torch.cat([bound(ctx, g, b).double().cpu() for g, b in zip(self.groups, self.bases)])
+        tol = 1e-5
+        if method == "prob_increase":
+            p0 = max(float(ctx.base_probes(b).base_log_prob.exp()) for b in self.bases)
+            tol = PROB_TOL * p0
+
+        def exact(idx: Tensor) -> Tensor:
+            self._fill(idx)
+            return self.exact[method][idx]
+
+        res = certified_top_k(bounds, exact, min(k, len(bounds)), chunk_size=ctx.chunk_size, tol=tol)
+        return [self.name(int(i)) for i in res.indices]
+
+    def _dense(self, method: str, k: int) -> list[str]:
+        scorer = get_scorer(method)
+        raw = torch.cat([scorer(self.ctx, g, b).cpu() for g, b in zip(self.groups, self.bases)])
+        # score_groups' dense path: per layer by raw score (stable), then all rows by float32 score (stable)
+        by_raw = torch.argsort(raw, descending=True, stable=True)
+        by_layer = by_raw[torch.argsort(self.owner[by_raw], stable=True)]
+        order = by_layer[torch.argsort(raw[by_layer].float(), descending=True, stable=True)]
+        return [self.name(int(i)) for i in order[:k]]
+
+    def top_k(self, method: str, k: int) -> list[str]:
+        """The names of the top-``k`` FFN neurons by ``method``, best first."""
+        if self.fast and method in SHARED_METHODS:
+            return self._pruned(method, k)
+        if method in ("norm", "coefficient", "coefficient_norm"):
+            return self._dense(method, k)
+        return score_ffn_neurons(self.ctx, method, top_k=k, n_top_tokens=0)["name"].tolist()
+
+
+# ----------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------
 
@@ -221,9 +445,12 @@ class BenchmarkResult:
         return pd.DataFrame(self.records)
 
 
-def _add(timings: dict[str, float], key: str, t0: float) -> float:
-    now = time.perf_counter()
-    timings[key] = timings.get(key, 0.0) + now - t0
+def _add(res: BenchmarkResult, key: str, t0: tuple[float, float]) -> tuple[float, float]:
+    """Add the wall-clock and CPU (``time.process_time``, every thread) seconds since ``t0`` to stage ``key``."""
+    now = (time.perf_counter(), time.process_time())
+    res.timings[key] = res.timings.get(key, 0.0) + now[0] - t0[0]
+    cpu = res.info.setdefault("cpu_s", {})
+    cpu[key] = cpu.get(key, 0.0) + now[1] - t0[1]
     return now
 
 
@@ -238,6 +465,7 @@ def run_benchmark(
     progress: bool = True,
     checkpoint: Any = None,
     intervention_rows: int = 64,
+    rank_cap: int | None = None,
 ) -> BenchmarkResult:
     """Score, select, intervene and measure for every prompt of ``prompts`` (columns ``type``, ``prompt``,
     ``answer_id``: the filtered dataset).
@@ -246,21 +474,31 @@ def run_benchmark(
     components). Records: ``prompt_index``, ``type``, ``method`` (a registry name, ``random``, ``none``, or
     ``appendix_c`` / ``appendix_c_random``), ``k`` (neurons zeroed), ``rank``, ``prob``, ``logp`` (after), and the
     same before.
+
+    Exactly the selections of the reference computations (:func:`~tl_residual.scorers.score_ffn_neurons` per
+    method, :func:`target_rank_table` with :func:`rank_method_top_k`), faster: :class:`FfnSelector` per prompt
+    (methods a-e, g). Methods f and h use the full :func:`target_rank_table`, or with ``rank_cap`` a
+    :class:`RankTable` (ranks counted up to the cap, selections certified; on SmolLM2 method h then needs the
+    exact rank of 600-1,200 large-``|m|`` neurons per prompt beyond rank 4,096, so the full table is the default).
+    ``res.info["n_exact"]`` and ``res.info["rank_resolved"]`` count the exact scores and re-counted rank rows.
     """
     from tqdm.auto import tqdm
 
     res = BenchmarkResult()
-    T = res.timings
     kmax = max(ks)
-    t0 = time.perf_counter()
-    rank_table: dict[int, Tensor] = {}
+    t0 = (time.perf_counter(), time.process_time())
+    rank_table: RankTable | None = None
+    full_ranks: dict[int, Tensor] = {}
     if any(m in RANK_METHODS for m in methods):
         first = I.tokenize_batch(model, [prompts.iloc[0]["prompt"]])
         with torch.no_grad():
             _, cache0 = model.run_with_cache(first.tokens)
         lens = Lens(model, cache0, -1, 0, "frozen")
-        rank_table = target_rank_table(model, lens, prompts["answer_id"].astype(int).tolist())
-    t0 = _add(T, "rank_table", t0)
+        if rank_cap is None:
+            full_ranks = target_rank_table(model, lens, prompts["answer_id"].astype(int).tolist())
+        else:
+            rank_table = RankTable(model, lens, prompts["answer_id"].astype(int).tolist(), cap=rank_cap)
+    t0 = _add(res, "rank_table", t0)
     bar = tqdm(total=len(prompts), desc="faithfulness", unit="prompt", disable=not progress)
     for start in range(0, len(prompts), batch_size):
         rows = prompts.iloc[start : start + batch_size]
@@ -271,22 +509,28 @@ def run_benchmark(
         before = logits[torch.arange(len(batch)), last].float()
         targets = torch.tensor(rows["answer_id"].astype(int).tolist())
         r0, p0, lp0 = I.target_metrics(before, targets)
-        t0 = _add(T, "forward_cache", t0)
+        t0 = _add(res, "forward_cache", t0)
         picks: dict[str, list[list[str]]] = {m: [] for m in (*methods, RANDOM)}
         appendix: dict[str, list[list[str]]] = {"appendix_c": [], "appendix_c_random": []}
         for b in range(len(batch)):
             idx = start + b
             ctx = make_context(model, cache, int(targets[b]), int(last[b]), b, "frozen")
+            selector = FfnSelector(ctx)
             coefs = None
             for m in methods:
                 if m in RANK_METHODS:
                     if coefs is None:
                         coefs = ffn_coefficients(model, cache, int(last[b]), b)
-                    picks[m].append(rank_method_top_k(model, coefs, rank_table[int(targets[b])], m, kmax))
+                    if rank_table is not None:
+                        picks[m].append(rank_table.top_k(coefs, int(targets[b]), m, kmax))
+                    else:
+                        picks[m].append(rank_method_top_k(model, coefs, full_ranks[int(targets[b])], m, kmax))
                 else:
-                    df = score_ffn_neurons(ctx, m, top_k=kmax, n_top_tokens=0)
-                    picks[m].append(df["name"].tolist())
-                t0 = _add(T, f"score_{m}", t0)
+                    picks[m].append(selector.top_k(m, kmax))
+                t0 = _add(res, f"score_{m}", t0)
+            res.info["n_exact"] = res.info.get("n_exact", 0) + selector.n_exact
+            if rank_table is not None:
+                res.info["rank_resolved"] = rank_table.n_resolved
             picks[RANDOM].append(I.random_components(model, kmax, seed=seed * 1_000_003 + idx))
             if attention:
                 att = score_attention_neurons(ctx, "log_prob_increase", top_k=200, n_top_tokens=0)["name"].tolist()
@@ -300,7 +544,7 @@ def run_benchmark(
                     random_attention_neurons(model, 200, int(batch.lengths[b]), seed * 1_000_003 + idx)
                     + I.random_components(model, 100, seed=seed * 1_000_003 + idx + 500_000)
                 )
-                t0 = _add(T, "score_appendix_c", t0)
+                t0 = _add(res, "score_appendix_c", t0)
 
         def record(
             method: str,
@@ -352,7 +596,7 @@ def run_benchmark(
         after = torch.cat(outs)
         for j, (m, k, _) in enumerate(jobs):
             record(m, k, after[j * len(batch) : (j + 1) * len(batch)])
-        t0 = _add(T, "interventions", t0)
+        t0 = _add(res, "interventions", t0)
         del cache
         bar.update(len(batch))
         if checkpoint is not None:
@@ -482,6 +726,9 @@ def markdown(res: BenchmarkResult) -> str:
         for name, row in PAPER_TABLE13.items():
             lines.append(f"| paper, {name} | | " + " | ".join(f"{row[t][0]} / {row[t][1]}" for t in types) + " |")
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in res.timings.items()), ""]
+    if info.get("cpu_s"):
+        cpu = info["cpu_s"]
+        lines += ["CPU time (s, all threads): " + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items()), ""]
     return "\n".join(lines)
 
 
@@ -615,8 +862,9 @@ def run(
         raise InvalidInputError(f"unknown method(s) {', '.join(bad)}; methods are {', '.join(SCORERS)}")
     if not ks or any(not isinstance(k, int) or k < 1 for k in ks):
         raise InvalidInputError(f"ks must be positive integers, got {ks!r}")
-    t_start = time.perf_counter()
+    t_start, c_start = time.perf_counter(), time.process_time()
     kept = read_prompts(model, data, paper_filter, seed)
+    filter_s = (time.perf_counter() - t_start, time.process_time() - c_start)
     if max_prompts is not None:
         kept = kept.head(max_prompts)
     if len(kept) == 0:
@@ -631,15 +879,29 @@ def run(
         "seed": seed,
         "batch_size": batch_size,
         "torch_threads": torch.get_num_threads(),
+        "read_prompts_s": filter_s[0],
+        "read_prompts_cpu_s": filter_s[1],
     }
 
     def checkpoint(res: BenchmarkResult) -> None:
-        res.info = {**info, "complete": False, "runtime_s": time.perf_counter() - t_start}
+        res.info = {
+            **res.info,
+            **info,
+            "complete": False,
+            "runtime_s": time.perf_counter() - t_start,
+            "cpu_total_s": time.process_time() - c_start,
+        }
         if out is not None:
             write(res, out)
 
     res = run_benchmark(model, kept, tuple(methods), tuple(ks), attention, batch_size, seed, progress, checkpoint)
-    res.info = {**info, "complete": True, "runtime_s": time.perf_counter() - t_start}
+    res.info = {
+        **res.info,
+        **info,
+        "complete": True,
+        "runtime_s": time.perf_counter() - t_start,
+        "cpu_total_s": time.process_time() - c_start,
+    }
     if out is not None:
         write(res, out)
     return res

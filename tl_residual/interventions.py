@@ -362,17 +362,23 @@ def intervention_hooks(
             if c.kind in ("expert_neuron", "shared_neuron"):
                 expert_neurons.setdefault(c.layer, []).append((b, c.expert, int(c.neuron)))  # type: ignore[arg-type]
             elif c.kind == "ffn_neuron":
-                m = masks.setdefault(hook, torch.zeros(n_b, spec.d_mlp, dtype=torch.bool))
+                if hook not in masks:  # (not setdefault: that would allocate a mask per component)
+                    masks[hook] = torch.zeros(n_b, spec.d_mlp, dtype=torch.bool)
+                m = masks[hook]
                 m[b, c.neuron] = True
             elif c.kind in ("head_dim", "head"):
-                m = masks.setdefault(hook, torch.zeros(n_b, spec.n_heads, spec.d_head, dtype=torch.bool))
+                if hook not in masks:
+                    masks[hook] = torch.zeros(n_b, spec.n_heads, spec.d_head, dtype=torch.bool)
+                m = masks[hook]
                 if c.kind == "head":
                     m[b, c.head, :] = True
                 else:
                     m[b, c.head, c.dim] = True
             elif c.kind == "attn_subvalue":
                 assert c.src_pos is not None
-                m = masks.setdefault(hook, torch.zeros(n_b, spec.n_heads, width, dtype=torch.bool))
+                if hook not in masks:
+                    masks[hook] = torch.zeros(n_b, spec.n_heads, width, dtype=torch.bool)
+                m = masks[hook]
                 m[b, c.head, int(batch.offsets[b]) + c.src_pos] = True
             else:  # attn_neuron (head, dim, source position)
                 assert c.layer is not None and c.head is not None and c.dim is not None and c.src_pos is not None
