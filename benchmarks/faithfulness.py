@@ -15,7 +15,6 @@ on all filtered prompts, with wall-clock and CPU seconds per stage (``docs/faith
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -32,6 +31,7 @@ from tl_residual.faithfulness import (  # noqa: F401 - re-exported for tests and
     markdown,
     random_attention_neurons,
     rank_method_top_k,
+    read,
     read_prompts,
     run,
     run_benchmark,
@@ -57,9 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rewrite", action="store_true", help="only rewrite {out}.md from an existing {out}.json")
     a = p.parse_args(argv)
     if a.rewrite:
-        with open(a.out + ".json", encoding="utf-8") as f:
-            saved = json.load(f)
-        write(BenchmarkResult(saved["records"], saved["timings_s"], saved["info"], saved.get("selections", [])), a.out)
+        write(read(a.out), a.out)
         return 0
     model = tlm.load_model(a.model)
     res = run(

@@ -208,7 +208,7 @@ def test_rank_table_equals_full_table_and_raw_ranks(tiny_cached, cap):
 
 
 @pytest.mark.parametrize("rank_cap", [None, 2])
-def test_run_benchmark_selections_equal_reference(tiny_cached, rank_cap):
+def test_run_benchmark_selections_equal_reference(tiny_cached, rank_cap, tmp_path):
     """End to end: run_benchmark's selected names (fast paths: FfnSelector, RankTable with a small cap) equal the
     reference computations written out here (the library's scorers per method at the largest k, the full rank
     table), for every method, and the Appendix C lists."""
@@ -244,3 +244,9 @@ def test_run_benchmark_selections_equal_reference(tiny_cached, rank_cap):
         att = score_attention_neurons(ctx, "log_prob_increase", top_k=200, n_top_tokens=0)["name"].tolist()
         assert got[(i, "appendix_c")] == att + got[(i, "log_prob_increase")][:100]
     assert res.info["n_exact"] > 0 and set(res.info["cpu_s"]) >= {"rank_table", "interventions"}
+    # written and read back: the same records and selections (Parquet beside the JSON summaries)
+    F.write(res, str(tmp_path / "faith"))
+    back = F.read(str(tmp_path / "faith"))
+    assert back.selections == res.selections
+    pd.testing.assert_frame_equal(back.frame(), res.frame(), check_dtype=False)
+    assert back.info == res.info and (tmp_path / "faith.md").exists()

@@ -849,7 +849,11 @@ def faithfulness(
         "prompt, answer (or target / target_id) and optionally type (or group).",
     ),
     model_name: str = typer.Option("smollm2-135m", "--model", help="Model to load."),
-    out: str = typer.Option("faithfulness", "--out", help="Output prefix: writes OUT.json and OUT.md."),
+    out: str = typer.Option(
+        "faithfulness",
+        "--out",
+        help="Output prefix: writes OUT.md, OUT.json, OUT.records.parquet and OUT.selections.parquet.",
+    ),
     max_prompts: int | None = typer.Option(None, "--max-prompts", min=1, help="Run only the first N prompts."),
     methods_: str = typer.Option("", "--methods", help="Comma-separated scorers (default: the paper's eight)."),
     ks: str = typer.Option("10,100,300", "--ks", help="Comma-separated numbers of FFN neurons to zero."),
@@ -890,7 +894,7 @@ def faithfulness(
     except TLResidualError as exc:
         fail(str(exc))
     console.print(F.markdown(res), highlight=False, soft_wrap=True)
-    console.print(f"wrote {out}.json and {out}.md")
+    console.print(f"wrote {out}.md, {out}.json, {out}.records.parquet and {out}.selections.parquet")
 
 
 @app.command("study-report")

@@ -13,7 +13,8 @@ the paper's filter for the model, :func:`tl_residual.datasets.filter_prompts`, o
 * Appendix C: the top-200 attention neurons (``L{l}.H{h}.d{d}.p{p}``, scored by log-probability increase) and the
   top-100 FFN neurons zeroed together, against 200 random attention neurons + 100 random FFN neurons.
 
-The selected component names are kept per prompt and method (``BenchmarkResult.selections``, written to the JSON).
+The selected component names are kept per prompt and method (``BenchmarkResult.selections``, written to
+``{out}.selections.parquet`` by :func:`write`).
 
 Speed (same selections as the reference computations, checked in ``tests/test_faithfulness.py``):
 :class:`FfnSelector` runs the certified pruned top-k of ``log_prob_increase``, ``log_prob`` and ``prob_increase``
@@ -44,7 +45,7 @@ from torch import Tensor
 
 from tl_residual import interventions as I
 from tl_residual import model as tlm
-from tl_residual._io import atomic_write_text
+from tl_residual._io import atomic_write, atomic_write_text
 from tl_residual.datasets import KNOWLEDGE_TYPES
 from tl_residual.decompose import PartGroup, ffn_neuron_groups, neuron_name
 from tl_residual.errors import InvalidInputError
@@ -732,8 +733,28 @@ def markdown(res: BenchmarkResult) -> str:
     return "\n".join(lines)
 
 
+def _selection_frame(selections: list[dict[str, Any]]) -> pd.DataFrame:
+    """The selections in long form: one row per prompt, method and selected component, ``rank`` from 1."""
+    rows = [
+        {"prompt_index": s["prompt_index"], "type": s["type"], "method": s["method"], "rank": r, "name": name}
+        for s in selections
+        for r, name in enumerate(s["components"], 1)
+    ]
+    return pd.DataFrame(rows, columns=["prompt_index", "type", "method", "rank", "name"])
+
+
 def write(res: BenchmarkResult, out: str) -> None:
-    """Write ``{out}.md`` and ``{out}.json``."""
+    """Write the run under the prefix ``out``, each file atomically:
+
+    * ``{out}.md``: the tables (:func:`markdown`);
+    * ``{out}.json``: run facts, timings, summaries, per-type summaries and the papers' numbers;
+    * ``{out}.records.parquet``: one row per prompt x method x k (target rank, probability and log-probability
+      before and after the intervention);
+    * ``{out}.selections.parquet``: one row per prompt x method x selected component (``prompt_index``, ``type``,
+      ``method``, ``rank`` from 1, ``name``): the longest list, whose prefixes are the smaller k.
+
+    :func:`read` loads them back.
+    """
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     df = res.frame()
     payload = {
@@ -743,12 +764,34 @@ def write(res: BenchmarkResult, out: str) -> None:
         "per_type": summarise(df, ["method", "k", "type"]).to_dict(orient="records") if len(df) else [],
         "paper_table2": {m: {"GPT2-large": g, "Llama-7B": l} for m, (g, l) in PAPER_TABLE2.items()},
         "paper_table13": PAPER_TABLE13,
-        "records": res.records,
-        "selections": res.selections,
     }
+    atomic_write(out + ".records.parquet", lambda tmp: df.to_parquet(tmp, index=False))
+    sel = _selection_frame(res.selections)
+    atomic_write(out + ".selections.parquet", lambda tmp: sel.to_parquet(tmp, index=False))
     atomic_write_text(out + ".json", json.dumps(payload, indent=1))
     if len(df):
         atomic_write_text(out + ".md", markdown(res))
+
+
+def read(out: str) -> BenchmarkResult:
+    """The run :func:`write` wrote under the prefix ``out`` (records, timings, run facts and selections).
+
+    Raises:
+        InvalidInputError: ``{out}.json`` or one of the Parquet files is missing.
+    """
+    paths = [out + ".json", out + ".records.parquet", out + ".selections.parquet"]
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise InvalidInputError(f"no faithfulness run under {out!r}: missing {', '.join(missing)}")
+    with open(paths[0], encoding="utf-8") as f:
+        saved = json.load(f)
+    records = pd.read_parquet(paths[1]).to_dict(orient="records")
+    sel = pd.read_parquet(paths[2])  # written in selection order, ranks ascending
+    selections = [
+        {"prompt_index": int(i), "type": g["type"].iloc[0], "method": m, "components": g["name"].tolist()}
+        for (i, m), g in sel.groupby(["prompt_index", "method"], sort=False)
+    ]
+    return BenchmarkResult(records, saved["timings_s"], saved["info"], selections)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -849,8 +892,9 @@ def run(
     paper_filter: bool | None = None,
     model_name: str = "?",
 ) -> BenchmarkResult:
-    """Read the prompts (:func:`read_prompts`), run :func:`run_benchmark` and, with ``out``, write ``{out}.json``
-    (records, summaries, the selected names per prompt and method) and ``{out}.md`` (checkpointed per batch).
+    """Read the prompts (:func:`read_prompts`), run :func:`run_benchmark` and, with ``out``, write the files of
+    :func:`write` under that prefix (summaries, records, the selected names per prompt and method, the tables),
+    checkpointed after every batch.
 
     Raises:
         InvalidInputError: bad data (see :func:`read_prompts`), ``ks`` or ``methods``.

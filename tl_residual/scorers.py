@@ -31,6 +31,7 @@ columns of :mod:`tl_residual.tables` its kinds use (``name``, ``kind``, ``layer`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -256,8 +257,11 @@ def prime_contexts(
     Memory: as ``prime`` per context, plus ``3 * rows_per_call * d_vocab`` float64 values and ``W_U`` in float64
     while it runs.
     """
-    todo = [(c, *c._new_rows(b)) for c, b in zip(ctxs, bases)]
-    todo = [(c, keys, rows) for c, keys, rows in todo if rows is not None]
+    todo: list[tuple[ScoringContext, list[bytes], Tensor]] = []
+    for c, b in zip(ctxs, bases):
+        keys, rows = c._new_rows(b)
+        if rows is not None:
+            todo.append((c, keys, rows))
     if not todo:
         return
     logits = stacked_logits([c.lens for c, _, _ in todo], [rows for _, _, rows in todo])
@@ -588,6 +592,11 @@ def _fused_bounds(
     return out
 
 
+def _rows_times(a: Tensor, b: Tensor, rows: slice) -> Tensor:
+    """``a[rows] @ b`` in float64."""
+    return a[rows].double() @ b
+
+
 def project_bounds(
     ctxs: Sequence[ScoringContext], groups: Sequence[Sequence[PartGroup]], scorer: str | Scorer = "log_prob_increase"
 ) -> None:
@@ -620,9 +629,11 @@ def project_bounds(
     for dkey, (directions, items) in todo.items():
         probes = [ctx.base_probes(x0).probes for ctx, x0, _ in items.values()]
         wide = torch.cat(probes, dim=1).to(directions.device)  # [d_model, prompts * (m+1)]
-        proj = map_chunks(lambda rows, d=directions, w=wide: d[rows].double() @ w, len(directions), BOUND_ROWS)
+        proj: Tensor = map_chunks(  # type: ignore[assignment]
+            functools.partial(_rows_times, directions, wide), len(directions), BOUND_ROWS
+        )
         for (ctx, _, bkey), p in zip(items.values(), torch.split(proj, [q.shape[1] for q in probes], dim=1)):
-            ctx.projections.put((dkey, bkey), directions, p)  # type: ignore[union-attr,arg-type]
+            ctx.projections.put((dkey, bkey), directions, p)  # type: ignore[union-attr]
 
 
 #: Kinds whose directions are rows of the model's weights (``W_out``, ``W_O``), the same for every prompt.

@@ -671,7 +671,9 @@ def _prime(prompts: Sequence[_Prompt], methods: Sequence[str], top_k: Mapping[st
         ("attn_neuron", [p.attn_neurons for p in prompts]),
     ):
         k = top_k.get(kind)
-        for method in methods if k is not None else ():
+        if k is None:
+            continue
+        for method in methods:
             S.prefetch_direction_logits(ctxs, groups, k, method)
     return shared
 
