@@ -607,3 +607,18 @@ def test_appendix_b_removal_methods():
         per.groupby("index")["drop_method2"].mean().tolist()
     )
     assert (out["n_prompts"] == 4).all() and len(fig.data) == 2
+
+
+def test_report_has_the_appendix_sections_with_the_papers_numbers():
+    sections = A.report_sections(study(), model=tiny(), max_prompts=2)
+    appx = {s["title"].split(":")[0]: s for s in sections if s["title"].startswith("Appendix")}
+    assert set(appx) == {
+        "Appendix D, Table 3",
+        "Appendix D, Table 4",
+        "Appendix D, Figure 19",
+        "Appendix B, Figures 11 / 12",
+    }
+    assert all(s["error"] is None and s["figure"] is not None for s in appx.values())
+    t3 = appx["Appendix D, Table 3"]
+    assert list(t3["table"].index) == ["g1", "all"] and list(t3["paper_table"].columns)[:2] == ["0", "1"]
+    assert t3["paper_table"].loc["16-layer LM, one sentence", "0"] == pytest.approx(0.8)

@@ -1293,7 +1293,9 @@ def paper_numbers() -> dict[str, pd.DataFrame]:
     ``tl_residual/data/paper_numbers.json`` (each table there names its ``source``: paper and table).
 
     Keys: ``neuron_table3``, ``neuron_table5_12``, ``neuron_table7``, ``neuron_table8`` (neuron-level paper,
-    GPT2-large and Llama-7B) and ``residual_table1`` (residual-stream paper, GPT2-medium, nats).
+    GPT2-large and Llama-7B), ``residual_table1`` (residual-stream paper, nats), ``residual_table3`` and
+    ``residual_table4`` (its Appendix D, one sentence; columns are FFN layers); the residual-stream paper's model is
+    the 16-layer adaptive-input language model of Baevski & Auli (2018) (its section 2.1).
     """
     text = resources.files("tl_residual").joinpath("data").joinpath(PAPER_NUMBERS_FILE).read_text(encoding="utf-8")
     tables = {key: value for key, value in json.loads(text).items() if not key.startswith("_")}
@@ -1428,6 +1430,42 @@ def report_sections(results: Any, model: Any = None, max_prompts: int | None = N
             lambda: top10_share(model, data),
         )
         add(resid, "Figure 8: cross-layer scores of the last FFN layer", lambda: cross_layer_average(model, data))
+        roles: dict[str, pd.DataFrame] = {}  # Appendix D: one pass over the prompts for its three results
+
+        def role_table() -> pd.DataFrame:
+            if "df" not in roles:
+                roles["df"] = ffn_value_query_roles(model, data)
+            return roles["df"]
+
+        def by_layer(col: str) -> Any:
+            return lambda t: t.pivot(index="group", columns="layer", values=col).loc[_group_order(t["group"])]
+
+        add(
+            resid,
+            "Appendix D, Table 3: top-10 helpful / unhelpful FFN subvalues that are also top-20 queries of an upper "
+            "FFN layer (proportion per FFN layer)",
+            lambda: value_query_overlap(model, data, roles=role_table()),
+            "residual_table3",
+            shape=by_layer("proportion"),
+        )
+        add(
+            resid,
+            "Appendix D, Table 4: union of the top-5 subvalues activated by each lower FFN layer (share per FFN layer)",
+            lambda: query_union(model, data, roles=role_table()),
+            "residual_table4",
+            shape=by_layer("union_share"),
+        )
+        add(
+            resid,
+            "Appendix D, Figure 19: top-100 FFN subvalues working as value and as query, per layer",
+            lambda: value_query_layers(model, data, roles=role_table()),
+        )
+        add(
+            resid,
+            "Appendix B, Figures 11 / 12: drop of an attention subvalue's bs-value minus score when a layer-level "
+            "vector is removed (method 1: attention weights recomputed; method 2: fixed)",
+            lambda: bs_removal_average(model, data),
+        )
         visit = "VISIT (Katz & Belinkov)"
         add(
             visit,
