@@ -154,6 +154,17 @@ def _figure() -> Any:
     return go.Figure()
 
 
+def _layer_lines(out: pd.DataFrame, lines: dict[str, str], **layout: Any) -> Any:
+    """A line chart of the overall group's rows by layer: one line per column of ``lines`` (column -> legend name),
+    laid out with ``layout`` (plotly ``update_layout`` arguments)."""
+    fig = _figure()
+    s = out[out["group"] == OVERALL].sort_values("layer")
+    for column, name in lines.items():
+        fig.add_scatter(x=s["layer"], y=s[column], mode="lines+markers", name=name)
+    fig.update_layout(**layout)
+    return fig
+
+
 def _layer_bars(out: pd.DataFrame, bars: dict[str, str], **layout: Any) -> Any:
     """A bar chart of the overall group's rows by layer: one bar series per column of ``bars`` (column -> legend
     name), laid out with ``layout`` (plotly ``update_layout`` arguments)."""
@@ -931,11 +942,9 @@ def top10_share(model: Any, data: Any, k: int = 10, layers: Sequence[int] | None
             rec[side] = top / all_ if all_ != 0 else float("nan")
         rows.append(rec)
     out = _summarise(pd.DataFrame(rows), ["layer"], ["helpful", "unhelpful"])
-    fig = _figure()
-    s = out[out["group"] == OVERALL]
-    for side in ("helpful", "unhelpful"):
-        fig.add_scatter(x=s["layer"], y=s[side], mode="lines+markers", name=side)
-    fig.update_layout(
+    fig = _layer_lines(
+        out,
+        {"helpful": "helpful", "unhelpful": "unhelpful"},
         title=f"Figure 7 (residual stream): share of the top-{k} in the layer's helpful / unhelpful sum",
         xaxis_title="FFN layer",
         yaxis_title="C(top-k) / C(all)",
@@ -1135,11 +1144,9 @@ def value_query_overlap(
         out.insert(0, "group", g)
         frames.append(out)
     out = pd.concat(frames, ignore_index=True)
-    fig = _figure()
-    s = out[out["group"] == OVERALL]
-    for col, name in (("proportion", "all 2 x top-n"), ("helpful", "helpful"), ("unhelpful", "unhelpful")):
-        fig.add_scatter(x=s["layer"], y=s[col], mode="lines+markers", name=name)
-    fig.update_layout(
+    fig = _layer_lines(
+        out,
+        {"proportion": "helpful and unhelpful", "helpful": "helpful", "unhelpful": "unhelpful"},
         title=f"Appendix D Table 3 (residual stream): top-{n_value} subvalues that are top-{n_query} queries above",
         xaxis_title="FFN layer",
         yaxis_title="proportion",
@@ -1160,10 +1167,9 @@ def query_union(
     """
     per = _roles(model, data, roles, n_union=n_union)
     out = _summarise(per, ["layer"], ["union_share"])
-    fig = _figure()
-    s = out[out["group"] == OVERALL]
-    fig.add_scatter(x=s["layer"], y=s["union_share"], mode="lines+markers", name="union share")
-    fig.update_layout(
+    fig = _layer_lines(
+        out,
+        {"union_share": "union share"},
         title=f"Appendix D Table 4 (residual stream): union of the top-{n_union} subvalues per lower FFN layer",
         xaxis_title="value FFN layer",
         yaxis_title="|union| / (n_union x lower layers)",
