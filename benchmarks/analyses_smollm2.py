@@ -38,6 +38,7 @@ import pandas as pd
 
 from tl_residual import analyses as A
 from tl_residual import study
+from tl_residual.datasets import filter_prompts, load_factual_prompts
 from tl_residual.model import load_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -63,9 +64,26 @@ def md(df: pd.DataFrame, index: bool = False, digits: int = 3) -> str:
 
 def per_group_sample(prompts: pd.DataFrame, n: int, seed: int = 0) -> pd.DataFrame:
     """``n`` scored prompts per group (all of a smaller group), seeded, in prompt-id order."""
-    ok = prompts[prompts["status"] == "ok"]
+    ok = prompts[prompts["status"] == "ok"].sort_values("prompt_id")
     picked = ok.sample(frac=1.0, random_state=seed).groupby("group", sort=True).head(n)
     return picked.sort_values("prompt_id").reset_index(drop=True)
+
+
+def filtered_sample(model: Any, n: int) -> pd.DataFrame:
+    """``n`` prompts per type of those the neuron-level paper's filter keeps (:func:`filter_prompts`, the study's
+    prompt ids: row numbers of the built-in data), seeded as :func:`per_group_sample`; needs no study."""
+    kept = filter_prompts(model, load_factual_prompts())
+    kept = kept[kept["keep"]]
+    table = pd.DataFrame(
+        {
+            "prompt_id": kept.index,
+            "group": kept["type"],
+            "prompt": kept["prompt"],
+            "target_id": kept["answer_id"],
+            "status": "ok",
+        }
+    )
+    return per_group_sample(table, n)
 
 
 def view(res: Any, ids: Any, **tables: pd.DataFrame) -> SimpleNamespace:
@@ -123,12 +141,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--visit-per-group", type=int, default=4, help="prompts per type for VISIT and Appendix B")
     p.add_argument("--out", default=os.path.join(HERE, "results", "analyses_smollm2"))
     p.add_argument("--only", default=None, help="comma-separated analysis keys to (re)compute")
+    p.add_argument(
+        "--part",
+        choices=("all", "dense", "rest"),
+        default="all",
+        help="dense: only the analyses on the dense sample (no study needed; may run beside 'rest')",
+    )
     a = p.parse_args(argv)
     t_start = time.perf_counter()
     model = load_model("smollm2-135m")
-    res, qview, fig2view = run_studies(model, a)
+    dense = filtered_sample(model, a.model_per_group)
+    if a.part == "dense":
+        res = qview = fig2view = SimpleNamespace(prompts=dense)
+    else:
+        res, qview, fig2view = run_studies(model, a)
     ok = res.prompts[res.prompts["status"] == "ok"]
-    dense = per_group_sample(res.prompts, a.model_per_group)
     visit = per_group_sample(res.prompts, a.visit_per_group)
     every_third = list(range(0, 30, 3)) + [29]
     n_all, n_q, n_dense, n_visit = len(ok), len(qview.prompts), len(dense), len(visit)
@@ -389,33 +416,39 @@ def main(argv: list[str] | None = None) -> int:
     ]
     os.makedirs(a.out, exist_ok=True)
     only = set(a.only.split(",")) if a.only else None
-    results_file = a.out + ".json"
-    done: dict[str, Any] = json.load(open(results_file)) if os.path.exists(results_file) else {}
     for key, _, title, n, fn, _, shape in items:
         if only is not None and key not in only:
+            continue
+        if (a.part == "dense") != (n == why_dense) and a.part != "all":
             continue
         t0 = time.perf_counter()
         try:
             out = fn()
         except Exception as exc:  # noqa: BLE001 - recorded, the others go on
-            done[key] = {"title": title, "prompts": n, "error": f"{type(exc).__name__}: {exc}"}
-            print(f"{key}: {done[key]['error']}", file=sys.stderr, flush=True)
-            continue
-        table = out[0] if isinstance(out, tuple) else out
-        table.to_csv(os.path.join(a.out, f"{key}.csv"), index=False)
-        shown = shape(table) if shape else table
-        done[key] = {
-            "title": title,
-            "prompts": n,
-            "seconds": round(time.perf_counter() - t0, 1),
-            "load": os.getloadavg()[0],
-            "markdown": md(shown, index=not isinstance(shown.index, pd.RangeIndex)),
-        }
-        print(f"{key}: {done[key]['seconds']} s", file=sys.stderr, flush=True)
-        tmp = results_file + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(done, f, indent=1)
-        os.replace(tmp, results_file)
+            entry = {"title": title, "prompts": n, "error": f"{type(exc).__name__}: {exc}"}
+        else:
+            table = out[0] if isinstance(out, tuple) else out
+            table.to_csv(os.path.join(a.out, f"{key}.csv"), index=False)
+            shown = shape(table) if shape else table
+            entry = {
+                "title": title,
+                "prompts": n,
+                "seconds": round(time.perf_counter() - t0, 1),
+                "load": os.getloadavg()[0],
+                "markdown": md(shown, index=not isinstance(shown.index, pd.RangeIndex)),
+            }
+        print(f"{key}: {entry.get('seconds', entry.get('error'))}", file=sys.stderr, flush=True)
+        path = os.path.join(a.out, f"{key}.json")  # one file per analysis: parts may run side by side
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(entry, f, indent=1)
+        os.replace(path + ".tmp", path)
+    done = {
+        key: json.load(open(os.path.join(a.out, f"{key}.json"), encoding="utf-8"))
+        for key, *_ in items
+        if os.path.exists(os.path.join(a.out, f"{key}.json"))
+    }
+    if a.part == "dense":
+        return 0  # the markdown is written by a run with the studies
     counts = ok.groupby("group").size()
     lines = [
         "# Corpus analyses on SmolLM2-135M-Instruct over the shipped factual prompts",
