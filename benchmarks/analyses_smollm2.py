@@ -7,7 +7,7 @@ Three steps, each resumable (the studies are the dataset runner's folders, outsi
    attention neurons and top-20 subvalues per prompt (log-probability increase);
 2. a query study on a seeded sample of ``--query-per-group`` of the main study's scored prompts per knowledge type:
    the top-300 FFN neurons by the three scorers of the neuron-level paper's Figure 2 and, for the top-100 FFN value
-   neurons, their top-50 query parts (kind ``query``: about 13 s of CPU per prompt, too slow for every prompt here);
+   neurons, their top-20 query parts (kind ``query``: about 10 s of CPU per prompt, too slow for every prompt here);
 3. the analyses: those over the run's tables on every scored prompt (query-based ones on the sample), those that
    need the model on every scored prompt where cheap, on a stated per-type sample where each prompt costs a dense
    scoring of every FFN neuron (``--model-per-group``).
@@ -42,6 +42,8 @@ from tl_residual.datasets import filter_prompts, load_factual_prompts
 from tl_residual.model import load_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+#: Analyses that need only the model and the filtered prompts (no study).
+MODEL_ONLY = {"neuron_f3", "resid_b", "visit_int", "visit_norm"}
 MAIN_TOP_K = {"ffn_neuron": 300, "attn_neuron": 200, "attn_subvalue": 20, "head": None}
 
 
@@ -96,21 +98,14 @@ def view(res: Any, ids: Any, **tables: pd.DataFrame) -> SimpleNamespace:
     return SimpleNamespace(**out, manifest=res.manifest)
 
 
-def run_studies(model: Any, a: argparse.Namespace) -> tuple[Any, SimpleNamespace, SimpleNamespace]:
-    """The main study, the query study on the sample, and two views: the sample with its query rows, and the sample's
-    FFN neurons of the three Figure 2 scorers (both in the main study's prompt ids)."""
-    study.run(
-        model,
-        study.BUILTIN_FACTUAL,
-        a.study_dir,
-        filter="paper",
-        top_k=MAIN_TOP_K,
-        batch_size=16,
-        model_name="smollm2-135m",
+def query_study(model: Any, a: argparse.Namespace) -> tuple[Any, pd.DataFrame]:
+    """The query study on ``--query-per-group`` filtered prompts per type (:func:`filtered_sample`; needs no main
+    study), and that sample (its ``prompt_id`` are the main study's)."""
+    sample = filtered_sample(model, a.query_per_group)
+    answers = load_factual_prompts()["answer"]
+    data = pd.DataFrame(
+        {"prompt": sample["prompt"], "answer": answers[sample["prompt_id"]].to_numpy(), "type": sample["group"]}
     )
-    res = study.load(a.study_dir)
-    sample = per_group_sample(res.prompts, a.query_per_group)
-    data = pd.DataFrame({"prompt": sample["prompt"], "answer": sample["target"], "type": sample["group"]})
     study.run(
         model,
         data,
@@ -121,12 +116,28 @@ def run_studies(model: Any, a: argparse.Namespace) -> tuple[Any, SimpleNamespace
         kinds=("ffn_neuron", "query"),
         top_k={"ffn_neuron": 300},
         query_values=100,
-        query_top_k=50,
+        query_top_k=20,
         batch_size=16,
         model_name="smollm2-135m",
     )
-    q = study.load(a.query_dir)
-    to_main = dict(enumerate(sample["prompt_id"]))  # the query study's prompt ids are row numbers of ``data``
+    return study.load(a.query_dir), sample
+
+
+def run_studies(model: Any, a: argparse.Namespace) -> tuple[Any, SimpleNamespace, SimpleNamespace]:
+    """The main study, the query study, and two views of the main study on the query sample: with the query rows,
+    and with the query study's FFN neurons of the three Figure 2 scorers (both in the main study's prompt ids)."""
+    study.run(
+        model,
+        study.BUILTIN_FACTUAL,
+        a.study_dir,
+        filter="paper",
+        top_k=MAIN_TOP_K,
+        batch_size=16,
+        model_name="smollm2-135m",
+    )
+    res = study.load(a.study_dir)
+    q, sample = query_study(model, a)
+    to_main = dict(enumerate(sample["prompt_id"]))  # the query study's prompt ids are row numbers of its data
     query = q.query.assign(prompt_id=q.query["prompt_id"].map(to_main))
     fig2 = q.parts.assign(prompt_id=q.parts["prompt_id"].map(to_main))
     return res, view(res, sample["prompt_id"], query=query), view(res, sample["prompt_id"], parts=fig2)
@@ -136,27 +147,33 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--study-dir", required=True, help="the main study folder (created or resumed)")
     p.add_argument("--query-dir", required=True, help="the query study folder (created or resumed)")
-    p.add_argument("--query-per-group", type=int, default=8)
+    p.add_argument("--query-per-group", type=int, default=4)
     p.add_argument("--model-per-group", type=int, default=1, help="prompts per type for the dense FFN analyses")
     p.add_argument("--visit-per-group", type=int, default=4, help="prompts per type for VISIT and Appendix B")
     p.add_argument("--out", default=os.path.join(HERE, "results", "analyses_smollm2"))
     p.add_argument("--only", default=None, help="comma-separated analysis keys to (re)compute")
     p.add_argument(
         "--part",
-        choices=("all", "dense", "rest"),
+        choices=("all", "dense", "model", "query", "rest"),
         default="all",
-        help="dense: only the analyses on the dense sample (no study needed; may run beside 'rest')",
+        help="dense: only the analyses on the dense sample; model: the other analyses that need only the model and "
+        "the filter; query: only the query study; rest: the studies and the analyses of their tables; the parts may "
+        "run side by side",
     )
     a = p.parse_args(argv)
     t_start = time.perf_counter()
     model = load_model("smollm2-135m")
-    dense = filtered_sample(model, a.model_per_group)
-    if a.part == "dense":
-        res = qview = fig2view = SimpleNamespace(prompts=dense)
+    if a.part == "query":
+        query_study(model, a)
+        return 0
+    kept = filtered_sample(model, 10**9)  # every prompt the filter keeps, in the main study's prompt ids
+    dense = per_group_sample(kept, a.model_per_group)
+    visit = per_group_sample(kept, a.visit_per_group)
+    if a.part in ("dense", "model"):
+        res = qview = fig2view = SimpleNamespace(prompts=kept)
     else:
         res, qview, fig2view = run_studies(model, a)
     ok = res.prompts[res.prompts["status"] == "ok"]
-    visit = per_group_sample(res.prompts, a.visit_per_group)
     every_third = list(range(0, 30, 3)) + [29]
     n_all, n_q, n_dense, n_visit = len(ok), len(qview.prompts), len(dense), len(visit)
     why_dense = (
@@ -266,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             "N",
             "Figures 3 / 6: log p and p along h0 -> hL (segments 0, 10, ..., 60)",
             f"all {n_all}",
-            lambda: A.segment_curves(model, res),
+            lambda: A.segment_curves(model, kept),
             None,
             lambda t: t[(t.group == "all") & (t.segment % 10 == 0)].drop(columns=["group"]),
         ),
@@ -419,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     for key, _, title, n, fn, _, shape in items:
         if only is not None and key not in only:
             continue
-        if (a.part == "dense") != (n == why_dense) and a.part != "all":
+        part = "dense" if n == why_dense else ("model" if key in MODEL_ONLY else "rest")
+        if a.part != "all" and part != a.part:
             continue
         t0 = time.perf_counter()
         try:
@@ -447,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         for key, *_ in items
         if os.path.exists(os.path.join(a.out, f"{key}.json"))
     }
-    if a.part == "dense":
+    if a.part in ("dense", "model"):
         return 0  # the markdown is written by a run with the studies
     counts = ok.groupby("group").size()
     lines = [
