@@ -106,6 +106,8 @@ def query_study(model: Any, a: argparse.Namespace) -> tuple[Any, pd.DataFrame]:
     data = pd.DataFrame(
         {"prompt": sample["prompt"], "answer": answers[sample["prompt_id"]].to_numpy(), "type": sample["group"]}
     )
+    if a.no_run:
+        return study.load(a.query_dir), sample
     study.run(
         model,
         data,
@@ -126,16 +128,17 @@ def query_study(model: Any, a: argparse.Namespace) -> tuple[Any, pd.DataFrame]:
 def run_studies(model: Any, a: argparse.Namespace) -> tuple[Any, SimpleNamespace, SimpleNamespace]:
     """The main study, the query study, and two views of the main study on the query sample: with the query rows,
     and with the query study's FFN neurons of the three Figure 2 scorers (both in the main study's prompt ids)."""
-    study.run(
-        model,
-        study.BUILTIN_FACTUAL,
-        a.study_dir,
-        filter="paper",
-        top_k=MAIN_TOP_K,
-        batch_size=16,
-        model_name="smollm2-135m",
-    )
-    res = study.load(a.study_dir)
+    if not a.no_run:
+        study.run(
+            model,
+            study.BUILTIN_FACTUAL,
+            a.study_dir,
+            filter="paper",
+            top_k=MAIN_TOP_K,
+            batch_size=16,
+            model_name="smollm2-135m",
+        )
+    res = study.load(a.study_dir)  # with --no-run: the batches committed so far
     q, sample = query_study(model, a)
     to_main = dict(enumerate(sample["prompt_id"]))  # the query study's prompt ids are row numbers of its data
     query = q.query.assign(prompt_id=q.query["prompt_id"].map(to_main))
@@ -151,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-per-group", type=int, default=1, help="prompts per type for the dense FFN analyses")
     p.add_argument("--visit-per-group", type=int, default=4, help="prompts per type for VISIT and Appendix B")
     p.add_argument("--out", default=os.path.join(HERE, "results", "analyses_smollm2"))
+    p.add_argument(
+        "--no-run",
+        action="store_true",
+        help="use the studies as they are (the batches committed so far: a stated subset) instead of completing them",
+    )
+    p.add_argument("--render-only", action="store_true", help="only write the markdown from the result files")
     p.add_argument("--only", default=None, help="comma-separated analysis keys to (re)compute")
     p.add_argument(
         "--part",
@@ -162,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     a = p.parse_args(argv)
     t_start = time.perf_counter()
+    if a.render_only:
+        return render(a, study.load(a.study_dir), t_start, argv)
     model = load_model("smollm2-135m")
     if a.part == "query":
         query_study(model, a)
@@ -180,7 +191,6 @@ def main(argv: list[str] | None = None) -> int:
         f"{n_dense} prompts ({a.model_per_group} per type): each scores every FFN neuron of every layer "
         "(30 x 1536 vocabulary projections, about 50 s of CPU per prompt and analysis here)"
     )
-    paper = A.paper_numbers()
     roles: dict[str, pd.DataFrame] = {}
 
     def role_table() -> pd.DataFrame:
@@ -460,20 +470,63 @@ def main(argv: list[str] | None = None) -> int:
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             json.dump(entry, f, indent=1)
         os.replace(path + ".tmp", path)
-    done = {
-        key: json.load(open(os.path.join(a.out, f"{key}.json"), encoding="utf-8"))
-        for key, *_ in items
-        if os.path.exists(os.path.join(a.out, f"{key}.json"))
-    }
     if a.part in ("dense", "model"):
         return 0  # the markdown is written by a run with the studies
+    return render(a, res, t_start, argv)
+
+
+#: The analyses in the order of the markdown: key, paper (N neuron-level, R residual-stream, V VISIT), paper table.
+ORDER: list[tuple[str, str, str | None]] = [
+    ("neuron_t3", "N", "neuron_table3"),
+    ("neuron_t4", "N", None),
+    ("neuron_t10", "N", None),
+    ("neuron_t5_12", "N", "neuron_table5_12"),
+    ("neuron_t6", "N", None),
+    ("neuron_t8", "N", "neuron_table8"),
+    ("neuron_t9", "N", None),
+    ("neuron_f2", "N", None),
+    ("neuron_f4", "N", None),
+    ("neuron_f3", "N", None),
+    ("neuron_t11", "N", None),
+    ("resid_t1", "R", "residual_table1"),
+    ("resid_f3", "R", None),
+    ("resid_f5", "R", None),
+    ("resid_f7", "R", None),
+    ("resid_f8", "R", None),
+    ("resid_d_t3", "R", "residual_table3"),
+    ("resid_d_t4", "R", "residual_table4"),
+    ("resid_d_f19", "R", None),
+    ("resid_b", "R", None),
+    ("visit_int", "V", None),
+    ("visit_norm", "V", None),
+    ("visit_reg", "V", None),
+]
+
+
+def render(a: argparse.Namespace, res: Any, t_start: float, argv: list[str] | None) -> int:
+    """Write ``{out}.md`` from the per-analysis result files (``{out}/{key}.json``) and the main study's counts."""
+    ok = res.prompts[res.prompts["status"] == "ok"]
+    n_all = len(ok)
+    paper = A.paper_numbers()
+    done = {
+        key: json.load(open(os.path.join(a.out, f"{key}.json"), encoding="utf-8"))
+        for key, _, _ in ORDER
+        if os.path.exists(os.path.join(a.out, f"{key}.json"))
+    }
     counts = ok.groupby("group").size()
     lines = [
         "# Corpus analyses on SmolLM2-135M-Instruct over the shipped factual prompts",
         "",
-        f"{len(res.prompts)} prompts, {n_all} scored after the neuron-level paper's filter ("
+        f"{len(res.prompts)} of the 442 shipped prompts in the main study, {n_all} scored after the "
+        "neuron-level paper's filter ("
         + ", ".join(f"{g} {c}" for g, c in counts.items())
-        + f"); query study on {n_q}; dense FFN analyses on {n_dense}; VISIT and Appendix B on {n_visit}.",
+        + "); the prompts of each analysis are named under it."
+        + (
+            " The studies were used as committed so far (`--no-run`): the runner batches prompts by length, so the "
+            "main study's prompts are the shortest ones."
+            if a.no_run
+            else ""
+        ),
         "",
         "Command: `benchmarks/analyses_smollm2.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`"
         f" ({time.perf_counter() - t_start:.0f} s this call; seconds per analysis and the 1-minute load average "
@@ -481,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     names = {"N": "Neuron-level paper", "R": "Residual-stream paper", "V": "VISIT"}
-    for key, which, _, _, _, pkey, _ in items:
+    for key, which, pkey in ORDER:
         if key not in done:
             continue
         d = done[key]
