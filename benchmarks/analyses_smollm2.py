@@ -17,10 +17,15 @@ the seconds per analysis) and one CSV per analysis under ``benchmarks/results/an
 study folders themselves stay outside the repository). ``tl-residual study-report STUDY_DIR --html report.html
 --model smollm2-135m`` draws the same results with their figures.
 
-Reproduce (about 25 min of CPU time in all on this project's 2-core machine)::
+Reproduce (the whole: about an hour of CPU time on this project's 2-core machine)::
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/analyses_smollm2.py --study-dir /tmp/smollm2-study \\
         --query-dir /tmp/smollm2-query
+
+or in parts that may run side by side (``--part dense``, ``--part model``, ``--part query``, then ``--part rest``;
+``--no-run`` takes the studies as committed so far, ``--only KEY,...`` recomputes some analyses, ``--render-only``
+rewrites the markdown from the result files). The committed results were computed so, under a stated subset: see
+the header of ``benchmarks/results/analyses_smollm2.md`` and docs/analyses.md.
 """
 
 from __future__ import annotations
