@@ -60,9 +60,8 @@ def md(df: pd.DataFrame, index: bool = False, digits: int = 3) -> str:
     def cell(v: object) -> str:
         if isinstance(v, float):
             return "-" if v != v else f"{v:.{digits}g}"
-        if isinstance(v, (list, tuple)):
-            return ", ".join(map(str, v))
-        return str(v)
+        text = ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+        return text.replace("\n", "\\n").replace("|", "\\|")
 
     lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
