@@ -1,197 +1,557 @@
-"""The corpus analyses (tl_residual.analyses) on SmolLM2-135M-Instruct over the shipped factual prompts.
+"""Every corpus analysis of tl_residual.analyses on SmolLM2-135M-Instruct over the shipped factual prompts.
 
-Builds study-layout tables (``layers``, ``stream``, ``parts`` of kinds ``head`` and ``ffn_neuron``, ``prompts``)
-with the single-prompt API (the dataset runner of tl_residual.study writes the same tables), then prints the
-analyses as markdown and writes ``benchmarks/results/analyses_smollm2.md`` (and the tables under
-``benchmarks/results/analyses_smollm2/`` for ``tl-residual study-report``).
+Three steps, each resumable (the studies are the dataset runner's folders, outside the repository):
 
-Reproduce::
+1. the main study (:func:`tl_residual.study.run`) of the 442 built-in prompts with the neuron-level paper's filter
+   (``filter="paper"``): layer scores, the residual stream, every head, the certified top-300 FFN neurons, top-200
+   attention neurons and top-20 subvalues per prompt (log-probability increase);
+2. a query study on a seeded sample of ``--query-per-group`` of the main study's scored prompts per knowledge type:
+   the top-300 FFN neurons by the three scorers of the neuron-level paper's Figure 2 and, for the top-100 FFN value
+   neurons, their top-20 query parts (kind ``query``: about 10 s of CPU per prompt, too slow for every prompt here);
+3. the analyses: those over the run's tables on every scored prompt (query-based ones on the sample), those that
+   need the model on every scored prompt where cheap, on a stated per-type sample where each prompt costs a dense
+   scoring of every FFN neuron (``--model-per-group``).
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/analyses_smollm2.py [--neurons-per-type 5] [--max-prompts N]
+Writes ``benchmarks/results/analyses_smollm2.md`` (every table, the papers' numbers beside them, the prompt counts,
+the seconds per analysis) and one CSV per analysis under ``benchmarks/results/analyses_smollm2/`` (small files; the
+study folders themselves stay outside the repository). ``tl-residual study-report STUDY_DIR --html report.html
+--model smollm2-135m`` draws the same results with their figures.
 
-Layer, head and stream tables use every prompt that survives the neuron-level paper's filter; the FFN-neuron
-tables (top-300 by log-probability increase, certified pruned search) a seeded sample of ``--neurons-per-type``
-prompts per knowledge type.
+Reproduce (the whole: about an hour of CPU time on this project's 2-core machine)::
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/analyses_smollm2.py --study-dir /tmp/smollm2-study \\
+        --query-dir /tmp/smollm2-query
+
+or in parts that may run side by side (``--part dense``, ``--part model``, ``--part query``, then ``--part rest``;
+``--no-run`` takes the studies as committed so far, ``--only KEY,...`` recomputes some analyses, ``--render-only``
+rewrites the markdown from the result files). The committed results were computed so, under a stated subset: see
+the header of ``benchmarks/results/analyses_smollm2.md`` and docs/analyses.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from types import SimpleNamespace
+from typing import Any
 
 import pandas as pd
-import torch
 
 from tl_residual import analyses as A
+from tl_residual import study
 from tl_residual.datasets import filter_prompts, load_factual_prompts
-from tl_residual.decompose import residual_stream
 from tl_residual.model import load_model
-from tl_residual.scorers import (
-    make_context,
-    score_ffn_neurons,
-    score_heads,
-    score_layers,
-)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+#: Analyses that need only the model and the filtered prompts (no study).
+MODEL_ONLY = {"neuron_f3", "resid_b", "visit_int", "visit_norm"}
+MAIN_TOP_K = {"ffn_neuron": 300, "attn_neuron": 200, "attn_subvalue": 20, "head": None}
 
 
-def md(df: pd.DataFrame, index: bool = False) -> str:
-    """A DataFrame as a markdown table (no tabulate dependency)."""
+def md(df: pd.DataFrame, index: bool = False, digits: int = 3) -> str:
+    """A DataFrame as a markdown table (no tabulate dependency); floats to ``digits`` significant digits."""
     if index:
         df = df.reset_index()
 
     def cell(v: object) -> str:
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
+        if isinstance(v, float):
+            return "-" if v != v else f"{v:.{digits}g}"
+        text = ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+        return text.replace("\n", "\\n").replace("|", "\\|")
 
     lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join(lines)
 
 
-def build(model, kept: pd.DataFrame, neurons_per_type: int, k: int = 300) -> SimpleNamespace:
-    parts, layers, stream, prompts = [], [], [], []
-    neuron_ids = set(kept.groupby("type").head(neurons_per_type).index)
-    for pid, row in kept.iterrows():
-        tokens = model.to_tokens(row["prompt"])
-        with torch.no_grad():
-            logits, cache = model.run_with_cache(tokens)
-        ctx = make_context(model, cache, int(row["answer_id"]))
-        lp = torch.log_softmax(logits[0, -1].float(), -1)
-        prompts.append(
-            {
-                "prompt_id": pid,
-                "group": row["type"],
-                "prompt": row["prompt"],
-                "target": row["answer"],
-                "target_id": int(row["answer_id"]),
-                "target_prob": float(lp[ctx.target].exp()),
-                "status": "ok",
-            }
-        )
-        ld = score_layers(ctx, n_top_tokens=0)
-        layers.append(
-            pd.DataFrame(
-                {
-                    "prompt_id": pid,
-                    "group": row["type"],
-                    "method": "log_prob_increase",
-                    "name": ld["name"],
-                    "layer": ld["layer"],
-                    "sublayer": ld["kind"],
-                    "score": ld["score"],
-                }
-            )
-        )
-        for i, (name, vec) in enumerate(residual_stream(model, cache)):
-            v = float(ctx.lens.log_probs(vec.float())[ctx.target])
-            stream.append(
-                {"prompt_id": pid, "group": row["type"], "stream": name, "index": i, "log_prob": v, "prob": math.exp(v)}
-            )
-        frames = [("head", score_heads(ctx, n_top_tokens=0))]
-        if pid in neuron_ids:
-            frames.append(("ffn_neuron", score_ffn_neurons(ctx, "log_prob_increase", top_k=k, n_top_tokens=0)))
-        for kind, df in frames:
-            df = df.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
-            parts.append(
-                df.assign(
-                    prompt_id=pid, group=row["type"], method="log_prob_increase", kind=kind, rank=range(1, len(df) + 1)
-                )[["prompt_id", "group", "method", "kind", "name", "layer", "head", "neuron", "score", "rank"]]
-            )
-        del cache
-        print(f"prompt {len(prompts)}/{len(kept)}", file=sys.stderr, flush=True)
-    return SimpleNamespace(
-        parts=pd.concat(parts, ignore_index=True),
-        layers=pd.concat(layers, ignore_index=True),
-        stream=pd.DataFrame(stream),
-        query=pd.DataFrame(),
-        prompts=pd.DataFrame(prompts),
-        manifest={"model": "smollm2-135m", "options": {"top_k": k}},
+def per_group_sample(prompts: pd.DataFrame, n: int, seed: int = 0) -> pd.DataFrame:
+    """``n`` scored prompts per group (all of a smaller group), seeded, in prompt-id order."""
+    ok = prompts[prompts["status"] == "ok"].sort_values("prompt_id")
+    picked = ok.sample(frac=1.0, random_state=seed).groupby("group", sort=True).head(n)
+    return picked.sort_values("prompt_id").reset_index(drop=True)
+
+
+def filtered_sample(model: Any, n: int) -> pd.DataFrame:
+    """``n`` prompts per type of those the neuron-level paper's filter keeps (:func:`filter_prompts`, the study's
+    prompt ids: row numbers of the built-in data), seeded as :func:`per_group_sample`; needs no study."""
+    kept = filter_prompts(model, load_factual_prompts())
+    kept = kept[kept["keep"]]
+    table = pd.DataFrame(
+        {
+            "prompt_id": kept.index,
+            "group": kept["type"],
+            "prompt": kept["prompt"],
+            "target_id": kept["answer_id"],
+            "status": "ok",
+        }
     )
+    return per_group_sample(table, n)
+
+
+def view(res: Any, ids: Any, **tables: pd.DataFrame) -> SimpleNamespace:
+    """The run's tables restricted to the prompts ``ids`` (``tables`` replace some of them)."""
+    keep = set(int(i) for i in ids)
+    out = {}
+    for name in ("parts", "layers", "stream", "query", "prompts"):
+        df = tables.get(name, getattr(res, name))
+        out[name] = df[df["prompt_id"].isin(keep)] if len(df) else df
+    return SimpleNamespace(**out, manifest=res.manifest)
+
+
+def query_study(model: Any, a: argparse.Namespace) -> tuple[Any, pd.DataFrame]:
+    """The query study on ``--query-per-group`` filtered prompts per type (:func:`filtered_sample`; needs no main
+    study), and that sample (its ``prompt_id`` are the main study's)."""
+    sample = filtered_sample(model, a.query_per_group)
+    answers = load_factual_prompts()["answer"]
+    data = pd.DataFrame(
+        {"prompt": sample["prompt"], "answer": answers[sample["prompt_id"]].to_numpy(), "type": sample["group"]}
+    )
+    if a.no_run:
+        return study.load(a.query_dir), sample
+    study.run(
+        model,
+        data,
+        a.query_dir,
+        target_column="answer",
+        group_column="type",
+        methods=A.FIGURE2_METHODS,
+        kinds=("ffn_neuron", "query"),
+        top_k={"ffn_neuron": 300},
+        query_values=100,
+        query_top_k=20,
+        batch_size=16,
+        model_name="smollm2-135m",
+    )
+    return study.load(a.query_dir), sample
+
+
+def run_studies(model: Any, a: argparse.Namespace) -> tuple[Any, SimpleNamespace, SimpleNamespace]:
+    """The main study, the query study, and two views of the main study on the query sample: with the query rows,
+    and with the query study's FFN neurons of the three Figure 2 scorers (both in the main study's prompt ids)."""
+    if not a.no_run:
+        study.run(
+            model,
+            study.BUILTIN_FACTUAL,
+            a.study_dir,
+            filter="paper",
+            top_k=MAIN_TOP_K,
+            batch_size=16,
+            model_name="smollm2-135m",
+        )
+    res = study.load(a.study_dir)  # with --no-run: the batches committed so far
+    q, sample = query_study(model, a)
+    to_main = dict(enumerate(sample["prompt_id"]))  # the query study's prompt ids are row numbers of its data
+    query = q.query.assign(prompt_id=q.query["prompt_id"].map(to_main))
+    fig2 = q.parts.assign(prompt_id=q.parts["prompt_id"].map(to_main))
+    return res, view(res, sample["prompt_id"], query=query), view(res, sample["prompt_id"], parts=fig2)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--neurons-per-type", type=int, default=5)
-    p.add_argument("--max-prompts", type=int, default=None)
-    p.add_argument(
-        "--sample-per-type",
-        type=int,
-        default=None,
-        help="filter only a seeded sample of this many raw prompts per type (faster)",
-    )
-    p.add_argument("--from-tables", action="store_true", help="reuse the tables written by an earlier run")
+    p.add_argument("--study-dir", required=True, help="the main study folder (created or resumed)")
+    p.add_argument("--query-dir", required=True, help="the query study folder (created or resumed)")
+    p.add_argument("--query-per-group", type=int, default=4)
+    p.add_argument("--model-per-group", type=int, default=1, help="prompts per type for the dense FFN analyses")
+    p.add_argument("--visit-per-group", type=int, default=4, help="prompts per type for VISIT and Appendix B")
     p.add_argument("--out", default=os.path.join(HERE, "results", "analyses_smollm2"))
+    p.add_argument(
+        "--no-run",
+        action="store_true",
+        help="use the studies as they are (the batches committed so far: a stated subset) instead of completing them",
+    )
+    p.add_argument("--render-only", action="store_true", help="only write the markdown from the result files")
+    p.add_argument("--only", default=None, help="comma-separated analysis keys to (re)compute")
+    p.add_argument(
+        "--part",
+        choices=("all", "dense", "model", "query", "rest"),
+        default="all",
+        help="dense: only the analyses on the dense sample; model: the other analyses that need only the model and "
+        "the filter; query: only the query study; rest: the studies and the analyses of their tables; the parts may "
+        "run side by side",
+    )
     a = p.parse_args(argv)
-    t0 = time.perf_counter()
+    t_start = time.perf_counter()
+    if a.render_only:
+        return render(a, study.load(a.study_dir), t_start, argv)
     model = load_model("smollm2-135m")
-    raw = load_factual_prompts()
-    if a.sample_per_type:
-        raw = raw.sample(frac=1.0, random_state=0).groupby("type").head(a.sample_per_type).reset_index(drop=True)
-    filtered = filter_prompts(model, raw) if not a.from_tables else raw.assign(keep=True)
-    kept = filtered[filtered["keep"]].sample(frac=1.0, random_state=0).reset_index(drop=True)
-    if a.max_prompts:
-        kept = kept.head(a.max_prompts)
-    if a.from_tables:
-        res = A.load_study(a.out)
-        res.manifest = {"model": "smollm2-135m", "options": {"top_k": 300}}
+    if a.part == "query":
+        query_study(model, a)
+        return 0
+    kept = filtered_sample(model, 10**9)  # every prompt the filter keeps, in the main study's prompt ids
+    dense = per_group_sample(kept, a.model_per_group)
+    visit = per_group_sample(kept, a.visit_per_group)
+    if a.part in ("dense", "model"):
+        res = qview = fig2view = SimpleNamespace(prompts=kept)
     else:
-        res = build(model, kept, a.neurons_per_type)
-        os.makedirs(a.out, exist_ok=True)
-        for name in ("parts", "layers", "stream", "prompts"):
-            os.makedirs(os.path.join(a.out, name), exist_ok=True)
-            getattr(res, name).to_parquet(os.path.join(a.out, name, "rank0-00000.parquet"))
-    t3, _ = A.layer_contributions(res)
-    t4 = A.top_layers(res)
-    t10 = A.top_heads(res)
-    t5 = A.neuron_importance(res, ks=(100, 200), kinds=("ffn_neuron",))
-    f5, _ = A.stream_log_prob(res)
-    seg, _ = A.segment_curves(model, res)
-    n_ffn = res.parts.loc[res.parts["kind"] == "ffn_neuron", "prompt_id"].nunique()
+        res, qview, fig2view = run_studies(model, a)
+    ok = res.prompts[res.prompts["status"] == "ok"]
+    every_third = list(range(0, 30, 3)) + [29]
+    n_all, n_q, n_dense, n_visit = len(ok), len(qview.prompts), len(dense), len(visit)
+    why_dense = (
+        f"{n_dense} prompts ({a.model_per_group} per type): each scores every FFN neuron of every layer "
+        "(30 x 1536 vocabulary projections, about 50 s of CPU per prompt and analysis here)"
+    )
+    roles: dict[str, pd.DataFrame] = {}
+
+    def role_table() -> pd.DataFrame:
+        if "df" not in roles:
+            roles["df"] = A.ffn_value_query_roles(model, dense)
+        return roles["df"]
+
+    def by_layer(col: str) -> Callable[[pd.DataFrame], pd.DataFrame]:
+        return lambda t: t.pivot(index="group", columns="layer", values=col).loc[A._group_order(t["group"])]
+
+    # key, paper, title, prompts (text), call, paper table key, shape for the markdown
+    items: list[tuple[str, str, str, str, Callable[[], Any], str | None, Any]] = [
+        (
+            "neuron_t3",
+            "N",
+            "Table 3: sum of Imp over attention / FFN layers (nats)",
+            f"all {n_all}",
+            lambda: A.layer_contributions(res),
+            "neuron_table3",
+            None,
+        ),
+        (
+            "neuron_t4",
+            "N",
+            "Table 4: top-10 layers",
+            f"all {n_all}",
+            lambda: A.top_layers(res),
+            None,
+            lambda t: A._wide(t, "label"),
+        ),
+        (
+            "neuron_t10",
+            "N",
+            "Table 10: top-10 heads",
+            f"all {n_all}",
+            lambda: A.top_heads(res),
+            None,
+            lambda t: A._wide(t, "name"),
+        ),
+        (
+            "neuron_t5_12",
+            "N",
+            "Tables 5 / 12: top-100 / top-200 neuron sums (the run stored the top-300 FFN and top-200 "
+            "attention neurons, so 'all' and 'positive' are not available)",
+            f"all {n_all}",
+            lambda: A.neuron_importance(res),
+            "neuron_table5_12",
+            lambda t: t.drop(columns=["all", "positive"]),
+        ),
+        (
+            "neuron_t6",
+            "N",
+            "Table 6: top-10 query layers of the top-100 FFN value neurons",
+            f"sample {n_q}",
+            lambda: A.top_query_layers(qview, "ffn_neuron"),
+            None,
+            lambda t: A._wide(t, "label"),
+        ),
+        (
+            "neuron_t8",
+            "N",
+            "Table 8: shared value / query neurons (top-300 in > 50% of a type's prompts)",
+            f"sample {n_q}",
+            lambda: A.shared_neurons(qview),
+            "neuron_table8",
+            lambda t: t.assign(
+                shared=t["shared"].map(lambda x: ", ".join(x[:8]) + (" ..." if len(x) > 8 else ""))
+            ).drop(columns=["frequency"]),
+        ),
+        (
+            "neuron_t9",
+            "N",
+            "Table 9: vocabulary projections of the most shared neurons (top-5 tokens)",
+            f"sample {n_q}",
+            lambda: A.shared_neuron_projections(model, qview, k=5, n_per_group=2),
+            None,
+            lambda t: t.drop(columns=["bottom_tokens"]),
+        ),
+        (
+            "neuron_f2",
+            "N",
+            "Figures 2 / 5: share of the top-10 FFN neurons per layer, by method (layers 20-29)",
+            f"sample {n_q}",
+            lambda: A.neuron_layer_distribution(fig2view),
+            None,
+            lambda t: t[(t.group == "all") & (t.layer >= 20)].pivot(index="method", columns="layer", values="share"),
+        ),
+        (
+            "neuron_f4",
+            "N",
+            "Figure 4: top-300 query FFN neurons per layer that are also top-300 value neurons "
+            "(mean per prompt; layers with any)",
+            f"sample {n_q}",
+            lambda: A.query_neuron_counts(qview, k=300),
+            None,
+            lambda t: t[(t.group == "all") & ((t.query_value + t.query_only) > 0.5)].drop(columns=["group"]),
+        ),
+        (
+            "neuron_f3",
+            "N",
+            "Figures 3 / 6: log p and p along h0 -> hL (segments 0, 10, ..., 60)",
+            f"all {n_all}",
+            lambda: A.segment_curves(model, kept),
+            None,
+            lambda t: t[(t.group == "all") & (t.segment % 10 == 0)].drop(columns=["group"]),
+        ),
+        (
+            "neuron_t11",
+            "N",
+            "Table 11: zeroing the top 1% heads of each type (3 heads), MRR / probability decrease %",
+            f"all {n_all}",
+            lambda: A.head_ablation(model, res),
+            None,
+            lambda t: t.assign(heads=t["heads"].map(", ".join))[
+                ["heads_of", "prompts_of", "heads", "n_prompts", "mrr_decrease_pct", "prob_decrease_pct"]
+            ],
+        ),
+        (
+            "resid_t1",
+            "R",
+            "Table 1: Imp of the sum of the top-10 FFN subvalues per selection rule (nats; every third "
+            "layer and the last)",
+            why_dense,
+            lambda: A.subvalue_selection(model, dense, layers=every_third),
+            "residual_table1",
+            lambda t: t.pivot(index="group", columns="method", values="score"),
+        ),
+        (
+            "resid_f3",
+            "R",
+            "Figure 3: C(sum of helpful) against sum of C (per prompt and layer: mean ratio)",
+            why_dense,
+            lambda: A.subvalue_additivity(model, dense, layers=every_third),
+            None,
+            lambda t: (
+                t.assign(ratio=t.score_of_sum / t.sum_of_scores)
+                .groupby("layer")[["n_helpful", "sum_of_scores", "score_of_sum", "ratio"]]
+                .mean()
+                .reset_index()
+            ),
+        ),
+        (
+            "resid_f5",
+            "R",
+            "Figure 5: mean log p(target) along the residual stream (every sixth point)",
+            f"all {n_all}",
+            lambda: A.stream_log_prob(res),
+            None,
+            lambda t: t[(t.group == "all") & (t["index"] % 6 == 0)][["stream", "log_prob", "prob"]],
+        ),
+        (
+            "resid_f7",
+            "R",
+            "Figure 7: share of the top-10 in the layer's helpful / unhelpful sum",
+            why_dense,
+            lambda: A.top10_share(model, dense, layers=every_third),
+            None,
+            lambda t: t[t.group == "all"].drop(columns=["group"]),
+        ),
+        (
+            "resid_f8",
+            "R",
+            "Figure 8: cross-layer scores of the last FFN layer (Eq. 24, helpful / unhelpful; every "
+            "sixth query vector)",
+            why_dense,
+            lambda: A.cross_layer_average(model, dense),
+            None,
+            lambda t: t[t.group == "all"].iloc[::6][
+                ["query", "helpful_eq24", "unhelpful_eq24", "helpful_eq25", "unhelpful_eq25"]
+            ],
+        ),
+        (
+            "resid_d_t3",
+            "R",
+            "Appendix D, Table 3: top-10 helpful / unhelpful FFN subvalues that are also top-20 queries "
+            "of an upper FFN layer",
+            why_dense,
+            lambda: A.value_query_overlap(model, dense, roles=role_table()),
+            "residual_table3",
+            by_layer("proportion"),
+        ),
+        (
+            "resid_d_t4",
+            "R",
+            "Appendix D, Table 4: union of the top-5 subvalues activated by each lower FFN layer",
+            why_dense,
+            lambda: A.query_union(model, dense, roles=role_table()),
+            "residual_table4",
+            by_layer("union_share"),
+        ),
+        (
+            "resid_d_f19",
+            "R",
+            "Appendix D, Figure 19: top-100 FFN subvalues as value / as query per layer (mean per prompt)",
+            why_dense,
+            lambda: A.value_query_layers(model, dense, roles=role_table()),
+            None,
+            lambda t: t[t.group == "all"].set_index("layer")[["value", "query"]].T,
+        ),
+        (
+            "resid_b",
+            "R",
+            "Appendix B, Figures 11 / 12: drop of the attention subvalue's bs-value minus score when M is "
+            "removed (method 1 / method 2; M with the largest |drop|)",
+            f"sample {n_visit} ({a.visit_per_group} per type)",
+            lambda: A.bs_removal_average(model, visit),
+            None,
+            lambda t: (
+                t[t.group == "all"]
+                .assign(a=lambda d: d[["drop_method1", "drop_method2"]].abs().max(axis=1))
+                .sort_values("a", ascending=False)
+                .head(8)
+                .drop(columns=["a", "group"])
+            ),
+        ),
+        (
+            "visit_int",
+            "V",
+            "Intersections of the top-50 tokens with the final prediction (best head, memory values)",
+            f"sample {n_visit}",
+            lambda: A.visit_intersections(model, visit),
+            None,
+            lambda t: (
+                t[t.group == "all"]
+                .assign(kind=lambda d: d.component.where(d.component == "memory values", "head"))
+                .groupby(["layer", "kind"])["with_final"]
+                .max()
+                .unstack()
+                .iloc[::3]
+            ),
+        ),
+        (
+            "visit_norm",
+            "V",
+            "Layer norm as a filter: top-5 promoted / suppressed tokens of some norms",
+            f"sample {n_visit}",
+            lambda: A.norm_filter(model, visit, k=5),
+            None,
+            lambda t: t.iloc[[0, 1, 29, 30, 58, 59, 60]],
+        ),
+        (
+            "visit_reg",
+            "V",
+            "Regularisation neurons of the last two layers (largest |entropy change|)",
+            why_dense,
+            lambda: A.regularisation_neurons(model, dense, k=5, layers=[28, 29]),
+            None,
+            None,
+        ),
+    ]
+    os.makedirs(a.out, exist_ok=True)
+    only = set(a.only.split(",")) if a.only else None
+    for key, _, title, n, fn, _, shape in items:
+        if only is not None and key not in only:
+            continue
+        part = "dense" if n == why_dense else ("model" if key in MODEL_ONLY else "rest")
+        if a.part != "all" and part != a.part:
+            continue
+        t0 = time.perf_counter()
+        try:
+            out = fn()
+        except Exception as exc:  # noqa: BLE001 - recorded, the others go on
+            entry = {"title": title, "prompts": n, "error": f"{type(exc).__name__}: {exc}"}
+        else:
+            table = out[0] if isinstance(out, tuple) else out
+            table.to_csv(os.path.join(a.out, f"{key}.csv"), index=False)
+            shown = shape(table) if shape else table
+            entry = {
+                "title": title,
+                "prompts": n,
+                "seconds": round(time.perf_counter() - t0, 1),
+                "load": os.getloadavg()[0],
+                "markdown": md(shown, index=not isinstance(shown.index, pd.RangeIndex)),
+            }
+        print(f"{key}: {entry.get('seconds', entry.get('error'))}", file=sys.stderr, flush=True)
+        path = os.path.join(a.out, f"{key}.json")  # one file per analysis: parts may run side by side
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(entry, f, indent=1)
+        os.replace(path + ".tmp", path)
+    if a.part in ("dense", "model"):
+        return 0  # the markdown is written by a run with the studies
+    return render(a, res, t_start, argv)
+
+
+#: The analyses in the order of the markdown: key, paper (N neuron-level, R residual-stream, V VISIT), paper table.
+ORDER: list[tuple[str, str, str | None]] = [
+    ("neuron_t3", "N", "neuron_table3"),
+    ("neuron_t4", "N", None),
+    ("neuron_t10", "N", None),
+    ("neuron_t5_12", "N", "neuron_table5_12"),
+    ("neuron_t6", "N", None),
+    ("neuron_t8", "N", "neuron_table8"),
+    ("neuron_t9", "N", None),
+    ("neuron_f2", "N", None),
+    ("neuron_f4", "N", None),
+    ("neuron_f3", "N", None),
+    ("neuron_t11", "N", None),
+    ("resid_t1", "R", "residual_table1"),
+    ("resid_f3", "R", None),
+    ("resid_f5", "R", None),
+    ("resid_f7", "R", None),
+    ("resid_f8", "R", None),
+    ("resid_d_t3", "R", "residual_table3"),
+    ("resid_d_t4", "R", "residual_table4"),
+    ("resid_d_f19", "R", None),
+    ("resid_b", "R", None),
+    ("visit_int", "V", None),
+    ("visit_norm", "V", None),
+    ("visit_reg", "V", None),
+]
+
+
+def render(a: argparse.Namespace, res: Any, t_start: float, argv: list[str] | None) -> int:
+    """Write ``{out}.md`` from the per-analysis result files (``{out}/{key}.json``) and the main study's counts."""
+    ok = res.prompts[res.prompts["status"] == "ok"]
+    n_all = len(ok)
+    paper = A.paper_numbers()
+    done = {
+        key: json.load(open(os.path.join(a.out, f"{key}.json"), encoding="utf-8"))
+        for key, _, _ in ORDER
+        if os.path.exists(os.path.join(a.out, f"{key}.json"))
+    }
+    counts = ok.groupby("group").size()
     lines = [
-        f"# Corpus analyses on SmolLM2-135M-Instruct ({len(res.prompts)} prompts that survive the filter; "
-        f"FFN neurons (top-300) on {n_ffn} of them; {time.perf_counter() - t0:.0f} s)",
+        "# Corpus analyses on SmolLM2-135M-Instruct over the shipped factual prompts",
         "",
-        f"Command: `benchmarks/analyses_smollm2.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
-        "",
-        "## Neuron-level Table 3 (nats, mean per prompt)",
-        "",
-        md(t3.round(2)),
-        "",
-        "## Neuron-level Table 4 (top-10 layers)",
-        "",
-        md(A._wide(t4, "label"), index=True),
-        "",
-        "## Neuron-level Table 10 (top-10 heads)",
-        "",
-        md(A._wide(t10, "name"), index=True),
-        "",
-        "## Neuron-level Table 5/12, FFN neurons (top-300 stored: 'all' not available)",
-        "",
-        md(t5.round(2)),
-        "",
-        "## Residual-stream Figure 5: mean log p(target) at Lin0, Lout0, Lout14, Lout29",
-        "",
-        md(
-            f5[f5["stream"].isin(["Lin0", "Lout0", "Lout14", "Lout29"])]
-            .pivot(index="group", columns="stream", values="log_prob")
-            .round(2),
-            index=True,
+        f"{len(res.prompts)} of the 442 shipped prompts in the main study, {n_all} scored after the "
+        "neuron-level paper's filter ("
+        + ", ".join(f"{g} {c}" for g, c in counts.items())
+        + "); the prompts of each analysis are named under it."
+        + (
+            " The studies were used as committed so far (`--no-run`): the runner batches prompts by length, so the "
+            "main study's prompts are the shortest ones."
+            if a.no_run
+            else ""
         ),
         "",
-        "## Neuron-level Figure 3: log p / p at segments 0, 20, 40, 60 (all prompts)",
-        "",
-        md(seg[(seg.group == "all") & seg.segment.isin([0, 20, 40, 60])].round(4)),
+        "Command: `benchmarks/analyses_smollm2.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`"
+        f" ({time.perf_counter() - t_start:.0f} s this call; seconds per analysis and the 1-minute load average "
+        "below; the machine is shared).",
         "",
     ]
-    text = "\n".join(lines)
+    names = {"N": "Neuron-level paper", "R": "Residual-stream paper", "V": "VISIT"}
+    for key, which, pkey in ORDER:
+        if key not in done:
+            continue
+        d = done[key]
+        lines += [f"## {names[which]}: {d['title']}", "", f"Prompts: {d['prompts']}."]
+        if "error" in d:
+            lines += ["", f"Not computed: {d['error']}", ""]
+            continue
+        lines += [f"({d['seconds']} s, load {d['load']:.1f})", "", d["markdown"], ""]
+        if pkey:
+            lines += ["The paper's numbers:", "", md(paper[pkey], index=True), ""]
     with open(a.out + ".md", "w", encoding="utf-8") as f:
-        f.write(text)
-    print(text)
+        f.write("\n".join(lines))
+    print("\n".join(lines))
     return 0
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import HAS_BRIDGE, make_bridge, make_hooked
+from conftest import HAS_BRIDGE, make_bridge, make_hooked, raw_frozen_logits, raw_norm
 from tl_residual import analyses as A
 from tl_residual import model as tlm
 from tl_residual.errors import InvalidInputError
@@ -458,3 +458,167 @@ def test_visit_analyses():
     assert top.mean_entropy_change == pytest.approx(sum(dh) / 4, abs=1e-5)
     nf = A.norm_filter(model, s, k=3)
     assert len(nf) == 2 * 2 + 1 and nf["promoted"].map(len).eq(3).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Residual-stream paper Appendix D (Tables 3, 4, Figure 19) and Appendix B (Figures 11, 12)
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def tiny3():
+    """Three layers, so that Appendix D has lower, middle and upper FFN layers."""
+    return make_bridge("gpt2", n_layers=3, seed=3) if HAS_BRIDGE else make_hooked("gpt2", n_layers=3, seed=3)
+
+
+def _raw_ln(model, which, x):
+    """A LayerNorm written out from the module's own weights: centre, divide by sqrt(var + eps), gamma, beta."""
+    gamma, beta = raw_norm(model, which)
+    x = x.double() - x.double().mean(-1, keepdim=True)
+    return x / (x.pow(2).mean(-1, keepdim=True) + model.cfg.eps).sqrt() * gamma.double() + beta.double()
+
+
+def _direct_roles(model, text, n_value, n_query, n_union, k):
+    """Appendix D counts for one prompt, written from raw weights and the cache: C(k) by the frozen lens, inner
+    products with the LN2-folded input weights, then plain top-k sets."""
+    tokens = model.to_tokens(text)
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens)
+    t = int(logits[0, -1].argmax())
+    L = model.cfg.n_layers
+
+    def logp(v):
+        return torch.log_softmax(raw_frozen_logits(model, cache, v), -1)[..., t]
+
+    C, sub, keys, mlp_out = [], [], [], []
+    for l in range(L):
+        mid = cache[f"blocks.{l}.hook_resid_mid"][0, -1].double()
+        w_out = model.blocks[l].mlp.W_out.detach().double()
+        vecs = cache[f"blocks.{l}.mlp.hook_post"][0, -1].double()[:, None] * w_out  # m_k W_out[k]
+        C.append(logp(mid[None] + vecs) - logp(mid))
+        sub.append(vecs)
+        gamma, _ = raw_norm(model, f"{l}.ln2")
+        kk = gamma.double()[:, None] * model.blocks[l].mlp.W_in.detach().double()
+        scale = cache[f"blocks.{l}.ln2.hook_scale"][0, -1].double().reshape(-1)[0]
+        keys.append((kk - kk.mean(0, keepdim=True)) / scale)  # q . key = contribution of q to the neuron's input
+        mlp_out.append(cache[f"blocks.{l}.hook_mlp_out"][0, -1].double())
+    rows = []
+    for l in range(L):
+        rec = {"layer": l}
+        ups = [sub[l] @ (keys[u] @ C[u]) for u in range(l + 1, L)]  # Eq. 25 of every subvalue of l on layer u
+        tops = set()
+        for s in ups:
+            tops |= set(torch.topk(s, n_query).indices.tolist())
+        c = C[l].tolist()
+        helpful = sorted((i for i in range(len(c)) if c[i] > 0), key=lambda i: -c[i])[:n_value]
+        unhelpful = sorted((i for i in range(len(c)) if c[i] < 0), key=lambda i: c[i])[:n_value]
+        rec["helpful_as_query"] = sum(i in tops for i in helpful) if ups else 0
+        rec["unhelpful_as_query"] = sum(i in tops for i in unhelpful) if ups else 0
+        union = set()
+        for q in range(l):
+            union |= set(torch.topk((mlp_out[q] @ keys[l]) * C[l], n_union).indices.tolist())
+        rec["union_share"] = len(union) / (n_union * l) if l else float("nan")
+        rec["query_score"] = sum(ups) if ups else None
+        rows.append(rec)
+    allc = torch.cat(C)
+    d_mlp = model.cfg.d_mlp
+    value_layers = (torch.topk(allc, k).indices // d_mlp).tolist()
+    qs = torch.cat([r["query_score"] for r in rows if r["query_score"] is not None])
+    query_layers = (torch.topk(qs, k).indices // d_mlp).tolist()
+    for r in rows:
+        r["value_top"] = value_layers.count(r["layer"])
+        r["query_top"] = query_layers.count(r["layer"])
+        del r["query_score"]
+    return rows
+
+
+def test_appendix_d_value_and_query_subvalues():
+    model = tiny3()
+    data = pd.DataFrame({"prompt": [p for p, _ in PROMPTS[:3]], "group": [g for _, g in PROMPTS[:3]]})
+    roles = A.ffn_value_query_roles(model, data, n_value=3, n_query=8, n_union=4, k=20)
+    for pid, text in enumerate(data["prompt"]):
+        for exp in _direct_roles(model, text, 3, 8, 4, 20):
+            got = roles[(roles.prompt_id == pid) & (roles.layer == exp["layer"])].iloc[0]
+            for col, v in exp.items():
+                assert got[col] == pytest.approx(v, nan_ok=True), (pid, exp["layer"], col)
+    t3, fig3 = A.value_query_overlap(model, data, n_value=3, n_query=8, roles=roles)
+    g1 = roles[(roles.group == "g1") & (roles.layer == 0)]
+    hits = g1["helpful_as_query"].sum() + g1["unhelpful_as_query"].sum()
+    row = t3[(t3.group == "g1") & (t3.layer == 0)].iloc[0]
+    assert row.proportion == pytest.approx(hits / (g1["n_helpful"].sum() + g1["n_unhelpful"].sum()))
+    assert math.isnan(t3[(t3.group == "all") & (t3.layer == 2)]["proportion"].iloc[0])  # no upper layer
+    t4, _ = A.query_union(model, data, n_union=4, roles=roles)
+    assert t4[(t4.group == "all") & (t4.layer == 2)]["union_share"].iloc[0] == pytest.approx(
+        roles[roles.layer == 2]["union_share"].mean()
+    )
+    f19, fig19 = A.value_query_layers(model, data, k=20, roles=roles)
+    allrows = f19[f19.group == "all"]
+    assert allrows["value"].sum() == pytest.approx(20) and allrows["query"].sum() == pytest.approx(20)
+    assert len(fig3.data) == 3 and len(fig19.data) == 2
+    with pytest.raises(InvalidInputError, match="other parameters"):
+        A.query_union(model, data, n_union=5, roles=roles)
+
+
+def test_appendix_b_removal_methods():
+    """Both methods against a direct recomputation of the attention subvalue from raw weights and the cache."""
+    from tl_residual.bsvalues import bs_removal
+
+    model = tiny3()
+    tokens = model.to_tokens(PROMPTS[2][0])
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+    layer, src, dest, a, b = 2, 2, tokens.shape[1] - 1, 7, 9
+    df = bs_removal(model, cache, tokens, a, b, layer, src_pos=src)
+    attn = model.blocks[layer].attn
+    W_Q, W_K, W_V, W_O = (getattr(attn, n).detach().double() for n in ("W_Q", "W_K", "W_V", "W_O"))
+    b_Q, b_K, b_V = (getattr(attn, n).detach().double() for n in ("b_Q", "b_K", "b_V"))
+    resid = cache[f"blocks.{layer}.hook_resid_pre"][0].double()  # [pos, d_model]
+    q = torch.einsum("m,hmd->hd", _raw_ln(model, f"{layer}.ln1", resid[dest]), W_Q) + b_Q
+    pattern0 = cache[f"blocks.{layer}.attn.hook_pattern"][0, :, dest, src].double()
+
+    def minus(vec):
+        z = raw_frozen_logits(model, cache, vec)
+        return float(z[a] - z[b])
+
+    Ms = [cache["blocks.0.hook_resid_pre"][0, src]] + [
+        cache[f"blocks.{j}.hook_{kind}_out"][0, src] for j in range(layer) for kind in ("attn", "mlp")
+    ]
+    assert df["removed"].tolist() == ["embed"] + [f"L{j}.{k}" for j in range(layer) for k in ("attn", "mlp")]
+    before = None
+    for i, M in enumerate([torch.zeros_like(Ms[0])] + Ms):
+        x = resid.clone()
+        x[src] = x[src] - M.double()
+        normed = _raw_ln(model, f"{layer}.ln1", x)
+        v = torch.einsum("m,hmd->hd", normed[src], W_V) + b_V  # [head, d_head]
+        keys = torch.einsum("pm,hmd->hpd", normed[: dest + 1], W_K) + b_K[:, None]
+        alpha = torch.softmax((keys @ q[:, :, None])[..., 0] / math.sqrt(W_K.shape[-1]), -1)[:, src]
+        m1 = minus(torch.einsum("h,hd,hdm->m", alpha, v, W_O))
+        m2 = minus(torch.einsum("h,hd,hdm->m", pattern0, v, W_O))
+        if i == 0:
+            before = m1
+            assert m2 == pytest.approx(m1, abs=1e-5) and df.attrs["minus_before"] == pytest.approx(m1, abs=1e-4)
+            continue
+        row = df.iloc[i - 1]
+        assert row.minus_method1 == pytest.approx(m1, abs=1e-4) and row.minus_method2 == pytest.approx(m2, abs=1e-4)
+        assert row.drop_method1 == pytest.approx(before - m1, abs=1e-4)
+    out, fig = A.bs_removal_average(model, pd.DataFrame({"prompt": [p for p, _ in PROMPTS]}), layer=2)
+    per = out.attrs["per_prompt"]
+    assert out[out.group == "all"]["drop_method2"].tolist() == pytest.approx(
+        per.groupby("index")["drop_method2"].mean().tolist()
+    )
+    assert (out["n_prompts"] == 4).all() and len(fig.data) == 2
+
+
+def test_report_has_the_appendix_sections_with_the_papers_numbers():
+    sections = A.report_sections(study(), model=tiny(), max_prompts=2)
+    appx = {s["title"].split(":")[0]: s for s in sections if s["title"].startswith("Appendix")}
+    assert set(appx) == {
+        "Appendix D, Table 3",
+        "Appendix D, Table 4",
+        "Appendix D, Figure 19",
+        "Appendix B, Figures 11 / 12",
+    }
+    assert all(s["error"] is None and s["figure"] is not None for s in appx.values())
+    t3 = appx["Appendix D, Table 3"]
+    assert list(t3["table"].index) == ["g1", "all"] and list(t3["paper_table"].columns)[:2] == ["0", "1"]
+    assert t3["paper_table"].loc["16-layer LM, one sentence", "0"] == pytest.approx(0.8)

@@ -154,6 +154,17 @@ def _figure() -> Any:
     return go.Figure()
 
 
+def _layer_lines(out: pd.DataFrame, lines: dict[str, str], **layout: Any) -> Any:
+    """A line chart of the overall group's rows by layer: one line per column of ``lines`` (column -> legend name),
+    laid out with ``layout`` (plotly ``update_layout`` arguments)."""
+    fig = _figure()
+    s = out[out["group"] == OVERALL].sort_values("layer")
+    for column, name in lines.items():
+        fig.add_scatter(x=s["layer"], y=s[column], mode="lines+markers", name=name)
+    fig.update_layout(**layout)
+    return fig
+
+
 def _layer_bars(out: pd.DataFrame, bars: dict[str, str], **layout: Any) -> Any:
     """A bar chart of the overall group's rows by layer: one bar series per column of ``bars`` (column -> legend
     name), laid out with ``layout`` (plotly ``update_layout`` arguments)."""
@@ -931,11 +942,9 @@ def top10_share(model: Any, data: Any, k: int = 10, layers: Sequence[int] | None
             rec[side] = top / all_ if all_ != 0 else float("nan")
         rows.append(rec)
     out = _summarise(pd.DataFrame(rows), ["layer"], ["helpful", "unhelpful"])
-    fig = _figure()
-    s = out[out["group"] == OVERALL]
-    for side in ("helpful", "unhelpful"):
-        fig.add_scatter(x=s["layer"], y=s[side], mode="lines+markers", name=side)
-    fig.update_layout(
+    fig = _layer_lines(
+        out,
+        {"helpful": "helpful", "unhelpful": "unhelpful"},
         title=f"Figure 7 (residual stream): share of the top-{k} in the layer's helpful / unhelpful sum",
         xaxis_title="FFN layer",
         yaxis_title="C(top-k) / C(all)",
@@ -977,6 +986,305 @@ def cross_layer_average(model: Any, data: Any, value_layer: int = -1) -> tuple[p
 
 
 # ----------------------------------------------------------------------------------------------
+# Residual-stream paper, Appendix D: FFN subvalues as "value" and as "query"
+# ----------------------------------------------------------------------------------------------
+
+#: Parameters of :func:`ffn_value_query_roles` (recorded in its ``df.attrs``).
+ROLE_PARAMS: tuple[str, ...] = ("n_value", "n_query", "n_union", "k", "which")
+
+
+def _ffn_roles_one(ctx: Any, n_value: int, n_query: int, n_union: int, k: int, which: Any) -> list[dict[str, Any]]:
+    """The per-layer counts of :func:`ffn_value_query_roles` for one prompt (one scoring context)."""
+    from tl_residual import model as tlm
+    from tl_residual.decompose import layer_outputs
+    from tl_residual.query import ffn_layer_keys
+
+    n_layers = tlm.model_spec(ctx.model).n_layers
+    mlp_out = torch.stack(
+        [v for _, _, kind, v in layer_outputs(ctx.model, ctx.cache, ctx.position, ctx.batch) if kind == "mlp"]
+    ).double()  # [layer, d_model], FFN_l = hook_mlp_out
+    scores, eq25, union = [], [], []
+    for lv in range(n_layers):
+        group, base = _ffn_layer_groups(ctx, lv)
+        c = _lpi(ctx, base, group.vectors.float()).double()  # C(k), nats
+        key, _, which = ffn_layer_keys(ctx.model, ctx.cache, lv, ctx.position, which, ctx.batch)
+        scores.append(c)
+        eq25.append(key @ c)  # Eq. 25 summed over Lv's neurons: Cr(q, Lv) = q . (key @ C)
+        if lv > 0:  # Table 4: top-n_union terms inner(FFN_lq, K_k) C(k) of Lv for each lower FFN layer lq
+            terms = (mlp_out[:lv] @ key) * c[None, :]
+            top = torch.topk(terms, min(n_union, terms.shape[1]), dim=1).indices
+            union.append(len(set(top.flatten().tolist())) / (top.shape[0] * top.shape[1]))
+        else:
+            union.append(float("nan"))
+    C = torch.stack(scores)  # [layer, d_mlp]
+    W = torch.stack(eq25)  # [layer, d_model]
+    above = torch.flip(torch.cumsum(torch.flip(W, [0]), 0), [0]) - W  # sum over lv > lq of W[lv]
+    query_score = torch.full_like(C, float("-inf"))
+    rows = []
+    for lq in range(n_layers):
+        group, _ = _ffn_layer_groups(ctx, lq)
+        v = group.vectors.double()  # [d_mlp, d_model], the subvalues m_k W_out[k]
+        rec: dict[str, Any] = {"layer": lq, "union_share": union[lq]}
+        if lq < n_layers - 1:
+            query_score[lq] = v @ above[lq]  # Figure 19, method 1
+            s = v @ W[lq + 1 :].T  # [d_mlp, upper layers]: Eq. 25 of each subvalue on each upper FFN layer
+            tops = set(torch.topk(s, min(n_query, s.shape[0]), dim=0).indices.flatten().tolist())
+            c = C[lq]
+            for side, mask, desc in (("helpful", c > 0, True), ("unhelpful", c < 0, False)):
+                idx = torch.nonzero(mask).flatten()
+                picked = idx[torch.argsort(c[idx], descending=desc)][:n_value].tolist()
+                rec[f"n_{side}"] = len(picked)
+                rec[f"{side}_as_query"] = sum(i in tops for i in picked)
+        else:
+            rec.update(n_helpful=0, helpful_as_query=0, n_unhelpful=0, unhelpful_as_query=0)
+        rows.append(rec)
+    value_top = torch.topk(C.flatten(), min(k, C.numel())).indices // C.shape[1]
+    finite = int(torch.isfinite(query_score).sum())
+    query_top = torch.topk(query_score.flatten(), min(k, finite)).indices // C.shape[1]
+    for rec in rows:
+        rec["value_top"] = int((value_top == rec["layer"]).sum())
+        rec["query_top"] = int((query_top == rec["layer"]).sum())
+    return rows
+
+
+def ffn_value_query_roles(
+    model: Any,
+    data: Any,
+    n_value: int = 10,
+    n_query: int = 20,
+    n_union: int = 5,
+    k: int = 100,
+    which: Any = None,
+) -> pd.DataFrame:
+    """Per prompt and FFN layer, the counts behind the residual-stream paper's Appendix D (Tables 3 and 4,
+    Figure 19): FFN subvalues (neurons ``m_k W_out[k]`` at the last position) working as "value" and as "query".
+
+    Built on the query side (:func:`tl_residual.query.ffn_layer_keys`): ``inner(q, K_k)`` is the exact contribution
+    of a vector ``q`` to the input of neuron ``k`` of FFN layer ``Lv`` (Eq. 22-23, cached ``ln2`` scale and centring
+    folded in; input ``pre``, or ``gate`` for gated MLPs, as :func:`tl_residual.query.cross_layer_scores`), and
+    ``C(k)`` its log-probability increase on ``resid_mid`` (Eq. 19, nats). A query's Eq. 25 score on ``Lv`` is
+    ``Cr(q, Lv) = sum_k inner(q, K_k) C(k)`` over every neuron of ``Lv``.
+
+    * Table 3 (D.1): of layer ``l``'s top-``n_value`` helpful (largest ``C > 0``) and top-``n_value`` unhelpful
+      (most negative ``C < 0``) subvalues, how many are among the ``n_query`` subvalues of layer ``l`` with the
+      largest Eq. 25 score on at least one upper FFN layer (``helpful_as_query`` of ``n_helpful``, likewise
+      unhelpful; the last layer has no upper layer).
+    * Table 4 (D.2): for value layer ``Lv``, the top-``n_union`` neurons by ``inner(FFN_lq, K_k) C(k)`` for each
+      lower FFN layer output ``FFN_lq`` (``hook_mlp_out``), and ``union_share`` = the size of their union over
+      ``lq < Lv`` divided by ``n_union * Lv`` (NaN for layer 0).
+    * Figure 19 (D.3): ``value_top``, how many of the prompt's top-``k`` subvalues by ``C`` (all layers together)
+      lie in the layer; ``query_top``, the same for the top-``k`` by the query score ``sum_{Lv > l} Cr(v, Lv)``
+      (the paper's first method; its second, iterative method is not implemented).
+
+    Cost per prompt: every FFN neuron of every layer scored (``n_layers * d_mlp`` vocabulary projections, chunked)
+    plus one ``d_model x d_mlp`` key per layer; peak memory one layer's subvalues, keys (float64) and one chunk of
+    logits.
+
+    Returns:
+        One row per prompt and layer: ``prompt_id, group, layer, n_helpful, helpful_as_query, n_unhelpful,
+        unhelpful_as_query, union_share, value_top, query_top``; ``df.attrs`` holds the parameters.
+
+    Raises:
+        InvalidInputError: a parameter that is not a positive integer.
+    """
+    for label, v in (("n_value", n_value), ("n_query", n_query), ("n_union", n_union), ("k", k)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise InvalidInputError(f"{label} must be a positive integer, got {v!r}")
+    rows = []
+    for row in prompt_table(data).itertuples():
+        for rec in _ffn_roles_one(_ctx(model, row), n_value, n_query, n_union, k, which):
+            rows.append({"prompt_id": row.prompt_id, "group": row.group, **rec})
+    df = pd.DataFrame(rows)
+    df.attrs.update(n_value=n_value, n_query=n_query, n_union=n_union, k=k, which=which)
+    return df
+
+
+def _roles(model: Any, data: Any, roles: pd.DataFrame | None, **params: Any) -> pd.DataFrame:
+    """``roles`` if given (checked against ``params``), else :func:`ffn_value_query_roles` of ``model`` and ``data``."""
+    if roles is None:
+        return ffn_value_query_roles(model, data, **params)
+    clash = {p: (roles.attrs.get(p), v) for p, v in params.items() if p in roles.attrs and roles.attrs[p] != v}
+    if clash:
+        raise InvalidInputError(
+            "roles were computed with other parameters: "
+            + ", ".join(f"{p}={a!r}, asked {b!r}" for p, (a, b) in clash.items())
+        )
+    return roles
+
+
+def value_query_overlap(
+    model: Any, data: Any, n_value: int = 10, n_query: int = 20, *, roles: pd.DataFrame | None = None
+) -> tuple[pd.DataFrame, Any]:
+    """Residual-stream paper Appendix D.1, Table 3: the proportion of each FFN layer's top-``n_value`` helpful and
+    unhelpful subvalues that are also top-``n_query`` queries of at least one upper FFN layer (see
+    :func:`ffn_value_query_roles`), pooled over the group's prompts (hits / subvalues picked).
+
+    Args:
+        roles: a :func:`ffn_value_query_roles` table to reuse (its parameters must match); else it is computed.
+
+    Returns:
+        ``(df, fig)``: columns ``group, n_prompts, layer, proportion, helpful, unhelpful`` (shares in 0..1; NaN
+        for the last layer), and a line chart of the overall proportions per layer.
+    """
+    per = _roles(model, data, roles, n_value=n_value, n_query=n_query)
+    frames = []
+    for g in _group_order(per["group"]):
+        sub = per if g == OVERALL else per[per["group"] == g]
+        s = sub.groupby("layer")[["n_helpful", "helpful_as_query", "n_unhelpful", "unhelpful_as_query"]].sum()
+        out = pd.DataFrame(
+            {
+                "layer": s.index,
+                "proportion": (s["helpful_as_query"] + s["unhelpful_as_query"])
+                / (s["n_helpful"] + s["n_unhelpful"]).replace(0, float("nan")),
+                "helpful": s["helpful_as_query"] / s["n_helpful"].replace(0, float("nan")),
+                "unhelpful": s["unhelpful_as_query"] / s["n_unhelpful"].replace(0, float("nan")),
+            }
+        )
+        out.insert(0, "n_prompts", sub["prompt_id"].nunique())
+        out.insert(0, "group", g)
+        frames.append(out)
+    out = pd.concat(frames, ignore_index=True)
+    fig = _layer_lines(
+        out,
+        {"proportion": "helpful and unhelpful", "helpful": "helpful", "unhelpful": "unhelpful"},
+        title=f"Appendix D Table 3 (residual stream): top-{n_value} subvalues that are top-{n_query} queries above",
+        xaxis_title="FFN layer",
+        yaxis_title="proportion",
+    )
+    return out, fig
+
+
+def query_union(
+    model: Any, data: Any, n_union: int = 5, *, roles: pd.DataFrame | None = None
+) -> tuple[pd.DataFrame, Any]:
+    """Residual-stream paper Appendix D.2, Table 4: for each "value" FFN layer, the union of the top-``n_union``
+    subvalues activated by each lower FFN layer, as a share of ``n_union`` times the number of lower layers (small:
+    lower layers activate the same subvalues), averaged over the group's prompts (see
+    :func:`ffn_value_query_roles`).
+
+    Returns:
+        ``(df, fig)``: columns ``group, n_prompts, layer, union_share`` (0..1; NaN for layer 0).
+    """
+    per = _roles(model, data, roles, n_union=n_union)
+    out = _summarise(per, ["layer"], ["union_share"])
+    fig = _layer_lines(
+        out,
+        {"union_share": "union share"},
+        title=f"Appendix D Table 4 (residual stream): union of the top-{n_union} subvalues per lower FFN layer",
+        xaxis_title="value FFN layer",
+        yaxis_title="|union| / (n_union x lower layers)",
+    )
+    return out, fig
+
+
+def value_query_layers(
+    model: Any, data: Any, k: int = 100, *, roles: pd.DataFrame | None = None
+) -> tuple[pd.DataFrame, Any]:
+    """Residual-stream paper Appendix D.3, Figure 19: per FFN layer, the mean number per prompt of the top-``k``
+    subvalues working as "value" (largest ``C``) and as "query" (largest ``sum_{Lv > l} Cr(v, Lv)``, Eq. 25; the
+    paper's first method), all layers ranked together (see :func:`ffn_value_query_roles`).
+
+    Returns:
+        ``(df, fig)``: columns ``group, n_prompts, layer, value, query`` (subvalues per prompt; each sums to ``k``
+        over layers), and a bar chart.
+    """
+    per = _roles(model, data, roles, k=k).rename(columns={"value_top": "value", "query_top": "query"})
+    out = _summarise(per, ["layer"], ["value", "query"])
+    fig = _layer_bars(
+        out,
+        {"value": "value", "query": "query"},
+        title=f"Appendix D Figure 19 (residual stream): top-{k} FFN subvalues as value and as query",
+        barmode="group",
+        xaxis_title="FFN layer",
+        yaxis_title="subvalues per prompt",
+    )
+    return out, fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Residual-stream paper, Appendix B: removing layer-level vectors from an attention subvalue's input
+# ----------------------------------------------------------------------------------------------
+
+
+def bs_removal_average(
+    model: Any, data: Any, layer: int | None = None, foil: int | str | None = None
+) -> tuple[pd.DataFrame, Any]:
+    """Residual-stream paper section 5.1 and Appendix B, Figures 11 and 12, over prompts: the change of an attention
+    subvalue's bs-value minus score ``bs_target - bs_foil`` when each layer-level vector ``M`` (``embed``,
+    ``L{j}.attn``, ``L{j}.mlp``, ``j < layer``) is removed from its input, by method 1 (attention weights
+    recomputed) and method 2 (attention weights fixed) (:func:`tl_residual.bsvalues.bs_removal`).
+
+    Per prompt, as in the paper's case study: the foil is ``foil`` or the model's most probable token other than the
+    target (the paper: "London" against "Paris"); the attention layer is ``layer`` or the one whose output (without
+    ``b_O``) has the largest minus score (Appendix A, :func:`tl_residual.bsvalues.bs_minus_layers`); the source
+    position is the one whose subvalue at that layer has the largest minus score (the paper: "France").
+
+    Returns:
+        ``(df, fig)``: columns ``group, n_prompts, removed, kind, m_layer, drop_method1, drop_method2``
+        (logits; ``drop = minus before - minus after``, mean over the prompts whose chosen layer is above
+        ``m_layer``; ``n_prompts`` counts them) in stream order; ``df.attrs["per_prompt"]`` the per-prompt rows
+        (with the chosen ``layer``, ``src_pos``, ``foil`` and ``minus_before``). A line chart of both methods.
+
+    Raises:
+        InvalidInputError: bad layer or foil.
+    """
+    from tl_residual.bsvalues import bs_minus_layers, bs_removal
+    from tl_residual.lens import model_logits
+
+    rows = []
+    for row in prompt_table(data).itertuples():
+        tokens, cache = _run(model, row.prompt)
+        logits = model_logits(model, cache, -1, 0).float()
+        target = int(torch.argmax(logits)) if pd.isna(row.target_id) else int(row.target_id)
+        if foil is None:
+            b = int(torch.topk(logits, 2).indices[1 if int(torch.argmax(logits)) == target else 0])
+        else:
+            b = foil
+        if layer is None:
+            lm = bs_minus_layers(model, cache, target, b, with_bias=False)
+            lm = lm[lm["kind"] == "attn"]
+            chosen = int(lm.loc[lm["minus"].idxmax(), "layer"])
+        else:
+            chosen = layer
+        df = bs_removal(model, cache, tokens, target, b, chosen)
+        rows.append(
+            df.assign(
+                prompt_id=row.prompt_id,
+                group=row.group,
+                layer_chosen=df.attrs["layer"],
+                src_pos=df.attrs["src_pos"],
+                foil=df.attrs["token_b"],
+                minus_before=df.attrs["minus_before"],
+            )
+        )
+    per = pd.concat(rows, ignore_index=True).rename(columns={"layer": "m_layer"})
+    frames = []
+    for g in _group_order(per["group"]):
+        sub = per if g == OVERALL else per[per["group"] == g]
+        m = sub.groupby(["index", "removed", "kind", "m_layer"], sort=True).agg(
+            n_prompts=("prompt_id", "nunique"),
+            drop_method1=("drop_method1", "mean"),
+            drop_method2=("drop_method2", "mean"),
+        )
+        m = m.reset_index().drop(columns="index")
+        m.insert(0, "group", g)
+        frames.append(m)
+    out = pd.concat(frames, ignore_index=True)
+    out = out[["group", "n_prompts", "removed", "kind", "m_layer", "drop_method1", "drop_method2"]]
+    out.attrs["per_prompt"] = per
+    fig = _figure()
+    s = out[out["group"] == OVERALL]
+    fig.add_scatter(x=s["removed"], y=s["drop_method1"], mode="lines+markers", name="method 1 (Figure 11)")
+    fig.add_scatter(x=s["removed"], y=s["drop_method2"], mode="lines+markers", name="method 2 (Figure 12)")
+    fig.update_layout(
+        title="Appendix B (residual stream): drop of the attention subvalue's bs-value minus score when M is removed",
+        xaxis_title="removed vector M",
+        yaxis_title="minus before - minus after (logits)",
+    )
+    return out, fig
+
+
+# ----------------------------------------------------------------------------------------------
 # Loading a run folder and the offline HTML report
 # ----------------------------------------------------------------------------------------------
 
@@ -991,7 +1299,9 @@ def paper_numbers() -> dict[str, pd.DataFrame]:
     ``tl_residual/data/paper_numbers.json`` (each table there names its ``source``: paper and table).
 
     Keys: ``neuron_table3``, ``neuron_table5_12``, ``neuron_table7``, ``neuron_table8`` (neuron-level paper,
-    GPT2-large and Llama-7B) and ``residual_table1`` (residual-stream paper, GPT2-medium, nats).
+    GPT2-large and Llama-7B), ``residual_table1`` (residual-stream paper, nats), ``residual_table3`` and
+    ``residual_table4`` (its Appendix D, one sentence; columns are FFN layers); the residual-stream paper's model is
+    the 16-layer adaptive-input language model of Baevski & Auli (2018) (its section 2.1).
     """
     text = resources.files("tl_residual").joinpath("data").joinpath(PAPER_NUMBERS_FILE).read_text(encoding="utf-8")
     tables = {key: value for key, value in json.loads(text).items() if not key.startswith("_")}
@@ -1126,6 +1436,42 @@ def report_sections(results: Any, model: Any = None, max_prompts: int | None = N
             lambda: top10_share(model, data),
         )
         add(resid, "Figure 8: cross-layer scores of the last FFN layer", lambda: cross_layer_average(model, data))
+        roles: dict[str, pd.DataFrame] = {}  # Appendix D: one pass over the prompts for its three results
+
+        def role_table() -> pd.DataFrame:
+            if "df" not in roles:
+                roles["df"] = ffn_value_query_roles(model, data)
+            return roles["df"]
+
+        def by_layer(col: str) -> Any:
+            return lambda t: t.pivot(index="group", columns="layer", values=col).loc[_group_order(t["group"])]
+
+        add(
+            resid,
+            "Appendix D, Table 3: top-10 helpful / unhelpful FFN subvalues that are also top-20 queries of an upper "
+            "FFN layer (proportion per FFN layer)",
+            lambda: value_query_overlap(model, data, roles=role_table()),
+            "residual_table3",
+            shape=by_layer("proportion"),
+        )
+        add(
+            resid,
+            "Appendix D, Table 4: union of the top-5 subvalues activated by each lower FFN layer (share per FFN layer)",
+            lambda: query_union(model, data, roles=role_table()),
+            "residual_table4",
+            shape=by_layer("union_share"),
+        )
+        add(
+            resid,
+            "Appendix D, Figure 19: top-100 FFN subvalues working as value and as query, per layer",
+            lambda: value_query_layers(model, data, roles=role_table()),
+        )
+        add(
+            resid,
+            "Appendix B, Figures 11 / 12: drop of an attention subvalue's bs-value minus score when a layer-level "
+            "vector is removed (method 1: attention weights recomputed; method 2: fixed)",
+            lambda: bs_removal_average(model, data),
+        )
         visit = "VISIT (Katz & Belinkov)"
         add(
             visit,

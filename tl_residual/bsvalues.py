@@ -287,3 +287,125 @@ def bs_trajectory(
     units = {"bs": "logits", "prob": "probability", "rank": "rank"}[value]
     df.attrs.update(ids=ids, value=value, position=lens.position, convention=convention, units=units)
     return df
+
+
+def bs_removal(
+    model: Any,
+    cache: Any,
+    tokens: Any,
+    token_a: int | str,
+    token_b: int | str,
+    layer: int,
+    src_pos: int | None = None,
+    position: int = -1,
+    convention: Convention = "frozen",
+    batch: int = 0,
+) -> pd.DataFrame:
+    """How removing each layer-level vector from an attention subvalue's input changes its bs-value minus score
+    (residual-stream paper section 5.1 and Appendix B, Figures 11 and 12).
+
+    The attention subvalue of ``layer`` from source ``src_pos`` to destination ``position`` is the sum over heads
+    of ``pattern[h, position, src_pos] * (v[src_pos, kv(h)] @ W_O[h])`` (Eq. 7-8). Its input at the source is
+    ``Lin_layer[src_pos] = resid_pre``, the sum of the layer-level vectors ``M``: the layer-0 input (``embed``) and
+    ``L{j}.attn``, ``L{j}.mlp`` for ``j < layer`` (Eq. 2-4, :func:`~tl_residual.decompose.layer_outputs` at
+    ``src_pos``). For each ``M``, ``resid_pre[src_pos]`` is replaced by ``resid_pre[src_pos] - M`` (one batched
+    forward pass of the model, one row per ``M``, through a hook on ``blocks.{layer}.hook_resid_pre``; the norm is
+    recomputed) and the subvalue rebuilt:
+
+    * method 1: from the new attention weights and the new values (keys and values at ``src_pos`` change; the
+      query at ``position`` too when ``src_pos == position``);
+    * method 2: from the original attention weights ``pattern[h, position, src_pos]`` and the new values.
+
+    The score is ``minus = bs_a - bs_b`` of the subvalue (logits, under the lens of ``cache`` at ``position``);
+    ``drop = minus_before - minus_after`` is how much of the minus score ``M`` is responsible for.
+
+    Args:
+        tokens: ``Int[Tensor, "batch pos"]``, the tokens ``cache`` was computed on (row ``batch`` is used).
+        layer: the attention layer (the paper: layer 15, the last of its 16).
+        src_pos: the source position (the paper: 4, the token "France"); default: the source position whose
+            subvalue has the largest minus score.
+
+    Returns:
+        One row per ``M`` in stream order: ``index`` (0 = ``embed``, then ``L0.attn``, ``L0.mlp``, ...),
+        ``removed``, ``kind`` (``embed``/``attn``/``mlp``), ``layer`` (-1 for the embedding), ``minus_method1``,
+        ``minus_method2``, ``drop_method1``, ``drop_method2`` (logits). ``df.attrs``: ``minus_before``, ``layer``,
+        ``src_pos``, ``position`` and the tokens.
+
+    Raises:
+        InvalidInputError: bad tokens, layer, positions or convention.
+        UnsupportedArchitectureError: a norm after the attention output (its scale would have to be frozen).
+        TLResidualError: the unmodified row of the batched pass does not reproduce the cached subvalue (the
+            safety net).
+    """
+    from tl_residual.decompose import n_positions, pattern_and_values, resolve_layer, resolve_position
+    from tl_residual.errors import TLResidualError, UnsupportedArchitectureError
+
+    spec = tlm.model_spec(model)
+    if spec.post_attn_norm:
+        raise UnsupportedArchitectureError(
+            f"{spec.architecture}: a norm after the attention output; bs_removal would have to freeze its scale"
+        )
+    layer = resolve_layer(layer, spec.n_layers)
+    ids = token_ids(model, [token_a, token_b])
+    lens = Lens(model, cache, position, batch, convention)
+    dest = lens.position
+    w_o = tlm.W_O(model, layer).float()
+
+    def subvalues(pattern: Tensor, v: Tensor) -> Float[Tensor, "src d_model"]:
+        return torch.einsum("hs,shd,hdm->sm", pattern.float(), v.float(), w_o)
+
+    pattern0, v0 = pattern_and_values(model, cache, layer, dest, batch)
+    before = subvalues(pattern0, v0)  # [src, d_model], the cached subvalues of every source position
+    minus0 = _token_bs(lens, before, ids)
+    minus0 = minus0[:, 0] - minus0[:, 1]
+    if src_pos is None:
+        src_pos = int(torch.argmax(minus0))
+    elif not isinstance(src_pos, int) or isinstance(src_pos, bool) or not -(dest + 1) <= src_pos <= dest:
+        raise InvalidInputError(f"src_pos {src_pos!r} is out of range: sources of position {dest} are 0..{dest}")
+    src_pos = resolve_position(src_pos, dest + 1)
+    removed = [p for p in layer_outputs(model, cache, src_pos, batch) if p[1] < layer]
+    deltas = torch.stack([torch.zeros_like(removed[0][3])] + [p[3] for p in removed]).float()  # row 0: nothing
+    toks = torch.as_tensor(tokens)
+    toks = toks[batch : batch + 1] if toks.dim() == 2 else toks.reshape(1, -1)
+    if toks.shape[-1] != n_positions(cache):
+        raise InvalidInputError(f"tokens have {toks.shape[-1]} positions, the cache {n_positions(cache)}")
+    toks = toks.expand(len(deltas), -1)
+
+    def subtract(x: Tensor, hook: Any) -> Tensor:
+        x = x.clone()
+        x[:, src_pos, :] = x[:, src_pos, :] - deltas.to(x.device, x.dtype)
+        return x
+
+    wanted = {tlm.hook_name("pattern", layer), tlm.hook_name("v", layer), tlm.hook_name("resid_pre", 0)}
+    with torch.no_grad(), model.hooks(fwd_hooks=[(tlm.hook_name("resid_pre", layer), subtract)]):
+        _, runs = model.run_with_cache(toks, names_filter=lambda name: name in wanted)
+    new1, new2 = [], []
+    for i in range(len(deltas)):
+        pattern, v = pattern_and_values(model, runs, layer, dest, i)
+        new1.append(subvalues(pattern[:, src_pos : src_pos + 1], v[src_pos : src_pos + 1])[0])
+        new2.append(subvalues(pattern0[:, src_pos : src_pos + 1], v[src_pos : src_pos + 1])[0])
+    err = float((new1[0] - before[src_pos]).norm() / before[src_pos].norm().clamp_min(1e-12))
+    if not err <= 1e-3:
+        raise TLResidualError(
+            f"the unmodified batched pass misses the cached subvalue of layer {layer}, source {src_pos} by {err:.2e} "
+            "(relative); the removal scores would not be comparable"
+        )
+    bs1, bs2 = _token_bs(lens, torch.stack(new1), ids), _token_bs(lens, torch.stack(new2), ids)
+    m1, m2 = (bs1[:, 0] - bs1[:, 1]).double(), (bs2[:, 0] - bs2[:, 1]).double()
+    before_minus = float(minus0[src_pos])
+    df = pd.DataFrame(
+        {
+            "index": range(len(removed)),
+            "removed": [p[0] for p in removed],
+            "kind": [p[2] for p in removed],
+            "layer": [p[1] for p in removed],
+            "minus_method1": m1[1:].numpy(),
+            "minus_method2": m2[1:].numpy(),
+            "drop_method1": (before_minus - m1[1:]).numpy(),
+            "drop_method2": (before_minus - m2[1:]).numpy(),
+        }
+    )
+    df.attrs.update(
+        _minus_attrs(lens, ids), minus_before=before_minus, layer=layer, src_pos=src_pos, relative_error=err
+    )
+    return df

@@ -508,6 +508,29 @@ def query_neuron_scores(
 # ----------------------------------------------------------------------------------------------
 
 
+def ffn_layer_keys(
+    model: Any, cache: Any, layer: int, position: int, which: Input | None = None, batch: int = 0
+) -> tuple[Float[Tensor, "d_model d_mlp"], Float[Tensor, " d_mlp"], Input]:
+    """The folded keys of every FFN neuron of ``layer`` and their key biases, in float64:
+    ``(key, B, which)`` with ``part . key[:, k]`` the part's exact contribution to neuron ``k``'s input at
+    ``position`` (:func:`folded_key`, residual-stream paper Eq. 22-23) and ``B[k]`` the part no residual part writes
+    (:func:`key_bias`).
+
+    ``which`` (default): ``"pre"`` for GELU MLPs, ``"gate"`` for gated MLPs (the input of the activation function,
+    as :func:`cross_layer_scores` uses). Memory: ``d_model * d_mlp`` float64.
+
+    Raises:
+        InvalidInputError: ``which`` does not fit the MLP. MissingHookError: the cache lacks ``ln2.hook_scale``.
+    """
+    spec = tlm.model_spec(model)
+    if which is None:
+        which = "gate" if spec.gated_mlp else "pre"
+    w, b, _ = ffn_key(model, layer, torch.arange(spec.d_mlp), which)
+    _, norm = _read_norm(model, "ffn_neuron", layer)
+    key = folded_key(model, cache, norm, position, w, batch).double()
+    return key, key_bias(model, norm, w, b).double(), which
+
+
 def cross_layer_scores(
     ctx: ScoringContext, value_layers: Sequence[int] | None = None, which: Input | None = None
 ) -> pd.DataFrame:
@@ -545,20 +568,15 @@ def cross_layer_scores(
     model, cache, batch, pos = ctx.model, ctx.cache, ctx.batch, ctx.position
     spec = tlm.model_spec(model)
     layers = range(spec.n_layers) if value_layers is None else [resolve_layer(l, spec.n_layers) for l in value_layers]
-    if which is None:
-        which = "gate" if spec.gated_mlp else "pre"
     queries = layer_outputs(model, cache, pos, batch)
     scorer = get_scorer("log_prob_increase")
     rows, biases = [], {}
-    all_neurons = torch.arange(spec.d_mlp)
     for lv in layers:
         group, _ = ffn_parts(model, cache, lv, pos, batch)
         c = scorer(ctx, group, ctx.base_for(group)).double()
-        w, b, _ = ffn_key(model, lv, all_neurons, which)
-        _, norm = _read_norm(model, "ffn_neuron", lv)
-        key = folded_key(model, cache, norm, pos, w, batch).double()
+        key, bias, which = ffn_layer_keys(model, cache, lv, pos, which, batch)
         helpful, unhelpful = c > 0, c < 0
-        biases[lv] = float(key_bias(model, norm, w, b).double()[helpful | unhelpful].sum())
+        biases[lv] = float(bias[helpful | unhelpful].sum())
         for name, layer, kind, vec in queries:
             if layer > lv or (layer == lv and (kind == "mlp" or not spec.has_resid_mid)):
                 continue

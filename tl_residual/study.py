@@ -1326,8 +1326,10 @@ def _run_batch(
 
 # The papers' corpus analyses over a run (issue: "one call each"), defined in tl_residual.analyses.
 from tl_residual.analyses import (  # noqa: E402
+    bs_removal_average,
     cross_layer_average,
     ffn_subvalue_counts,
+    ffn_value_query_roles,
     head_ablation,
     layer_contributions,
     neuron_importance,
@@ -1336,6 +1338,7 @@ from tl_residual.analyses import (  # noqa: E402
     norm_filter,
     query_neuron_ablation,
     query_neuron_counts,
+    query_union,
     regularisation_neurons,
     segment_curves,
     shared_neuron_projections,
@@ -1347,6 +1350,8 @@ from tl_residual.analyses import (  # noqa: E402
     top_heads,
     top_layers,
     top_query_layers,
+    value_query_layers,
+    value_query_overlap,
     visit_intersections,
 )
 
@@ -1373,6 +1378,11 @@ __all__ = [
     "visit_intersections",
     "norm_filter",
     "regularisation_neurons",
+    "ffn_value_query_roles",
+    "value_query_overlap",
+    "query_union",
+    "value_query_layers",
+    "bs_removal_average",
     "DEFAULT_KINDS",
     "DEFAULT_TOP_K",
     "KINDS",
