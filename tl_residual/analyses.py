@@ -1236,6 +1236,7 @@ def bs_removal_average(
         tokens, cache = _run(model, row.prompt)
         logits = model_logits(model, cache, -1, 0).float()
         target = int(torch.argmax(logits)) if pd.isna(row.target_id) else int(row.target_id)
+        b: int | str
         if foil is None:
             b = int(torch.topk(logits, 2).indices[1 if int(torch.argmax(logits)) == target else 0])
         else:
