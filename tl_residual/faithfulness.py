@@ -47,14 +47,16 @@ from tl_residual import interventions as I
 from tl_residual import model as tlm
 from tl_residual._io import atomic_write, atomic_write_text
 from tl_residual.datasets import KNOWLEDGE_TYPES
-from tl_residual.decompose import PartGroup, ffn_neuron_groups, neuron_name
+from tl_residual.decompose import ffn_neuron_groups, neuron_name
 from tl_residual.errors import InvalidInputError
 from tl_residual.lens import Lens
 from tl_residual.scorers import (
     PAPER_METHODS,
     ScoringContext,
+    gather_parts,
     get_scorer,
     make_context,
+    part_index,
     score_attention_neurons,
     score_ffn_neurons,
 )
@@ -343,9 +345,7 @@ class FfnSelector:
         self.bases = [ctx.base_for(g) for g in self.groups]
         self.fast = ctx.lens.linear and ctx.lens.certifiable and bool(self.groups)
         self.primed = False
-        sizes = [len(g) for g in self.groups]
-        self.owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long))
-        self.local = torch.cat([torch.arange(n) for n in sizes]) if sizes else torch.zeros(0, dtype=torch.long)
+        self.owner, self.local = part_index(self.groups)
         n = int(self.owner.shape[0])
         self.exact = {name: torch.full((n,), float("nan"), dtype=torch.float64) for name in SHARED_METHODS}
         self.known = torch.zeros(n, dtype=torch.bool)
@@ -360,18 +360,8 @@ class FfnSelector:
         missing = idx[~self.known[idx]]
         if len(missing) == 0:
             return
-        own, loc = self.owner[missing], self.local[missing]
-        coefs, dirs, base_rows = [], [], []
-        for gi in own.unique().tolist():  # missing is sorted by group below
-            sel = own == gi
-            g, r = self.groups[gi], loc[sel]
-            coefs.append(g.coefficients[r.to(g.coefficients.device)])
-            dirs.append(g.directions[r.to(g.directions.device)])
-            base_rows.append(self.bases[gi].expand(int(sel.sum()), -1))
-        order = torch.cat([(own == gi).nonzero().squeeze(-1) for gi in own.unique().tolist()])
-        rows = missing[order]
-        group = PartGroup("mixed", None, torch.cat(coefs), torch.cat(dirs))
-        base = torch.cat(base_rows)
+        rows = missing
+        group, base = gather_parts(self.groups, self.bases, self.owner, self.local, rows)
         for s in range(0, len(rows), ctx.chunk_size):
             sl = slice(s, s + ctx.chunk_size)
             bl = ctx.base_logits(base[sl])

@@ -100,6 +100,16 @@ class Lens:
         """The final soft-capping ``c * tanh(z / c)`` (identity without soft-capping), logits."""
         return self.softcap * torch.tanh(z / self.softcap) if self.softcap else z
 
+    def _centred(self, v: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        """The first step of the ``frozen`` linear map: ``v`` centred for LayerNorm (as is for RMSNorm).
+
+        Raises:
+            InvalidInputError: for ``"recomputed"``, which is not linear.
+        """
+        if self.convention == "recomputed":
+            raise InvalidInputError("the 'recomputed' lens is not linear; use logits() on whole vectors")
+        return v - v.mean(dim=-1, keepdim=True) if self.center else v
+
     def transform(self, v: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         """The linear map applied before ``W_U`` (``frozen``: centre for LayerNorm, times gamma / scale).
 
@@ -108,11 +118,7 @@ class Lens:
         """
         if self.convention == "none":
             return v
-        if self.convention == "recomputed":
-            raise InvalidInputError("the 'recomputed' lens is not linear; use logits() on whole vectors")
-        if self.center:
-            v = v - v.mean(dim=-1, keepdim=True)
-        return v * (self.gamma / self.scale)
+        return self._centred(v) * (self.gamma / self.scale)
 
     @property
     def prompt_factor(self) -> float:
@@ -133,11 +139,7 @@ class Lens:
         """
         if self.convention == "none":
             return v
-        if self.convention == "recomputed":
-            raise InvalidInputError("the 'recomputed' lens is not linear; use logits() on whole vectors")
-        if self.center:
-            v = v - v.mean(dim=-1, keepdim=True)
-        return v * self.gamma
+        return self._centred(v) * self.gamma
 
     def transform_transpose(self, g: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         """Adjoint of :meth:`transform`: ``transform(v) . g == v . transform_transpose(g)``."""

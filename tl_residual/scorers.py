@@ -536,10 +536,11 @@ class ProjectionCache:
     def __init__(self) -> None:
         self._memo: dict[tuple[Any, bytes], tuple[Tensor, Tensor]] = {}
 
-    def get(self, key: tuple[Any, bytes], directions: Tensor) -> Tensor | None:
-        """The projections stored under ``key`` (:func:`_tensor_key` of ``directions``, base key), if any."""
+    def get(self, key: tuple[Any, bytes]) -> Tensor | None:
+        """The projections stored under ``key`` (:func:`_tensor_key` of the directions, base key), if any (the key
+        identifies the directions: they are kept alive, so it cannot be reused)."""
         hit = self._memo.get(key)
-        return hit[1] if hit is not None and _tensor_key(hit[0]) == _tensor_key(directions) else None
+        return None if hit is None else hit[1]
 
     def put(self, key: tuple[Any, bytes], directions: Tensor, proj: Tensor) -> None:
         """Store ``proj``, keeping ``directions`` alive so that its memory cannot be reused."""
@@ -555,7 +556,7 @@ def _direction_projections(
     """``directions @ probes(base)`` in float64 (linear lens), in blocks of :data:`BOUND_ROWS` rows; memoised in
     ``cache`` when given."""
     key = (_tensor_key(directions), ctx._keys(base[None])[0])
-    if cache is not None and (hit := cache.get(key, directions)) is not None:
+    if cache is not None and (hit := cache.get(key)) is not None:
         return hit
     probes = ctx.base_probes(base).probes.to(directions.device)
     proj = map_chunks(lambda rows: directions[rows].double() @ probes, len(directions), BOUND_ROWS)
@@ -623,7 +624,7 @@ def project_bounds(
             x0 = bound.base(ctx, ctx.base_for(g))
             bkey = ctx._keys(x0[None])[0]
             dkey = _tensor_key(g.directions)
-            if ctx.projections.get((dkey, bkey), g.directions) is not None:
+            if ctx.projections.get((dkey, bkey)) is not None:
                 continue
             todo.setdefault(dkey, (g.directions, {}))[1][(id(ctx), bkey)] = (ctx, x0, bkey)
     for dkey, (directions, items) in todo.items():
@@ -740,6 +741,12 @@ class DirectionLogits:
         return out
 
 
+def _uses_direction_logits(ctx: ScoringContext, scorer: Scorer) -> bool:
+    """Whether ``scorer``'s exact scores at ``ctx`` go through the shared :class:`DirectionLogits`: the
+    log-probability increase under a linear lens with certified bounds."""
+    return scorer.fn is _log_prob_increase and ctx.lens.linear and ctx.lens.certifiable
+
+
 def prefetch_direction_logits(
     ctxs: Sequence[ScoringContext],
     groups: Sequence[Sequence[PartGroup]],
@@ -756,15 +763,14 @@ def prefetch_direction_logits(
     todo: dict[int, tuple[DirectionLogits, Lens, list[tuple[Tensor, list[int]]]]] = {}
     for ctx, gs in zip(ctxs, groups):
         shared = ctx.direction_logits
-        if shared is None or scorer.fn is not _log_prob_increase or not ctx.lens.linear or not ctx.lens.certifiable:
+        if shared is None or not _uses_direction_logits(ctx, scorer):
             continue
         gs = [g for g in gs if len(g) and g.kind in SHARED_DIRECTION_KINDS]
         if not gs or scorer.bound is None:
             continue
         bounds = torch.cat(_bounds(ctx, gs, [ctx.base_for(g) for g in gs], scorer))
         top = torch.topk(bounds, min(len(bounds), math.ceil(margin * top_k))).indices
-        owner = torch.cat([torch.full((len(g),), gi, dtype=torch.long) for gi, g in enumerate(gs)])
-        local = torch.cat([torch.arange(len(g)) for g in gs])
+        owner, local = part_index(gs)
         reqs = todo.setdefault(id(shared), (shared, ctx.lens, []))[2]
         for gi in owner[top].unique().tolist():
             reqs.append((gs[gi].directions, local[top[owner[top] == gi]].tolist()))
@@ -795,7 +801,7 @@ def _shared_log_prob_increase(
         out[sel] = shared.log_prob_increase(slots, coef, ctx.base_logits(bases[gi]), ctx.target)
     if rest:
         sel = torch.cat(rest)
-        out[sel] = _log_prob_increase(ctx, *_gather(groups, bases, owner, local, idx[sel])).double().cpu()
+        out[sel] = _log_prob_increase(ctx, *gather_parts(groups, bases, owner, local, idx[sel])).double().cpu()
     if not bool(torch.isfinite(out).all()):
         raise InvalidInputError(f"{int((~torch.isfinite(out)).sum())} non-finite log-probability increases")
     return out
@@ -1012,7 +1018,16 @@ def _bounds(ctx: ScoringContext, groups: list[PartGroup], bases: list[Tensor], s
     return [bound(ctx, g, b).double().cpu() for g, b in zip(groups, bases)]
 
 
-def _gather(
+def part_index(groups: Sequence[PartGroup]) -> tuple[Int[Tensor, " n"], Int[Tensor, " n"]]:
+    """For the parts of ``groups`` numbered consecutively (group by group): each part's group index (``owner``)
+    and its row in that group (``local``)."""
+    sizes = torch.tensor([len(g) for g in groups], dtype=torch.long)
+    owner = torch.repeat_interleave(torch.arange(len(groups)), sizes)
+    local = torch.cat([torch.arange(len(g)) for g in groups]) if groups else torch.zeros(0, dtype=torch.long)
+    return owner, local
+
+
+def gather_parts(
     groups: list[PartGroup], bases: list[Tensor], owner: Tensor, local: Tensor, idx: Tensor
 ) -> tuple[PartGroup, Tensor]:
     """The parts ``idx`` (of many groups) as one group, in ``idx`` order, and one base row per part."""
@@ -1040,17 +1055,16 @@ def _pruned(
     bases = [ctx.base_for(g) for g in groups]
     ctx.prime(torch.stack(bases + [torch.zeros_like(bases[0])]))  # one matmul for every distinct base
     all_bounds = torch.cat(_bounds(ctx, groups, bases, scorer))
-    owner = torch.cat([torch.full((len(g),), gi, dtype=torch.long) for gi, g in enumerate(groups)])
-    local = torch.cat([torch.arange(len(g)) for g in groups])
+    owner, local = part_index(groups)
     k = min(top_k, int(all_bounds.shape[0]))  # never allocate for more rows than there are candidates
 
-    shared = ctx.direction_logits is not None and scorer.fn is _log_prob_increase and ctx.lens.linear
+    shared = ctx.direction_logits is not None and _uses_direction_logits(ctx, scorer)
 
     def exact(idx: Tensor) -> Tensor:
         if shared:  # neuron directions' vocabulary projections shared with the other prompts of the batch
             return _shared_log_prob_increase(ctx, groups, bases, owner, local, idx)
         # Parts of many layers in one call: one base per part, one matmul against W_U per chunk.
-        return scorer(ctx, *_gather(groups, bases, owner, local, idx)).double().cpu()
+        return scorer(ctx, *gather_parts(groups, bases, owner, local, idx)).double().cpu()
 
     result = certified_top_k(all_bounds, exact, k, chunk_size=ctx.chunk_size)
     frames = []
@@ -1061,7 +1075,7 @@ def _pruned(
     if n_top_tokens > 0 and len(result.indices):
         # every row's logit-lens tokens from one matmul against W_U
         row_names = [groups[int(owner[i])].names[int(local[i])] for i in result.indices]
-        vectors = _gather(groups, bases, owner, local, result.indices)[0].vectors
+        vectors = gather_parts(groups, bases, owner, local, result.indices)[0].vectors
         ids = torch.topk(ctx.lens.logits(vectors), n_top_tokens, dim=-1).indices.tolist()
         by_name = {n: [ctx.lens.token_str(t) for t in row] for n, row in zip(row_names, ids)}
         df["top_tokens"] = [by_name[n] for n in df["name"]]
