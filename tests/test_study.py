@@ -87,6 +87,29 @@ FAST = {
 }
 
 
+def _fast_cli_args(data: Path, model_dir: str, kinds: tuple[str, ...], batch_size: int) -> list[str]:
+    """The ``tl-residual study`` options that give the run of ``st.run(..., kinds=kinds, **FAST)`` at that batch
+    size."""
+    top_k = ",".join(f"{k}={'all' if v is None else v}" for k, v in FAST["top_k"].items())
+    return [
+        "--data",
+        str(data),
+        "--model",
+        model_dir,
+        "--target-column",
+        FAST["target_column"],
+        "--group-column",
+        FAST["group_column"],
+        "--batch-size",
+        str(batch_size),
+        "--kinds",
+        ",".join(kinds),
+        "--top-k",
+        top_k,
+        "--quiet",
+    ]
+
+
 def assert_same_results(a: st.StudyResults, b: st.StudyResults, tol: float = 1e-5) -> None:
     """Equal tables, up to float noise; parts whose scores tie (within ``tol``) at the top-k cut may differ."""
     pd.testing.assert_frame_equal(
@@ -489,25 +512,7 @@ def test_cli_killed_run_resumes_to_the_same_results(model, model_dir, tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     kinds = ("layer", "ffn_neuron", "attn_subvalue", "query")
     st.run(model, data, tmp_path / "full", kinds=kinds, **{**FAST, "batch_size": 1})  # uninterrupted, in process
-    args = [
-        "--data",
-        str(data),
-        "--model",
-        model_dir,
-        "--target-column",
-        "target",
-        "--group-column",
-        "kind",
-        "--batch-size",
-        "1",
-        "--kinds",
-        ",".join(kinds),
-        "--top-k",
-        "ffn_neuron=10,attn_neuron=10,attn_subvalue=5,head=all",
-        "--quiet",
-        "--out",
-        str(tmp_path / "cut"),
-    ]
+    args = [*_fast_cli_args(data, model_dir, kinds, batch_size=1), "--out", str(tmp_path / "cut")]
     proc = subprocess.Popen(_cli(*args), env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     prompts_dir = tmp_path / "cut" / "prompts"
     deadline = time.time() + 120
@@ -535,23 +540,7 @@ def test_two_processes_equal_one(model, model_dir, data_file, tmp_path):
         pytest.skip("accelerate is not installed next to this Python")
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     st.run(model, data_file, tmp_path / "one", kinds=("layer", "stream", "ffn_neuron", "attn_neuron"), **FAST)
-    args = [
-        "--data",
-        str(data_file),
-        "--model",
-        model_dir,
-        "--target-column",
-        "target",
-        "--group-column",
-        "kind",
-        "--batch-size",
-        "4",
-        "--kinds",
-        "layer,stream,ffn_neuron,attn_neuron",
-        "--top-k",
-        "ffn_neuron=10,attn_neuron=10,attn_subvalue=5,head=all",
-        "--quiet",
-    ]
+    args = _fast_cli_args(data_file, model_dir, ("layer", "stream", "ffn_neuron", "attn_neuron"), batch_size=4)
     two = subprocess.run(
         [
             accelerate,
