@@ -250,3 +250,11 @@ def test_run_benchmark_selections_equal_reference(tiny_cached, rank_cap, tmp_pat
     assert back.selections == res.selections
     pd.testing.assert_frame_equal(back.frame(), res.frame(), check_dtype=False)
     assert back.info == res.info and (tmp_path / "faith.md").exists()
+
+
+def test_read_names_the_missing_files(tmp_path):
+    from tl_residual import faithfulness as F
+
+    (tmp_path / "run.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(InvalidInputError, match=r"run\.records\.parquet.*run\.selections\.parquet"):
+        F.read(str(tmp_path / "run"))
