@@ -1,31 +1,32 @@
 """Every corpus analysis of tl_residual.analyses on SmolLM2-135M-Instruct over the shipped factual prompts.
 
-Three steps, each resumable (the studies are the dataset runner's folders, outside the repository):
+The studies are the dataset runner's folders under ``--runs`` (outside the repository; each resumable):
 
-1. the main study (:func:`tl_residual.study.run`) of the 442 built-in prompts with the neuron-level paper's filter
-   (``filter="paper"``): layer scores, the residual stream, every head, the certified top-300 FFN neurons, top-200
-   attention neurons and top-20 subvalues per prompt (log-probability increase);
-2. a query study on a seeded sample of ``--query-per-group`` of the main study's scored prompts per knowledge type:
-   the top-300 FFN neurons by the three scorers of the neuron-level paper's Figure 2 and, for the top-100 FFN value
-   neurons, their top-20 query parts (kind ``query``: about 10 s of CPU per prompt, too slow for every prompt here);
-3. the analyses: those over the run's tables on every scored prompt (query-based ones on the sample), those that
-   need the model on every scored prompt where cheap, on a stated per-type sample where each prompt costs a dense
-   scoring of every FFN neuron (``--model-per-group``).
+1. ``main/``: every one of the 442 built-in prompts with the neuron-level paper's filter (``filter="paper"``):
+   layer scores, the residual stream, every head, the certified top-300 FFN neurons, top-200 attention neurons and
+   top-20 subvalues per prompt (log-probability increase);
+2. ``fig2/``: the same prompts, the top-100 FFN neurons by the three scorers of the neuron-level paper's Figure 2;
+3. ``query/``: a seeded sample of ``--query-per-group`` filtered prompts per knowledge type, kind ``query`` for the
+   top-100 FFN and top-200 attention value neurons (:data:`QUERY_OPTIONS`; the exact query totals and layer sums);
+4. ``ffn_all/``: the dense sample (``--model-per-group`` per type), every FFN neuron's score (Figure 6).
+
+Then the analyses: those over the studies' tables on every scored prompt (the query ones on the query sample), those
+that need the model on every scored prompt where cheap, on a stated per-type sample where each prompt costs a dense
+scoring of every FFN neuron (``--model-per-group``) or many forward passes (``--visit-per-group``).
 
 Writes ``benchmarks/results/analyses_smollm2.md`` (every table, the papers' numbers beside them, the prompt counts,
 the seconds per analysis) and one CSV per analysis under ``benchmarks/results/analyses_smollm2/`` (small files; the
-study folders themselves stay outside the repository). ``tl-residual study-report STUDY_DIR --html report.html
---model smollm2-135m`` draws the same results with their figures.
+study folders themselves stay outside the repository). ``tl-residual study-report RUNS/main --html report.html
+--model smollm2-135m`` draws the main study's results with their figures.
 
-Reproduce (the whole: about an hour of CPU time on this project's 2-core machine)::
+Reproduce (the whole: about an hour and a half of CPU time on this project's 2-core machine)::
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/analyses_smollm2.py --study-dir /tmp/smollm2-study \\
-        --query-dir /tmp/smollm2-query
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/analyses_smollm2.py --runs /tmp/smollm2-runs
 
-or in parts that may run side by side (``--part dense``, ``--part model``, ``--part query``, then ``--part rest``;
-``--no-run`` takes the studies as committed so far, ``--only KEY,...`` recomputes some analyses, ``--render-only``
-rewrites the markdown from the result files). The committed results were computed so, under a stated subset: see
-the header of ``benchmarks/results/analyses_smollm2.md`` and docs/analyses.md.
+or in parts: ``--part studies`` first, then ``--part dense``, ``--part model``, ``--part query`` and ``--part rest``
+side by side (``--no-run`` takes the studies as committed so far, ``--only KEY,...`` recomputes some analyses,
+``--render-only`` rewrites the markdown from the result files). The header of
+``benchmarks/results/analyses_smollm2.md`` names the prompts of every analysis.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ from tl_residual.model import load_model
 HERE = os.path.dirname(os.path.abspath(__file__))
 #: Analyses that need only the model and the filtered prompts (no study).
 MODEL_ONLY = {"neuron_f3", "resid_b", "visit_int", "visit_norm"}
+#: Analyses of the query study (on its sample).
+QUERY = {"neuron_t6", "neuron_t14", "neuron_t7", "neuron_t8", "neuron_t9", "neuron_f4"}
 MAIN_TOP_K = {"ffn_neuron": 300, "attn_neuron": 200, "attn_subvalue": 20, "head": None}
 
 
@@ -95,66 +98,77 @@ def filtered_sample(model: Any, n: int) -> pd.DataFrame:
 def view(res: Any, ids: Any, **tables: pd.DataFrame) -> SimpleNamespace:
     """The run's tables restricted to the prompts ``ids`` (``tables`` replace some of them)."""
     keep = set(int(i) for i in ids)
-    out = {}
-    for name in ("parts", "layers", "stream", "query", "prompts"):
+    out: dict[str, Any] = {}
+    for name in study.TABLES:
         df = tables.get(name, getattr(res, name))
         out[name] = df[df["prompt_id"].isin(keep)] if len(df) else df
-    return SimpleNamespace(**out, manifest=res.manifest)
+    return SimpleNamespace(**out, manifest=tables.get("manifest", res.manifest))
 
 
-def query_study(model: Any, a: argparse.Namespace) -> tuple[Any, pd.DataFrame]:
-    """The query study on ``--query-per-group`` filtered prompts per type (:func:`filtered_sample`; needs no main
-    study), and that sample (its ``prompt_id`` are the main study's)."""
-    sample = filtered_sample(model, a.query_per_group)
+def sample_study(model: Any, sample: pd.DataFrame, directory: str, no_run: bool, **options: Any) -> SimpleNamespace:
+    """A study of the prompts ``sample`` (:func:`per_group_sample`; their ``prompt_id`` are the main study's) into
+    ``directory`` (created or resumed; ``no_run``: as committed so far), its tables in the main study's prompt ids."""
     answers = load_factual_prompts()["answer"]
     data = pd.DataFrame(
         {"prompt": sample["prompt"], "answer": answers[sample["prompt_id"]].to_numpy(), "type": sample["group"]}
     )
-    if a.no_run:
-        return study.load(a.query_dir), sample
-    study.run(
-        model,
-        data,
-        a.query_dir,
-        target_column="answer",
-        group_column="type",
-        methods=A.FIGURE2_METHODS,
-        kinds=("ffn_neuron", "query"),
-        top_k={"ffn_neuron": 300},
-        query_values=100,
-        query_top_k=20,
-        batch_size=16,
-        model_name="smollm2-135m",
+    if not no_run:
+        study.run(
+            model,
+            data,
+            directory,
+            target_column="answer",
+            group_column="type",
+            batch_size=16,
+            model_name="smollm2-135m",
+            **options,
+        )
+    res = study.load(directory)
+    to_main = dict(enumerate(sample["prompt_id"]))  # a sample study's prompt ids are row numbers of its data
+    tables = {}
+    for name in study.TABLES:
+        df = getattr(res, name)
+        tables[name] = df.assign(prompt_id=df["prompt_id"].map(to_main)) if len(df) else df
+    return SimpleNamespace(**tables, manifest=res.manifest)
+
+
+def main_study(model: Any, a: argparse.Namespace, which: str) -> Any:
+    """The main study (``which="main"``) or the Figure 2 study (``"fig2"``) of every shipped prompt the
+    neuron-level paper's filter keeps (same prompt ids: row numbers of the built-in data)."""
+    options = (
+        {"top_k": MAIN_TOP_K}
+        if which == "main"
+        else {"kinds": ("ffn_neuron",), "methods": A.FIGURE2_METHODS, "top_k": {"ffn_neuron": 100}}
     )
-    return study.load(a.query_dir), sample
-
-
-def run_studies(model: Any, a: argparse.Namespace) -> tuple[Any, SimpleNamespace, SimpleNamespace]:
-    """The main study, the query study, and two views of the main study on the query sample: with the query rows,
-    and with the query study's FFN neurons of the three Figure 2 scorers (both in the main study's prompt ids)."""
+    directory = os.path.join(a.runs, which)
     if not a.no_run:
         study.run(
             model,
             study.BUILTIN_FACTUAL,
-            a.study_dir,
+            directory,
             filter="paper",
-            top_k=MAIN_TOP_K,
             batch_size=16,
             model_name="smollm2-135m",
+            **options,
         )
-    res = study.load(a.study_dir)  # with --no-run: the batches committed so far
-    q, sample = query_study(model, a)
-    to_main = dict(enumerate(sample["prompt_id"]))  # the query study's prompt ids are row numbers of its data
-    query = q.query.assign(prompt_id=q.query["prompt_id"].map(to_main))
-    fig2 = q.parts.assign(prompt_id=q.parts["prompt_id"].map(to_main))
-    return res, view(res, sample["prompt_id"], query=query), view(res, sample["prompt_id"], parts=fig2)
+    return study.load(directory)
+
+
+#: The query study's options: the neuron-level paper's top-100 FFN and top-200 attention value neurons (Tables 6,
+#: 14), the top-1000 query parts per kind (Table 7, Figure 4, Table 8).
+QUERY_OPTIONS: dict[str, Any] = {
+    "kinds": ("query",),
+    "query_values": 100,
+    "query_attn_values": 200,
+    "query_top_k": 20,
+    "query_totals_k": 1000,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--study-dir", required=True, help="the main study folder (created or resumed)")
-    p.add_argument("--query-dir", required=True, help="the query study folder (created or resumed)")
-    p.add_argument("--query-per-group", type=int, default=4)
+    p.add_argument("--runs", required=True, help="folder of the studies (main/, fig2/, ffn_all/, query/; resumed)")
+    p.add_argument("--query-per-group", type=int, default=8, help="prompts per type for the query study")
     p.add_argument("--model-per-group", type=int, default=1, help="prompts per type for the dense FFN analyses")
     p.add_argument("--visit-per-group", type=int, default=4, help="prompts per type for VISIT and Appendix B")
     p.add_argument("--out", default=os.path.join(HERE, "results", "analyses_smollm2"))
@@ -167,30 +181,43 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=None, help="comma-separated analysis keys to (re)compute")
     p.add_argument(
         "--part",
-        choices=("all", "dense", "model", "query", "rest"),
+        choices=("all", "studies", "dense", "model", "query", "rest"),
         default="all",
-        help="dense: only the analyses on the dense sample; model: the other analyses that need only the model and "
-        "the filter; query: only the query study; rest: the studies and the analyses of their tables; the parts may "
-        "run side by side",
+        help="studies: only the main and Figure 2 studies; dense: the analyses that score every FFN neuron (on the "
+        "dense sample); model: the other analyses that need only the model and the filter; query: the query study "
+        "and its analyses; rest: the analyses of the main and Figure 2 studies' tables; the parts may run side by "
+        "side once the studies are done",
     )
     a = p.parse_args(argv)
     t_start = time.perf_counter()
     if a.render_only:
-        return render(a, study.load(a.study_dir), t_start, argv)
+        return render(a, study.load(os.path.join(a.runs, "main")), t_start, argv)
     model = load_model("smollm2-135m")
-    if a.part == "query":
-        query_study(model, a)
-        return 0
+    if a.part in ("all", "studies"):
+        for which in ("main", "fig2"):
+            main_study(model, a, which)
+        if a.part == "studies":
+            return 0
     kept = filtered_sample(model, 10**9)  # every prompt the filter keeps, in the main study's prompt ids
     dense = per_group_sample(kept, a.model_per_group)
     visit = per_group_sample(kept, a.visit_per_group)
-    if a.part in ("dense", "model"):
-        res = qview = fig2view = SimpleNamespace(prompts=kept)
-    else:
-        res, qview, fig2view = run_studies(model, a)
+    qsample = per_group_sample(kept, a.query_per_group)
+    no_study = SimpleNamespace(prompts=kept.assign(status="ok"))
+    res = fig2 = qview = ffn_all = no_study
+    if a.part in ("all", "rest", "query"):
+        a_no_run, a.no_run = a.no_run, True  # the main studies were completed above or by --part studies
+        res, fig2 = main_study(model, a, "main"), main_study(model, a, "fig2")
+        a.no_run = a_no_run
+    if a.part in ("all", "query"):
+        q = sample_study(model, qsample, os.path.join(a.runs, "query"), a.no_run, **QUERY_OPTIONS)
+        qview = view(res, qsample["prompt_id"], **{t: getattr(q, t) for t in study.TABLES if t.startswith("query")})
+    if a.part in ("all", "dense"):
+        ffn_all = sample_study(
+            model, dense, os.path.join(a.runs, "ffn_all"), a.no_run, kinds=("ffn_neuron",), top_k={"ffn_neuron": None}
+        )
     ok = res.prompts[res.prompts["status"] == "ok"]
     every_third = list(range(0, 30, 3)) + [29]
-    n_all, n_q, n_dense, n_visit = len(ok), len(qview.prompts), len(dense), len(visit)
+    n_all, n_q, n_dense, n_visit = len(ok), len(qsample), len(dense), len(visit)
     why_dense = (
         f"{n_dense} prompts ({a.model_per_group} per type): each scores every FFN neuron of every layer "
         "(30 x 1536 vocabulary projections, about 50 s of CPU per prompt and analysis here)"
@@ -254,6 +281,25 @@ def main(argv: list[str] | None = None) -> int:
             lambda t: A._wide(t, "label"),
         ),
         (
+            "neuron_t14",
+            "N",
+            "Table 14: top-10 query layers of the top-200 attention value neurons",
+            f"sample {n_q}",
+            lambda: A.top_query_layers(qview, "attn_neuron"),
+            None,
+            lambda t: A._wide(t, "label"),
+        ),
+        (
+            "neuron_t7",
+            "N",
+            "Table 7: zeroing each prompt's top-1000 query FFN neurons of the attention value neurons, against 1000 "
+            "random FFN neurons (MRR / probability decrease %)",
+            f"sample {n_q}",
+            lambda: A.query_neuron_ablation(model, qview, k=1000),
+            "neuron_table7",
+            None,
+        ),
+        (
             "neuron_t8",
             "N",
             "Table 8: shared value / query neurons (top-300 in > 50% of a type's prompts)",
@@ -277,8 +323,8 @@ def main(argv: list[str] | None = None) -> int:
             "neuron_f2",
             "N",
             "Figures 2 / 5: share of the top-10 FFN neurons per layer, by method (layers 20-29)",
-            f"sample {n_q}",
-            lambda: A.neuron_layer_distribution(fig2view),
+            f"all {n_all}",
+            lambda: A.neuron_layer_distribution(fig2),
             None,
             lambda t: t[(t.group == "all") & (t.layer >= 20)].pivot(index="method", columns="layer", values="share"),
         ),
@@ -344,6 +390,15 @@ def main(argv: list[str] | None = None) -> int:
             lambda: A.stream_log_prob(res),
             None,
             lambda t: t[(t.group == "all") & (t["index"] % 6 == 0)][["stream", "log_prob", "prob"]],
+        ),
+        (
+            "resid_f6",
+            "R",
+            "Figure 6: helpful / unhelpful FFN subvalues per layer (mean per prompt; every third layer and the last)",
+            why_dense,
+            lambda: A.ffn_subvalue_counts(ffn_all),
+            None,
+            lambda t: t[(t.group == "all") & t.layer.isin(every_third)].drop(columns=["group"]),
         ),
         (
             "resid_f7",
@@ -450,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, _, title, n, fn, _, shape in items:
         if only is not None and key not in only:
             continue
-        part = "dense" if n == why_dense else ("model" if key in MODEL_ONLY else "rest")
+        part = "dense" if n == why_dense else "model" if key in MODEL_ONLY else "query" if key in QUERY else "rest"
         if a.part != "all" and part != a.part:
             continue
         t0 = time.perf_counter()
@@ -474,8 +529,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             json.dump(entry, f, indent=1)
         os.replace(path + ".tmp", path)
-    if a.part in ("dense", "model"):
-        return 0  # the markdown is written by a run with the studies
+    if a.part in ("dense", "model", "query"):
+        return 0  # the markdown is written by --part rest, all or --render-only
     return render(a, res, t_start, argv)
 
 
@@ -486,6 +541,8 @@ ORDER: list[tuple[str, str, str | None]] = [
     ("neuron_t10", "N", None),
     ("neuron_t5_12", "N", "neuron_table5_12"),
     ("neuron_t6", "N", None),
+    ("neuron_t14", "N", None),
+    ("neuron_t7", "N", "neuron_table7"),
     ("neuron_t8", "N", "neuron_table8"),
     ("neuron_t9", "N", None),
     ("neuron_f2", "N", None),
@@ -495,6 +552,7 @@ ORDER: list[tuple[str, str, str | None]] = [
     ("resid_t1", "R", "residual_table1"),
     ("resid_f3", "R", None),
     ("resid_f5", "R", None),
+    ("resid_f6", "R", None),
     ("resid_f7", "R", None),
     ("resid_f8", "R", None),
     ("resid_d_t3", "R", "residual_table3"),
