@@ -825,6 +825,54 @@ def _lpi(ctx: Any, base: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
     return log_prob_increase(ctx.lens, base, vectors, ctx.target)
 
 
+#: Tolerance of the spot check of stored FFN scores (:class:`_FfnScores`): float32 scores of the same quantity.
+_STORED_RTOL, _STORED_ATOL = 1e-3, 1e-4
+
+
+class _FfnScores:
+    """Every FFN neuron's log-probability increase on ``resid_mid`` (``C(k)``, nats) per prompt and layer: read from
+    ``data`` when it is a study that stored every FFN neuron (``top_k`` ``all`` for kind ``ffn_neuron``, method
+    ``log_prob_increase``; :func:`tl_residual.study.run` with ``top_k={"ffn_neuron": None}``), else computed (one
+    full-vocabulary projection per neuron: the dense cost of the residual-stream analyses).
+
+    Stored scores are spot-checked against a fresh computation (the best and the worst neuron of each layer) and a
+    mismatch (another target, convention or prompt) raises :class:`InvalidInputError`, as does a layer with
+    missing neurons."""
+
+    def __init__(self, data: Any) -> None:
+        self.stored: dict[tuple[int, int], pd.DataFrame] | None = None
+        parts = getattr(data, "parts", None)
+        if isinstance(parts, pd.DataFrame) and len(parts) and _stored_all(data):
+            p = parts[(parts["kind"] == "ffn_neuron") & (parts["method"] == "log_prob_increase")]
+            if len(p):
+                self.stored = {
+                    (int(pid), int(layer)): g[["neuron", "score"]]
+                    for (pid, layer), g in p.groupby(["prompt_id", "layer"], sort=False)
+                }
+
+    def __call__(self, row: Any, ctx: Any, layer: int, group: Any, base: torch.Tensor) -> torch.Tensor:
+        """``C(k)`` of every neuron of ``layer`` (``group``: its subvalues; ``base``: the residual they join)."""
+        if self.stored is None:
+            return _lpi(ctx, base, group.vectors.float())
+        g = self.stored.get((int(row.prompt_id), int(layer)))
+        n = group.vectors.shape[0]
+        if g is None or len(g) != n:
+            raise InvalidInputError(
+                f"the study stored {0 if g is None else len(g)} of the {n} FFN neurons of layer {layer} for prompt "
+                f"{row.prompt_id}; rerun it with top_k={{'ffn_neuron': None}} (--top-k ffn_neuron=all)"
+            )
+        c = torch.full((n,), float("nan"), dtype=torch.float64)
+        c[torch.tensor(g["neuron"].to_numpy(dtype="int64"))] = torch.tensor(g["score"].to_numpy(dtype="float64"))
+        idx = torch.stack([c.argmax(), c.argmin()])
+        fresh = _lpi(ctx, base, group.vectors[idx].float()).double()
+        if torch.isnan(c).any() or not torch.allclose(fresh, c[idx], rtol=_STORED_RTOL, atol=_STORED_ATOL):
+            raise InvalidInputError(
+                f"the study's stored FFN scores of prompt {row.prompt_id}, layer {layer} do not match a fresh "
+                f"computation ({c[idx].tolist()} stored, {fresh.tolist()} now): another target, convention or prompt"
+            )
+        return c.float()
+
+
 #: Residual-stream paper Table 1: the paper's selection rules and the registry scorer that implements each.
 TABLE1_METHODS: dict[str, str] = {
     "Imp (log-prob increase)": "log_prob_increase",
@@ -834,18 +882,22 @@ TABLE1_METHODS: dict[str, str] = {
 }
 
 
-def _ffn_layers(model: Any, data: Any, layers: Sequence[int] | None) -> Iterator[tuple[Any, Any, int, Any, Any]]:
+def _ffn_layers(
+    model: Any, data: Any, layers: Sequence[int] | None
+) -> Iterator[tuple[Any, Any, int, Any, Any, torch.Tensor]]:
     """For each prompt of ``data`` (:func:`prompt_table`) and each FFN layer of ``layers`` (default: all), in that
-    order: ``(row, ctx, layer, group, base)``, the prompt's scoring context and the layer's FFN subvalues with the
-    residual they are added to (:func:`_ffn_layer_groups`). One prompt's forward pass at a time."""
+    order: ``(row, ctx, layer, group, base, c)``, the prompt's scoring context, the layer's FFN subvalues with the
+    residual they are added to (:func:`_ffn_layer_groups`) and their log-probability increases (:class:`_FfnScores`:
+    stored in ``data`` or computed). One prompt's forward pass at a time."""
     from tl_residual import model as tlm
 
     layer_list = list(range(tlm.model_spec(model).n_layers)) if layers is None else list(layers)
+    scores = _FfnScores(data)
     for row in prompt_table(data).itertuples():
         ctx = _ctx(model, row)
         for layer in layer_list:
             group, base = _ffn_layer_groups(ctx, layer)
-            yield row, ctx, layer, group, base
+            yield row, ctx, layer, group, base, scores(row, ctx, layer, group, base)
 
 
 def subvalue_selection(model: Any, data: Any, k: int = 10, layers: Sequence[int] | None = None) -> pd.DataFrame:
@@ -889,13 +941,15 @@ def subvalue_additivity(model: Any, data: Any, layers: Sequence[int] | None = No
     """Residual-stream paper Figure 3: for the helpful FFN subvalues (``C > 0``) of each layer,
     ``C(v_1 + ... + v_n)`` against ``C(v_1) + ... + C(v_n)`` (``C`` = log-probability increase on ``resid_mid``).
 
+    ``data``: the prompts (:func:`prompt_table`), or a study that stored every FFN neuron (``top_k={"ffn_neuron":
+    None}``), whose scores are then read instead of recomputed (spot-checked; the dense cost goes).
+
     Returns:
         ``(df, fig)``: one row per prompt and layer: ``prompt_id, group, layer, n_helpful, sum_of_scores,
         score_of_sum`` (nats); a scatter of ``score_of_sum`` against ``sum_of_scores``.
     """
     rows = []
-    for row, ctx, l, group, base in _ffn_layers(model, data, layers):
-        c = _lpi(ctx, base, group.vectors.float())
+    for row, ctx, l, group, base, c in _ffn_layers(model, data, layers):
         h = c > 0
         rows.append(
             {
@@ -923,12 +977,14 @@ def top10_share(model: Any, data: Any, k: int = 10, layers: Sequence[int] | None
     the same for the unhelpful subvalues (top-k = the ``k`` most negative), ``C`` the log-probability increase on
     ``resid_mid``; averaged over prompts (layers without helpful / unhelpful subvalues are skipped).
 
+    ``data``: the prompts (:func:`prompt_table`), or a study that stored every FFN neuron (``top_k={"ffn_neuron":
+    None}``), whose scores are then read instead of recomputed (spot-checked; the dense cost goes).
+
     Returns:
         ``(df, fig)``: columns ``group, n_prompts, layer, helpful, unhelpful``.
     """
     rows = []
-    for row, ctx, l, group, base in _ffn_layers(model, data, layers):
-        c = _lpi(ctx, base, group.vectors.float())
+    for row, ctx, l, group, base, c in _ffn_layers(model, data, layers):
         rec = {"prompt_id": row.prompt_id, "group": row.group, "layer": l}
         for side, mask, desc in (("helpful", c > 0, True), ("unhelpful", c < 0, False)):
             idx = torch.nonzero(mask).flatten()
@@ -993,7 +1049,9 @@ def cross_layer_average(model: Any, data: Any, value_layer: int = -1) -> tuple[p
 ROLE_PARAMS: tuple[str, ...] = ("n_value", "n_query", "n_union", "k", "which")
 
 
-def _ffn_roles_one(ctx: Any, n_value: int, n_query: int, n_union: int, k: int, which: Any) -> list[dict[str, Any]]:
+def _ffn_roles_one(
+    ctx: Any, row: Any, ffn_scores: _FfnScores, n_value: int, n_query: int, n_union: int, k: int, which: Any
+) -> list[dict[str, Any]]:
     """The per-layer counts of :func:`ffn_value_query_roles` for one prompt (one scoring context)."""
     from tl_residual import model as tlm
     from tl_residual.decompose import layer_outputs
@@ -1006,7 +1064,7 @@ def _ffn_roles_one(ctx: Any, n_value: int, n_query: int, n_union: int, k: int, w
     scores, eq25, union = [], [], []
     for lv in range(n_layers):
         group, base = _ffn_layer_groups(ctx, lv)
-        c = _lpi(ctx, base, group.vectors.float()).double()  # C(k), nats
+        c = ffn_scores(row, ctx, lv, group, base).double()  # C(k), nats
         key, _, which = ffn_layer_keys(ctx.model, ctx.cache, lv, ctx.position, which, ctx.batch)
         scores.append(c)
         eq25.append(key @ c)  # Eq. 25 summed over Lv's neurons: Cr(q, Lv) = q . (key @ C)
@@ -1076,9 +1134,9 @@ def ffn_value_query_roles(
       lie in the layer; ``query_top``, the same for the top-``k`` by the query score ``sum_{Lv > l} Cr(v, Lv)``
       (the paper's first method; its second, iterative method is not implemented).
 
-    Cost per prompt: every FFN neuron of every layer scored (``n_layers * d_mlp`` vocabulary projections, chunked)
-    plus one ``d_model x d_mlp`` key per layer; peak memory one layer's subvalues, keys (float64) and one chunk of
-    logits.
+    Cost per prompt: every FFN neuron of every layer scored (``n_layers * d_mlp`` vocabulary projections, chunked;
+    read instead from ``data`` when it is a study that stored every FFN neuron, :class:`_FfnScores`) plus one
+    ``d_model x d_mlp`` key per layer; peak memory one layer's subvalues, keys (float64) and one chunk of logits.
 
     Returns:
         One row per prompt and layer: ``prompt_id, group, layer, n_helpful, helpful_as_query, n_unhelpful,
@@ -1091,8 +1149,9 @@ def ffn_value_query_roles(
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise InvalidInputError(f"{label} must be a positive integer, got {v!r}")
     rows = []
+    scores = _FfnScores(data)
     for row in prompt_table(data).itertuples():
-        for rec in _ffn_roles_one(_ctx(model, row), n_value, n_query, n_union, k, which):
+        for rec in _ffn_roles_one(_ctx(model, row), row, scores, n_value, n_query, n_union, k, which):
             rows.append({"prompt_id": row.prompt_id, "group": row.group, **rec})
     df = pd.DataFrame(rows)
     df.attrs.update(n_value=n_value, n_query=n_query, n_union=n_union, k=k, which=which)
