@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", required=True, help="folder of the studies (main/, fig2/, ffn_all/, query/; resumed)")
     p.add_argument("--query-per-group", type=int, default=8, help="prompts per type for the query study")
-    p.add_argument("--model-per-group", type=int, default=1, help="prompts per type for the dense FFN analyses")
+    p.add_argument("--model-per-group", type=int, default=4, help="prompts per type for the dense FFN analyses")
     p.add_argument("--visit-per-group", type=int, default=4, help="prompts per type for VISIT and Appendix B")
     p.add_argument("--out", default=os.path.join(HERE, "results", "analyses_smollm2"))
     p.add_argument(
@@ -220,13 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     n_all, n_q, n_dense, n_visit = len(ok), len(qsample), len(dense), len(visit)
     why_dense = (
         f"{n_dense} prompts ({a.model_per_group} per type): each scores every FFN neuron of every layer "
-        "(30 x 1536 vocabulary projections, about 50 s of CPU per prompt and analysis here)"
+        "(30 x 1536 vocabulary projections, about 50 s of CPU per prompt here), once, in the ffn_all study whose "
+        "stored scores the analyses read"
     )
     roles: dict[str, pd.DataFrame] = {}
 
     def role_table() -> pd.DataFrame:
         if "df" not in roles:
-            roles["df"] = A.ffn_value_query_roles(model, dense)
+            roles["df"] = A.ffn_value_query_roles(model, ffn_all)
         return roles["df"]
 
     def by_layer(col: str) -> Callable[[pd.DataFrame], pd.DataFrame]:
@@ -361,10 +362,9 @@ def main(argv: list[str] | None = None) -> int:
         (
             "resid_t1",
             "R",
-            "Table 1: Imp of the sum of the top-10 FFN subvalues per selection rule (nats; every third "
-            "layer and the last)",
+            "Table 1: Imp of the sum of the top-10 FFN subvalues per selection rule (nats; mean over the 30 layers)",
             why_dense,
-            lambda: A.subvalue_selection(model, dense, layers=every_third),
+            lambda: A.subvalue_selection(model, ffn_all),
             "residual_table1",
             lambda t: t.pivot(index="group", columns="method", values="score"),
         ),
@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
             "R",
             "Figure 3: C(sum of helpful) against sum of C (per prompt and layer: mean ratio)",
             why_dense,
-            lambda: A.subvalue_additivity(model, dense, layers=every_third),
+            lambda: A.subvalue_additivity(model, ffn_all),
             None,
             lambda t: (
                 t.assign(ratio=t.score_of_sum / t.sum_of_scores)
@@ -403,11 +403,11 @@ def main(argv: list[str] | None = None) -> int:
         (
             "resid_f7",
             "R",
-            "Figure 7: share of the top-10 in the layer's helpful / unhelpful sum",
+            "Figure 7: share of the top-10 in the layer's helpful / unhelpful sum (every third layer and the last)",
             why_dense,
-            lambda: A.top10_share(model, dense, layers=every_third),
+            lambda: A.top10_share(model, ffn_all),
             None,
-            lambda t: t[t.group == "all"].drop(columns=["group"]),
+            lambda t: t[(t.group == "all") & t.layer.isin(every_third)].drop(columns=["group"]),
         ),
         (
             "resid_f8",
@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
             "Figure 8: cross-layer scores of the last FFN layer (Eq. 24, helpful / unhelpful; every "
             "sixth query vector)",
             why_dense,
-            lambda: A.cross_layer_average(model, dense),
+            lambda: A.cross_layer_average(model, ffn_all),
             None,
             lambda t: t[t.group == "all"].iloc[::6][
                 ["query", "helpful_eq24", "unhelpful_eq24", "helpful_eq25", "unhelpful_eq25"]
@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
             "V",
             "Regularisation neurons of the last two layers (largest |entropy change|)",
             why_dense,
-            lambda: A.regularisation_neurons(model, dense, k=5, layers=[28, 29]),
+            lambda: A.regularisation_neurons(model, ffn_all, k=5, layers=[28, 29]),
             None,
             None,
         ),
