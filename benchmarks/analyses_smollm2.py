@@ -584,9 +584,9 @@ def render(a: argparse.Namespace, res: Any, t_start: float, argv: list[str] | No
         + ", ".join(f"{g} {c}" for g, c in counts.items())
         + "); the prompts of each analysis are named under it."
         + (
-            " The studies were used as committed so far (`--no-run`): the runner batches prompts by length, so the "
-            "main study's prompts are the shortest ones."
-            if a.no_run
+            " The main study was used as committed so far (`--no-run`): the runner batches prompts by length, so "
+            "its prompts are the shortest ones."
+            if len(res.prompts) < len(load_factual_prompts())
             else ""
         ),
         "",
