@@ -201,9 +201,10 @@ def iter_query_contributions(
     key64 = key.double()
     total = None
     for group in iter_parts(model, cache, layer, position, stream, batch):
-        part = group.coefficients.double() @ group.directions.double()
+        coefficients, directions = group.coefficients.double(), group.directions.double()  # converted once
+        part = coefficients @ directions
         total = part if total is None else total + part
-        yield group, group.coefficients.double()[:, None] * (group.directions.double() @ key64)
+        yield group, coefficients[:, None] * (directions @ key64)
     assert total is not None  # iter_parts always yields the embedding
     verify_exact(model, cache, total, layer, position, stream, batch, "the query split's parts")  # safety net
 

@@ -11,9 +11,12 @@ pass and one ``ActivationCache`` per batch, reused by every method and every kin
 * ``ffn_neuron``, ``attn_neuron``, ``attn_subvalue``: the certified exact top-k per kind
   (:func:`tl_residual.scorers.score_groups`; neuron-level paper section 3), and ``head``: every head (table
   ``parts``);
-* ``query``: for the top FFN value neurons (by log-probability increase), the query parts that switched each on,
-  with score ``Imp(a) * contribution / input(a)`` (neuron-level paper section 3.3, the per-value-neuron terms of
-  :func:`tl_residual.query.query_neuron_scores`; table ``query``).
+* ``query``: for the top FFN value neurons (``query_values``) and the top attention value neurons
+  (``query_attn_values``), by log-probability increase, the query parts that switched each on, scored
+  ``Imp(a) * contribution / input(a)`` (neuron-level paper section 3.4; :func:`tl_residual.query.query_neuron_scores`):
+  per value neuron its ``query_top_k`` best parts (table ``query``), and, from the same pass, the exact sums over all
+  the value neurons of a kind: the ``query_totals_k`` best parts per query kind (table ``query_totals``) and the
+  sum over every part of each query kind and layer (table ``query_layers``).
 
 Names are in prompt coordinates (source position 0 is the prompt's first token, BOS where the tokenizer prepends
 one): batches are padded on the right, so under the causal mask the real tokens of a prompt see exactly the
@@ -21,7 +24,8 @@ activations they would see alone, and every position index is the prompt's own. 
 :mod:`tl_residual.names` and mean the same component in :func:`tl_residual.interventions.intervene`.
 
 Output layout under ``out_dir`` (the contract of ``docs/studies.md``): ``manifest.json`` and one folder per table
-(``parts/``, ``layers/``, ``stream/``, ``query/``, ``prompts/``) of Parquet shards named ``rank{R}-{K:05d}.parquet``,
+(``parts/``, ``layers/``, ``stream/``, ``query/``, ``query_totals/``, ``query_layers/``, ``prompts/``) of Parquet
+shards named ``rank{R}-{K:05d}.parquet``,
 one shard per batch and rank. Every file is written to a temporary name and moved into place with
 :func:`os.replace`; the ``prompts`` shard of a batch is written last and is the batch's commit record:
 :func:`load` and resumption only see batches whose ``prompts`` shard exists. A run interrupted in any way (Ctrl-C,
@@ -968,11 +972,14 @@ def _totals_rows(acc: Any, value_kind: str, k: int, base: dict[str, Any]) -> lis
         by_kind.setdefault(qkind, []).append((group, position, scored.cpu()))
     for qkind, entries in by_kind.items():
         scores = torch.cat([s for _, _, s in entries])
-        owner = [(g, p, i) for g, p, s in entries for i in range(len(s))]
+        ends = torch.tensor([len(s) for _, _, s in entries]).cumsum(0)  # entry e holds [ends[e-1], ends[e])
         vals, idx = torch.topk(scores, min(k, len(scores)))
         order = torch.argsort(vals, descending=True, stable=True)
         for rank, o in enumerate(order.tolist(), 1):
-            g, p, i = owner[int(idx[o])]
+            flat = int(idx[o])
+            e = int(torch.searchsorted(ends, flat, right=True))
+            g, p, _ = entries[e]
+            i = flat - (int(ends[e - 1]) if e else 0)
             rows.append(
                 {
                     **base,
