@@ -636,8 +636,10 @@ def test_cli_killed_run_resumes_to_the_same_results(model, model_dir, tmp_path):
     data = tmp_path / "many.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     kinds = ("layer", "ffn_neuron", "attn_subvalue", "query")
-    st.run(model, data, tmp_path / "full", kinds=kinds, **{**FAST, "batch_size": 1})  # uninterrupted, in process
+    query = {"query_attn_values": 3, "query_totals_k": 50}  # the CLI's --query-attn-values / --query-totals-k
+    st.run(model, data, tmp_path / "full", kinds=kinds, **{**FAST, "batch_size": 1}, **query)  # uninterrupted
     args = [*_fast_cli_args(data, model_dir, kinds, batch_size=1), "--out", str(tmp_path / "cut")]
+    args += ["--query-attn-values", "3", "--query-totals-k", "50"]
     proc = subprocess.Popen(_cli(*args), env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     prompts_dir = tmp_path / "cut" / "prompts"
     deadline = time.time() + 120
@@ -657,6 +659,14 @@ def test_cli_killed_run_resumes_to_the_same_results(model, model_dir, tmp_path):
         a.query.drop(columns=["score", "value_score"]), b.query.drop(columns=["score", "value_score"])
     )
     np.testing.assert_allclose(a.query["score"], b.query["score"], rtol=1e-4, atol=1e-6)
+    assert a.manifest["options"]["query_totals_k"] == 50 and set(a.query_totals["value_kind"]) == {
+        "ffn_neuron",
+        "attn_neuron",
+    }
+    for t in ("query_totals", "query_layers"):
+        x, y = getattr(a, t), getattr(b, t)
+        pd.testing.assert_frame_equal(x.drop(columns="score"), y.drop(columns="score"), check_exact=False, rtol=1e-4)
+        np.testing.assert_allclose(x["score"], y["score"], rtol=1e-4, atol=1e-6)
 
 
 def test_two_processes_equal_one(model, model_dir, data_file, tmp_path):
