@@ -31,7 +31,7 @@ Units: contributions are in the units of the pre-activation (the input of the ac
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -48,6 +48,7 @@ from tl_residual.decompose import (
     base_stream,
     ffn_parts,
     iter_parts,
+    iter_parts_marked,
     layer_outputs,
     n_positions,
     resolve_layer,
@@ -391,49 +392,91 @@ class _QueryScores:
         rows: pd.DataFrame,
         each: Callable[[PartGroup, Tensor], None] | None = None,
     ) -> tuple[pd.DataFrame, Tensor] | None:
-        """Add the query shares of the value neurons ``rows`` (a score table: ``name``, ``score`` = Imp in nats)
-        of one layer, all read from the stream vector at ``position``.
+        """:meth:`add_many` for the value neurons ``rows`` of one layer (``each(group, scores)``)."""
+        call = None if each is None else (lambda _i, group, scores: each(group, scores))
+        return self.add_many(kind, position, [(layer, read, flat, rows)], call)[0]
 
-        ``read`` is ``(weights [d_model, k], bias [k], hook)`` of the neurons' input and ``flat`` their indices in
-        the flattened hook. Each neuron ``a`` adds ``Imp(a) * contribution_j(a) / input(a)`` to every part ``j``
-        of the stream it reads, and its share ``Imp(a) * B(a) / input(a)`` of the key bias. ``each``, if given, is
-        called once per part group with the per-neuron scores ``[n parts, k kept]`` (float64; the columns are the
-        kept neurons, in the order of the returned rows), before the next group is built.
+    def add_many(
+        self,
+        kind: str,
+        position: int,
+        reads: Sequence[tuple[int, tuple[Tensor, Tensor, str], Tensor, pd.DataFrame]],
+        each: Callable[[int, PartGroup, Tensor], None] | None = None,
+    ) -> list[tuple[pd.DataFrame, Tensor] | None]:
+        """Add the query shares of the value neurons of ``kind`` read at ``position``: ``reads`` holds, per layer,
+        ``(layer, read, flat, rows)`` (:func:`value_reads`): ``rows`` a score table (``name``, ``score`` = Imp in
+        nats), ``read = (weights [d_model, k], bias [k], hook)`` of the neurons' input and ``flat`` their indices in
+        the flattened hook.
+
+        Each neuron ``a`` adds ``Imp(a) * contribution_j(a) / input(a)`` to every part ``j`` of the stream vector it
+        reads (:func:`folded_key`: its exact contribution), and its share ``Imp(a) * B(a) / input(a)`` of the key
+        bias. One pass over the parts of the deepest stream read serves every layer
+        (:func:`~tl_residual.decompose.iter_parts_marked`: a lower layer's stream is a prefix of it; each read's
+        parts are checked against its cached stream vector at its mark, the safety net). ``each``, if given, is
+        called per read ``i`` and part group with the per-neuron scores ``[n parts, k kept]`` (float64; the columns
+        are the kept neurons, in the order of the returned rows).
 
         Returns:
-            ``(kept rows, key-bias share per kept neuron [k kept])``, or None when every neuron was skipped.
+            Per read: ``(kept rows, key-bias share per kept neuron [k kept])``, or None when every neuron was
+            skipped (``|input| < min_abs_input``).
         """
-        w, b, hook = read
-        neuron_names = list(rows["name"])
-        stream, norm = _read_norm(self.ctx.model, kind, layer)
         model, cache, batch = self.ctx.model, self.ctx.cache, self.ctx.batch
-        cached = tlm.cached(cache, hook, batch)[position].reshape(-1)
-        value = cached[flat.to(cached.device)].double()
-        imp = torch.tensor(rows["score"].tolist(), dtype=torch.float64, device=value.device)
-        self.n_value += len(neuron_names)
-        keep = value.abs() >= self.min_abs_input
-        self.skipped.extend(n for n, k in zip(neuron_names, keep.tolist()) if not k)
-        if not bool(keep.any()):
-            return None
-        keep_cpu = keep.cpu()
-        w, b, value, imp = w[:, keep_cpu.to(w.device)], b[keep_cpu.to(b.device)], value[keep], imp[keep]
-        weight = imp / value
-        self.total_imp += float(imp.sum())
-        key = folded_key(model, cache, norm, position, w, batch)
-        for group, contrib in iter_query_contributions(model, cache, key, layer, stream, position, batch):
-            gk = (group.kind, group.layer, position)
-            w_dev = weight.to(contrib.device)
-            scored = contrib @ w_dev
-            if gk in self.parts:
-                self.parts[gk] = (self.parts[gk][0], self.parts[gk][1] + scored)
-            else:
-                self.parts[gk] = (_labels_only(group), scored)
-            if each is not None:
-                each(group, contrib * w_dev)
-        bias_share = key_bias(model, norm, w, b).double().to(weight.device) * weight
-        bk = (layer, position)
-        self.key_bias[bk] = self.key_bias.get(bk, 0.0) + float(bias_share.sum())
-        return rows[keep_cpu.numpy()], bias_share.cpu()
+        out: list[tuple[pd.DataFrame, Tensor] | None] = []
+        live: list[tuple[int, int, Tensor, Tensor]] = []  # (read index, layer, folded key, weight)
+        stream: Stream = "resid_pre"
+        for i, (layer, (w, b, hook), flat, rows) in enumerate(reads):
+            neuron_names = list(rows["name"])
+            stream, norm = _read_norm(model, kind, layer)
+            cached = tlm.cached(cache, hook, batch)[position].reshape(-1)
+            value = cached[flat.to(cached.device)].double()
+            imp = torch.tensor(rows["score"].tolist(), dtype=torch.float64, device=value.device)
+            self.n_value += len(neuron_names)
+            keep = value.abs() >= self.min_abs_input
+            self.skipped.extend(n for n, k in zip(neuron_names, keep.tolist()) if not k)
+            if not bool(keep.any()):
+                out.append(None)
+                continue
+            keep_cpu = keep.cpu()
+            w, b, value, imp = w[:, keep_cpu.to(w.device)], b[keep_cpu.to(b.device)], value[keep], imp[keep]
+            weight = imp / value
+            self.total_imp += float(imp.sum())
+            live.append((i, layer, folded_key(model, cache, norm, position, w, batch).double(), weight))
+            bias_share = key_bias(model, norm, w, b).double().to(weight.device) * weight
+            bk = (layer, position)
+            self.key_bias[bk] = self.key_bias.get(bk, 0.0) + float(bias_share.sum())
+            out.append((rows[keep_cpu.numpy()], bias_share.cpu()))
+        if not live:
+            return out
+        deepest = max(layer for _, layer, _, _ in live)
+        keys = torch.cat([k for _, _, k, _ in live], dim=1)
+        total: Tensor | None = None
+        for item in iter_parts_marked(model, cache, deepest, position, stream, batch):
+            if not isinstance(item, PartGroup):
+                if item[1] == stream and any(layer == item[0] for _, layer, _, _ in live):
+                    assert total is not None  # the embedding comes first
+                    verify_exact(model, cache, total, item[0], position, stream, batch, "the query split's parts")
+                    live = [r for r in live if r[1] != item[0]]  # these reads' parts are complete
+                    keys = torch.cat([k for _, _, k, _ in live], dim=1) if live else keys[:, :0]
+                continue
+            if not live:
+                break
+            coefficients, directions = item.coefficients.double(), item.directions.double()  # converted once
+            part = coefficients @ directions
+            total = part if total is None else total + part
+            contrib = coefficients[:, None] * (directions @ keys.to(directions.device))  # [n parts, open neurons]
+            start, gk = 0, (item.kind, item.layer, position)
+            for i, _, key, weight in live:
+                scores = contrib[:, start : start + key.shape[1]] * weight.to(contrib.device)
+                start += key.shape[1]
+                scored = scores.sum(1)
+                if gk in self.parts:
+                    self.parts[gk] = (self.parts[gk][0], self.parts[gk][1] + scored)
+                else:
+                    self.parts[gk] = (_labels_only(item), scored)
+                if each is not None:
+                    each(i, item, scores)
+        assert not live  # every read met its mark
+        return out
 
 
 def _labels_only(group: PartGroup) -> PartGroup:
@@ -480,6 +523,17 @@ def value_reads(
             frames.append(rows)
         read = (torch.cat(ws, dim=1), torch.cat(bs), hook)
         yield int(layer), int(src), read, torch.cat(flats), pd.concat(frames)
+
+
+def reads_by_position(
+    reads: Iterable[tuple[int, int, tuple[Tensor, Tensor, str], Tensor, pd.DataFrame]],
+) -> list[tuple[int, list[tuple[int, tuple[Tensor, Tensor, str], Tensor, pd.DataFrame]]]]:
+    """The reads of :func:`value_reads` grouped by position (in order of first appearance): the argument of
+    :meth:`_QueryScores.add_many`."""
+    out: dict[int, list[tuple[int, tuple[Tensor, Tensor, str], Tensor, pd.DataFrame]]] = {}
+    for layer, position, read, flat, rows in reads:
+        out.setdefault(position, []).append((layer, read, flat, rows))
+    return list(out.items())
 
 
 def query_part_table(acc: _QueryScores, tokens: Sequence[str] | None = None) -> pd.DataFrame:
@@ -555,8 +609,8 @@ def query_neuron_scores(
     top = score(ctx, (kind,), "log_prob_increase", top_k=n_value, n_top_tokens=0)
     if kind == "ffn_neuron" and which is None:
         which = "up" if spec.gated_mlp else "pre"
-    for layer, position, read, flat, rows in value_reads(ctx, kind, top, which):  # type: ignore[arg-type]
-        acc.add(kind, layer, position, read, flat, rows)
+    for position, reads in reads_by_position(value_reads(ctx, kind, top, which)):  # type: ignore[arg-type]
+        acc.add_many(kind, position, reads)
     df = query_part_table(acc, ctx.src_tokens())
     df = df.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
     if top_k is not None:

@@ -919,49 +919,59 @@ def _query_rows(
             continue
         top = _value_neurons(prompt, kind, n)
         acc = Q._QueryScores(ctx, 1e-6)
-        for layer, position, read, flat, rows in Q.value_reads(ctx, kind, top):  # type: ignore[arg-type]
-            cands: list[tuple[PartGroup, torch.Tensor, torch.Tensor]] = []
+        for position, reads in Q.reads_by_position(Q.value_reads(ctx, kind, top)):  # type: ignore[arg-type]
+            per_read: list[list[tuple[PartGroup, torch.Tensor, torch.Tensor]]] = [[] for _ in reads]
 
-            def each(
-                group: PartGroup,
-                scores: torch.Tensor,
-                cands: list[tuple[PartGroup, torch.Tensor, torch.Tensor]] = cands,
-            ) -> None:
+            def each(i: int, group: PartGroup, scores: torch.Tensor, per_read: list[Any] = per_read) -> None:
                 vals, idx = torch.topk(scores.cpu(), min(top_k, scores.shape[0]), dim=0)
-                cands.append((Q._labels_only(group), vals, idx))  # the best parts of the group for each neuron
+                per_read[i].append((Q._labels_only(group), vals, idx))  # the group's best parts for each neuron
 
-            kept = acc.add(kind, layer, position, read, flat, rows, each)
-            if kept is None:
-                continue
-            kept_rows, bias_share = kept
-            all_scores = torch.cat([v for _, v, _ in cands] + [bias_share[None, :]])  # [candidates, kept neurons]
-            owner = [(g, idx, r) for g, v, idx in cands for r in range(v.shape[0])] + [(None, None, 0)]
-            for j, r in enumerate(kept_rows.itertuples(index=False)):
-                order = torch.argsort(all_scores[:, j], descending=True, stable=True)[:top_k].tolist()
-                for rank, c in enumerate(order, 1):
-                    g, gidx, local = owner[c]
-                    if g is None or gidx is None:
-                        ident = {"query_name": f"L{layer}.key_bias", "query_kind": "key_bias", "layer": layer}
-                        cols: dict[str, int | None] = {"head": None, "src_pos": None, "neuron": None}
-                    else:
-                        i = int(gidx[local, j])
-                        ident = {"query_name": g.names[i], "query_kind": g.kind, "layer": g.layer}
-                        cols = _index_cols(g, i)
-                    out["query"].append(
-                        {
-                            **base,
-                            "value_name": r.name,
-                            "value_score": float(r.score),
-                            **ident,
-                            **cols,
-                            "position": position,
-                            "score": float(all_scores[c, j]),
-                            "rank": rank,
-                        }
-                    )
+            for (layer, _, _, _), kept, cands in zip(reads, acc.add_many(kind, position, reads, each), per_read):
+                if kept is None:
+                    continue
+                _emit_query_rows(out["query"], base, layer, position, kept, cands, top_k)
         out["query_totals"].extend(_totals_rows(acc, kind, totals_k, base))
         out["query_layers"].extend(_layer_rows(acc, kind, base))
     return out
+
+
+def _emit_query_rows(
+    out: list[dict[str, Any]],
+    base: dict[str, Any],
+    layer: int,
+    position: int,
+    kept: tuple[pd.DataFrame, torch.Tensor],
+    cands: list[tuple[PartGroup, torch.Tensor, torch.Tensor]],
+    top_k: int,
+) -> None:
+    """Append the ``query`` rows of one read's value neurons: per neuron its ``top_k`` best parts among the
+    groups' candidates ``cands`` (``(group, best scores [c, k], their part indices [c, k])``) and its key bias."""
+    kept_rows, bias_share = kept
+    all_scores = torch.cat([v for _, v, _ in cands] + [bias_share[None, :]])  # [candidates, kept neurons]
+    owner = [(g, idx, r) for g, v, idx in cands for r in range(v.shape[0])] + [(None, None, 0)]
+    for j, r in enumerate(kept_rows.itertuples(index=False)):
+        order = torch.argsort(all_scores[:, j], descending=True, stable=True)[:top_k].tolist()
+        for rank, c in enumerate(order, 1):
+            g, gidx, local = owner[c]
+            if g is None or gidx is None:
+                ident = {"query_name": f"L{layer}.key_bias", "query_kind": "key_bias", "layer": layer}
+                cols: dict[str, int | None] = {"head": None, "src_pos": None, "neuron": None}
+            else:
+                i = int(gidx[local, j])
+                ident = {"query_name": g.names[i], "query_kind": g.kind, "layer": g.layer}
+                cols = _index_cols(g, i)
+            out.append(
+                {
+                    **base,
+                    "value_name": r.name,
+                    "value_score": float(r.score),
+                    **ident,
+                    **cols,
+                    "position": position,
+                    "score": float(all_scores[c, j]),
+                    "rank": rank,
+                }
+            )
 
 
 def _totals_rows(acc: Any, value_kind: str, k: int, base: dict[str, Any]) -> list[dict[str, Any]]:
