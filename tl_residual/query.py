@@ -366,12 +366,12 @@ def top_query_parts(split: pd.DataFrame, column: str | None = None, top_k: int |
 @dataclass
 class _QueryScores:
     """Running sums of :func:`query_neuron_scores` for one context: per (part kind, layer, position) group and per
-    key bias, fed one stream vector's value neurons at a time by :meth:`add`.
+    key bias, fed the value neurons read at one position at a time by :meth:`add_many`.
 
     ``parts`` keeps, per group, the group's labels (its directions dropped: only names and indices are kept) and the
     running score of each of its parts; ``n_value`` counts the value neurons given, ``skipped`` names those whose
     input was too small to divide by, ``total_imp`` sums the Imp of the others (nats). Memory: one float64 per
-    part of every stream vector read, plus one layer's groups at a time while :meth:`add` runs.
+    part of every stream vector read, plus one layer's groups at a time while :meth:`add_many` runs.
     """
 
     ctx: ScoringContext
@@ -381,20 +381,6 @@ class _QueryScores:
     skipped: list[str] = field(default_factory=list)
     total_imp: float = 0.0
     n_value: int = 0
-
-    def add(
-        self,
-        kind: str,
-        layer: int,
-        position: int,
-        read: tuple[Tensor, Tensor, str],
-        flat: Tensor,
-        rows: pd.DataFrame,
-        each: Callable[[PartGroup, Tensor], None] | None = None,
-    ) -> tuple[pd.DataFrame, Tensor] | None:
-        """:meth:`add_many` for the value neurons ``rows`` of one layer (``each(group, scores)``)."""
-        call = None if each is None else (lambda _i, group, scores: each(group, scores))
-        return self.add_many(kind, position, [(layer, read, flat, rows)], call)[0]
 
     def add_many(
         self,

@@ -889,7 +889,7 @@ def _query_rows(
     prompt: _Prompt, n_values: Mapping[str, int], top_k: int, totals_k: int, base: dict[str, Any]
 ) -> dict[str, list[dict[str, Any]]]:
     """The rows of tables ``query``, ``query_totals`` and ``query_layers`` of one prompt (neuron-level paper
-    section 3.4), in one pass over the parts of each stream vector the value neurons read.
+    section 3.4), in one pass over the parts of the stream per position the value neurons read.
 
     For each value kind (``n_values``: ``ffn_neuron`` -> ``query_values``, ``attn_neuron`` ->
     ``query_attn_values``; 0 = none), the value neurons ``a`` with the largest log-probability increase
