@@ -8,6 +8,7 @@ loops over the per-prompt tables, or the model's own forward pass).
 from __future__ import annotations
 
 import functools
+import json
 import math
 from types import SimpleNamespace
 
@@ -19,7 +20,7 @@ from conftest import HAS_BRIDGE, make_bridge, make_hooked, raw_frozen_logits, ra
 from tl_residual import analyses as A
 from tl_residual import model as tlm
 from tl_residual.errors import InvalidInputError
-from tl_residual.query import split_neuron
+from tl_residual.query import query_neuron_scores, split_neuron
 from tl_residual.scorers import (
     make_context,
     score_attention_neurons,
@@ -30,6 +31,8 @@ from tl_residual.scorers import (
 
 PROMPTS = [("t5 t17 t33 t8", "g1"), ("t9 t23 t42", "g1"), ("t12 t3 t44 t7 t30", "g2"), ("t50 t6 t11", "g2")]
 METHODS = ("log_prob_increase", "log_prob", "prob_increase")
+N_VALUE = {"ffn_neuron": 4, "attn_neuron": 6}
+QUERY_OPTIONS = {"query_values": 4, "query_attn_values": 6, "query_top_k": 1000, "query_totals_k": 100_000}
 
 
 @functools.lru_cache(maxsize=1)
@@ -46,6 +49,7 @@ def _ranked(df: pd.DataFrame) -> pd.DataFrame:
 def study() -> SimpleNamespace:
     model = tiny()
     parts, layers, stream, query, prompts, ctxs = [], [], [], [], [], {}
+    totals, qlayers = [], []
     for pid, (text, group) in enumerate(PROMPTS):
         tokens = model.to_tokens(text)
         with torch.no_grad():
@@ -131,13 +135,51 @@ def study() -> SimpleNamespace:
                         }
                     )
                 )
+        # the exact tables of kind query: every query part's score summed over the top value neurons of a kind
+        # (query_neuron_scores, which tests/test_study.py checks the runner's rows against), and the layer sums
+        for kind in ("ffn_neuron", "attn_neuron"):
+            ref = query_neuron_scores(ctx, n_value=N_VALUE[kind], value_kind=kind)
+            ref = ref.assign(rank=ref.groupby("kind").cumcount() + 1)  # sorted by score: rank within the query kind
+            totals.append(
+                pd.DataFrame(
+                    {
+                        "prompt_id": pid,
+                        "group": group,
+                        "value_kind": kind,
+                        "query_name": ref["name"],
+                        "query_kind": ref["kind"],
+                        "layer": ref["layer"],
+                        "position": ref["position"],
+                        "score": ref["score"],
+                        "rank": ref["rank"],
+                    }
+                )
+            )
+            sums = ref.groupby(["kind", "layer"])["score"].sum().reset_index()
+            qlayers.append(
+                pd.DataFrame(
+                    {
+                        "prompt_id": pid,
+                        "group": group,
+                        "value_kind": kind,
+                        "query_kind": sums["kind"],
+                        "layer": sums["layer"],
+                        "score": sums["score"],
+                        "total_imp": ref.attrs["total_imp"],
+                        "n_value": N_VALUE[kind],
+                        "n_skipped": len(ref.attrs["skipped"]),
+                    }
+                )
+            )
     return SimpleNamespace(
         parts=pd.concat(parts, ignore_index=True),
         layers=pd.concat(layers, ignore_index=True),
         stream=pd.DataFrame(stream),
         query=pd.concat(query, ignore_index=True),
+        query_totals=pd.concat(totals, ignore_index=True),
+        query_layers=pd.concat(qlayers, ignore_index=True),
         prompts=pd.DataFrame(prompts),
-        manifest={"options": {"top_k": None}},
+        manifest={"options": {"top_k": None, **QUERY_OPTIONS}},
         ctxs=ctxs,
     )
 
@@ -230,6 +272,17 @@ def test_table8_shared_neurons():
         expect = {u for u, c in counts.items() if c / len(ids) > 0.5}
         row = out[(out.group == g) & (out.side == "value")].iloc[0]
         assert set(row["shared"]) == expect and row["n_shared"] == len(expect)
+    # query side: per prompt, the 10 best distinct FFN query neurons of the attention value neurons
+    qt = s.query_totals[(s.query_totals.value_kind == "attn_neuron") & (s.query_totals.query_kind == "ffn_neuron")]
+    for g, ids in _groups().items():
+        counts = {}
+        for i in ids:
+            names = qt[qt.prompt_id == i].sort_values("score", ascending=False, kind="stable")["query_name"]
+            for n in list(dict.fromkeys(names))[:10]:
+                counts[n] = counts.get(n, 0) + 1
+        expect = {u for u, c in counts.items() if c / len(ids) > 0.5}
+        row = out[(out.group == g) & (out.side == "query")].iloc[0]
+        assert set(row["shared"]) == expect
     assert set(out["side"]) == {"value", "query"}
 
 
@@ -244,39 +297,88 @@ def test_figure2_layer_distribution_and_figure4_counts():
             assert row["count"] == n and row["share"] == pytest.approx(n / (7 * 4))
     assert len(fig.data) == 3
     counts, _ = A.query_neuron_counts(s, k=6)
-    q = s.query[s.query.query_kind == "ffn_neuron"]
-    tot = q.groupby(["prompt_id", "query_name", "layer"])["score"].sum().reset_index()
-    qv = qo = 0
+    qt = s.query_totals[(s.query_totals.value_kind == "attn_neuron") & (s.query_totals.query_kind == "ffn_neuron")]
+    qv: dict[int, int] = {}
+    qo: dict[int, int] = {}
     for i in range(4):
-        top = tot[tot.prompt_id == i].sort_values("score", ascending=False, kind="stable").head(6)
+        mine = qt[qt.prompt_id == i].sort_values("score", ascending=False, kind="stable")
+        top = mine.drop_duplicates("query_name").head(6)  # a neuron at several source positions counts once
         value = set(
             p[(p.prompt_id == i) & (p.method == "log_prob_increase") & (p.kind == "ffn_neuron") & (p["rank"] <= 6)][
                 "name"
             ]
         )
-        qv += sum(n in value for n in top["query_name"])
-        qo += sum(n not in value for n in top["query_name"])
-    allrows = counts[counts.group == "all"]
-    assert allrows["query_value"].sum() * 4 == pytest.approx(qv)
-    assert allrows["query_only"].sum() * 4 == pytest.approx(qo)
+        for n, layer in zip(top["query_name"], top["layer"]):
+            d = qv if n in value else qo
+            d[layer] = d.get(layer, 0) + 1
+    allrows = counts[counts.group == "all"].set_index("layer")
+    for layer in allrows.index:
+        assert allrows.loc[layer, "query_value"] * 4 == pytest.approx(qv.get(layer, 0))
+        assert allrows.loc[layer, "query_only"] * 4 == pytest.approx(qo.get(layer, 0))
+    assert sum(qv.values()) + sum(qo.values()) == pytest.approx(
+        (allrows["query_value"] + allrows["query_only"]).sum() * 4
+    )
+    with pytest.raises(InvalidInputError, match="ffn_neuron=50"):
+        A.query_neuron_counts(
+            SimpleNamespace(**{**vars(s), "manifest": {"options": {**QUERY_OPTIONS, "top_k": 10}}}), k=50
+        )
+
+
+def _label(kind: str, layer: int) -> str:
+    return "e" if kind in ("embed", "pos_embed") else ("a" if kind.startswith("attn") else "f") + str(layer)
 
 
 def test_tables6_14_top_query_layers():
+    """The layer sums of ``query_layers`` averaged per label; every part of ``query_totals`` (complete here) summed
+    per label gives the same; the key bias is left out."""
     s = study()
-    out = A.top_query_layers(s, "ffn_neuron", n_value=4, k=3)
-    q = s.query[s.query.value_name.str.match(r"^L\d+\.N\d+$") & (s.query.query_kind != "key_bias")]
-    acc: dict[str, float] = {}
-    for r in q.itertuples():
-        label = (
-            "e"
-            if r.query_kind == "embed" or r.layer < 0
-            else ("a" if r.query_kind.startswith("attn") else "f") + str(r.layer)
-        )
-        acc[label] = acc.get(label, 0.0) + r.score / 4
-    got = out[out.group == "all"]
-    assert got["label"].tolist() == sorted(acc, key=acc.get, reverse=True)[:3]
-    assert got["score"].tolist() == pytest.approx(sorted(acc.values(), reverse=True)[:3])
-    assert len(A.top_query_layers(s, "attn_neuron", k=3)) > 0
+    for kind in ("ffn_neuron", "attn_neuron"):
+        out = A.top_query_layers(s, kind, k=3)
+        qt = s.query_totals[(s.query_totals.value_kind == kind) & (s.query_totals.query_kind != "key_bias")]
+        acc: dict[str, float] = {}
+        for r in qt.itertuples():
+            acc[_label(r.query_kind, r.layer)] = acc.get(_label(r.query_kind, r.layer), 0.0) + r.score / 4
+        got = out[out.group == "all"]
+        assert got["label"].tolist() == sorted(acc, key=acc.get, reverse=True)[:3]
+        assert got["score"].tolist() == pytest.approx(sorted(acc.values(), reverse=True)[:3])
+        g1 = out[out.group == "g1"]
+        ql = s.query_layers[(s.query_layers.value_kind == kind) & s.query_layers.prompt_id.isin([0, 1])]
+        ql = ql[ql.query_kind != "key_bias"]
+        direct = ql.assign(label=[_label(k, l) for k, l in zip(ql.query_kind, ql.layer)]).groupby("label")["score"]
+        assert g1["score"].tolist() == pytest.approx(sorted((direct.sum() / 2).tolist(), reverse=True)[:3])
+    with pytest.raises(InvalidInputError, match="--query-attn-values 200"):
+        A.top_query_layers(s, "attn_neuron", n_value=200)
+    # per prompt and value kind, the layer sums (key bias included) are the summed Imp of the value neurons used
+    per = s.query_layers.groupby(["prompt_id", "value_kind"]).agg(score=("score", "sum"), imp=("total_imp", "first"))
+    assert per["score"].to_numpy() == pytest.approx(per["imp"].to_numpy(), rel=1e-6)
+
+
+def test_query_analyses_need_the_exact_tables():
+    """(5) A run without ``query_totals`` / ``query_layers`` (an older run: only the truncated per-value-neuron
+    ``query`` rows) is an error naming the option, never a sum of the truncated rows."""
+    s = study()
+    old = SimpleNamespace(**{**vars(s), "query_totals": None, "query_layers": None, "manifest": {"options": {}}})
+    with pytest.raises(InvalidInputError, match="query_values"):
+        A.top_query_layers(old, "ffn_neuron")
+    with pytest.raises(InvalidInputError, match="query_attn_values"):
+        A.top_query_layers(old, "attn_neuron")
+    with pytest.raises(InvalidInputError, match="kind 'query'"):
+        A.query_neuron_counts(old)
+    with pytest.raises(InvalidInputError, match="kind 'query'"):
+        A.shared_neurons(old)
+    with pytest.raises(InvalidInputError, match="kind 'query'"):
+        A.query_neuron_ablation(tiny(), old, k=5)
+    assert set(A.shared_neurons(SimpleNamespace(**{**vars(old), "query": None}))["side"]) == {"value"}
+    ffn_only = SimpleNamespace(**{**vars(s), "query_totals": s.query_totals[s.query_totals.value_kind == "ffn_neuron"]})
+    with pytest.raises(InvalidInputError, match="query_attn_values"):
+        A.query_neuron_ablation(tiny(), ffn_only, k=5)
+    # a cut query_totals_k that keeps fewer than k distinct neurons is an error, not a shorter list
+    cut = s.query_totals[s.query_totals["rank"] <= 3]
+    small = SimpleNamespace(
+        **{**vars(s), "query_totals": cut, "manifest": {"options": {**QUERY_OPTIONS, "query_totals_k": 3}}}
+    )
+    with pytest.raises(InvalidInputError, match="--query-totals-k"):
+        A.query_neuron_counts(small, k=5)
 
 
 def test_stream_and_subvalue_counts():
@@ -295,6 +397,21 @@ def test_stream_and_subvalue_counts():
         assert counts[(counts.group == "all") & (counts.layer == layer)]["helpful"].iloc[0] == pytest.approx(
             helpful / 4
         )
+
+
+def test_subvalue_counts_accept_a_run_that_stored_every_ffn_neuron():
+    """(6) ``top_k={"ffn_neuron": None, "attn_neuron": 5}``: every FFN neuron stored, so Figure 6 is defined."""
+    s = study()
+    per_kind = SimpleNamespace(
+        **{**vars(s), "manifest": {"options": {"top_k": {"ffn_neuron": None, "attn_neuron": 5}}}}
+    )
+    a, _ = A.ffn_subvalue_counts(per_kind)
+    b, _ = A.ffn_subvalue_counts(s)
+    pd.testing.assert_frame_equal(a, b)
+    imp = A.neuron_importance(per_kind, ks=(5,))
+    assert imp[imp.kind == "ffn_neuron"]["all"].notna().all() and imp[imp.kind == "attn_neuron"]["all"].isna().all()
+    with pytest.raises(InvalidInputError, match="ffn_neuron=all"):
+        A.ffn_subvalue_counts(SimpleNamespace(**{**vars(s), "manifest": {"options": {"top_k": {"ffn_neuron": 9}}}}))
 
 
 def test_segment_curves_end_at_the_model_prediction():
@@ -367,10 +484,10 @@ def test_errors_name_what_is_missing():
 
 def test_report_and_loader(tmp_path):
     s = study()
-    for name in ("parts", "layers", "stream", "query", "prompts"):
+    for name in ("parts", "layers", "stream", "query", "query_totals", "query_layers", "prompts"):
         (tmp_path / name).mkdir()
         getattr(s, name).to_parquet(tmp_path / name / "rank0-00000.parquet")
-    (tmp_path / "manifest.json").write_text('{"options": {"top_k": null}}')
+    (tmp_path / "manifest.json").write_text(json.dumps(s.manifest))
     loaded = A.load_study(str(tmp_path))
     assert len(loaded.parts) == len(s.parts)
     out = tmp_path / "report.html"

@@ -195,7 +195,9 @@ def test_schema_and_contents(model, data_file, tmp_path):
     no_target = [i for i, r in enumerate(_prompts(9)) if "target" not in r]
     assert (ok.set_index("prompt_id").loc[no_target, "target_rank"] == 1).all()
     assert (ok["decomposition_error"] < 1e-5).all()
-    assert res.query["value_name"].str.match(r"^L\d+\.N\d+$").all()
+    ffn_value = res.query["value_name"].str.match(r"^L\d+\.N\d+$")
+    assert ffn_value.any() and res.query.loc[~ffn_value, "value_name"].str.match(r"^L\d+\.H\d+\.d\d+\.p\d+$").all()
+    assert set(res.query_totals["value_kind"]) == set(res.query_layers["value_kind"]) == {"ffn_neuron", "attn_neuron"}
     assert res.manifest["options"]["methods"] == ["log_prob_increase", "norm"]
     assert {"torch", "transformer-lens", "tl-residual"} <= set(res.manifest["versions"])
 
@@ -241,7 +243,7 @@ def test_interrupted_in_process_resumes_to_the_same_results(model, data_file, tm
 
     def flaky(path, table, rows):
         calls["n"] += 1
-        if calls["n"] == 7:  # the middle of the second batch's files: Ctrl-C
+        if calls["n"] == len(st.TABLES) + 2:  # the middle of the second batch's files: Ctrl-C
             raise KeyboardInterrupt
         real(path, table, rows)
 
@@ -399,21 +401,11 @@ def test_one_padded_batch_equals_each_prompt_alone_scored_densely(model, tmp_pat
         np.testing.assert_allclose(got["score"], got["score_ref"], rtol=1e-4, atol=2e-5)
 
 
-def test_head_top_k_and_query_rows_equal_the_library(model, data_file, tmp_path):
-    """Heads with a top-k (certified search) are the best rows of ``score_heads``; the query rows of each prompt,
-    summed over value neurons, are ``query.query_neuron_scores`` (with every query part kept)."""
-    from tl_residual import query as Q
+def test_head_top_k_equals_the_library(model, data_file, tmp_path):
+    """Heads with a top-k (certified search) are the best rows of ``score_heads``."""
     from tl_residual import scorers as S
 
-    st.run(
-        model,
-        data_file,
-        tmp_path / "q",
-        kinds=("head", "query"),
-        query_values=4,
-        query_top_k=1000,
-        **{**FAST, "top_k": {"head": 3}},
-    )
+    st.run(model, data_file, tmp_path / "q", kinds=("head",), max_prompts=4, **{**FAST, "top_k": {"head": 3}})
     res = st.load(tmp_path / "q")
     for row in res.prompts.itertuples():
         with torch.no_grad():
@@ -424,11 +416,144 @@ def test_head_top_k_and_query_rows_equal_the_library(model, data_file, tmp_path)
         assert_same_parts(
             mine.assign(method="m", kind="k"), heads.assign(prompt_id=row.prompt_id, method="m", kind="k")
         )
-        ref = Q.query_neuron_scores(ctx, n_value=4)
-        ref = ref[ref["kind"] != "key_bias"].groupby("name")["score"].sum()
-        got = res.query[res.query["prompt_id"] == row.prompt_id].groupby("query_name")["score"].sum()
-        both = pd.concat([ref, got], axis=1).fillna(0.0)
-        np.testing.assert_allclose(both.iloc[:, 0], both.iloc[:, 1], atol=1e-6)
+
+
+QUERY_OPTS = {"query_values": 5, "query_attn_values": 6, "query_top_k": 100_000, "query_totals_k": 100_000}
+
+
+@pytest.fixture(scope="module")
+def query_run(model, data_file, tmp_path_factory) -> st.StudyResults:
+    """Kind ``query`` with both value kinds, every query part kept (4 prompts)."""
+    out = tmp_path_factory.mktemp("query") / "q"
+    st.run(model, data_file, out, kinds=("query",), max_prompts=4, **FAST, **QUERY_OPTS)
+    return st.load(out)
+
+
+def _raw_frozen_log_probs(model, cache, pos: int, vecs: torch.Tensor) -> torch.Tensor:
+    """log softmax of ``vecs`` [n, d_model] under the frozen-scale final norm, from the raw weights."""
+    v = vecs.double()
+    if model.cfg.normalization_type in ("LN", "LNPre"):
+        v = v - v.mean(-1, keepdim=True)
+    gamma = model.ln_final.w if isinstance(getattr(model.ln_final, "w", None), torch.Tensor) else None
+    gamma = torch.ones(v.shape[-1]) if gamma is None else gamma.detach()
+    scale = cache["ln_final.hook_scale"][0, pos].double().reshape(-1)[0]
+    return torch.log_softmax((v * gamma.double() / scale) @ model.W_U.detach().double(), -1)
+
+
+def _raw_imp(model, cache, pos: int, target: int, name: str) -> float:
+    """Imp = log p(target | x + vec) - log p(target | x) written from the cache and the raw weights: an FFN neuron
+    ``m_k * W_out[k]`` added to ``resid_mid``, an attention neuron ``pattern[h, pos, p] * v[p, h, d] * W_O[h, d]``
+    added to ``resid_pre`` of its layer."""
+    from tl_residual import names
+
+    ref = names.parse(name)
+    l = ref.layer
+    if ref.kind == "ffn_neuron":
+        x = cache[f"blocks.{l}.hook_resid_mid"][0, pos]
+        vec = cache[f"blocks.{l}.mlp.hook_post"][0, pos, ref.neuron] * model.blocks[l].mlp.W_out.detach()[ref.neuron]
+    else:
+        x = cache[f"blocks.{l}.hook_resid_pre"][0, pos]
+        a = cache[f"blocks.{l}.attn.hook_pattern"][0, ref.head, pos, ref.src_pos]
+        v = cache[f"blocks.{l}.attn.hook_v"][0, ref.src_pos, ref.head, ref.dim]
+        vec = a * v * model.blocks[l].attn.W_O.detach()[ref.head, ref.dim]
+    lp = _raw_frozen_log_probs(model, cache, pos, torch.stack([x + vec, x]))
+    return float(lp[0, target] - lp[1, target])
+
+
+def test_query_rows_are_exact_shares_of_each_value_neurons_imp(model, query_run):
+    """(1) Per value neuron (FFN and attention), its query scores plus its key-bias share sum to its Imp, computed
+    here from the cache and the raw weights; (2) each attention value neuron's contributions ``score / Imp * v``
+    sum to the cached ``hook_v`` entry, and its embedding's contribution equals ``centre(W_E[token] + W_pos[p]) *
+    gamma / sigma . W_V[:, d]`` (ln1 weight and cached ln1 scale)."""
+    res = query_run
+    q = res.query
+    assert set(q["value_name"].str.count(r"\.")) == {1, 3}  # both value kinds
+    checked_embed = 0
+    for row in res.prompts[res.prompts["status"] == "ok"].itertuples():
+        tokens = model.to_tokens(row.prompt)
+        with torch.no_grad():
+            _, cache = model.run_with_cache(tokens)
+        pos, target = int(row.position), int(row.target_id)
+        mine = q[q["prompt_id"] == row.prompt_id]
+        per_value = mine.groupby("value_name").agg(total=("score", "sum"), imp=("value_score", "first"))
+        assert len(per_value) == 5 + 6
+        for name, r in per_value.iterrows():
+            imp = _raw_imp(model, cache, pos, target, name)
+            assert r["imp"] == pytest.approx(imp, rel=1e-4, abs=1e-6), name
+            assert r["total"] == pytest.approx(imp, rel=1e-4, abs=1e-6), name
+        for name, rows in mine[mine["value_name"].str.count(r"\.") == 3].groupby("value_name"):
+            _, h, d, p = (int(x[1:]) for x in name.split("."))
+            l = int(name.split(".")[0][1:])
+            v = float(cache[f"blocks.{l}.attn.hook_v"][0, p, h, d])
+            assert (rows["position"] == p).all()  # read at the source position
+            imp = rows["value_score"].iloc[0]
+            assert float((rows["score"] / imp * v).sum()) == pytest.approx(v, rel=1e-4, abs=1e-6)
+            emb = rows[rows["query_kind"] == "embed"]
+            if len(emb):
+                x = model.W_E.detach()[int(tokens[0, p])].double()
+                pe = rows[rows["query_kind"] == "pos_embed"]
+                gamma = (
+                    model.blocks[l].ln1.w if isinstance(getattr(model.blocks[l].ln1, "w", None), torch.Tensor) else None
+                )
+                gamma = torch.ones(x.shape[0]) if gamma is None else gamma.detach()
+                sigma = cache[f"blocks.{l}.ln1.hook_scale"][0, p].double().reshape(-1)[0]
+                col = model.blocks[l].attn.W_V.detach()[h][:, d].double()
+                centred = x - x.mean()
+                expect = float(centred * gamma.double() / sigma @ col)
+                assert float(emb["score"].iloc[0] / imp * v) == pytest.approx(expect, rel=1e-4, abs=1e-6)
+                assert len(pe) <= 1
+                checked_embed += 1
+    assert checked_embed
+
+
+def test_query_totals_and_layers_equal_the_library(model, query_run):
+    """(3) ``query_totals`` equals ``query.query_neuron_scores`` (name, position, score) for both value kinds, and
+    each ``query_layers`` row is the sum of every part of its kind and layer (they sum to ``total_imp``)."""
+    from tl_residual import query as Q
+    from tl_residual import scorers as S
+
+    res = query_run
+    for row in res.prompts[res.prompts["status"] == "ok"].itertuples():
+        with torch.no_grad():
+            _, cache = model.run_with_cache(model.to_tokens(row.prompt))
+        ctx = S.make_context(model, cache, int(row.target_id))
+        for kind, n in (("ffn_neuron", 5), ("attn_neuron", 6)):
+            ref = Q.query_neuron_scores(ctx, n_value=n, value_kind=kind)
+            got = res.query_totals[
+                (res.query_totals["prompt_id"] == row.prompt_id) & (res.query_totals["value_kind"] == kind)
+            ]
+            assert len(got) == len(ref)
+            m = got.merge(ref, left_on=["query_name", "position"], right_on=["name", "position"], how="outer")
+            assert not m["score_x"].isna().any() and not m["score_y"].isna().any()
+            np.testing.assert_allclose(m["score_x"], m["score_y"], rtol=1e-4, atol=1e-6)  # batched vs alone
+            for _, g in got.groupby("query_kind"):
+                assert g.sort_values("rank")["score"].is_monotonic_decreasing
+            layers = res.query_layers[
+                (res.query_layers["prompt_id"] == row.prompt_id) & (res.query_layers["value_kind"] == kind)
+            ]
+            sums = ref.groupby(["kind", "layer"])["score"].sum()
+            mine = layers.set_index(["query_kind", "layer"])["score"]
+            assert sorted(sums.index) == sorted(mine.index)
+            np.testing.assert_allclose(mine.loc[sums.index], sums, rtol=1e-4, atol=1e-6)
+            assert layers["total_imp"].iloc[0] == pytest.approx(ref.attrs["total_imp"], rel=1e-4, abs=1e-6)
+            assert layers["score"].sum() == pytest.approx(layers["total_imp"].iloc[0], rel=1e-6, abs=1e-8)
+            assert (layers["n_value"] == n).all() and (layers["n_skipped"] == len(ref.attrs["skipped"])).all()
+
+
+def test_query_totals_k_cuts_each_query_kind(model, data_file, tmp_path):
+    """``query_totals_k`` keeps the best ``k`` per (prompt, value kind, query kind); ``query_top_k`` per value
+    neuron; ``query_attn_values=0`` splits FFN value neurons only."""
+    opts = {**QUERY_OPTS, "query_top_k": 3, "query_totals_k": 4, "query_attn_values": 0}
+    st.run(model, data_file, tmp_path / "c", kinds=("query",), max_prompts=2, **FAST, **opts)
+    res = st.load(tmp_path / "c")
+    assert (res.query.groupby(["prompt_id", "value_name"]).size() == 3).all()
+    assert (res.query_totals.groupby(["prompt_id", "value_kind", "query_kind"]).size() <= 4).all()
+    assert set(res.query_totals["value_kind"]) == {"ffn_neuron"}
+    assert res.manifest["options"]["query_totals_k"] == 4 and res.manifest["options"]["query_attn_values"] == 0
+    with pytest.raises(InvalidInputError, match="query_attn_values"):
+        st.run(model, data_file, tmp_path / "d", kinds=("query",), query_values=0, query_attn_values=0, **FAST)
+    with pytest.raises(InvalidInputError, match="query_totals_k"):
+        st.run(model, data_file, tmp_path / "d", kinds=("query",), query_totals_k=0, **FAST)
 
 
 def test_names_mean_the_same_component_to_intervene(model, tmp_path):
@@ -511,8 +636,10 @@ def test_cli_killed_run_resumes_to_the_same_results(model, model_dir, tmp_path):
     data = tmp_path / "many.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     kinds = ("layer", "ffn_neuron", "attn_subvalue", "query")
-    st.run(model, data, tmp_path / "full", kinds=kinds, **{**FAST, "batch_size": 1})  # uninterrupted, in process
+    query = {"query_attn_values": 3, "query_totals_k": 50}  # the CLI's --query-attn-values / --query-totals-k
+    st.run(model, data, tmp_path / "full", kinds=kinds, **{**FAST, "batch_size": 1}, **query)  # uninterrupted
     args = [*_fast_cli_args(data, model_dir, kinds, batch_size=1), "--out", str(tmp_path / "cut")]
+    args += ["--query-attn-values", "3", "--query-totals-k", "50"]
     proc = subprocess.Popen(_cli(*args), env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     prompts_dir = tmp_path / "cut" / "prompts"
     deadline = time.time() + 120
@@ -532,6 +659,14 @@ def test_cli_killed_run_resumes_to_the_same_results(model, model_dir, tmp_path):
         a.query.drop(columns=["score", "value_score"]), b.query.drop(columns=["score", "value_score"])
     )
     np.testing.assert_allclose(a.query["score"], b.query["score"], rtol=1e-4, atol=1e-6)
+    assert a.manifest["options"]["query_totals_k"] == 50 and set(a.query_totals["value_kind"]) == {
+        "ffn_neuron",
+        "attn_neuron",
+    }
+    for t in ("query_totals", "query_layers"):
+        x, y = getattr(a, t), getattr(b, t)
+        pd.testing.assert_frame_equal(x.drop(columns="score"), y.drop(columns="score"), check_exact=False, rtol=1e-4)
+        np.testing.assert_allclose(x["score"], y["score"], rtol=1e-4, atol=1e-6)
 
 
 def test_two_processes_equal_one(model, model_dir, data_file, tmp_path):

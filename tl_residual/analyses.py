@@ -1,8 +1,11 @@
 """The papers' corpus analyses: one call each, per knowledge type (``group``) and overall.
 
 Every function here aggregates the tables of a dataset run (``tl_residual.study``; the columns are those of
-docs/studies.md: ``parts``, ``layers``, ``stream``, ``query``, ``prompts`` and a ``manifest`` dict) or, where the
-paper's quantity is not in those tables, recomputes it from the model and the prompts. Any object with those
+docs/studies.md: ``parts``, ``layers``, ``stream``, ``query``, ``query_totals``, ``query_layers``, ``prompts`` and
+a ``manifest`` dict) or, where the paper's quantity is not in those tables, recomputes it from the model and the
+prompts. The query analyses (Tables 6, 7, 8 query side, 14, Figure 4) read the exact tables ``query_totals`` and
+``query_layers`` (kind ``query``); a run without them is an error, never a sum of the per-value-neuron ``query``
+rows (those are cut at ``query_top_k`` per value neuron). Any object with those
 attributes works as ``results`` (a ``StudyResults``, a ``types.SimpleNamespace`` of DataFrames, ...).
 
 Conventions:
@@ -141,11 +144,22 @@ def _query_label(kind: str, layer: Any) -> str:
     return ("a" if str(kind).startswith(("attn", "head")) else "f") + str(int(layer))
 
 
-def _stored_all(results: Any) -> bool:
-    """Whether the run stored every part (no ``top_k`` cut): needed for sums over all neurons."""
+def _stored_top_k(results: Any, kind: str) -> int | None:
+    """The run's ``top_k`` for ``kind`` (``manifest["options"]["top_k"]``: an integer for the three neuron kinds,
+    or a per-kind mapping as :func:`tl_residual.study.run` records it); ``None`` when every part of the kind was
+    stored (no ``top_k``, ``"all"``, or the kind mapped to ``None``)."""
     opts = (getattr(results, "manifest", None) or {}).get("options", {}) or {}
     top_k = opts.get("top_k", None)
-    return top_k is None or top_k == "all"
+    if isinstance(top_k, dict):
+        top_k = top_k.get(kind)
+    elif isinstance(top_k, int) and kind == "head":
+        top_k = None  # an integer top_k cuts the neuron kinds only (study.run)
+    return None if top_k is None or top_k == "all" else int(top_k)
+
+
+def _stored_all(results: Any, kind: str) -> bool:
+    """Whether the run stored every part of ``kind`` (no ``top_k`` cut for it): needed for sums over all parts."""
+    return _stored_top_k(results, kind) is None
 
 
 def _figure() -> Any:
@@ -289,9 +303,9 @@ def neuron_importance(
     """
     df = _method(_table(results, "parts", ["prompt_id", "kind", "score", "rank"]), method)
     prompts = _prompt_groups(results, df)
-    complete = _stored_all(results)
     frames = []
     for kind in kinds:
+        complete = _stored_all(results, kind)
         sub = _kind(df, kind)
         per = sub.groupby("prompt_id").agg(all=("score", "sum")).reset_index()
         per["positive"] = per["prompt_id"].map(sub[sub["score"] > 0].groupby("prompt_id")["score"].sum()).fillna(0.0)
@@ -325,45 +339,104 @@ def _top_units_value(df: pd.DataFrame, k: int) -> pd.DataFrame:
     return d.groupby("prompt_id", sort=False).head(k)[["prompt_id", "unit"]]
 
 
-def _query_totals(
-    results: Any,
-    value_kind: str | None = None,
-    query_kinds: Sequence[str] = ("ffn_neuron",),
-    value_top: int | None = None,
-    method: str = "log_prob_increase",
-) -> pd.DataFrame:
-    """Per prompt and query part: the sum of its scores over the value neurons (``query`` table)."""
-    q = _table(results, "query", ["prompt_id", "value_name", "query_name", "query_kind", "layer", "score"])
-    if value_kind is not None:
-        vk = q["value_name"].map(lambda n: names.parse(n).kind)
-        q = q[vk == value_kind]
-        if value_top is not None:
-            parts = getattr(results, "parts", None)
-            if isinstance(parts, pd.DataFrame) and len(parts):
-                p = parts[(parts["kind"] == value_kind) & (parts["rank"] <= value_top)]
-                if "method" in p.columns:
-                    p = p[p["method"] == method]
-                keep = set(zip(p["prompt_id"], p["name"]))
-                q = q[[(a, b) in keep for a, b in zip(q["prompt_id"], q["value_name"])]]
-    if query_kinds:
-        q = q[q["query_kind"].isin(tuple(query_kinds))]
-    if len(q) == 0:
+#: The study option (and CLI flag) giving how many value neurons of each kind kind ``query`` splits.
+_QUERY_OPTION = {
+    "ffn_neuron": ("query_values", "--query-values"),
+    "attn_neuron": ("query_attn_values", "--query-attn-values"),
+}
+
+
+def _option_text(value_kind: str) -> str:
+    option, flag = _QUERY_OPTION[value_kind]
+    return f"{option} ({flag})"
+
+
+def _query_table(results: Any, table: str, value_kind: str) -> pd.DataFrame:
+    """The rows of the study's exact query table ``table`` (``query_totals`` or ``query_layers``, written by kind
+    ``query``) for value neurons of ``value_kind``.
+
+    Raises:
+        InvalidInputError: the run has no such rows: an older run (its per-value-neuron ``query`` rows are cut at
+            ``query_top_k`` per value neuron, so their sums are not the paper's quantity), a run without kind
+            ``query``, or one that split no value neuron of ``value_kind``; the message names the option.
+    """
+    if value_kind not in _QUERY_OPTION:
+        raise InvalidInputError(f"value_kind {value_kind!r} is not one of {', '.join(_QUERY_OPTION)}")
+    df = getattr(results, table, None)
+    need = ["prompt_id", "value_kind", "query_kind", "layer", "score"]
+    if not isinstance(df, pd.DataFrame) or len(df) == 0 or any(c not in df.columns for c in need):
         raise InvalidInputError(
-            f"the study's query table has no rows for value kind {value_kind!r} and query kinds {query_kinds!r}"
+            f"the study has no {table!r} rows: run it with kind 'query' (tl-residual study --kinds ...,query; "
+            f"{_option_text(value_kind)} > 0). Older runs stored only the per-value-neuron 'query' table, cut at "
+            f"query_top_k parts per value neuron, whose sums are not the exact query scores"
         )
-    return q.groupby(["prompt_id", "query_name", "query_kind", "layer"], dropna=False)["score"].sum().reset_index()
+    out = df[df["value_kind"] == value_kind]
+    if len(out) == 0:
+        raise InvalidInputError(
+            f"the study's {table!r} table has no rows for {value_kind} value neurons; rerun it with "
+            f"{_option_text(value_kind)} > 0"
+        )
+    return out
+
+
+def _query_option(results: Any, name: str) -> Any:
+    return ((getattr(results, "manifest", None) or {}).get("options", {}) or {}).get(name)
+
+
+def _top_query_neurons(results: Any, value_kind: str, k: int) -> pd.DataFrame:
+    """Per prompt, the ``k`` FFN query neurons with the largest exact query score (``query_totals``: the score
+    summed over the run's top value neurons of ``value_kind``, neuron-level paper section 3.4), one row per neuron
+    name: a neuron read at several positions (attention value neurons read their source positions) keeps its best
+    position's score, since zeroing it (:func:`tl_residual.interventions.intervene`) zeroes it at every position.
+
+    Raises:
+        InvalidInputError: no ``query_totals`` rows, or the run kept fewer than the ``k`` best distinct neurons of
+            a prompt (``query_totals_k`` too small: rerun with ``--query-totals-k``).
+    """
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise InvalidInputError(f"k must be a positive integer, got {k!r}")
+    qt = _query_table(results, "query_totals", value_kind)
+    qt = qt[qt["query_kind"] == "ffn_neuron"]
+    stored = _query_option(results, "query_totals_k")
+    if stored is None:
+        raise InvalidInputError(
+            "the study's manifest does not record query_totals_k, so whether the top query neurons are complete "
+            "cannot be checked; rerun the study with kind 'query'"
+        )
+    qt = qt.sort_values(["prompt_id", "score"], ascending=[True, False], kind="stable")
+    n_rows = qt.groupby("prompt_id").size()
+    distinct = qt.drop_duplicates(["prompt_id", "query_name"])
+    top = distinct.groupby("prompt_id", sort=False).head(k)
+    n_top = top.groupby("prompt_id").size()
+    short = [int(p) for p in n_top.index if n_top[p] < k and n_rows[p] >= int(stored)]
+    if short:
+        raise InvalidInputError(
+            f"the run kept the top {stored} FFN query parts per prompt, fewer than {k} distinct neurons for prompt(s) "
+            f"{short[:5]}; rerun the study with --query-totals-k above {k} (or ask for a smaller k)"
+        )
+    return top
 
 
 def shared_neurons(
-    results: Any, k: int = 300, threshold: float = 0.5, method: str = "log_prob_increase"
+    results: Any,
+    k: int = 300,
+    threshold: float = 0.5,
+    method: str = "log_prob_increase",
+    query_of: str | None = "attn_neuron",
 ) -> pd.DataFrame:
     """Neuron-level paper Table 8: "shared" value and query neurons of each group.
 
     A value neuron (FFN ``L.N`` or attention ``L.H.d``; attention neurons are pooled over source positions, as the
     paper names them ``a_l^h-d``) is shared in a group when it is in the top-``k`` value neurons (``parts``, both
     kinds ranked together by ``method``) of more than ``threshold`` of the group's prompts. A query neuron (an FFN
-    neuron of the ``query`` table, scored by the sum over the value neurons it activates) likewise among the top-``k``
-    query neurons.
+    neuron, scored by its exact query score over the run's top value neurons of kind ``query_of``, table
+    ``query_totals``; by default the attention value neurons, as for Table 7 and Figure 4; pooled over positions)
+    likewise among the top-``k`` query neurons. The query side is left out when the run has no kind ``query``
+    (or ``query_of=None``).
+
+    Raises:
+        InvalidInputError: no ``parts`` rows of the neuron kinds; a run with the old per-value-neuron ``query``
+            rows but no ``query_totals`` (rerun with kind ``query``), or too small a ``query_totals_k``.
 
     Returns:
         One row per group and side (``value`` / ``query``): ``group, side, n_prompts, n_shared, shared`` (the names,
@@ -374,13 +447,14 @@ def shared_neurons(
     )
     prompts = _prompt_groups(results, parts)
     sides = {"value": _top_units_value(parts, k)}
-    q = getattr(results, "query", None)
-    if isinstance(q, pd.DataFrame) and len(q):
-        qt = _query_totals(results)
-        qt = qt.sort_values(["prompt_id", "score"], ascending=[True, False], kind="stable")
-        sides["query"] = (
-            qt.groupby("prompt_id", sort=False).head(k).rename(columns={"query_name": "unit"})[["prompt_id", "unit"]]
-        )
+    # a run with kind query (or the old per-value-neuron rows alone: an error below, never summed)
+    has_query = any(
+        isinstance(getattr(results, t, None), pd.DataFrame) and len(getattr(results, t))
+        for t in ("query", "query_totals")
+    )
+    if query_of is not None and has_query:
+        top = _top_query_neurons(results, query_of, k)
+        sides["query"] = top.rename(columns={"query_name": "unit"})[["prompt_id", "unit"]]
     rows = []
     gmap = prompts.set_index("prompt_id")["group"]
     for side, top in sides.items():
@@ -451,21 +525,36 @@ def top_query_layers(
     """Neuron-level paper Tables 6 (query layers of the top-100 FFN value neurons) and 14 (of the top-200
     attention value neurons): the ``k`` layers whose parts contribute most to the value neurons' inputs.
 
-    From the ``query`` table: each query part's score (its share of a value neuron's input weighted by the value
-    neuron's importance, section 3.3) is summed per query layer label (``a_l`` attention parts, ``f_l`` FFN
-    neurons, ``e`` embeddings) over the value neurons of ``value_kind`` ranked ``<= n_value`` (default 100 for FFN,
-    200 for attention; every value neuron of the table if the run has no ``parts``), per prompt; averaged over
-    the group's prompts.
+    From the study's ``query_layers`` table (kind ``query``): per prompt, the exact query score (section 3.4:
+    ``sum_a Imp(a) * contribution_j(a) / input(a)`` over the run's top value neurons ``a`` of ``value_kind``, every
+    part ``j`` counted) summed per query layer label (``a_l``: layer ``l``'s attention subvalues and ``b_O``;
+    ``f_l``: its FFN neurons and ``b_out``; ``e``: the embeddings; the key bias left out); averaged over the
+    group's prompts. The number of value neurons is the run's (``query_values`` for FFN, ``query_attn_values``
+    for attention; the paper's 100 and 200 need ``--query-values 100 --query-attn-values 200``).
 
     Returns:
-        Columns ``group, rank, label, score``.
+        Columns ``group, rank, label, score`` (nats).
+
+    Raises:
+        InvalidInputError: no ``query_layers`` rows for ``value_kind`` (an older run, or none of that kind split),
+            ``n_value`` other than the run's, or a ``method`` other than ``log_prob_increase`` (the query score's Imp).
     """
-    if n_value is None:
-        n_value = 100 if value_kind == "ffn_neuron" else 200
-    qt = _query_totals(results, value_kind, query_kinds=(), value_top=n_value, method=method)
-    qt = qt.assign(label=[_query_label(kd, l) for kd, l in zip(qt["query_kind"], qt["layer"])])
-    qt = qt[qt["label"] != "bias"]
-    mean = _per_prompt_mean(qt[["prompt_id", "label", "score"]], ["label"], ["score"], _prompt_groups(results, qt))
+    if method != "log_prob_increase":
+        raise InvalidInputError(f"the study's query scores weight by log-probability increase, not {method!r}")
+    ql = _query_table(results, "query_layers", value_kind)
+    option, flag = _QUERY_OPTION[value_kind]
+    stored = _query_option(results, option)
+    if n_value is not None and (
+        (stored is not None and int(stored) != n_value)
+        or (stored is None and "n_value" in ql.columns and (ql["n_value"] != n_value).any())
+    ):
+        raise InvalidInputError(
+            f"the run split the top {stored if stored is not None else sorted(set(ql['n_value']))} {value_kind} "
+            f"value neurons, not {n_value}; rerun the study with {flag} {n_value} (or pass n_value=None)"
+        )
+    ql = ql[ql["query_kind"] != "key_bias"]
+    ql = ql.assign(label=[_query_label(kd, l) for kd, l in zip(ql["query_kind"], ql["layer"])])
+    mean = _per_prompt_mean(ql[["prompt_id", "label", "score"]], ["label"], ["score"], _prompt_groups(results, ql))
     return _top(mean, ["label"], k)
 
 
@@ -478,20 +567,36 @@ def _per_layer_counts(
     return out, _layer_bars(out, labels, **layout)
 
 
-def query_neuron_counts(results: Any, k: int = 1000, method: str = "log_prob_increase") -> tuple[pd.DataFrame, Any]:
+def query_neuron_counts(
+    results: Any, k: int = 1000, method: str = "log_prob_increase", value_kind: str = "attn_neuron"
+) -> tuple[pd.DataFrame, Any]:
     """Neuron-level paper Figure 4: per FFN layer, the mean number per prompt of "query-value" neurons (in the
     top-``k`` query FFN neurons and the top-``k`` value FFN neurons of the prompt) and "query-only" neurons (in the
     top-``k`` query neurons only).
 
+    Query FFN neurons: those with the largest exact query score over the run's top value neurons of
+    ``value_kind`` (table ``query_totals``; by default the attention value neurons, as the paper's section 5.2
+    counts the query neurons of Table 7), one per name (pooled over positions). Value FFN neurons: the ``parts``
+    rows of rank ``<= k`` by ``method``.
+
     Returns:
         ``(df, fig)``: columns ``group, n_prompts, layer, query_value, query_only``.
+
+    Raises:
+        InvalidInputError: no ``query_totals`` rows for ``value_kind``; too small a ``query_totals_k``; or a run that
+            stored fewer than ``k`` FFN value neurons per prompt (``--top-k ffn_neuron=...``).
     """
     parts = _kind(
         _method(_table(results, "parts", ["prompt_id", "kind", "name", "layer", "rank"]), method), "ffn_neuron"
     )
+    cut = _stored_top_k(results, "ffn_neuron")
+    if cut is not None and cut < k:
+        raise InvalidInputError(
+            f"Figure 4 needs the top-{k} FFN value neurons per prompt; the run stored the top {cut} "
+            f"(rerun the study with --top-k ffn_neuron={k} or more)"
+        )
     value = set(zip(*[parts.loc[parts["rank"] <= k, c] for c in ("prompt_id", "name")]))
-    qt = _query_totals(results).sort_values(["prompt_id", "score"], ascending=[True, False], kind="stable")
-    top = qt.groupby("prompt_id", sort=False).head(k).copy()
+    top = _top_query_neurons(results, value_kind, k).copy()
     both = [(p, n) in value for p, n in zip(top["prompt_id"], top["query_name"])]
     top["query_value"] = [float(b) for b in both]
     top["query_only"] = [1.0 - float(b) for b in both]
@@ -550,8 +655,11 @@ def ffn_subvalue_counts(results: Any, method: str = "log_prob_increase") -> tupl
     Returns:
         ``(df, fig)``: columns ``group, n_prompts, layer, helpful, unhelpful``.
     """
-    if not _stored_all(results):
-        raise InvalidInputError("ffn_subvalue_counts needs every FFN neuron's score; the run stored only a top_k")
+    if not _stored_all(results, "ffn_neuron"):
+        raise InvalidInputError(
+            f"ffn_subvalue_counts needs every FFN neuron's score; the run stored only the top "
+            f"{_stored_top_k(results, 'ffn_neuron')} (rerun the study with --top-k ffn_neuron=all)"
+        )
     df = _kind(_method(_table(results, "parts", ["prompt_id", "kind", "layer", "score"]), method), "ffn_neuron")
     df = df.assign(helpful=(df["score"] > 0).astype(float), unhelpful=(df["score"] < 0).astype(float))
     out, fig = _per_layer_counts(
@@ -714,19 +822,28 @@ def head_ablation(
     return pd.DataFrame(rows)
 
 
-def query_neuron_ablation(model: Any, results: Any, k: int = 1000, seed: int = 0, batch_size: int = 16) -> pd.DataFrame:
+def query_neuron_ablation(
+    model: Any, results: Any, k: int = 1000, seed: int = 0, batch_size: int = 16, value_kind: str = "attn_neuron"
+) -> pd.DataFrame:
     """Neuron-level paper Table 7: MRR / probability decrease (%) when zeroing each prompt's top-``k`` query FFN
-    neurons (the FFN neurons of the ``query`` table with the largest summed score over the attention value neurons
-    they activate), against ``k`` random FFN neurons (seeded, per prompt).
+    neurons, against ``k`` random FFN neurons (seeded, per prompt).
+
+    The query FFN neurons are those with the largest exact query score over the run's top value neurons of
+    ``value_kind`` (table ``query_totals``; the paper's Table 7 takes those of the top-200 attention value
+    neurons: ``--query-attn-values 200``). A neuron read at several positions (attention value neurons read
+    their source positions) counts once, as zeroing it through :func:`tl_residual.interventions.intervene` zeroes
+    it at every position; so the ``k`` zeroed neurons are ``k`` distinct names.
 
     Returns:
         Columns ``group, selection`` (``query`` / ``random``), ``n_prompts, mrr_before, ..., prob_decrease_pct``.
+
+    Raises:
+        InvalidInputError: no ``query_totals`` rows for ``value_kind`` (an older run: rerun with kind ``query``),
+            or fewer than ``k`` distinct query neurons kept (``--query-totals-k``).
     """
     from tl_residual.interventions import intervene, random_components
 
-    qt = _query_totals(results, "attn_neuron")
-    qt = qt.sort_values(["prompt_id", "score"], ascending=[True, False], kind="stable")
-    picks = qt.groupby("prompt_id", sort=False).head(k).groupby("prompt_id")["query_name"].apply(list)
+    picks = _top_query_neurons(results, value_kind, k).groupby("prompt_id")["query_name"].apply(list)
     prompts = prompt_table(results)
     prompts = prompts[prompts["prompt_id"].isin(picks.index)]
     rows = []
@@ -1370,7 +1487,8 @@ def paper_numbers() -> dict[str, pd.DataFrame]:
 
 def load_study(directory: str) -> Any:
     """A run folder of :func:`tl_residual.study.run` as a :class:`~tl_residual.study.StudyResults`
-    (``parts, layers, stream, query, prompts`` DataFrames and ``manifest``): :func:`tl_residual.study.load`.
+    (``parts, layers, stream, query, query_totals, query_layers, prompts`` DataFrames and ``manifest``):
+    :func:`tl_residual.study.load`.
 
     Raises:
         InvalidInputError: ``directory`` is not a study folder.
@@ -1424,15 +1542,17 @@ def report_sections(results: Any, model: Any = None, max_prompts: int | None = N
         lambda: neuron_importance(results),
         "neuron_table5_12",
     )
+    n_ffn = _query_option(results, "query_values")
+    n_attn = _query_option(results, "query_attn_values")
     add(
         neuron,
-        "Table 6: top-10 query layers of the top-100 FFN value neurons",
+        f"Table 6: top-10 query layers of the top-{n_ffn or 'N'} FFN value neurons (the paper: top-100)",
         lambda: top_query_layers(results, "ffn_neuron"),
         shape=lambda t: _wide(t, "label"),
     )
     add(
         neuron,
-        "Table 14: top-10 query layers of the top-200 attention value neurons",
+        f"Table 14: top-10 query layers of the top-{n_attn or 'N'} attention value neurons (the paper: top-200)",
         lambda: top_query_layers(results, "attn_neuron"),
         shape=lambda t: _wide(t, "label"),
     )
@@ -1451,7 +1571,12 @@ def report_sections(results: Any, model: Any = None, max_prompts: int | None = N
         "Figures 2 / 5: layers of the top-10 FFN neurons of methods a, b, c",
         lambda: neuron_layer_distribution(results),
     )
-    add(neuron, "Figure 4: query-only and query-value FFN neurons per layer", lambda: query_neuron_counts(results))
+    add(
+        neuron,
+        f"Figure 4: query-only and query-value FFN neurons per layer (top-1000 query neurons of the top-"
+        f"{n_attn or 'N'} attention value neurons)",
+        lambda: query_neuron_counts(results),
+    )
     add(
         resid,
         "Figure 5: mean log probability of the target along the residual stream",
@@ -1470,7 +1595,8 @@ def report_sections(results: Any, model: Any = None, max_prompts: int | None = N
         add(neuron, "Table 11: zeroing the top 1% heads of each group", lambda: head_ablation(model, results))
         add(
             neuron,
-            "Table 7: zeroing the top-1000 query FFN neurons against 1000 random",
+            f"Table 7: zeroing the top-1000 query FFN neurons of the top-{n_attn or 'N'} attention value neurons "
+            "against 1000 random",
             lambda: query_neuron_ablation(model, results),
             "neuron_table7",
         )

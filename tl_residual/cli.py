@@ -782,6 +782,18 @@ def study(
     ),
     max_prompts: int | None = typer.Option(None, "--max-prompts", help="Only the first N prompts of the data."),
     convention: str = typer.Option("frozen", "--lens", help="Lens convention: frozen (default), recomputed, none."),
+    query_values: int = typer.Option(
+        10, "--query-values", help="Kind query: FFN value neurons split per prompt (top by Imp; 0 = none)."
+    ),
+    query_attn_values: int = typer.Option(
+        10, "--query-attn-values", help="Kind query: attention value neurons split per prompt (0 = none)."
+    ),
+    query_top_k: int = typer.Option(20, "--query-top-k", help="Kind query: query parts kept per value neuron."),
+    query_totals_k: int = typer.Option(
+        1000,
+        "--query-totals-k",
+        help="Kind query: query parts kept per prompt, value kind and query kind by their summed score.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Score every prompt of a data set and write Parquet shards to OUT (resumable; data-parallel under
@@ -828,6 +840,10 @@ def study(
             group_column=group_column,
             filter=filter_,
             convention=convention,
+            query_values=query_values,
+            query_attn_values=query_attn_values,
+            query_top_k=query_top_k,
+            query_totals_k=query_totals_k,
             max_prompts=max_prompts,
             model_name=model,
             progress=not quiet,

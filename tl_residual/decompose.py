@@ -750,6 +750,27 @@ def iter_parts(
         UnsupportedArchitectureError: the model is outside what the decomposition covers, or ``resid_mid`` of a
             parallel attention+MLP model.
     """
+    for item in iter_parts_marked(model, cache, layer, position, stream, batch):
+        if isinstance(item, PartGroup):
+            yield item
+
+
+def iter_parts_marked(
+    model: Any,
+    cache: Any,
+    layer: int = -1,
+    position: int = -1,
+    stream: Stream = "resid_post",
+    batch: int = 0,
+) -> Iterator[PartGroup | tuple[int, str]]:
+    """:func:`iter_parts`, with a mark ``(l, "resid_pre")``, ``(l, "resid_mid")`` or ``(l, "resid_post")`` yielded
+    where the parts so far are exactly those of that stream vector: one pass over the parts of the deepest stream
+    serves every lower stream at the same position (the stream of a lower layer is a prefix of it). No
+    ``resid_mid`` mark for parallel attention+MLP models (they have no ``resid_mid``).
+
+    Raises:
+        As :func:`iter_parts`.
+    """
     spec = tlm.model_spec(model)
     stream = resolve_stream(stream)
     check_stream(spec, stream)
@@ -758,14 +779,18 @@ def iter_parts(
     yield from embedding_parts(model, cache, position, batch)
     for l in range(layer + 1):
         yield from source_parts(model, cache, l, "resid_pre", position, batch)
+        yield (l, "resid_pre")
         if l == layer and stream == "resid_pre":
             break
         yield from attention_parts(model, cache, l, position, batch)
         yield from source_parts(model, cache, l, "resid_mid", position, batch)
+        if spec.has_resid_mid:
+            yield (l, "resid_mid")
         if l == layer and stream == "resid_mid":
             break
         yield from mlp_parts(model, cache, l, position, batch)
         yield from source_parts(model, cache, l, "resid_post", position, batch)
+        yield (l, "resid_post")
 
 
 def check_stream(spec: tlm.ModelSpec, stream: str) -> None:

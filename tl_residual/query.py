@@ -31,7 +31,7 @@ Units: contributions are in the units of the pre-activation (the input of the ac
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -48,6 +48,7 @@ from tl_residual.decompose import (
     base_stream,
     ffn_parts,
     iter_parts,
+    iter_parts_marked,
     layer_outputs,
     n_positions,
     resolve_layer,
@@ -201,9 +202,10 @@ def iter_query_contributions(
     key64 = key.double()
     total = None
     for group in iter_parts(model, cache, layer, position, stream, batch):
-        part = group.coefficients.double() @ group.directions.double()
+        coefficients, directions = group.coefficients.double(), group.directions.double()  # converted once
+        part = coefficients @ directions
         total = part if total is None else total + part
-        yield group, group.coefficients.double()[:, None] * (group.directions.double() @ key64)
+        yield group, coefficients[:, None] * (directions @ key64)
     assert total is not None  # iter_parts always yields the embedding
     verify_exact(model, cache, total, layer, position, stream, batch, "the query split's parts")  # safety net
 
@@ -364,7 +366,13 @@ def top_query_parts(split: pd.DataFrame, column: str | None = None, top_k: int |
 @dataclass
 class _QueryScores:
     """Running sums of :func:`query_neuron_scores` for one context: per (part kind, layer, position) group and per
-    key bias, fed one layer's value neurons at a time by :meth:`add`."""
+    key bias, fed the value neurons read at one position at a time by :meth:`add_many`.
+
+    ``parts`` keeps, per group, the group's labels (its directions dropped: only names and indices are kept) and the
+    running score of each of its parts; ``n_value`` counts the value neurons given, ``skipped`` names those whose
+    input was too small to divide by, ``total_imp`` sums the Imp of the others (nats). Memory: one float64 per
+    part of every stream vector read, plus one layer's groups at a time while :meth:`add_many` runs.
+    """
 
     ctx: ScoringContext
     min_abs_input: float
@@ -372,36 +380,169 @@ class _QueryScores:
     key_bias: dict[tuple[int, int], float] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     total_imp: float = 0.0
+    n_value: int = 0
 
-    def add(
-        self, kind: str, layer: int, position: int, read: tuple[Tensor, Tensor, str], flat: Tensor, rows: pd.DataFrame
-    ) -> None:
-        """Add the query shares of the value neurons ``rows`` (a score table: ``name``, ``score`` = Imp in nats)
-        of one layer, read at ``position``.
+    def add_many(
+        self,
+        kind: str,
+        position: int,
+        reads: Sequence[tuple[int, tuple[Tensor, Tensor, str], Tensor, pd.DataFrame]],
+        each: Callable[[int, PartGroup, Tensor], None] | None = None,
+    ) -> list[tuple[pd.DataFrame, Tensor] | None]:
+        """Add the query shares of the value neurons of ``kind`` read at ``position``: ``reads`` holds, per layer,
+        ``(layer, read, flat, rows)`` (:func:`value_reads`): ``rows`` a score table (``name``, ``score`` = Imp in
+        nats), ``read = (weights [d_model, k], bias [k], hook)`` of the neurons' input and ``flat`` their indices in
+        the flattened hook.
 
-        ``read`` is ``(weights [d_model, k], bias [k], hook)`` of the neurons' input and ``flat`` their indices in
-        the flattened hook. Each neuron ``a`` adds ``Imp(a) * contribution_j(a) / input(a)`` to every part ``j``
-        of the stream it reads, and its share of the key bias.
+        Each neuron ``a`` adds ``Imp(a) * contribution_j(a) / input(a)`` to every part ``j`` of the stream vector it
+        reads (:func:`folded_key`: its exact contribution), and its share ``Imp(a) * B(a) / input(a)`` of the key
+        bias. One pass over the parts of the deepest stream read serves every layer
+        (:func:`~tl_residual.decompose.iter_parts_marked`: a lower layer's stream is a prefix of it; each read's
+        parts are checked against its cached stream vector at its mark, the safety net). ``each``, if given, is
+        called per read ``i`` and part group with the per-neuron scores ``[n parts, k kept]`` (float64; the columns
+        are the kept neurons, in the order of the returned rows).
+
+        Returns:
+            Per read: ``(kept rows, key-bias share per kept neuron [k kept])``, or None when every neuron was
+            skipped (``|input| < min_abs_input``).
         """
-        w, b, hook = read
-        imp, neuron_names = torch.tensor(rows["score"].tolist()), list(rows["name"])
-        stream, norm = _read_norm(self.ctx.model, kind, layer)
         model, cache, batch = self.ctx.model, self.ctx.cache, self.ctx.batch
-        value = tlm.cached(cache, hook, batch)[position].reshape(-1)[flat].double()
-        keep = value.abs() >= self.min_abs_input
-        self.skipped.extend(n for n, k in zip(neuron_names, keep.tolist()) if not k)
-        if not bool(keep.any()):
-            return
-        w, b, value, imp = w[:, keep], b[keep], value[keep], imp[keep].double()
-        weight = imp / value
-        self.total_imp += float(imp.sum())
-        key = folded_key(model, cache, norm, position, w, batch)
-        for group, contrib in iter_query_contributions(model, cache, key, layer, stream, position, batch):
-            gk = (group.kind, group.layer, position)
-            scored = contrib @ weight
-            self.parts[gk] = (group, self.parts[gk][1] + scored) if gk in self.parts else (group, scored)
-        bk = (layer, position)
-        self.key_bias[bk] = self.key_bias.get(bk, 0.0) + float(key_bias(model, norm, w, b).double() @ weight)
+        out: list[tuple[pd.DataFrame, Tensor] | None] = []
+        live: list[tuple[int, int, Tensor, Tensor]] = []  # (read index, layer, folded key, weight)
+        stream: Stream = "resid_pre"
+        for i, (layer, (w, b, hook), flat, rows) in enumerate(reads):
+            neuron_names = list(rows["name"])
+            stream, norm = _read_norm(model, kind, layer)
+            cached = tlm.cached(cache, hook, batch)[position].reshape(-1)
+            value = cached[flat.to(cached.device)].double()
+            imp = torch.tensor(rows["score"].tolist(), dtype=torch.float64, device=value.device)
+            self.n_value += len(neuron_names)
+            keep = value.abs() >= self.min_abs_input
+            self.skipped.extend(n for n, k in zip(neuron_names, keep.tolist()) if not k)
+            if not bool(keep.any()):
+                out.append(None)
+                continue
+            keep_cpu = keep.cpu()
+            w, b, value, imp = w[:, keep_cpu.to(w.device)], b[keep_cpu.to(b.device)], value[keep], imp[keep]
+            weight = imp / value
+            self.total_imp += float(imp.sum())
+            live.append((i, layer, folded_key(model, cache, norm, position, w, batch).double(), weight))
+            bias_share = key_bias(model, norm, w, b).double().to(weight.device) * weight
+            bk = (layer, position)
+            self.key_bias[bk] = self.key_bias.get(bk, 0.0) + float(bias_share.sum())
+            out.append((rows[keep_cpu.numpy()], bias_share.cpu()))
+        if not live:
+            return out
+        deepest = max(layer for _, layer, _, _ in live)
+        keys = torch.cat([k for _, _, k, _ in live], dim=1)
+        total: Tensor | None = None
+        for item in iter_parts_marked(model, cache, deepest, position, stream, batch):
+            if not isinstance(item, PartGroup):
+                if item[1] == stream and any(layer == item[0] for _, layer, _, _ in live):
+                    assert total is not None  # the embedding comes first
+                    verify_exact(model, cache, total, item[0], position, stream, batch, "the query split's parts")
+                    live = [r for r in live if r[1] != item[0]]  # these reads' parts are complete
+                    keys = torch.cat([k for _, _, k, _ in live], dim=1) if live else keys[:, :0]
+                continue
+            if not live:
+                break
+            coefficients, directions = item.coefficients.double(), item.directions.double()  # converted once
+            part = coefficients @ directions
+            total = part if total is None else total + part
+            contrib = coefficients[:, None] * (directions @ keys.to(directions.device))  # [n parts, open neurons]
+            start, gk = 0, (item.kind, item.layer, position)
+            for i, _, key, weight in live:
+                scores = contrib[:, start : start + key.shape[1]] * weight.to(contrib.device)
+                start += key.shape[1]
+                scored = scores.sum(1)
+                if gk in self.parts:
+                    self.parts[gk] = (self.parts[gk][0], self.parts[gk][1] + scored)
+                else:
+                    self.parts[gk] = (_labels_only(item), scored)
+                if each is not None:
+                    each(i, item, scores)
+        assert not live  # every read met its mark
+        return out
+
+
+def _labels_only(group: PartGroup) -> PartGroup:
+    """``group`` without its directions (names, indices and coefficients' count kept): what a score table needs."""
+    return PartGroup(group.kind, group.layer, torch.ones(len(group)), torch.empty(0), group.index, group.names)
+
+
+def value_reads(
+    ctx: ScoringContext, kind: ValueKind, top: pd.DataFrame, which: Input | None = None
+) -> Iterator[tuple[int, int, tuple[Tensor, Tensor, str], Tensor, pd.DataFrame]]:
+    """The value neurons of the score table ``top`` grouped by the stream vector they read: ``(layer, position,
+    read, flat, rows)`` for :meth:`_QueryScores.add`.
+
+    FFN neurons (``kind="ffn_neuron"``): one group per layer, read at ``ctx.position`` through input ``which``
+    (:func:`ffn_key`; default ``"pre"``, or ``"up"`` for gated MLPs). Attention value neurons
+    (``kind="attn_neuron"``, ``L{l}.H{h}.d{d}.p{p}``): one group per (layer, source position), read at ``p``
+    through ``v`` (:func:`value_key`; every head of the group in one key matrix, the columns of the GQA slot
+    ``kv(h)`` where the cache holds one ``v`` per key-value head). ``rows`` is ``top``'s rows in the key's column
+    order.
+
+    Raises:
+        InvalidInputError: ``which`` does not fit the value kind.
+    """
+    model, cache, batch = ctx.model, ctx.cache, ctx.batch
+    spec = tlm.model_spec(model)
+    if kind == "ffn_neuron":
+        which = which or ("up" if spec.gated_mlp else "pre")
+        for layer, rows in top.groupby("layer", sort=True):
+            neurons = torch.tensor(rows["neuron"].tolist(), dtype=torch.long)
+            yield int(layer), ctx.position, ffn_key(model, int(layer), neurons, which), neurons, rows
+        return
+    if which not in (None, "value"):
+        raise InvalidInputError(f"attention value neurons have one input, 'value'; got which={which!r}")
+    for (layer, src), sel in top.groupby(["layer", "src_pos"], sort=True):
+        ws, bs, flats, frames, hook = [], [], [], [], ""
+        for head, rows in sel.groupby("head", sort=True):
+            dims = torch.tensor(rows["dim"].tolist(), dtype=torch.long)
+            w, b, hook = value_key(model, int(layer), int(head), dims)
+            v_heads = tlm.cached(cache, hook, batch).shape[1]
+            slot = int(head) // spec.heads_per_kv if v_heads == spec.n_kv_heads else int(head)
+            ws.append(w)
+            bs.append(b)
+            flats.append(slot * spec.d_head + dims)
+            frames.append(rows)
+        read = (torch.cat(ws, dim=1), torch.cat(bs), hook)
+        yield int(layer), int(src), read, torch.cat(flats), pd.concat(frames)
+
+
+def reads_by_position(
+    reads: Iterable[tuple[int, int, tuple[Tensor, Tensor, str], Tensor, pd.DataFrame]],
+) -> list[tuple[int, list[tuple[int, tuple[Tensor, Tensor, str], Tensor, pd.DataFrame]]]]:
+    """The reads of :func:`value_reads` grouped by position (in order of first appearance): the argument of
+    :meth:`_QueryScores.add_many`."""
+    out: dict[int, list[tuple[int, tuple[Tensor, Tensor, str], Tensor, pd.DataFrame]]] = {}
+    for layer, position, read, flat, rows in reads:
+        out.setdefault(position, []).append((layer, read, flat, rows))
+    return list(out.items())
+
+
+def query_part_table(acc: _QueryScores, tokens: Sequence[str] | None = None) -> pd.DataFrame:
+    """The summed scores of :class:`_QueryScores` as a part table (unsorted): the identifying columns of
+    :mod:`tl_residual.tables`, ``position`` and ``score`` (nats), and one row ``L{l}.key_bias`` (kind
+    ``key_bias``) per (layer, position) of the value neurons."""
+    frames = [
+        tables.part_frame(group, src_tokens=tokens, position=position, score=scored.cpu().numpy())
+        for (_, _, position), (group, scored) in acc.parts.items()
+    ]
+    for (layer, position), scored in acc.key_bias.items():
+        frames.append(
+            pd.DataFrame(
+                {
+                    "name": [f"L{layer}.key_bias"],
+                    "kind": ["key_bias"],
+                    "layer": [layer],
+                    "position": [position],
+                    "score": [scored],
+                }
+            )
+        )
+    return tables.concat(frames, ["position", "score"], kinds=STREAM_KINDS)
 
 
 def query_neuron_scores(
@@ -449,43 +590,14 @@ def query_neuron_scores(
         raise InvalidInputError(f"value_kind {value_kind!r} is not one of 'ffn_neuron', 'attn_neuron'")
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
         raise InvalidInputError(f"top_k must be a positive integer or None, got {top_k!r}")
-    model, cache, batch = ctx.model, ctx.cache, ctx.batch
-    spec = tlm.model_spec(model)
+    spec = tlm.model_spec(ctx.model)
     acc = _QueryScores(ctx, min_abs_input)
     top = score(ctx, (kind,), "log_prob_increase", top_k=n_value, n_top_tokens=0)
-    if kind == "ffn_neuron":
-        if which is None:
-            which = "up" if spec.gated_mlp else "pre"
-        for layer, rows in top.groupby("layer"):
-            neurons = torch.tensor(rows["neuron"].tolist())
-            acc.add(kind, int(layer), ctx.position, ffn_key(model, int(layer), neurons, which), neurons, rows)
-    else:
-        if which not in (None, "value"):
-            raise InvalidInputError(f"attention value neurons have one input, 'value'; got which={which!r}")
-        for (layer, src, head), rows in top.groupby(["layer", "src_pos", "head"]):
-            dims = torch.tensor(rows["dim"].tolist())
-            read = value_key(model, int(layer), int(head), dims)
-            v_heads = tlm.cached(cache, read[2], batch).shape[1]
-            slot = int(head) // spec.heads_per_kv if v_heads == spec.n_kv_heads else int(head)
-            acc.add(kind, int(layer), int(src), read, slot * spec.d_head + dims, rows)
-    tokens = ctx.src_tokens()
-    frames = [
-        tables.part_frame(group, src_tokens=tokens, position=position, score=scored.numpy())
-        for (_, _, position), (group, scored) in acc.parts.items()
-    ]
-    for (layer, position), scored in acc.key_bias.items():
-        frames.append(
-            pd.DataFrame(
-                {
-                    "name": [f"L{layer}.key_bias"],
-                    "kind": ["key_bias"],
-                    "layer": [layer],
-                    "position": [position],
-                    "score": [scored],
-                }
-            )
-        )
-    df = tables.concat(frames, ["position", "score"], kinds=STREAM_KINDS)
+    if kind == "ffn_neuron" and which is None:
+        which = "up" if spec.gated_mlp else "pre"
+    for position, reads in reads_by_position(value_reads(ctx, kind, top, which)):  # type: ignore[arg-type]
+        acc.add_many(kind, position, reads)
+    df = query_part_table(acc, ctx.src_tokens())
     df = df.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
     if top_k is not None:
         df = df.head(top_k).reset_index(drop=True)

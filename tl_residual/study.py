@@ -11,9 +11,12 @@ pass and one ``ActivationCache`` per batch, reused by every method and every kin
 * ``ffn_neuron``, ``attn_neuron``, ``attn_subvalue``: the certified exact top-k per kind
   (:func:`tl_residual.scorers.score_groups`; neuron-level paper section 3), and ``head``: every head (table
   ``parts``);
-* ``query``: for the top FFN value neurons (by log-probability increase), the query parts that switched each on,
-  with score ``Imp(a) * contribution / input(a)`` (neuron-level paper section 3.3, the per-value-neuron terms of
-  :func:`tl_residual.query.query_neuron_scores`; table ``query``).
+* ``query``: for the top FFN value neurons (``query_values``) and the top attention value neurons
+  (``query_attn_values``), by log-probability increase, the query parts that switched each on, scored
+  ``Imp(a) * contribution / input(a)`` (neuron-level paper section 3.4; :func:`tl_residual.query.query_neuron_scores`):
+  per value neuron its ``query_top_k`` best parts (table ``query``), and, from the same pass, the exact sums over all
+  the value neurons of a kind: the ``query_totals_k`` best parts per query kind (table ``query_totals``) and the
+  sum over every part of each query kind and layer (table ``query_layers``).
 
 Names are in prompt coordinates (source position 0 is the prompt's first token, BOS where the tokenizer prepends
 one): batches are padded on the right, so under the causal mask the real tokens of a prompt see exactly the
@@ -21,7 +24,8 @@ activations they would see alone, and every position index is the prompt's own. 
 :mod:`tl_residual.names` and mean the same component in :func:`tl_residual.interventions.intervene`.
 
 Output layout under ``out_dir`` (the contract of ``docs/studies.md``): ``manifest.json`` and one folder per table
-(``parts/``, ``layers/``, ``stream/``, ``query/``, ``prompts/``) of Parquet shards named ``rank{R}-{K:05d}.parquet``,
+(``parts/``, ``layers/``, ``stream/``, ``query/``, ``query_totals/``, ``query_layers/``, ``prompts/``) of Parquet
+shards named ``rank{R}-{K:05d}.parquet``,
 one shard per batch and rank. Every file is written to a temporary name and moved into place with
 :func:`os.replace`; the ``prompts`` shard of a batch is written last and is the batch's commit record:
 :func:`load` and resumption only see batches whose ``prompts`` shard exists. A run interrupted in any way (Ctrl-C,
@@ -86,6 +90,7 @@ from tl_residual.decompose import (
     residual_stream,
 )
 from tl_residual.errors import InvalidInputError, TLResidualError
+from tl_residual.query import STREAM_KINDS as Q_STREAM_KINDS
 
 #: What a study can compute per prompt (``kinds=``).
 KINDS: tuple[str, ...] = ("layer", "stream", "ffn_neuron", "attn_neuron", "attn_subvalue", "head", "query")
@@ -95,7 +100,7 @@ DEFAULT_TOP_K: dict[str, int | None] = {"ffn_neuron": 100, "attn_neuron": 200, "
 #: Relative error of the decomposition of the final ``resid_post`` above which a prompt is marked failed
 #: (float32 gives about 1e-7 to 1e-6).
 MAX_DECOMPOSITION_ERROR = 1e-4
-TABLES: tuple[str, ...] = ("parts", "layers", "stream", "query", "prompts")
+TABLES: tuple[str, ...] = ("parts", "layers", "stream", "query", "query_totals", "query_layers", "prompts")
 BUILTIN_FACTUAL = "builtin:factual"
 SCHEMA_VERSION = 1
 
@@ -158,6 +163,35 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("rank", _INT),
         ]
     ),
+    "query_totals": pa.schema(
+        [
+            ("prompt_id", _INT),
+            ("group", pa.string()),
+            ("value_kind", pa.string()),
+            ("query_name", pa.string()),
+            ("query_kind", pa.string()),
+            ("layer", _INT),
+            ("head", _INT),
+            ("src_pos", _INT),
+            ("neuron", _INT),
+            ("position", _INT),
+            ("score", pa.float64()),
+            ("rank", _INT),
+        ]
+    ),
+    "query_layers": pa.schema(
+        [
+            ("prompt_id", _INT),
+            ("group", pa.string()),
+            ("value_kind", pa.string()),
+            ("query_kind", pa.string()),
+            ("layer", _INT),
+            ("score", pa.float64()),
+            ("total_imp", pa.float64()),
+            ("n_value", _INT),
+            ("n_skipped", _INT),
+        ]
+    ),
     "prompts": pa.schema(
         [
             ("prompt_id", _INT),
@@ -187,6 +221,8 @@ class StudyResults:
     layers: pd.DataFrame
     stream: pd.DataFrame
     query: pd.DataFrame
+    query_totals: pd.DataFrame
+    query_layers: pd.DataFrame
     prompts: pd.DataFrame
     manifest: dict[str, Any] = field(default_factory=dict)
 
@@ -433,6 +469,8 @@ def load(out_dir: str | os.PathLike[str]) -> StudyResults:
         "layers": ["prompt_id", "method", "layer", "sublayer"],
         "stream": ["prompt_id", "index"],
         "query": ["prompt_id", "value_name", "rank"],
+        "query_totals": ["prompt_id", "value_kind", "query_kind", "rank"],
+        "query_layers": ["prompt_id", "value_kind", "layer", "query_kind"],
         "prompts": ["prompt_id"],
     }
     for table in TABLES:
@@ -692,6 +730,8 @@ def score_prompt(
     chunk_size: int | None = None,
     query_values: int = 10,
     query_top_k: int = 20,
+    query_attn_values: int = 10,
+    query_totals_k: int = 1000,
     pid: int = 0,
     group: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
@@ -713,6 +753,8 @@ def score_prompt(
         top_k=top_k,
         query_values=query_values,
         query_top_k=query_top_k,
+        query_attn_values=query_attn_values,
+        query_totals_k=query_totals_k,
         pid=pid,
         group=group,
     )
@@ -726,6 +768,8 @@ def _score_prepared(
     top_k: Mapping[str, int | None],
     query_values: int,
     query_top_k: int,
+    query_attn_values: int,
+    query_totals_k: int,
     pid: int,
     group: str | None,
 ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
@@ -812,67 +856,183 @@ def _score_prepared(
             df = fn(method)
             rows["parts"].extend(_parts_rows(df, pid, group, method, kind))
     if "query" in kinds:
-        rows["query"] = _query_rows(ctx, query_values, query_top_k, base)
+        n_values = {"ffn_neuron": query_values, "attn_neuron": query_attn_values}
+        rows.update(_query_rows(prompt, n_values, query_top_k, query_totals_k, base))
     return facts, rows
 
 
-def _query_rows(ctx: Any, n_value: int, top_k: int, base: dict[str, Any]) -> list[dict[str, Any]]:
-    """For each of the ``n_value`` FFN neurons ``a`` with the largest log-probability increase ``Imp(a)``: its
-    ``top_k`` query parts ``j`` by ``Imp(a) * contribution_j(a) / input(a)`` (nats; neuron-level paper section 3.3,
-    the per-value-neuron terms that :func:`tl_residual.query.query_neuron_scores` sums; input ``pre``, or ``up`` for
-    gated MLPs). One pass over the parts of ``resid_mid`` per layer for all of that layer's value neurons; value
-    neurons with ``|input| < 1e-6`` are skipped, as there."""
-    from tl_residual import query as Q
-    from tl_residual.scorers import score_ffn_neurons
+#: The value kinds of kind ``query`` and the option giving how many of each are split.
+QUERY_VALUE_KINDS: tuple[str, ...] = ("ffn_neuron", "attn_neuron")
+#: The query kinds of ``query_totals`` / ``query_layers``: the part kinds of a residual stream and the key bias.
+QUERY_KINDS: tuple[str, ...] = (*Q_STREAM_KINDS, "key_bias")
 
-    spec = tlm.model_spec(ctx.model)
-    which: Q.Input = "up" if spec.gated_mlp else "pre"
-    top = score_ffn_neurons(ctx, "log_prob_increase", top_k=n_value, n_top_tokens=0)
-    out = []
-    for layer, sel in top.groupby("layer", sort=True):
-        layer = int(layer)
-        neurons = torch.tensor(sel["neuron"].tolist())
-        w, _, hook = Q.ffn_key(ctx.model, layer, neurons, which)
-        value = tlm.cached(ctx.cache, hook, ctx.batch)[ctx.position][neurons].double()
-        keep = value.abs() >= 1e-6
-        if not bool(keep.any()):
+
+def _index_cols(group: PartGroup, i: int) -> dict[str, int | None]:
+    return {c: (int(group.index[c][i]) if c in group.index else None) for c in ("head", "src_pos", "neuron")}
+
+
+def _value_neurons(prompt: _Prompt, kind: str, n: int) -> pd.DataFrame:
+    """The ``n`` value neurons of ``kind`` with the largest log-probability increase, as
+    :func:`tl_residual.query.query_neuron_scores` picks them (certified exact top-k); the groups the prompt already
+    built are reused."""
+    from tl_residual import scorers as S
+
+    ctx = prompt.ctx
+    if kind == "ffn_neuron" and "ffn_neuron" in prompt.keep:
+        return S.score_groups(ctx, prompt.keep["ffn_neuron"], "log_prob_increase", n, n_top_tokens=0)
+    if kind == "attn_neuron" and prompt.attn_neurons:
+        return S.score_groups(ctx, prompt.attn_neurons, "log_prob_increase", n, n_top_tokens=0)
+    return S.score(ctx, (kind,), "log_prob_increase", top_k=n, n_top_tokens=0)
+
+
+def _query_rows(
+    prompt: _Prompt, n_values: Mapping[str, int], top_k: int, totals_k: int, base: dict[str, Any]
+) -> dict[str, list[dict[str, Any]]]:
+    """The rows of tables ``query``, ``query_totals`` and ``query_layers`` of one prompt (neuron-level paper
+    section 3.4), in one pass over the parts of the stream per position the value neurons read.
+
+    For each value kind (``n_values``: ``ffn_neuron`` -> ``query_values``, ``attn_neuron`` ->
+    ``query_attn_values``; 0 = none), the value neurons ``a`` with the largest log-probability increase
+    ``Imp(a)`` are split over the parts ``j`` of the stream vector they read (:func:`tl_residual.query.value_reads`:
+    FFN neurons at the prompt's position, input ``pre`` or ``up`` for gated MLPs; attention value neurons at their
+    source position, input ``v``) and part ``j`` scores ``Imp(a) * contribution_j(a) / input(a)`` (nats), the key
+    bias ``Imp(a) * B(a) / input(a)`` (:class:`tl_residual.query._QueryScores`, the accumulator of
+    :func:`tl_residual.query.query_neuron_scores`; value neurons with ``|input| < 1e-6`` are skipped, as there).
+
+    * ``query``: per value neuron, its ``top_k`` best query parts (the key bias competes as the part
+      ``L{l}.key_bias``);
+    * ``query_totals``: per value kind and query kind, the ``totals_k`` query parts with the largest score summed
+      over all the value neurons (exactly the rows of ``query_neuron_scores``), ranked;
+    * ``query_layers``: per value kind, query kind and layer, the sum over every part (with ``total_imp``,
+      ``n_value`` and ``n_skipped`` of the value kind on each row: the ``score`` column sums to ``total_imp``).
+
+    Memory: the running per-part sums of ``_QueryScores`` (one float64 per part of each stream vector read) and
+    one layer's groups at a time.
+    """
+    from tl_residual import query as Q
+
+    ctx = prompt.ctx
+    out: dict[str, list[dict[str, Any]]] = {"query": [], "query_totals": [], "query_layers": []}
+    for kind in QUERY_VALUE_KINDS:
+        n = n_values.get(kind, 0)
+        if not n:
             continue
-        imp = torch.tensor(sel["score"].tolist(), dtype=torch.float64)
-        weight = torch.where(keep, imp / value.where(keep, torch.ones_like(value)), torch.zeros_like(value))
-        key = Q.folded_key(ctx.model, ctx.cache, f"{layer}.ln2", ctx.position, w, ctx.batch)
-        cand_scores, cand_parts = [], []
-        for group, contrib in Q.iter_query_contributions(
-            ctx.model, ctx.cache, key, layer, "resid_mid", ctx.position, ctx.batch
-        ):
-            scores = contrib * weight.to(contrib.device)  # [n parts, n value neurons]
-            k = min(top_k, scores.shape[0])
-            vals, idx = torch.topk(scores.cpu(), k, dim=0)  # the best parts of this group for every value neuron
-            cand_scores.append(vals)
-            cand_parts.append([(group, idx[:, j].tolist()) for j in range(scores.shape[1])])
-        all_scores = torch.cat(cand_scores)  # [candidates, n value neurons]
-        for j, r in enumerate(sel.itertuples(index=False)):
-            if not bool(keep[j]):
-                continue
-            refs = [(g, i) for parts in cand_parts for g, idxs in [parts[j]] for i in idxs]
-            order = torch.argsort(all_scores[:, j], descending=True, stable=True)[:top_k].tolist()
-            for rank, c in enumerate(order, 1):
-                g, i = refs[c]
-                col = {k2: (int(g.index[k2][i]) if k2 in g.index else None) for k2 in ("head", "src_pos", "neuron")}
-                out.append(
-                    {
-                        **base,
-                        "value_name": r.name,
-                        "value_score": float(r.score),
-                        "query_name": g.names[i],
-                        "query_kind": g.kind,
-                        "layer": g.layer,
-                        **col,
-                        "position": ctx.position,
-                        "score": float(all_scores[c, j]),
-                        "rank": rank,
-                    }
-                )
+        top = _value_neurons(prompt, kind, n)
+        acc = Q._QueryScores(ctx, 1e-6)
+        for position, reads in Q.reads_by_position(Q.value_reads(ctx, kind, top)):  # type: ignore[arg-type]
+            per_read: list[list[tuple[PartGroup, torch.Tensor, torch.Tensor]]] = [[] for _ in reads]
+
+            def each(i: int, group: PartGroup, scores: torch.Tensor, per_read: list[Any] = per_read) -> None:
+                vals, idx = torch.topk(scores.cpu(), min(top_k, scores.shape[0]), dim=0)
+                per_read[i].append((Q._labels_only(group), vals, idx))  # the group's best parts for each neuron
+
+            for (layer, _, _, _), kept, cands in zip(reads, acc.add_many(kind, position, reads, each), per_read):
+                if kept is None:
+                    continue
+                _emit_query_rows(out["query"], base, layer, position, kept, cands, top_k)
+        out["query_totals"].extend(_totals_rows(acc, kind, totals_k, base))
+        out["query_layers"].extend(_layer_rows(acc, kind, base))
     return out
+
+
+def _emit_query_rows(
+    out: list[dict[str, Any]],
+    base: dict[str, Any],
+    layer: int,
+    position: int,
+    kept: tuple[pd.DataFrame, torch.Tensor],
+    cands: list[tuple[PartGroup, torch.Tensor, torch.Tensor]],
+    top_k: int,
+) -> None:
+    """Append the ``query`` rows of one read's value neurons: per neuron its ``top_k`` best parts among the
+    groups' candidates ``cands`` (``(group, best scores [c, k], their part indices [c, k])``) and its key bias."""
+    kept_rows, bias_share = kept
+    all_scores = torch.cat([v for _, v, _ in cands] + [bias_share[None, :]])  # [candidates, kept neurons]
+    owner = [(g, idx, r) for g, v, idx in cands for r in range(v.shape[0])] + [(None, None, 0)]
+    for j, r in enumerate(kept_rows.itertuples(index=False)):
+        order = torch.argsort(all_scores[:, j], descending=True, stable=True)[:top_k].tolist()
+        for rank, c in enumerate(order, 1):
+            g, gidx, local = owner[c]
+            if g is None or gidx is None:
+                ident = {"query_name": f"L{layer}.key_bias", "query_kind": "key_bias", "layer": layer}
+                cols: dict[str, int | None] = {"head": None, "src_pos": None, "neuron": None}
+            else:
+                i = int(gidx[local, j])
+                ident = {"query_name": g.names[i], "query_kind": g.kind, "layer": g.layer}
+                cols = _index_cols(g, i)
+            out.append(
+                {
+                    **base,
+                    "value_name": r.name,
+                    "value_score": float(r.score),
+                    **ident,
+                    **cols,
+                    "position": position,
+                    "score": float(all_scores[c, j]),
+                    "rank": rank,
+                }
+            )
+
+
+def _totals_rows(acc: Any, value_kind: str, k: int, base: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``k`` best query parts of each query kind by their summed score (``query_totals``)."""
+    rows = []
+    by_kind: dict[str, list[tuple[PartGroup, int, torch.Tensor]]] = {}
+    for (qkind, _, position), (group, scored) in acc.parts.items():
+        by_kind.setdefault(qkind, []).append((group, position, scored.cpu()))
+    for qkind, entries in by_kind.items():
+        scores = torch.cat([s for _, _, s in entries])
+        ends = torch.tensor([len(s) for _, _, s in entries]).cumsum(0)  # entry e holds [ends[e-1], ends[e])
+        vals, idx = torch.topk(scores, min(k, len(scores)))
+        order = torch.argsort(vals, descending=True, stable=True)
+        for rank, o in enumerate(order.tolist(), 1):
+            flat = int(idx[o])
+            e = int(torch.searchsorted(ends, flat, right=True))
+            g, p, _ = entries[e]
+            i = flat - (int(ends[e - 1]) if e else 0)
+            rows.append(
+                {
+                    **base,
+                    "value_kind": value_kind,
+                    "query_name": g.names[i],
+                    "query_kind": qkind,
+                    "layer": -1 if g.layer is None else int(g.layer),
+                    **_index_cols(g, i),
+                    "position": p,
+                    "score": float(vals[o]),
+                    "rank": rank,
+                }
+            )
+    bias = sorted(acc.key_bias.items(), key=lambda kv: -kv[1])[:k]
+    for rank, ((layer, p), value) in enumerate(bias, 1):
+        rows.append(
+            {
+                **base,
+                "value_kind": value_kind,
+                "query_name": f"L{layer}.key_bias",
+                "query_kind": "key_bias",
+                "layer": layer,
+                "position": p,
+                "score": float(value),
+                "rank": rank,
+            }
+        )
+    return rows
+
+
+def _layer_rows(acc: Any, value_kind: str, base: dict[str, Any]) -> list[dict[str, Any]]:
+    """The sum over every query part of each (query kind, layer), key bias included (``query_layers``)."""
+    sums: dict[tuple[str, int], float] = {}
+    for (qkind, layer, _), (_, scored) in acc.parts.items():
+        key = (qkind, -1 if layer is None else int(layer))
+        sums[key] = sums.get(key, 0.0) + float(scored.sum())
+    for (layer, _), value in acc.key_bias.items():
+        sums[("key_bias", layer)] = sums.get(("key_bias", layer), 0.0) + value
+    facts = {"total_imp": acc.total_imp, "n_value": acc.n_value, "n_skipped": len(acc.skipped)}
+    return [
+        {**base, "value_kind": value_kind, "query_kind": qkind, "layer": layer, "score": value, **facts}
+        for (qkind, layer), value in sorted(sums.items(), key=lambda kv: (kv[0][1], kv[0][0]))
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -965,6 +1125,8 @@ def run(
     chunk_size: int | None = None,
     query_values: int = 10,
     query_top_k: int = 20,
+    query_attn_values: int = 10,
+    query_totals_k: int = 1000,
     max_prompts: int | None = None,
     model_name: str | None = None,
     progress: bool = True,
@@ -992,8 +1154,13 @@ def run(
             types); the others are recorded with status ``filtered``.
         convention: lens convention (``frozen``, ``recomputed``, ``none``).
         chunk_size: parts per matmul against ``W_U`` (default :data:`tl_residual.scorers.DEFAULT_CHUNK_SIZE`).
-        query_values: for kind ``query``: the FFN value neurons split per prompt.
-        query_top_k: for kind ``query``: the query parts kept per value neuron.
+        query_values: for kind ``query``: the FFN value neurons split per prompt (the top ones by
+            log-probability increase; 0 = none).
+        query_attn_values: for kind ``query``: the attention value neurons ``L{l}.H{h}.d{d}.p{p}`` split per
+            prompt (0 = none).
+        query_top_k: for kind ``query``: the query parts kept per value neuron (table ``query``).
+        query_totals_k: for kind ``query``: the query parts kept per prompt, value kind and query kind by their
+            score summed over all the value neurons (table ``query_totals``).
         max_prompts: only the first ``max_prompts`` rows of the data (part of the data fingerprint).
         model_name: the name recorded in the manifest (default: ``model.cfg.model_name``).
         progress: show a tqdm progress bar (rank 0) with rate and ETA.
@@ -1028,9 +1195,19 @@ def run(
         raise InvalidInputError(f"filter {filter!r} is not supported; use 'paper' or none")
     if convention not in ("frozen", "recomputed", "none"):
         raise InvalidInputError(f"lens convention {convention!r} is not one of frozen, recomputed, none")
-    for label, v in (("query_values", query_values), ("query_top_k", query_top_k)):
-        if not isinstance(v, int) or v < 1:
-            raise InvalidInputError(f"{label} must be a positive integer, got {v!r}")
+    for label, v, low in (
+        ("query_values", query_values, 0),
+        ("query_attn_values", query_attn_values, 0),
+        ("query_top_k", query_top_k, 1),
+        ("query_totals_k", query_totals_k, 1),
+    ):
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            what = "a non-negative" if low == 0 else "a positive"
+            raise InvalidInputError(f"{label} must be {what} integer, got {v!r}")
+    if "query" in kinds and query_values == 0 and query_attn_values == 0:
+        raise InvalidInputError(
+            "kind 'query' needs value neurons to split: set query_values (FFN) or query_attn_values (attention) > 0"
+        )
     if getattr(model, "tokenizer", None) is None:
         raise InvalidInputError("the model has no tokenizer; a study tokenizes text prompts")
     is_builtin = isinstance(data, str) and data == BUILTIN_FACTUAL
@@ -1059,6 +1236,8 @@ def run(
         "convention": convention,
         "query_values": query_values if "query" in kinds else None,
         "query_top_k": query_top_k if "query" in kinds else None,
+        "query_attn_values": query_attn_values if "query" in kinds else None,
+        "query_totals_k": query_totals_k if "query" in kinds else None,
         "max_decomposition_error": MAX_DECOMPOSITION_ERROR,
     }
     manifest = {
@@ -1137,6 +1316,8 @@ def run(
                     chunk_size=chunk_size,
                     query_values=query_values,
                     query_top_k=query_top_k,
+                    query_attn_values=query_attn_values,
+                    query_totals_k=query_totals_k,
                     filter=filter,
                 )
             next_shard += 1
@@ -1190,6 +1371,8 @@ def _run_batch(
     chunk_size: int | None,
     query_values: int,
     query_top_k: int,
+    query_attn_values: int,
+    query_totals_k: int,
     filter: str | None,
 ) -> dict[str, int]:
     """Forward one right-padded batch with cache, score each prompt, write the shards (prompts last)."""
@@ -1280,6 +1463,8 @@ def _run_batch(
                     top_k=top,
                     query_values=query_values,
                     query_top_k=query_top_k,
+                    query_attn_values=query_attn_values,
+                    query_totals_k=query_totals_k,
                     pid=r.prompt_id,
                     group=r.group,
                 )
