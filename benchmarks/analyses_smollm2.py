@@ -95,14 +95,15 @@ def filtered_sample(model: Any, n: int) -> pd.DataFrame:
     return per_group_sample(table, n)
 
 
-def view(res: Any, ids: Any, **tables: pd.DataFrame) -> SimpleNamespace:
-    """The run's tables restricted to the prompts ``ids`` (``tables`` replace some of them)."""
+def view(res: Any, ids: Any, manifest: dict[str, Any] | None = None, **tables: pd.DataFrame) -> SimpleNamespace:
+    """The run's tables restricted to the prompts ``ids`` (``tables`` replace some of them, ``manifest`` its
+    manifest)."""
     keep = set(int(i) for i in ids)
     out: dict[str, Any] = {}
     for name in study.TABLES:
         df = tables.get(name, getattr(res, name))
         out[name] = df[df["prompt_id"].isin(keep)] if len(df) else df
-    return SimpleNamespace(**out, manifest=tables.get("manifest", res.manifest))
+    return SimpleNamespace(**out, manifest=res.manifest if manifest is None else manifest)
 
 
 def sample_study(model: Any, sample: pd.DataFrame, directory: str, no_run: bool, **options: Any) -> SimpleNamespace:
@@ -168,7 +169,9 @@ QUERY_OPTIONS: dict[str, Any] = {
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", required=True, help="folder of the studies (main/, fig2/, ffn_all/, query/; resumed)")
-    p.add_argument("--query-per-group", type=int, default=8, help="prompts per type for the query study")
+    p.add_argument(
+        "--query-per-group", type=int, default=10**6, help="prompts per type for the query study (default: all)"
+    )
     p.add_argument("--model-per-group", type=int, default=4, help="prompts per type for the dense FFN analyses")
     p.add_argument("--visit-per-group", type=int, default=4, help="prompts per type for VISIT and Appendix B")
     p.add_argument("--out", default=os.path.join(HERE, "results", "analyses_smollm2"))
@@ -210,14 +213,18 @@ def main(argv: list[str] | None = None) -> int:
         a.no_run = a_no_run
     if a.part in ("all", "query"):
         q = sample_study(model, qsample, os.path.join(a.runs, "query"), a.no_run, **QUERY_OPTIONS)
-        qview = view(res, qsample["prompt_id"], **{t: getattr(q, t) for t in study.TABLES if t.startswith("query")})
+        qopts = {k: v for k, v in q.manifest["options"].items() if k.startswith("query")}
+        manifest = {**res.manifest, "options": {**res.manifest["options"], **qopts}}
+        qtables = {t: getattr(q, t) for t in study.TABLES if t.startswith("query")}
+        qview = view(res, qsample["prompt_id"], manifest=manifest, **qtables)
     if a.part in ("all", "dense"):
         ffn_all = sample_study(
             model, dense, os.path.join(a.runs, "ffn_all"), a.no_run, kinds=("ffn_neuron",), top_k={"ffn_neuron": None}
         )
     ok = res.prompts[res.prompts["status"] == "ok"]
     every_third = list(range(0, 30, 3)) + [29]
-    n_all, n_q, n_dense, n_visit = len(ok), len(qsample), len(dense), len(visit)
+    n_all, n_dense, n_visit = len(ok), len(dense), len(visit)
+    n_q = f"all {n_all}" if len(qsample) == n_all else f"sample {len(qsample)} ({a.query_per_group} per type)"
     why_dense = (
         f"{n_dense} prompts ({a.model_per_group} per type): each scores every FFN neuron of every layer "
         "(30 x 1536 vocabulary projections, about 50 s of CPU per prompt here), once, in the ffn_all study whose "
@@ -276,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             "neuron_t6",
             "N",
             "Table 6: top-10 query layers of the top-100 FFN value neurons",
-            f"sample {n_q}",
+            n_q,
             lambda: A.top_query_layers(qview, "ffn_neuron"),
             None,
             lambda t: A._wide(t, "label"),
@@ -285,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             "neuron_t14",
             "N",
             "Table 14: top-10 query layers of the top-200 attention value neurons",
-            f"sample {n_q}",
+            n_q,
             lambda: A.top_query_layers(qview, "attn_neuron"),
             None,
             lambda t: A._wide(t, "label"),
@@ -295,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             "N",
             "Table 7: zeroing each prompt's top-1000 query FFN neurons of the attention value neurons, against 1000 "
             "random FFN neurons (MRR / probability decrease %)",
-            f"sample {n_q}",
+            n_q,
             lambda: A.query_neuron_ablation(model, qview, k=1000),
             "neuron_table7",
             None,
@@ -304,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             "neuron_t8",
             "N",
             "Table 8: shared value / query neurons (top-300 in > 50% of a type's prompts)",
-            f"sample {n_q}",
+            n_q,
             lambda: A.shared_neurons(qview),
             "neuron_table8",
             lambda t: t.assign(
@@ -315,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             "neuron_t9",
             "N",
             "Table 9: vocabulary projections of the most shared neurons (top-5 tokens)",
-            f"sample {n_q}",
+            n_q,
             lambda: A.shared_neuron_projections(model, qview, k=5, n_per_group=2),
             None,
             lambda t: t.drop(columns=["bottom_tokens"]),
@@ -334,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             "N",
             "Figure 4: top-300 query FFN neurons per layer that are also top-300 value neurons "
             "(mean per prompt; layers with any)",
-            f"sample {n_q}",
+            n_q,
             lambda: A.query_neuron_counts(qview, k=300),
             None,
             lambda t: t[(t.group == "all") & ((t.query_value + t.query_only) > 0.5)].drop(columns=["group"]),

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
-
 from test_analyses import study, tiny
+
 from tl_residual import analyses as A
 from tl_residual.errors import InvalidInputError
 
