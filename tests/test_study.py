@@ -211,6 +211,13 @@ def test_refuses_other_options_in_the_same_folder(model, data_file, tmp_path):
     with pytest.raises(InvalidInputError, match="data_fingerprint"):
         st.run(model, data_file, out, kinds=("layer",), max_prompts=3, **FAST)
     assert len(st.load(out).prompts) == 9
+    # a folder written before an option existed (absent from its manifest) resumes while the option is unused (None)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["options"].pop("query_attn_values") is None
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    st.run(model, data_file, out, kinds=("layer",), **FAST)
+    with pytest.raises(InvalidInputError, match="query_attn_values was None, now 3"):
+        st.run(model, data_file, out, kinds=("layer", "query"), query_attn_values=3, **FAST)
 
 
 def test_failed_prompts_are_recorded(model, tmp_path):

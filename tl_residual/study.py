@@ -1069,15 +1069,23 @@ def _model_info(model: Any, model_name: str | None) -> dict[str, Any]:
     }
 
 
+def _set_options(options: Any) -> Any:
+    """A manifest entry with its None-valued keys dropped (options that do not apply or did not exist yet)."""
+    return {k: v for k, v in options.items() if v is not None} if isinstance(options, dict) else options
+
+
 def _check_or_write_manifest(out: Path, manifest: dict[str, Any], is_main: bool) -> None:
     path = out / "manifest.json"
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
-        diffs = [k for k in ("options", "data_fingerprint", "model") if old.get(k) != manifest.get(k)]
+        # An option that does not apply is None; one added in a later version is absent from older manifests: the
+        # two mean the same, so a folder written before an option existed resumes while the option stays unused.
+        keys = ("options", "data_fingerprint", "model")
+        diffs = [k for k in keys if _set_options(old.get(k)) != _set_options(manifest.get(k))]
         if diffs:
             detail = []
             for k in diffs:
-                a, b = old.get(k) or {}, manifest.get(k) or {}
+                a, b = _set_options(old.get(k) or {}), _set_options(manifest.get(k) or {})
                 if isinstance(a, dict) and isinstance(b, dict):
                     keys = sorted(k2 for k2 in set(a) | set(b) if a.get(k2) != b.get(k2))
                     detail.append(f"{k}: " + ", ".join(f"{k2} was {a.get(k2)!r}, now {b.get(k2)!r}" for k2 in keys))
