@@ -959,7 +959,7 @@ class _FfnScores:
     def __init__(self, data: Any) -> None:
         self.stored: dict[tuple[int, int], pd.DataFrame] | None = None
         parts = getattr(data, "parts", None)
-        if isinstance(parts, pd.DataFrame) and len(parts) and _stored_all(data):
+        if isinstance(parts, pd.DataFrame) and len(parts) and _stored_all(data, "ffn_neuron"):
             p = parts[(parts["kind"] == "ffn_neuron") & (parts["method"] == "log_prob_increase")]
             if len(p):
                 self.stored = {
