@@ -144,12 +144,16 @@ def _query_label(kind: str, layer: Any) -> str:
     return ("a" if str(kind).startswith(("attn", "head")) else "f") + str(int(layer))
 
 
+def _run_option(results: Any, name: str) -> Any:
+    """The run's option ``name`` (``manifest["options"]``; None when absent)."""
+    return ((getattr(results, "manifest", None) or {}).get("options", {}) or {}).get(name)
+
+
 def _stored_top_k(results: Any, kind: str) -> int | None:
     """The run's ``top_k`` for ``kind`` (``manifest["options"]["top_k"]``: an integer for the three neuron kinds,
     or a per-kind mapping as :func:`tl_residual.study.run` records it); ``None`` when every part of the kind was
     stored (no ``top_k``, ``"all"``, or the kind mapped to ``None``)."""
-    opts = (getattr(results, "manifest", None) or {}).get("options", {}) or {}
-    top_k = opts.get("top_k", None)
+    top_k = _run_option(results, "top_k")
     if isinstance(top_k, dict):
         top_k = top_k.get(kind)
     elif isinstance(top_k, int) and kind == "head":
@@ -379,10 +383,6 @@ def _query_table(results: Any, table: str, value_kind: str) -> pd.DataFrame:
     return out
 
 
-def _query_option(results: Any, name: str) -> Any:
-    return ((getattr(results, "manifest", None) or {}).get("options", {}) or {}).get(name)
-
-
 def _top_query_neurons(results: Any, value_kind: str, k: int) -> pd.DataFrame:
     """Per prompt, the ``k`` FFN query neurons with the largest exact query score (``query_totals``: the score
     summed over the run's top value neurons of ``value_kind``, neuron-level paper section 3.4), one row per neuron
@@ -397,7 +397,7 @@ def _top_query_neurons(results: Any, value_kind: str, k: int) -> pd.DataFrame:
         raise InvalidInputError(f"k must be a positive integer, got {k!r}")
     qt = _query_table(results, "query_totals", value_kind)
     qt = qt[qt["query_kind"] == "ffn_neuron"]
-    stored = _query_option(results, "query_totals_k")
+    stored = _run_option(results, "query_totals_k")
     if stored is None:
         raise InvalidInputError(
             "the study's manifest does not record query_totals_k, so whether the top query neurons are complete "
@@ -543,7 +543,7 @@ def top_query_layers(
         raise InvalidInputError(f"the study's query scores weight by log-probability increase, not {method!r}")
     ql = _query_table(results, "query_layers", value_kind)
     option, flag = _QUERY_OPTION[value_kind]
-    stored = _query_option(results, option)
+    stored = _run_option(results, option)
     if n_value is not None and (
         (stored is not None and int(stored) != n_value)
         or (stored is None and "n_value" in ql.columns and (ql["n_value"] != n_value).any())
@@ -1542,8 +1542,8 @@ def report_sections(results: Any, model: Any = None, max_prompts: int | None = N
         lambda: neuron_importance(results),
         "neuron_table5_12",
     )
-    n_ffn = _query_option(results, "query_values")
-    n_attn = _query_option(results, "query_attn_values")
+    n_ffn = _run_option(results, "query_values")
+    n_attn = _run_option(results, "query_attn_values")
     add(
         neuron,
         f"Table 6: top-10 query layers of the top-{n_ffn or 'N'} FFN value neurons (the paper: top-100)",

@@ -105,6 +105,20 @@ BUILTIN_FACTUAL = "builtin:factual"
 SCHEMA_VERSION = 1
 
 _INT = pa.int64()
+
+#: The columns that name a query part and its score (tables ``query`` and ``query_totals``).
+_QUERY_PART: list[tuple[str, pa.DataType]] = [
+    ("query_name", pa.string()),
+    ("query_kind", pa.string()),
+    ("layer", _INT),
+    ("head", _INT),
+    ("src_pos", _INT),
+    ("neuron", _INT),
+    ("position", _INT),
+    ("score", pa.float64()),
+    ("rank", _INT),
+]
+
 SCHEMAS: dict[str, pa.Schema] = {
     "parts": pa.schema(
         [
@@ -147,38 +161,10 @@ SCHEMAS: dict[str, pa.Schema] = {
         ]
     ),
     "query": pa.schema(
-        [
-            ("prompt_id", _INT),
-            ("group", pa.string()),
-            ("value_name", pa.string()),
-            ("value_score", pa.float64()),
-            ("query_name", pa.string()),
-            ("query_kind", pa.string()),
-            ("layer", _INT),
-            ("head", _INT),
-            ("src_pos", _INT),
-            ("neuron", _INT),
-            ("position", _INT),
-            ("score", pa.float64()),
-            ("rank", _INT),
-        ]
+        [("prompt_id", _INT), ("group", pa.string()), ("value_name", pa.string()), ("value_score", pa.float64())]
+        + _QUERY_PART
     ),
-    "query_totals": pa.schema(
-        [
-            ("prompt_id", _INT),
-            ("group", pa.string()),
-            ("value_kind", pa.string()),
-            ("query_name", pa.string()),
-            ("query_kind", pa.string()),
-            ("layer", _INT),
-            ("head", _INT),
-            ("src_pos", _INT),
-            ("neuron", _INT),
-            ("position", _INT),
-            ("score", pa.float64()),
-            ("rank", _INT),
-        ]
-    ),
+    "query_totals": pa.schema([("prompt_id", _INT), ("group", pa.string()), ("value_kind", pa.string())] + _QUERY_PART),
     "query_layers": pa.schema(
         [
             ("prompt_id", _INT),
@@ -1080,8 +1066,8 @@ def _check_or_write_manifest(out: Path, manifest: dict[str, Any], is_main: bool)
         old = json.loads(path.read_text(encoding="utf-8"))
         # An option that does not apply is None; one added in a later version is absent from older manifests: the
         # two mean the same, so a folder written before an option existed resumes while the option stays unused.
-        keys = ("options", "data_fingerprint", "model")
-        diffs = [k for k in keys if _set_options(old.get(k)) != _set_options(manifest.get(k))]
+        entries = ("options", "data_fingerprint", "model")
+        diffs = [k for k in entries if _set_options(old.get(k)) != _set_options(manifest.get(k))]
         if diffs:
             detail = []
             for k in diffs:
