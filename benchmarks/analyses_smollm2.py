@@ -173,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         "--query-per-group", type=int, default=10**6, help="prompts per type for the query study (default: all)"
     )
     p.add_argument("--model-per-group", type=int, default=4, help="prompts per type for the dense FFN analyses")
-    p.add_argument("--visit-per-group", type=int, default=4, help="prompts per type for VISIT and Appendix B")
+    p.add_argument(
+        "--visit-per-group", type=int, default=10**6, help="prompts per type for VISIT and Appendix B (default: all)"
+    )
     p.add_argument("--out", default=os.path.join(HERE, "results", "analyses_smollm2"))
     p.add_argument(
         "--no-run",
@@ -223,8 +225,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     ok = res.prompts[res.prompts["status"] == "ok"]
     every_third = list(range(0, 30, 3)) + [29]
-    n_all, n_dense, n_visit = len(ok), len(dense), len(visit)
-    n_q = f"all {n_all}" if len(qsample) == n_all else f"sample {len(qsample)} ({a.query_per_group} per type)"
+    n_all, n_dense = len(ok), len(dense)
+
+    def sample_text(sample: pd.DataFrame, per_group: int) -> str:
+        return f"all {n_all}" if len(sample) == len(kept) else f"sample {len(sample)} ({per_group} per type)"
+
+    n_q, n_visit = sample_text(qsample, a.query_per_group), sample_text(visit, a.visit_per_group)
     why_dense = (
         f"{n_dense} prompts ({a.model_per_group} per type): each scores every FFN neuron of every layer "
         "(30 x 1536 vocabulary projections, about 50 s of CPU per prompt here), once, in the ffn_all study whose "
@@ -461,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
             "R",
             "Appendix B, Figures 11 / 12: drop of the attention subvalue's bs-value minus score when M is "
             "removed (method 1 / method 2; M with the largest |drop|)",
-            f"sample {n_visit} ({a.visit_per_group} per type)",
+            n_visit,
             lambda: A.bs_removal_average(model, visit),
             None,
             lambda t: (
@@ -476,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
             "visit_int",
             "V",
             "Intersections of the top-50 tokens with the final prediction (best head, memory values)",
-            f"sample {n_visit}",
+            n_visit,
             lambda: A.visit_intersections(model, visit),
             None,
             lambda t: (
@@ -492,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
             "visit_norm",
             "V",
             "Layer norm as a filter: top-5 promoted / suppressed tokens of some norms",
-            f"sample {n_visit}",
+            n_visit,
             lambda: A.norm_filter(model, visit, k=5),
             None,
             lambda t: t.iloc[[0, 1, 29, 30, 58, 59, 60]],
