@@ -19,7 +19,8 @@ the seconds per analysis) and one CSV per analysis under ``benchmarks/results/an
 study folders themselves stay outside the repository). ``tl-residual study-report RUNS/main --html report.html
 --model smollm2-135m`` draws the main study's results with their figures.
 
-Reproduce (the whole: about an hour and a half of CPU time on this project's 2-core machine)::
+Reproduce (the whole: about two hours of CPU time on this project's 2-core machine, most of it the Figure 2 study,
+the ffn_all study (70 s per prompt) and Table 1)::
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/analyses_smollm2.py --runs /tmp/smollm2-runs
 
