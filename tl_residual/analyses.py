@@ -655,12 +655,12 @@ def ffn_subvalue_counts(results: Any, method: str = "log_prob_increase") -> tupl
     Returns:
         ``(df, fig)``: columns ``group, n_prompts, layer, helpful, unhelpful``.
     """
+    df = _kind(_method(_table(results, "parts", ["prompt_id", "kind", "layer", "score"]), method), "ffn_neuron")
     if not _stored_all(results, "ffn_neuron"):
         raise InvalidInputError(
             f"ffn_subvalue_counts needs every FFN neuron's score; the run stored only the top "
             f"{_stored_top_k(results, 'ffn_neuron')} (rerun the study with --top-k ffn_neuron=all)"
         )
-    df = _kind(_method(_table(results, "parts", ["prompt_id", "kind", "layer", "score"]), method), "ffn_neuron")
     df = df.assign(helpful=(df["score"] > 0).astype(float), unhelpful=(df["score"] < 0).astype(float))
     out, fig = _per_layer_counts(
         results,
