@@ -247,148 +247,118 @@ def main(argv: list[str] | None = None) -> int:
     def by_layer(col: str) -> Callable[[pd.DataFrame], pd.DataFrame]:
         return lambda t: t.pivot(index="group", columns="layer", values=col).loc[A._group_order(t["group"])]
 
-    # key, paper, title, prompts (text), call, paper table key, shape for the markdown
-    items: list[tuple[str, str, str, str, Callable[[], Any], str | None, Any]] = [
+    # key, title, prompts (text), call, shape for the markdown (the paper and its table: ORDER)
+    items: list[tuple[str, str, str, Callable[[], Any], Any]] = [
         (
             "neuron_t3",
-            "N",
             "Table 3: sum of Imp over attention / FFN layers (nats)",
             f"all {n_all}",
             lambda: A.layer_contributions(res),
-            "neuron_table3",
             None,
         ),
         (
             "neuron_t4",
-            "N",
             "Table 4: top-10 layers",
             f"all {n_all}",
             lambda: A.top_layers(res),
-            None,
             lambda t: A._wide(t, "label"),
         ),
         (
             "neuron_t10",
-            "N",
             "Table 10: top-10 heads",
             f"all {n_all}",
             lambda: A.top_heads(res),
-            None,
             lambda t: A._wide(t, "name"),
         ),
         (
             "neuron_t5_12",
-            "N",
             "Tables 5 / 12: top-100 / top-200 neuron sums (the run stored the top-300 FFN and top-200 "
             "attention neurons, so 'all' and 'positive' are not available)",
             f"all {n_all}",
             lambda: A.neuron_importance(res),
-            "neuron_table5_12",
             lambda t: t.drop(columns=["all", "positive"]),
         ),
         (
             "neuron_t6",
-            "N",
             "Table 6: top-10 query layers of the top-100 FFN value neurons",
             n_q,
             lambda: A.top_query_layers(qview, "ffn_neuron"),
-            None,
             lambda t: A._wide(t, "label"),
         ),
         (
             "neuron_t14",
-            "N",
             "Table 14: top-10 query layers of the top-200 attention value neurons",
             n_q,
             lambda: A.top_query_layers(qview, "attn_neuron"),
-            None,
             lambda t: A._wide(t, "label"),
         ),
         (
             "neuron_t7",
-            "N",
             "Table 7: zeroing each prompt's top-1000 query FFN neurons of the attention value neurons, against 1000 "
             "random FFN neurons (MRR / probability decrease %)",
             n_q,
             lambda: A.query_neuron_ablation(model, qview, k=1000),
-            "neuron_table7",
             None,
         ),
         (
             "neuron_t8",
-            "N",
             "Table 8: shared value / query neurons (top-300 in > 50% of a type's prompts)",
             n_q,
             lambda: A.shared_neurons(qview),
-            "neuron_table8",
             lambda t: t.assign(
                 shared=t["shared"].map(lambda x: ", ".join(x[:8]) + (" ..." if len(x) > 8 else ""))
             ).drop(columns=["frequency"]),
         ),
         (
             "neuron_t9",
-            "N",
             "Table 9: vocabulary projections of the most shared neurons (top-5 tokens)",
             n_q,
             lambda: A.shared_neuron_projections(model, qview, k=5, n_per_group=2),
-            None,
             lambda t: t.drop(columns=["bottom_tokens"]),
         ),
         (
             "neuron_f2",
-            "N",
             "Figures 2 / 5: share of the top-10 FFN neurons per layer, by method (layers 20-29)",
             f"all {n_all}",
             lambda: A.neuron_layer_distribution(fig2),
-            None,
             lambda t: t[(t.group == "all") & (t.layer >= 20)].pivot(index="method", columns="layer", values="share"),
         ),
         (
             "neuron_f4",
-            "N",
             "Figure 4: top-300 query FFN neurons per layer that are also top-300 value neurons "
             "(mean per prompt; layers with any)",
             n_q,
             lambda: A.query_neuron_counts(qview, k=300),
-            None,
             lambda t: t[(t.group == "all") & ((t.query_value + t.query_only) > 0.5)].drop(columns=["group"]),
         ),
         (
             "neuron_f3",
-            "N",
             "Figures 3 / 6: log p and p along h0 -> hL (segments 0, 10, ..., 60)",
             f"all {n_all}",
             lambda: A.segment_curves(model, kept),
-            None,
             lambda t: t[(t.group == "all") & (t.segment % 10 == 0)].drop(columns=["group"]),
         ),
         (
             "neuron_t11",
-            "N",
             "Table 11: zeroing the top 1% heads of each type (3 heads), MRR / probability decrease %",
             f"all {n_all}",
             lambda: A.head_ablation(model, res),
-            None,
             lambda t: t.assign(heads=t["heads"].map(", ".join))[
                 ["heads_of", "prompts_of", "heads", "n_prompts", "mrr_decrease_pct", "prob_decrease_pct"]
             ],
         ),
         (
             "resid_t1",
-            "R",
             "Table 1: Imp of the sum of the top-10 FFN subvalues per selection rule (nats; mean over the 30 layers)",
             why_dense,
             lambda: A.subvalue_selection(model, ffn_all),
-            "residual_table1",
             lambda t: t.pivot(index="group", columns="method", values="score"),
         ),
         (
             "resid_f3",
-            "R",
             "Figure 3: C(sum of helpful) against sum of C (per prompt and layer: mean ratio)",
             why_dense,
             lambda: A.subvalue_additivity(model, ffn_all),
-            None,
             lambda t: (
                 t.assign(ratio=t.score_of_sum / t.sum_of_scores)
                 .groupby("layer")[["n_helpful", "sum_of_scores", "score_of_sum", "ratio"]]
@@ -398,79 +368,63 @@ def main(argv: list[str] | None = None) -> int:
         ),
         (
             "resid_f5",
-            "R",
             "Figure 5: mean log p(target) along the residual stream (every sixth point)",
             f"all {n_all}",
             lambda: A.stream_log_prob(res),
-            None,
             lambda t: t[(t.group == "all") & (t["index"] % 6 == 0)][["stream", "log_prob", "prob"]],
         ),
         (
             "resid_f6",
-            "R",
             "Figure 6: helpful / unhelpful FFN subvalues per layer (mean per prompt; every third layer and the last)",
             why_dense,
             lambda: A.ffn_subvalue_counts(ffn_all),
-            None,
             lambda t: t[(t.group == "all") & t.layer.isin(every_third)].drop(columns=["group"]),
         ),
         (
             "resid_f7",
-            "R",
             "Figure 7: share of the top-10 in the layer's helpful / unhelpful sum (every third layer and the last)",
             why_dense,
             lambda: A.top10_share(model, ffn_all),
-            None,
             lambda t: t[(t.group == "all") & t.layer.isin(every_third)].drop(columns=["group"]),
         ),
         (
             "resid_f8",
-            "R",
             "Figure 8: cross-layer scores of the last FFN layer (Eq. 24, helpful / unhelpful; every "
             "sixth query vector)",
             why_dense,
             lambda: A.cross_layer_average(model, ffn_all),
-            None,
             lambda t: t[t.group == "all"].iloc[::6][
                 ["query", "helpful_eq24", "unhelpful_eq24", "helpful_eq25", "unhelpful_eq25"]
             ],
         ),
         (
             "resid_d_t3",
-            "R",
             "Appendix D, Table 3: top-10 helpful / unhelpful FFN subvalues that are also top-20 queries "
             "of an upper FFN layer",
             why_dense,
             lambda: A.value_query_overlap(model, dense, roles=role_table()),
-            "residual_table3",
             by_layer("proportion"),
         ),
         (
             "resid_d_t4",
-            "R",
             "Appendix D, Table 4: union of the top-5 subvalues activated by each lower FFN layer",
             why_dense,
             lambda: A.query_union(model, dense, roles=role_table()),
-            "residual_table4",
             by_layer("union_share"),
         ),
         (
             "resid_d_f19",
-            "R",
             "Appendix D, Figure 19: top-100 FFN subvalues as value / as query per layer (mean per prompt)",
             why_dense,
             lambda: A.value_query_layers(model, dense, roles=role_table()),
-            None,
             lambda t: t[t.group == "all"].set_index("layer")[["value", "query"]].T,
         ),
         (
             "resid_b",
-            "R",
             "Appendix B, Figures 11 / 12: drop of the attention subvalue's bs-value minus score when M is "
             "removed (method 1 / method 2; M with the largest |drop|)",
             n_visit,
             lambda: A.bs_removal_average(model, visit),
-            None,
             lambda t: (
                 t[t.group == "all"]
                 .assign(a=lambda d: d[["drop_method1", "drop_method2"]].abs().max(axis=1))
@@ -481,11 +435,9 @@ def main(argv: list[str] | None = None) -> int:
         ),
         (
             "visit_int",
-            "V",
             "Intersections of the top-50 tokens with the final prediction (best head, memory values)",
             n_visit,
             lambda: A.visit_intersections(model, visit),
-            None,
             lambda t: (
                 t[t.group == "all"]
                 .assign(kind=lambda d: d.component.where(d.component == "memory values", "head"))
@@ -497,26 +449,22 @@ def main(argv: list[str] | None = None) -> int:
         ),
         (
             "visit_norm",
-            "V",
             "Layer norm as a filter: top-5 promoted / suppressed tokens of some norms",
             n_visit,
             lambda: A.norm_filter(model, visit, k=5),
-            None,
             lambda t: t.iloc[[0, 1, 29, 30, 58, 59, 60]],
         ),
         (
             "visit_reg",
-            "V",
             "Regularisation neurons of the last two layers (largest |entropy change|)",
             why_dense,
             lambda: A.regularisation_neurons(model, ffn_all, k=5, layers=[28, 29]),
-            None,
             None,
         ),
     ]
     os.makedirs(a.out, exist_ok=True)
     only = set(a.only.split(",")) if a.only else None
-    for key, _, title, n, fn, _, shape in items:
+    for key, title, n, fn, shape in items:
         if only is not None and key not in only:
             continue
         part = "dense" if n == why_dense else "model" if key in MODEL_ONLY else "query" if key in QUERY else "rest"
