@@ -273,3 +273,9 @@ def shared_neuron(layer: int, neuron: int) -> str:
 def layer_output(layer: int, sublayer: Literal["attn", "mlp"]) -> str:
     """``L{layer}.attn`` or ``L{layer}.mlp``: a whole sublayer output."""
     return f"L{layer}.{sublayer}"
+
+
+def key_bias(layer: int) -> str:
+    """``L{layer}.key_bias``: the query side's key bias of layer ``layer``'s value neurons (the part of their input
+    no residual part writes, residual-stream paper Eq. 23), a row of the query tables."""
+    return f"L{layer}.key_bias"

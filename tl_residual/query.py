@@ -534,7 +534,7 @@ def query_part_table(acc: _QueryScores, tokens: Sequence[str] | None = None) -> 
         frames.append(
             pd.DataFrame(
                 {
-                    "name": [f"L{layer}.key_bias"],
+                    "name": [names.key_bias(layer)],
                     "kind": ["key_bias"],
                     "layer": [layer],
                     "position": [position],

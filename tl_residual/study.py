@@ -940,7 +940,7 @@ def _emit_query_rows(
         for rank, c in enumerate(order, 1):
             g, gidx, local = owner[c]
             if g is None or gidx is None:
-                ident = {"query_name": f"L{layer}.key_bias", "query_kind": "key_bias", "layer": layer}
+                ident = {"query_name": N.key_bias(layer), "query_kind": "key_bias", "layer": layer}
                 cols: dict[str, int | None] = {"head": None, "src_pos": None, "neuron": None}
             else:
                 i = int(gidx[local, j])
@@ -995,7 +995,7 @@ def _totals_rows(acc: Any, value_kind: str, k: int, base: dict[str, Any]) -> lis
             {
                 **base,
                 "value_kind": value_kind,
-                "query_name": f"L{layer}.key_bias",
+                "query_name": N.key_bias(layer),
                 "query_kind": "key_bias",
                 "layer": layer,
                 "position": p,
