@@ -412,6 +412,10 @@ def test_subvalue_counts_accept_a_run_that_stored_every_ffn_neuron():
     assert imp[imp.kind == "ffn_neuron"]["all"].notna().all() and imp[imp.kind == "attn_neuron"]["all"].isna().all()
     with pytest.raises(InvalidInputError, match="ffn_neuron=all"):
         A.ffn_subvalue_counts(SimpleNamespace(**{**vars(s), "manifest": {"options": {"top_k": {"ffn_neuron": 9}}}}))
+    # a run without FFN neuron rows (e.g. kinds=("query",), which still records a default top_k) says so
+    no_ffn = {"parts": s.parts[s.parts.kind != "ffn_neuron"], "manifest": {"options": {"top_k": 100}}}
+    with pytest.raises(InvalidInputError, match="no rows of kind ffn_neuron"):
+        A.ffn_subvalue_counts(SimpleNamespace(**{**vars(s), **no_ffn}))
 
 
 def test_segment_curves_end_at_the_model_prediction():
